@@ -1,0 +1,59 @@
+//! Configuration helpers shared by the services' `clap` configs.
+//!
+//! Every setting comes from the environment (DESIGN.md conventions) and a flag of the same
+//! name may override it; each service declares its own settings with `#[arg(long, env = ...)]`
+//! and uses the parsers here for the values whose syntax is shared.
+
+use std::time::Duration;
+
+/// Parses a human duration: a whole number followed by `ms`, `s`, `m` or `h` (`250ms`,
+/// `30s`, `5m`, `1h`). A bare number is seconds. Used for every TTL and interval so that tests
+/// and operators write them the same way.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as 250ms, 30s, 5m or 1h"))?;
+    let duration = match unit.trim() {
+        "ms" => Duration::from_millis(value),
+        "" | "s" => Duration::from_secs(value),
+        "m" => Duration::from_secs(value * 60),
+        "h" => Duration::from_secs(value * 3600),
+        other => return Err(format!("unknown duration unit `{other}` in `{text}` (use ms, s, m or h)")),
+    };
+    Ok(duration)
+}
+
+/// Formats a duration the way [`parse_duration`] reads it back, for defaults and logs.
+pub fn format_duration(duration: Duration) -> String {
+    let ms = duration.as_millis();
+    if ms % 3_600_000 == 0 && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_round_trip() {
+        for text in ["250ms", "30s", "5m", "1h", "0s"] {
+            let parsed = parse_duration(text).unwrap();
+            assert_eq!(format_duration(parsed), text);
+        }
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+}

@@ -1,0 +1,243 @@
+//! Postgres: each service connects as its own role, into its own schema, and runs its own
+//! migrations there at start-up. Provisioning (creating the roles and schemas) is an admin's
+//! job, done once by `stagedoor up`, the docker-compose init step or the test kit.
+
+use std::{str::FromStr, time::Duration};
+
+use sqlx::{
+    migrate::Migrator,
+    postgres::{PgConnectOptions, PgPoolOptions},
+    ConnectOptions, Executor, PgPool,
+};
+
+/// A service's database identity: the role it logs in as and the schema it owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceSchema {
+    /// Postgres role (login) of the service.
+    pub role: &'static str,
+    /// Schema that role owns and the service's tables live in.
+    pub schema: &'static str,
+}
+
+/// The queue service's role and schema.
+pub const QUEUE: ServiceSchema = ServiceSchema {
+    role: "stagedoor_queue",
+    schema: "queue",
+};
+/// The concert service's role and schema.
+pub const CONCERT: ServiceSchema = ServiceSchema {
+    role: "stagedoor_concert",
+    schema: "concert",
+};
+/// The point service's role and schema.
+pub const POINT: ServiceSchema = ServiceSchema {
+    role: "stagedoor_point",
+    schema: "point",
+};
+/// The payment service's role and schema.
+pub const PAYMENT: ServiceSchema = ServiceSchema {
+    role: "stagedoor_payment",
+    schema: "payment",
+};
+/// Every service, in start-up order.
+pub const ALL_SERVICES: [ServiceSchema; 4] = [QUEUE, CONCERT, POINT, PAYMENT];
+
+/// Pool settings of a service.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// `postgres://role@host:port/database` of the service's own role.
+    pub url: String,
+    /// The schema to work in: it becomes the connections' `search_path`.
+    pub schema: &'static str,
+    /// Most connections this process opens.
+    pub max_connections: u32,
+    /// How long a call waits for a free connection before failing with UNAVAILABLE.
+    pub acquire_timeout: Duration,
+}
+
+/// Errors of start-up: they stop the process with a message that says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("invalid DATABASE_URL: {0}")]
+    BadUrl(#[source] sqlx::Error),
+    #[error("cannot connect to Postgres at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error(
+        "schema `{schema}` does not exist or role `{role}` does not own it; \
+         provision the database first (`stagedoor up` does it, or see README \"Provisioning\")"
+    )]
+    SchemaMissing { schema: String, role: String },
+    #[error("migrations of schema `{schema}` failed: {source}")]
+    Migrate {
+        schema: String,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("provisioning failed: {0}")]
+    Provision(#[source] sqlx::Error),
+}
+
+/// Opens the service's pool. Every connection's `search_path` is the service's schema alone,
+/// so unqualified table names can only ever mean the service's own tables.
+pub async fn connect(config: &PoolConfig) -> Result<PgPool, StartupError> {
+    let options = PgConnectOptions::from_str(&config.url)
+        .map_err(StartupError::BadUrl)?
+        .options([("search_path", config.schema)])
+        .log_statements(tracing::log::LevelFilter::Trace);
+    PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.acquire_timeout)
+        .connect_with(options)
+        .await
+        .map_err(|source| StartupError::Connect {
+            url: redact(&config.url),
+            source,
+        })
+}
+
+/// Runs the service's migrations inside its schema (sqlx's bookkeeping table included).
+/// Replicas starting together are safe: sqlx serialises them with an advisory lock.
+pub async fn migrate(
+    pool: &PgPool,
+    schema: &'static str,
+    migrator: &Migrator,
+) -> Result<(), StartupError> {
+    let (role, owns): (String, bool) = sqlx::query_as(
+        "SELECT current_user::text,
+                coalesce((SELECT nspowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)
+                          FROM pg_namespace WHERE nspname = $1), false)",
+    )
+    .bind(schema)
+    .fetch_one(pool)
+    .await
+    .map_err(|source| StartupError::Connect {
+        url: "(pool)".into(),
+        source,
+    })?;
+    if !owns {
+        return Err(StartupError::SchemaMissing {
+            schema: schema.into(),
+            role,
+        });
+    }
+    migrator
+        .run(pool)
+        .await
+        .map_err(|source| StartupError::Migrate {
+            schema: schema.into(),
+            source,
+        })
+}
+
+/// Creates `database` (when missing) through an admin connection to any database of the
+/// cluster. Postgres has no `CREATE DATABASE IF NOT EXISTS`, so a concurrent creator's
+/// duplicate error counts as success.
+pub async fn ensure_database(admin_url: &str, database: &str) -> Result<(), StartupError> {
+    let mut admin = PgConnectOptions::from_str(admin_url)
+        .map_err(StartupError::BadUrl)?
+        .connect()
+        .await
+        .map_err(|source| StartupError::Connect {
+            url: redact(admin_url),
+            source,
+        })?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(database)
+        .fetch_one(&mut admin)
+        .await
+        .map_err(StartupError::Provision)?;
+    if !exists {
+        let created = admin
+            .execute(format!("CREATE DATABASE {}", quote_ident(database)).as_str())
+            .await;
+        match created {
+            Ok(_) => {}
+            // 42P04 duplicate_database, or 23505 when two creators race on the catalog.
+            Err(error)
+                if matches!(
+                    crate::error::sqlstate(&error).as_deref(),
+                    Some("42P04") | Some(crate::error::UNIQUE_VIOLATION)
+                ) => {}
+            Err(error) => return Err(StartupError::Provision(error)),
+        }
+    }
+    Ok(())
+}
+
+/// Creates a service's login role (cluster-wide, once) and its schema in the database the
+/// admin pool is connected to, owned by that role. Nobody else gets any right on the schema,
+/// so a service's role can neither read nor write another service's tables.
+pub async fn provision(admin: &PgPool, service: ServiceSchema) -> Result<(), StartupError> {
+    let role = quote_ident(service.role);
+    // Roles are shared by every database of the cluster and parallel provisioners (tests,
+    // replicas) may race to create one: losing that race is fine.
+    let create_role = format!(
+        "DO $$ BEGIN
+             CREATE ROLE {role} LOGIN;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+         END $$"
+    );
+    admin.execute(create_role.as_str()).await.map_err(StartupError::Provision)?;
+    let create_schema = format!(
+        "CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {role}",
+        quote_ident(service.schema)
+    );
+    match admin.execute(create_schema.as_str()).await {
+        Ok(_) => Ok(()),
+        Err(error) if crate::error::is_unique_violation(&error, None) => Ok(()),
+        Err(error) => Err(StartupError::Provision(error)),
+    }
+}
+
+/// The URL of `service`'s own role on the cluster and database of `admin_url`.
+pub fn service_url(admin_url: &str, database: &str, service: ServiceSchema) -> Result<String, StartupError> {
+    let options = PgConnectOptions::from_str(admin_url).map_err(StartupError::BadUrl)?;
+    Ok(format!(
+        "postgres://{}@{}:{}/{}",
+        service.role,
+        options.get_host(),
+        options.get_port(),
+        database
+    ))
+}
+
+/// Double-quotes an SQL identifier. Identifiers here come from constants and test names, but
+/// quoting keeps a surprising name from ever becoming SQL.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A database URL without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("postgres://u:secret@h:5432/d"), "postgres://u:***@h:5432/d");
+        assert_eq!(redact("postgres://u@h/d"), "postgres://u@h/d");
+    }
+
+    #[test]
+    fn quotes_identifiers() {
+        assert_eq!(quote_ident("queue"), "\"queue\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}

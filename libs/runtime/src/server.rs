@@ -1,0 +1,199 @@
+//! The gRPC server every service runs: its own services plus grpc.health.v1 and server
+//! reflection (v1 and v1alpha, since grpcurl, buf curl and older tools ask for either), with
+//! graceful shutdown.
+
+use std::{convert::Infallible, net::SocketAddr};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{
+    body::Body,
+    server::NamedService,
+    service::RoutesBuilder,
+    transport::Server,
+};
+use tonic_health::ServingStatus;
+
+use crate::Shutdown;
+
+/// The gRPC services of one process, built up before [`GrpcServer::serve`].
+#[derive(Default)]
+pub struct GrpcServer {
+    routes: RoutesBuilder,
+    service_names: Vec<&'static str>,
+}
+
+impl GrpcServer {
+    /// An empty server; add services with [`GrpcServer::add_service`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a generated tonic service. Its name is reported SERVING by grpc.health.v1 while
+    /// the server runs, and NOT_SERVING from the moment shutdown begins.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: tower_service::Service<
+                http::Request<Body>,
+                Response = http::Response<Body>,
+                Error = Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.service_names.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Serves on `listener` until `shutdown` fires, then stops accepting connections and waits
+    /// for calls in flight to finish. Server streams must end on the same signal themselves.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: Shutdown,
+    ) -> Result<(), tonic::transport::Error> {
+        let Self {
+            mut routes,
+            service_names,
+        } = self;
+        let local_addr: Option<SocketAddr> = listener.local_addr().ok();
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in &service_names {
+            health.set_service_status(*name, ServingStatus::Serving).await;
+        }
+        // The empty name is the whole server, what `grpc_health_probe` asks by default.
+        health.set_service_status("", ServingStatus::Serving).await;
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(stagedoor_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("the stagedoor descriptor set is generated at build time and valid");
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(stagedoor_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .expect("the stagedoor descriptor set is generated at build time and valid");
+        routes
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+
+        tracing::info!(addr = ?local_addr, services = ?service_names, "gRPC server listening");
+        let stopping = async move {
+            shutdown.wait().await;
+            // Tell load balancers first, so they stop sending new calls our way.
+            for name in &service_names {
+                health.set_service_status(*name, ServingStatus::NotServing).await;
+            }
+            health.set_service_status("", ServingStatus::NotServing).await;
+        };
+        Server::builder()
+            .add_routes(routes.routes())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping)
+            .await
+    }
+}
+
+/// Binds a listener, with an error that names the address (a busy port is the usual cause).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|error| {
+        std::io::Error::new(error.kind(), format!("cannot listen on {addr}: {error}"))
+    })
+}
+
+/// A service running in this process: its gRPC server and background tasks.
+///
+/// Tests start services on `127.0.0.1:0` and read [`ServiceHandle::local_addr`]; binaries
+/// wait on [`ServiceHandle::wait`] after wiring OS signals to the trigger.
+pub struct ServiceHandle {
+    local_addr: SocketAddr,
+    trigger: crate::ShutdownTrigger,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ServiceHandle {
+    /// Wraps a spawned server and its background tasks, all observing `trigger`.
+    pub fn new(
+        local_addr: SocketAddr,
+        trigger: crate::ShutdownTrigger,
+        server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+        background: Vec<tokio::task::JoinHandle<()>>,
+    ) -> Self {
+        Self {
+            local_addr,
+            trigger,
+            server,
+            background,
+        }
+    }
+
+    /// Where the server listens (the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `http://<addr>` for a tonic client; `0.0.0.0` is replaced by the loopback address.
+    pub fn url(&self) -> String {
+        let mut addr = self.local_addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
+    }
+
+    /// A fresh observer of this service's shutdown signal.
+    pub fn shutdown_signal(&self) -> Shutdown {
+        self.trigger.subscribe()
+    }
+
+    /// Graceful stop: no new calls, calls in flight finish, background tasks leave.
+    pub async fn shutdown(self) -> Result<(), tonic::transport::Error> {
+        self.trigger.fire();
+        self.wait().await
+    }
+
+    /// Waits until the service stops (after its trigger fired, e.g. by an OS signal).
+    pub async fn wait(self) -> Result<(), tonic::transport::Error> {
+        let served = match self.server.await {
+            Ok(result) => result,
+            Err(join_error) if join_error.is_panic() => std::panic::resume_unwind(join_error.into_panic()),
+            Err(_) => Ok(()),
+        };
+        for task in self.background {
+            let _ = task.await;
+        }
+        served
+    }
+
+    /// Runs until SIGINT or SIGTERM, then shuts down gracefully. Returns early if the server
+    /// fails on its own.
+    pub async fn run_until_os_signal(mut self) -> Result<(), tonic::transport::Error> {
+        tokio::select! {
+            _ = crate::shutdown::os_signal() => {}
+            finished = &mut self.server => {
+                self.trigger.fire();
+                for task in self.background {
+                    let _ = task.await;
+                }
+                return finished.unwrap_or(Ok(()));
+            }
+        }
+        tracing::info!("shutdown signal received; finishing calls in flight");
+        self.shutdown().await
+    }
+
+    /// Crash: stops everything at once, mid-call, as a killed process would. For failure drills.
+    pub fn abort(self) {
+        self.server.abort();
+        for task in &self.background {
+            task.abort();
+        }
+    }
+}

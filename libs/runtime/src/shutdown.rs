@@ -1,0 +1,85 @@
+//! A shutdown signal that every part of a service can wait on.
+//!
+//! One [`ShutdownTrigger`] owns the signal; any number of [`Shutdown`] clones observe it. The
+//! gRPC server stops accepting calls when it fires, background loops leave at their next
+//! tick, and long-lived server streams end so that graceful shutdown is not held open by a
+//! client that never hangs up.
+
+use tokio::sync::watch;
+
+/// Fires the shutdown signal. Dropping it fires the signal too, so a service never outlives
+/// whatever owns its trigger.
+#[derive(Debug)]
+pub struct ShutdownTrigger {
+    sender: watch::Sender<bool>,
+}
+
+/// Observes the shutdown signal; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    receiver: watch::Receiver<bool>,
+}
+
+impl ShutdownTrigger {
+    /// A new, unfired signal and its first observer.
+    pub fn new() -> (Self, Shutdown) {
+        let (sender, receiver) = watch::channel(false);
+        (Self { sender }, Shutdown { receiver })
+    }
+
+    /// Fires the signal. Firing twice is harmless.
+    pub fn fire(&self) {
+        self.sender.send_replace(true);
+    }
+
+    /// Another observer of this signal.
+    pub fn subscribe(&self) -> Shutdown {
+        Shutdown {
+            receiver: self.sender.subscribe(),
+        }
+    }
+}
+
+impl Drop for ShutdownTrigger {
+    fn drop(&mut self) {
+        self.sender.send_replace(true);
+    }
+}
+
+impl Shutdown {
+    /// Whether the signal has fired.
+    pub fn is_fired(&self) -> bool {
+        *self.receiver.borrow()
+    }
+
+    /// Resolves once the signal fires (at once if it already has).
+    pub async fn wait(mut self) {
+        // An error means the trigger is gone, which counts as fired.
+        let _ = self.receiver.wait_for(|fired| *fired).await;
+    }
+}
+
+/// Resolves on the first SIGINT (Ctrl-C) or SIGTERM, the signals an operator or an
+/// orchestrator sends to stop a process.
+pub async fn os_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = sigterm.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the service");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

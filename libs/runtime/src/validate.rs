@@ -1,0 +1,67 @@
+//! Input checks shared by every service. Each failure is an [`ApiError`] naming the field, so a
+//! client sees INVALID_ARGUMENT with reason INVALID_FIELD and the field in the ErrorInfo
+//! metadata and in a `google.rpc.BadRequest` field violation.
+
+use crate::ApiError;
+
+/// Longest id the services accept (concert, user, request ids ...).
+pub const MAX_ID_LEN: usize = 64;
+
+/// Checks an id: 1 to [`MAX_ID_LEN`] characters of `[A-Za-z0-9._:@-]`. Ids end up in URLs,
+/// logs and keys, so anything outside that set is refused rather than escaped everywhere.
+pub fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::invalid_field(field, format!("{field} must not be empty")));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("{field} must be at most {MAX_ID_LEN} characters, got {}", value.len()),
+        ));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '@' | '-')))
+    {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("{field} may hold only letters, digits and . _ : @ -, found {bad:?}"),
+        ));
+    }
+    Ok(value)
+}
+
+/// Checks a page size: 0 means `default`, otherwise 1 to `max`.
+pub fn page_size(value: i32, default: i64, max: i64) -> Result<i64, ApiError> {
+    match i64::from(value) {
+        0 => Ok(default),
+        size if (1..=max).contains(&size) => Ok(size),
+        size => Err(ApiError::invalid_field(
+            "page_size",
+            format!("page_size must be between 1 and {max} (or 0 for {default}), got {size}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(id("user_id", "fan-42@example.com").is_ok());
+        assert_eq!(id("user_id", "").unwrap_err().reason(), "INVALID_FIELD");
+        assert!(id("user_id", &"x".repeat(MAX_ID_LEN)).is_ok());
+        assert!(id("user_id", &"x".repeat(MAX_ID_LEN + 1)).is_err());
+        assert!(id("user_id", "a b").is_err());
+        assert!(id("user_id", "ünï").is_err());
+    }
+
+    #[test]
+    fn page_sizes() {
+        assert_eq!(page_size(0, 20, 100).unwrap(), 20);
+        assert_eq!(page_size(100, 20, 100).unwrap(), 100);
+        assert!(page_size(101, 20, 100).is_err());
+        assert!(page_size(-1, 20, 100).is_err());
+    }
+}

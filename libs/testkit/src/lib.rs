@@ -1,0 +1,102 @@
+//! Test helpers shared by every service's tests.
+//!
+//! [`TestDatabase`] creates a fresh database on the real Postgres for one test, provisioned
+//! exactly as in production (one role and one schema per service), and drops it afterwards.
+//! Tests then start the real services on `127.0.0.1:0` against it and talk gRPC to them.
+//!
+//! The admin connection comes from `ADMIN_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`).
+
+use std::str::FromStr;
+
+use sqlx::{postgres::PgConnectOptions, ConnectOptions, Executor, PgPool};
+use stagedoor_runtime::db::{self, ServiceSchema};
+
+/// Admin URL used when `ADMIN_DATABASE_URL` is not set.
+pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A database that lives as long as one test.
+pub struct TestDatabase {
+    name: String,
+    admin_url: String,
+}
+
+impl TestDatabase {
+    /// Creates `stagedoor_test_<random>` with every service's role and schema.
+    pub async fn create() -> Self {
+        let admin_url =
+            std::env::var("ADMIN_DATABASE_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned());
+        let name = format!("stagedoor_test_{}", uuid::Uuid::new_v4().simple());
+        db::ensure_database(&admin_url, &name)
+            .await
+            .unwrap_or_else(|error| panic!("cannot create test database (is Postgres up?): {error}"));
+        let database = Self { name, admin_url };
+        let admin = database.admin().await;
+        for service in db::ALL_SERVICES {
+            db::provision(&admin, service)
+                .await
+                .unwrap_or_else(|error| panic!("cannot provision {}: {error}", service.schema));
+        }
+        admin.close().await;
+        database
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// URL of a service's own role on this database (what its `DATABASE_URL` would be).
+    pub fn url(&self, service: ServiceSchema) -> String {
+        db::service_url(&self.admin_url, &self.name, service).expect("admin URL parses")
+    }
+
+    /// A superuser pool on this database, for the test's own reads and audits.
+    pub async fn admin(&self) -> PgPool {
+        let options = self.admin_options();
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .expect("admin connection to the test database")
+    }
+
+    fn admin_options(&self) -> PgConnectOptions {
+        PgConnectOptions::from_str(&self.admin_url)
+            .expect("ADMIN_DATABASE_URL parses")
+            .database(&self.name)
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Drop runs outside async, possibly inside a runtime that must not be blocked on:
+        // do the DROP on a thread of its own with a small runtime, and wait for it.
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime for dropping the test database");
+            runtime.block_on(async move {
+                let mut admin = PgConnectOptions::from_str(&admin_url)
+                    .expect("ADMIN_DATABASE_URL parses")
+                    .connect()
+                    .await?;
+                // FORCE closes the connections of services the test left running.
+                admin
+                    .execute(
+                        format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", db::quote_ident(&name))
+                            .as_str(),
+                    )
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .join();
+        if let Ok(Err(error)) = dropped {
+            eprintln!("warning: test database {} was not dropped: {error}", self.name);
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Wiring: pool, migrations, background loops and the gRPC server of one queue process.
+
+use std::{sync::Arc, time::Duration};
+
+use sqlx::PgPool;
+use stagedoor_proto::queue::v1::{
+    queue_internal_service_server::QueueInternalServiceServer,
+    queue_service_server::QueueServiceServer,
+};
+use stagedoor_runtime::{
+    db::{self, PoolConfig, StartupError},
+    server::{GrpcServer, ServiceHandle},
+    Shutdown, ShutdownTrigger,
+};
+use tokio::net::TcpListener;
+
+use crate::{
+    batcher::IssueBatcher,
+    board::LineBoard,
+    config::QueueConfig,
+    grpc::{QueueApi, QueueState},
+    heartbeat::Heartbeats,
+    store::{self, AdmissionPolicy},
+};
+
+/// The queue's migrations, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// How often each replica refreshes its view of the busy lines.
+const BOARD_REFRESH: Duration = Duration::from_millis(100);
+
+/// Connects, migrates and starts serving on `listener`.
+pub async fn start(config: QueueConfig, listener: TcpListener) -> Result<ServiceHandle, StartupError> {
+    let pool = db::connect(&PoolConfig {
+        url: config.database_url.clone(),
+        schema: db::QUEUE.schema,
+        max_connections: config.database_max_connections,
+        acquire_timeout: Duration::from_secs(5),
+    })
+    .await?;
+    db::migrate(&pool, db::QUEUE.schema, &MIGRATOR).await?;
+
+    let policy = AdmissionPolicy::from(&config);
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let board = Arc::new(LineBoard::default());
+    let heartbeats = Arc::new(Heartbeats::default());
+    let (batcher, batch_worker) = IssueBatcher::spawn(pool.clone(), policy.clone());
+
+    let mut background = vec![batch_worker];
+    background.push(tokio::spawn(run_admitter(
+        pool.clone(),
+        policy.clone(),
+        config.tick,
+        trigger.subscribe(),
+    )));
+    background.push(tokio::spawn({
+        let (board, pool, shutdown) = (board.clone(), pool.clone(), trigger.subscribe());
+        async move { board.run_refresher(pool, BOARD_REFRESH, shutdown).await }
+    }));
+    background.push(tokio::spawn({
+        let (heartbeats, pool, shutdown) = (heartbeats.clone(), pool.clone(), trigger.subscribe());
+        // Flush several times per heartbeat period so a noted fan is written long before
+        // the sweeper could take it for a ghost.
+        let period = (policy.heartbeat_every / 4).clamp(Duration::from_millis(50), Duration::from_secs(2));
+        async move { heartbeats.run_flusher(pool, period, shutdown).await }
+    }));
+
+    let api = QueueApi::new(QueueState {
+        pool,
+        policy,
+        batcher,
+        board,
+        heartbeats,
+        shutdown: shutdown.clone(),
+    });
+    let local_addr = listener.local_addr().map_err(|error| StartupError::Provision(error.into()))?;
+    let server = GrpcServer::new()
+        .add_service(QueueServiceServer::new(api.clone()))
+        .add_service(QueueInternalServiceServer::new(api));
+    let server = tokio::spawn(server.serve(listener, shutdown));
+    tracing::info!(%local_addr, max_active = config.max_active, admit_rate = config.admit_rate,
+        "queue service started");
+    Ok(ServiceHandle::new(local_addr, trigger, server, background))
+}
+
+/// Background admission and expiry: every tick, each busy line is swept and admitted. Any
+/// number of replicas may run this: a line locked by one is skipped by the others.
+async fn run_admitter(pool: PgPool, policy: AdmissionPolicy, tick: Duration, shutdown: Shutdown) {
+    let stopped = shutdown.wait();
+    tokio::pin!(stopped);
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = &mut stopped => break,
+        }
+        let lines = match store::busy_lines(&pool).await {
+            Ok(lines) => lines,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list busy lines");
+                continue;
+            }
+        };
+        for concert_id in lines {
+            match store::sweep_and_admit(&pool, &policy, &concert_id).await {
+                Ok(0) => {}
+                Ok(admitted) => tracing::debug!(%concert_id, admitted, "admitted"),
+                Err(error) => tracing::warn!(%concert_id, %error, "admission tick failed"),
+            }
+        }
+    }
+}

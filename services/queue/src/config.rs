@@ -1,0 +1,100 @@
+//! The queue service's settings: environment variables, each overridable by the flag of the
+//! same name (`QUEUE_MAX_ACTIVE` = `--max-active`).
+
+use std::{net::SocketAddr, time::Duration};
+
+use stagedoor_runtime::config::parse_duration;
+
+/// Default `LISTEN_ADDR` (DESIGN.md: queue listens on 50051).
+pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50051";
+/// Default `DATABASE_URL`: the queue's own role on a local Postgres.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://stagedoor_queue@127.0.0.1:5432/stagedoor";
+const DEFAULT_MAX_CONNECTIONS: u32 = 16;
+const DEFAULT_MAX_ACTIVE: u32 = 1000;
+const DEFAULT_ADMIT_RATE: u32 = 200;
+const DEFAULT_ACTIVE_TTL: &str = "30m";
+const DEFAULT_IDLE_TTL: &str = "2m";
+const DEFAULT_TICK: &str = "100ms";
+
+/// Settings of one queue service process.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "stagedoor-queue", version, about = "stagedoor's waiting room (gRPC)")]
+pub struct QueueConfig {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = DEFAULT_LISTEN_ADDR)]
+    pub listen_addr: SocketAddr,
+
+    /// Postgres URL of the queue's own role; its tables live in schema `queue`.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+
+    /// Most Postgres connections this process opens.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub database_max_connections: u32,
+
+    /// Most tokens ACTIVE at once per concert (N).
+    #[arg(long, env = "QUEUE_MAX_ACTIVE", default_value_t = DEFAULT_MAX_ACTIVE)]
+    pub max_active: u32,
+
+    /// Most fans admitted per second per concert (R).
+    #[arg(long, env = "QUEUE_ADMIT_RATE", default_value_t = DEFAULT_ADMIT_RATE)]
+    pub admit_rate: u32,
+
+    /// How long an admitted fan stays ACTIVE.
+    #[arg(long, env = "QUEUE_ACTIVE_TTL", default_value = DEFAULT_ACTIVE_TTL, value_parser = parse_duration)]
+    pub active_ttl: Duration,
+
+    /// How long a WAITING fan may go without polling or watching before the token expires.
+    #[arg(long, env = "QUEUE_IDLE_TTL", default_value = DEFAULT_IDLE_TTL, value_parser = parse_duration)]
+    pub idle_ttl: Duration,
+
+    /// Period of the admission and expiry loop. The rate bound is smooth to within one tick.
+    #[arg(long, env = "QUEUE_TICK", default_value = DEFAULT_TICK, value_parser = parse_duration)]
+    pub tick: Duration,
+}
+
+impl QueueConfig {
+    /// The defaults, with `database_url` and an ephemeral loopback port (for tests and
+    /// in-process launchers).
+    pub fn for_database(database_url: impl Into<String>) -> Self {
+        // Built field by field rather than parsed, so that a developer's exported
+        // QUEUE_* or DATABASE_URL variables never leak into a test.
+        let duration = |text| parse_duration(text).expect("default durations parse");
+        Self {
+            listen_addr: "127.0.0.1:0".parse().expect("valid address"),
+            database_url: database_url.into(),
+            database_max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_active: DEFAULT_MAX_ACTIVE,
+            admit_rate: DEFAULT_ADMIT_RATE,
+            active_ttl: duration(DEFAULT_ACTIVE_TTL),
+            idle_ttl: duration(DEFAULT_IDLE_TTL),
+            tick: duration(DEFAULT_TICK),
+        }
+    }
+
+    /// Checks the settings that clap's types do not.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_active == 0 {
+            return Err("QUEUE_MAX_ACTIVE must be at least 1".into());
+        }
+        if self.admit_rate == 0 {
+            return Err("QUEUE_ADMIT_RATE must be at least 1".into());
+        }
+        if self.tick.is_zero() || self.active_ttl.is_zero() || self.idle_ttl.is_zero() {
+            return Err("QUEUE_TICK, QUEUE_ACTIVE_TTL and QUEUE_IDLE_TTL must be above zero".into());
+        }
+        Ok(())
+    }
+
+    /// A WAITING token's `last_seen` is refreshed when older than this: a quarter of the idle
+    /// TTL, so polls don't write on every call yet a polling fan is never taken for a ghost.
+    pub fn heartbeat_every(&self) -> Duration {
+        self.idle_ttl / 4
+    }
+
+    /// The token bucket's size: one tick's worth of admissions (at least one fan), so that
+    /// admissions over any window stay within `admit_rate` per second plus one tick.
+    pub fn admit_burst(&self) -> f64 {
+        (f64::from(self.admit_rate) * self.tick.as_secs_f64()).max(1.0)
+    }
+}

@@ -1,0 +1,261 @@
+//! The queue's gRPC surface: QueueService (public) and QueueInternalService.
+//! Handlers check input, call the store, and shape responses; nothing else lives here.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use sqlx::PgPool;
+use stagedoor_proto::queue::v1::{
+    self as pb, queue_internal_service_server::QueueInternalService,
+    queue_service_server::QueueService,
+};
+use stagedoor_runtime::{time, validate, ApiError, Shutdown};
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::{
+    batcher::IssueBatcher,
+    board::LineBoard,
+    domain::{self, parse_token, QueueError, Ticket, TokenStatus},
+    heartbeat::Heartbeats,
+    store::{self, AdmissionPolicy},
+};
+
+/// Everything a handler needs, shared by both services.
+pub struct QueueState {
+    pub pool: PgPool,
+    pub policy: AdmissionPolicy,
+    pub batcher: IssueBatcher,
+    pub board: Arc<LineBoard>,
+    pub heartbeats: Arc<Heartbeats>,
+    pub shutdown: Shutdown,
+}
+
+/// Implements both queue services over one shared state.
+#[derive(Clone)]
+pub struct QueueApi {
+    state: Arc<QueueState>,
+}
+
+impl QueueApi {
+    pub fn new(state: QueueState) -> Self {
+        Self {
+            state: Arc::new(state),
+        }
+    }
+
+    /// Reads a token a client sent, or says why not.
+    async fn ticket(&self, token: &str) -> Result<Ticket, QueueError> {
+        let token = parse_token(token)?;
+        store::read_ticket(&self.state.pool, &self.state.policy, token)
+            .await?
+            .ok_or(QueueError::TokenNotFound)
+    }
+
+    /// Notes that the fan behind a WAITING ticket is still there, when it is time to.
+    fn keep_alive(&self, ticket: &Ticket) {
+        if ticket.heartbeat_due {
+            self.state.heartbeats.seen(ticket.token);
+        }
+    }
+
+    fn to_proto(&self, ticket: &Ticket) -> pb::QueueTicket {
+        ticket_to_proto(ticket, &self.state.board)
+    }
+}
+
+fn ticket_to_proto(ticket: &Ticket, board: &LineBoard) -> pb::QueueTicket {
+    let position = ticket.position();
+    let estimated_wait = (ticket.status == TokenStatus::Waiting)
+        .then(|| board.admission_rate(&ticket.concert_id))
+        .flatten()
+        .filter(|rate| *rate > 0.0)
+        .map(|rate| time::duration(Duration::from_secs_f64((position + 1) as f64 / rate)));
+    pb::QueueTicket {
+        token: ticket.token.to_string(),
+        concert_id: ticket.concert_id.clone(),
+        user_id: ticket.user_id.clone(),
+        status: ticket.status.to_proto() as i32,
+        place: ticket.place,
+        position,
+        estimated_wait,
+        expire_time: ticket.expire_time.map(time::timestamp),
+        create_time: Some(time::timestamp(ticket.create_time)),
+        admit_time: ticket.admit_time.map(time::timestamp),
+    }
+}
+
+#[tonic::async_trait]
+impl QueueService for QueueApi {
+    async fn issue_token(
+        &self,
+        request: Request<pb::IssueTokenRequest>,
+    ) -> Result<Response<pb::IssueTokenResponse>, Status> {
+        let request = request.into_inner();
+        let concert_id = validate::id("concert_id", &request.concert_id)?;
+        let user_id = validate::id("user_id", &request.user_id)?;
+
+        // A refresh of a fan already in line needs no lock: read and return the live token.
+        let state = &self.state;
+        let ticket = match store::find_live_ticket(&state.pool, &state.policy, concert_id, user_id)
+            .await
+            .map_err(ApiError::from)?
+        {
+            Some(ticket) => ticket,
+            None => state.batcher.issue(concert_id, user_id).await?,
+        };
+        self.keep_alive(&ticket);
+        Ok(Response::new(pb::IssueTokenResponse {
+            ticket: Some(self.to_proto(&ticket)),
+        }))
+    }
+
+    async fn get_queue_status(
+        &self,
+        request: Request<pb::GetQueueStatusRequest>,
+    ) -> Result<Response<pb::GetQueueStatusResponse>, Status> {
+        let ticket = self.ticket(&request.into_inner().token).await?;
+        self.keep_alive(&ticket);
+        Ok(Response::new(pb::GetQueueStatusResponse {
+            ticket: Some(self.to_proto(&ticket)),
+        }))
+    }
+
+    type WatchQueueStatusStream =
+        Pin<Box<dyn Stream<Item = Result<pb::WatchQueueStatusResponse, Status>> + Send>>;
+
+    async fn watch_queue_status(
+        &self,
+        request: Request<pb::WatchQueueStatusRequest>,
+    ) -> Result<Response<Self::WatchQueueStatusStream>, Status> {
+        // A bad or unknown token fails the call itself, before any message is streamed.
+        let ticket = self.ticket(&request.into_inner().token).await?;
+        let (sender, receiver) = mpsc::channel(4);
+        tokio::spawn(watch(self.state.clone(), ticket, sender));
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+/// How long a watcher waits between two position updates. Fans near the head get quick
+/// updates; fans far back don't need ten a second, and 100,000 watchers must not wake on
+/// every admission.
+fn update_interval(position: i64) -> Duration {
+    match position {
+        0..=99 => Duration::from_millis(100),
+        100..=9_999 => Duration::from_millis(500),
+        _ => Duration::from_secs(2),
+    }
+}
+
+/// How often a watcher of an ACTIVE token re-reads it to notice it became DONE.
+const ACTIVE_RECHECK: Duration = Duration::from_secs(2);
+
+/// Drives one WatchQueueStatus stream: sends the ticket whenever its status or position
+/// changes, until the token ends, the client hangs up or the service shuts down.
+async fn watch(
+    state: Arc<QueueState>,
+    mut ticket: Ticket,
+    sender: mpsc::Sender<Result<pb::WatchQueueStatusResponse, Status>>,
+) {
+    let mut line = state.board.subscribe(&ticket.concert_id);
+    let mut sent: Option<(TokenStatus, i64)> = None;
+    let stopped = state.shutdown.clone().wait();
+    tokio::pin!(stopped);
+    loop {
+        let current = (ticket.status, ticket.position());
+        if sent != Some(current) {
+            let message = pb::WatchQueueStatusResponse {
+                ticket: Some(ticket_to_proto(&ticket, &state.board)),
+            };
+            if sender.send(Ok(message)).await.is_err() {
+                return; // the client went away
+            }
+            sent = Some(current);
+        }
+        if ticket.status.is_final() {
+            return; // ends the stream cleanly after the terminal status
+        }
+        if ticket.status == TokenStatus::Waiting {
+            // An open stream is a fan still waiting.
+            state.heartbeats.seen(ticket.token);
+        }
+
+        // Wait for something that can change the ticket. A WAITING ticket moves with its
+        // line; an ACTIVE one ends at its window's end or when its fan pays, which a slow
+        // re-read notices (ACTIVE watchers are few, and must not read on every admission).
+        let waiting = ticket.status == TokenStatus::Waiting;
+        let pause = tokio::time::sleep(update_interval(ticket.position()));
+        let recheck = if waiting { state.policy.heartbeat_every } else { ACTIVE_RECHECK };
+        tokio::select! {
+            _ = &mut stopped => {
+                let _ = sender.send(Err(Status::unavailable("the queue service is shutting down; watch again"))).await;
+                return;
+            }
+            _ = sender.closed() => return,
+            _ = async {
+                pause.await;
+                let _ = line.changed().await;
+            }, if waiting => {}
+            _ = tokio::time::sleep(window_end(&ticket)) => {}
+            _ = tokio::time::sleep(recheck) => {}
+        }
+
+        let counters = *line.borrow_and_update();
+        if ticket.status == TokenStatus::Waiting && counters.admitted_through < ticket.place {
+            // Still behind the admission pointer: the position follows from the board alone.
+            ticket.admitted_through = ticket.admitted_through.max(counters.admitted_through);
+            continue;
+        }
+        // Admitted, skipped, completed or expired: only the row can say which.
+        match store::read_ticket(&state.pool, &state.policy, ticket.token).await {
+            Ok(Some(fresh)) => ticket = fresh,
+            Ok(None) => return,
+            Err(error) => {
+                let _ = sender.send(Err(ApiError::from(error).into())).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Time left in an ACTIVE window (a long time for any other status).
+fn window_end(ticket: &Ticket) -> Duration {
+    match (ticket.status, ticket.expire_time) {
+        (TokenStatus::Active, Some(end)) => (end - chrono::Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            // A little past the end, so the database agrees the window has passed.
+            + Duration::from_millis(20),
+        _ => Duration::from_secs(24 * 3600),
+    }
+}
+
+#[tonic::async_trait]
+impl QueueInternalService for QueueApi {
+    async fn validate_token(
+        &self,
+        request: Request<pb::ValidateTokenRequest>,
+    ) -> Result<Response<pb::ValidateTokenResponse>, Status> {
+        let ticket = self.ticket(&request.into_inner().token).await?;
+        if ticket.status != TokenStatus::Active {
+            return Err(QueueError::TokenNotActive(ticket.status).into());
+        }
+        Ok(Response::new(pb::ValidateTokenResponse {
+            user_id: ticket.user_id,
+            concert_id: ticket.concert_id,
+            expire_time: ticket.expire_time.map(time::timestamp),
+        }))
+    }
+
+    async fn complete_token(
+        &self,
+        request: Request<pb::CompleteTokenRequest>,
+    ) -> Result<Response<pb::CompleteTokenResponse>, Status> {
+        let token: Uuid = domain::parse_token(&request.into_inner().token)?;
+        let status = store::complete(&self.state.pool, &self.state.policy, token).await?;
+        Ok(Response::new(pb::CompleteTokenResponse {
+            status: status.to_proto() as i32,
+        }))
+    }
+}

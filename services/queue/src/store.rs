@@ -1,0 +1,494 @@
+//! Every SQL statement of the queue, and the admission procedure.
+//!
+//! The one rule that keeps the line correct across replicas: whoever changes which tokens are
+//! ACTIVE (admission, completion, expiry) first locks the concert's `lines` row, then touches
+//! token rows. Lock order is always line, then tokens, so these transactions never deadlock,
+//! and `active_count` on the locked row is the truth about how many are ACTIVE.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::{
+    config::QueueConfig,
+    domain::{QueueError, Ticket, TokenStatus},
+};
+
+/// The admission bounds and clocks, read once from the configuration.
+#[derive(Debug, Clone)]
+pub struct AdmissionPolicy {
+    pub max_active: i64,
+    pub admit_rate: f64,
+    pub burst: f64,
+    pub active_ttl: Duration,
+    pub idle_ttl: Duration,
+    pub heartbeat_every: Duration,
+}
+
+impl From<&QueueConfig> for AdmissionPolicy {
+    fn from(config: &QueueConfig) -> Self {
+        Self {
+            max_active: i64::from(config.max_active),
+            admit_rate: f64::from(config.admit_rate),
+            burst: config.admit_burst(),
+            active_ttl: config.active_ttl,
+            idle_ttl: config.idle_ttl,
+            heartbeat_every: config.heartbeat_every(),
+        }
+    }
+}
+
+/// Most idle WAITING tokens expired by one sweep of one line, to keep each lock short.
+const IDLE_SWEEP_BATCH: i64 = 5_000;
+
+/// A ticket's columns, with the effective status computed by the database's clock: an ACTIVE
+/// row past `expire_time` reads EXPIRED whether or not the sweeper has caught it up.
+const TICKET_SELECT: &str = "
+    SELECT t.token, t.concert_id, t.user_id, t.place,
+           CASE WHEN t.status = 'ACTIVE' AND t.expire_time <= statement_timestamp()
+                THEN 'EXPIRED' ELSE t.status END AS status,
+           t.create_time, t.admit_time, t.expire_time,
+           l.admitted_through,
+           extract(epoch FROM statement_timestamp() - t.last_seen)::float8 AS idle_secs
+      FROM tokens t
+      JOIN lines l ON l.concert_id = t.concert_id";
+
+#[derive(sqlx::FromRow)]
+struct TicketRow {
+    token: Uuid,
+    concert_id: String,
+    user_id: String,
+    place: i64,
+    status: String,
+    create_time: DateTime<Utc>,
+    admit_time: Option<DateTime<Utc>>,
+    expire_time: Option<DateTime<Utc>>,
+    admitted_through: i64,
+    idle_secs: f64,
+}
+
+impl TicketRow {
+    fn into_ticket(self, heartbeat_every: Duration) -> Ticket {
+        let status = TokenStatus::from_db(&self.status);
+        Ticket {
+            token: self.token,
+            concert_id: self.concert_id,
+            user_id: self.user_id,
+            place: self.place,
+            status,
+            create_time: self.create_time,
+            admit_time: self.admit_time,
+            expire_time: self.expire_time,
+            admitted_through: self.admitted_through,
+            heartbeat_due: status == TokenStatus::Waiting
+                && self.idle_secs > heartbeat_every.as_secs_f64(),
+        }
+    }
+}
+
+/// Reads one token with its line's admission pointer: one indexed lookup, no counting.
+pub async fn read_ticket(
+    pool: &PgPool,
+    policy: &AdmissionPolicy,
+    token: Uuid,
+) -> Result<Option<Ticket>, sqlx::Error> {
+    let row: Option<TicketRow> = sqlx::query_as(&format!("{TICKET_SELECT} WHERE t.token = $1"))
+        .bind(token)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|row| row.into_ticket(policy.heartbeat_every)))
+}
+
+/// The fan's live (WAITING or ACTIVE, window not passed) token of a concert, if any.
+pub async fn find_live_ticket(
+    pool: &PgPool,
+    policy: &AdmissionPolicy,
+    concert_id: &str,
+    user_id: &str,
+) -> Result<Option<Ticket>, sqlx::Error> {
+    let row: Option<TicketRow> = sqlx::query_as(&format!(
+        "{TICKET_SELECT}
+          WHERE t.concert_id = $1 AND t.user_id = $2 AND t.status IN ('WAITING', 'ACTIVE')"
+    ))
+    .bind(concert_id)
+    .bind(user_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row
+        .map(|row| row.into_ticket(policy.heartbeat_every))
+        .filter(|ticket| !ticket.status.is_final()))
+}
+
+/// A concert's `lines` row, locked by the current transaction.
+#[derive(Debug)]
+struct LockedLine {
+    concert_id: String,
+    last_place: i64,
+    admitted_through: i64,
+    active_count: i64,
+    admitted_total: i64,
+    rate_allowance: f64,
+}
+
+/// Locks the line row. With `skip_locked`, returns `None` instead of waiting when another
+/// transaction (another replica's tick, say) holds it: background work then simply moves on.
+async fn lock_line(
+    tx: &mut Transaction<'_, Postgres>,
+    concert_id: &str,
+    skip_locked: bool,
+) -> Result<Option<LockedLine>, sqlx::Error> {
+    let sql = if skip_locked {
+        "SELECT last_place, admitted_through, active_count::int8, admitted_total, rate_allowance
+           FROM lines WHERE concert_id = $1 FOR UPDATE SKIP LOCKED"
+    } else {
+        "SELECT last_place, admitted_through, active_count::int8, admitted_total, rate_allowance
+           FROM lines WHERE concert_id = $1 FOR UPDATE"
+    };
+    let row: Option<(i64, i64, i64, i64, f64)> = sqlx::query_as(sql)
+        .bind(concert_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(row.map(
+        |(last_place, admitted_through, active_count, admitted_total, rate_allowance)| LockedLine {
+            concert_id: concert_id.to_owned(),
+            last_place,
+            admitted_through,
+            active_count,
+            admitted_total,
+            rate_allowance,
+        },
+    ))
+}
+
+/// Locks the line row, creating it on a concert's first IssueToken. The bucket starts full so
+/// the first fans of a new line are admitted at once.
+async fn lock_or_create_line(
+    tx: &mut Transaction<'_, Postgres>,
+    policy: &AdmissionPolicy,
+    concert_id: &str,
+) -> Result<LockedLine, sqlx::Error> {
+    if let Some(line) = lock_line(tx, concert_id, false).await? {
+        return Ok(line);
+    }
+    // Two replicas may create the same line at once: ON CONFLICT makes the loser wait for the
+    // winner's row, which it then locks like everyone else.
+    sqlx::query(
+        "INSERT INTO lines (concert_id, rate_allowance) VALUES ($1, $2)
+         ON CONFLICT (concert_id) DO NOTHING",
+    )
+    .bind(concert_id)
+    .bind(policy.burst)
+    .execute(&mut **tx)
+    .await?;
+    lock_line(tx, concert_id, false)
+        .await?
+        .ok_or_else(|| sqlx::Error::RowNotFound)
+}
+
+/// Admission, with the line locked: expire passed windows, then admit (see [`admit`]).
+async fn advance(
+    tx: &mut Transaction<'_, Postgres>,
+    policy: &AdmissionPolicy,
+    line: &mut LockedLine,
+) -> Result<i64, sqlx::Error> {
+    let since_refill = expire_windows(tx, line).await?;
+    admit(tx, policy, line, since_refill).await
+}
+
+/// Expires the line's ACTIVE tokens whose window has passed (their slots are free for the
+/// next admission) and returns the seconds since the rate bucket was last refilled. The clock
+/// is read by this statement, *after* the lock was granted, so the bucket refills by the time
+/// that really passed since the previous holder saved it.
+async fn expire_windows(
+    tx: &mut Transaction<'_, Postgres>,
+    line: &mut LockedLine,
+) -> Result<f64, sqlx::Error> {
+    let (expired, since_refill): (i64, f64) = sqlx::query_as(
+        "WITH expired AS (
+             UPDATE tokens SET status = 'EXPIRED', end_time = statement_timestamp()
+              WHERE concert_id = $1 AND status = 'ACTIVE' AND expire_time <= statement_timestamp()
+             RETURNING 1)
+         SELECT (SELECT count(*) FROM expired),
+                greatest(extract(epoch FROM clock_timestamp() - rate_updated_at)::float8, 0)
+           FROM lines WHERE concert_id = $1",
+    )
+    .bind(&line.concert_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    line.active_count -= expired;
+    Ok(since_refill)
+}
+
+/// Refills the rate bucket, admits the next WAITING fans in place order within both bounds
+/// and saves the line. Returns how many fans were admitted.
+async fn admit(
+    tx: &mut Transaction<'_, Postgres>,
+    policy: &AdmissionPolicy,
+    line: &mut LockedLine,
+    since_refill: f64,
+) -> Result<i64, sqlx::Error> {
+    // Token bucket: refill at admit_rate per second, never above one tick's worth.
+    let allowance = (line.rate_allowance + policy.admit_rate * since_refill).min(policy.burst);
+    let free_slots = (policy.max_active - line.active_count).max(0);
+    let budget = free_slots.min(allowance.floor() as i64);
+
+    let mut admitted = 0;
+    if budget > 0 {
+        // The next WAITING fans by place. Their rows are locked in place order; the heartbeat
+        // flush takes token rows with SKIP LOCKED, so it can never wait on us in a cycle.
+        let places: Vec<i64> = sqlx::query_scalar(
+            "WITH next AS (
+                 SELECT token FROM tokens
+                  WHERE concert_id = $1 AND status = 'WAITING'
+                  ORDER BY place LIMIT $2
+                  FOR UPDATE)
+             UPDATE tokens t
+                SET status = 'ACTIVE',
+                    admit_time = statement_timestamp(),
+                    expire_time = statement_timestamp() + make_interval(secs => $3)
+               FROM next WHERE t.token = next.token
+             RETURNING t.place",
+        )
+        .bind(&line.concert_id)
+        .bind(budget)
+        .bind(policy.active_ttl.as_secs_f64())
+        .fetch_all(&mut **tx)
+        .await?;
+        admitted = places.len() as i64;
+        line.admitted_through = if admitted < budget {
+            // Fewer WAITING fans than the budget: nobody is left in line, every place up to
+            // the newest was admitted or skipped.
+            line.last_place
+        } else {
+            places.iter().copied().max().unwrap_or(line.admitted_through)
+        };
+        line.active_count += admitted;
+        line.admitted_total += admitted;
+    }
+    line.rate_allowance = allowance - admitted as f64;
+
+    sqlx::query(
+        "UPDATE lines
+            SET last_place = $2, admitted_through = $3, active_count = $4,
+                admitted_total = $5, rate_allowance = $6,
+                rate_updated_at = rate_updated_at + make_interval(secs => $7)
+          WHERE concert_id = $1",
+    )
+    .bind(&line.concert_id)
+    .bind(line.last_place)
+    .bind(line.admitted_through)
+    .bind(line.active_count as i32)
+    .bind(line.admitted_total)
+    .bind(line.rate_allowance)
+    .bind(since_refill)
+    .execute(&mut **tx)
+    .await?;
+    Ok(admitted)
+}
+
+/// Issues tokens to a batch of fans of one concert in one transaction: fans who already hold
+/// a live token get it back, the others get the next places in arrival order, then admission
+/// runs at once. Batching is what lets IssueToken pass the one-row-per-transaction limit of
+/// the hot `lines` row: one lock, one insert, many fans.
+///
+/// Returns one ticket per distinct user, in no particular order.
+pub async fn issue_batch(
+    pool: &PgPool,
+    policy: &AdmissionPolicy,
+    concert_id: &str,
+    user_ids: &[String],
+) -> Result<Vec<Ticket>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut line = lock_or_create_line(&mut tx, policy, concert_id).await?;
+
+    // Under the line lock nobody else can insert a token for this concert, so checking for
+    // live tokens and then inserting is race-free (the partial unique index backs it anyway).
+    // Windows that passed are expired first so their fans get a new token, not a dead one.
+    let since_refill = expire_windows(&mut tx, &mut line).await?;
+    let live: Vec<String> = sqlx::query_scalar(
+        "SELECT user_id FROM tokens
+          WHERE concert_id = $1 AND user_id = ANY($2) AND status IN ('WAITING', 'ACTIVE')",
+    )
+    .bind(concert_id)
+    .bind(user_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+
+    let mut new_users: Vec<&str> = Vec::with_capacity(user_ids.len());
+    for user in user_ids {
+        if !live.contains(user) && !new_users.contains(&user.as_str()) {
+            new_users.push(user);
+        }
+    }
+    if !new_users.is_empty() {
+        let tokens: Vec<Uuid> = new_users.iter().map(|_| Uuid::new_v4()).collect();
+        let places: Vec<i64> = (1..=new_users.len() as i64)
+            .map(|offset| line.last_place + offset)
+            .collect();
+        sqlx::query(
+            "INSERT INTO tokens (token, concert_id, user_id, place, status)
+             SELECT token, $1, user_id, place, 'WAITING'
+               FROM unnest($2::uuid[], $3::text[], $4::int8[]) AS fan(token, user_id, place)",
+        )
+        .bind(concert_id)
+        .bind(&tokens)
+        .bind(&new_users)
+        .bind(&places)
+        .execute(&mut *tx)
+        .await?;
+        line.last_place += new_users.len() as i64;
+    }
+    admit(&mut tx, policy, &mut line, since_refill).await?;
+
+    let rows: Vec<TicketRow> = sqlx::query_as(&format!(
+        "{TICKET_SELECT}
+          WHERE t.concert_id = $1 AND t.user_id = ANY($2) AND t.status IN ('WAITING', 'ACTIVE')"
+    ))
+    .bind(concert_id)
+    .bind(user_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| row.into_ticket(policy.heartbeat_every))
+        .collect())
+}
+
+/// Marks an ACTIVE token DONE and gives its slot to the next fan in the same transaction.
+/// Returns the token's final status (DONE, or EXPIRED when its window had passed).
+pub async fn complete(
+    pool: &PgPool,
+    policy: &AdmissionPolicy,
+    token: Uuid,
+) -> Result<TokenStatus, QueueError> {
+    let Some(ticket) = read_ticket(pool, policy, token).await? else {
+        return Err(QueueError::TokenNotFound);
+    };
+    match ticket.status {
+        TokenStatus::Waiting => return Err(QueueError::TokenNotActive(TokenStatus::Waiting)),
+        // Already ended: completing again changes nothing.
+        TokenStatus::Done | TokenStatus::Expired => return Ok(ticket.status),
+        TokenStatus::Active => {}
+    }
+
+    let mut tx = pool.begin().await?;
+    let mut line = lock_line(&mut tx, &ticket.concert_id, false)
+        .await?
+        .ok_or(QueueError::TokenNotFound)?;
+    // Conditional on still being ACTIVE inside its window: a concurrent CompleteToken or the
+    // expiry sweeper may have ended it between our read and the lock.
+    let completed = sqlx::query(
+        "UPDATE tokens SET status = 'DONE', end_time = statement_timestamp()
+          WHERE token = $1 AND status = 'ACTIVE' AND expire_time > statement_timestamp()",
+    )
+    .bind(token)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    line.active_count -= completed as i64;
+    // The freed slot goes to the next fan now, not at the next tick.
+    advance(&mut tx, policy, &mut line).await?;
+    let status: String = sqlx::query_scalar("SELECT status FROM tokens WHERE token = $1")
+        .bind(token)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(TokenStatus::from_db(&status))
+}
+
+/// One background tick for one line: expire ghosts (WAITING fans who stopped polling), expire
+/// passed windows, admit. Skips the line when another replica is working on it right now.
+/// Returns how many fans were admitted.
+pub async fn sweep_and_admit(
+    pool: &PgPool,
+    policy: &AdmissionPolicy,
+    concert_id: &str,
+) -> Result<i64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let Some(mut line) = lock_line(&mut tx, concert_id, true).await? else {
+        return Ok(0);
+    };
+    // Ghosts don't hold a slot, so no counter changes; admission simply skips them.
+    sqlx::query(
+        "UPDATE tokens SET status = 'EXPIRED', end_time = statement_timestamp()
+          WHERE token IN (
+                SELECT token FROM tokens
+                 WHERE concert_id = $1 AND status = 'WAITING'
+                   AND last_seen < statement_timestamp() - make_interval(secs => $2)
+                 ORDER BY last_seen LIMIT $3
+                 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(concert_id)
+    .bind(policy.idle_ttl.as_secs_f64())
+    .bind(IDLE_SWEEP_BATCH)
+    .execute(&mut *tx)
+    .await?;
+    let admitted = advance(&mut tx, policy, &mut line).await?;
+    tx.commit().await?;
+    Ok(admitted)
+}
+
+/// Lines with fans waiting or ACTIVE: the ones background ticks must visit.
+pub async fn busy_lines(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT concert_id FROM lines WHERE last_place > admitted_through OR active_count > 0",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// A line's counters as seen by a replica's board.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LineCounters {
+    pub admitted_through: i64,
+    pub admitted_total: i64,
+    pub active_count: i64,
+}
+
+/// Counters of the busy lines and of `watched` ones, for the board's refresh.
+pub async fn line_counters(
+    pool: &PgPool,
+    watched: &[String],
+) -> Result<Vec<(String, LineCounters)>, sqlx::Error> {
+    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT concert_id, admitted_through, admitted_total, active_count::int8
+           FROM lines
+          WHERE last_place > admitted_through OR active_count > 0 OR concert_id = ANY($1)",
+    )
+    .bind(watched)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(concert_id, admitted_through, admitted_total, active_count)| {
+            (
+                concert_id,
+                LineCounters {
+                    admitted_through,
+                    admitted_total,
+                    active_count,
+                },
+            )
+        })
+        .collect())
+}
+
+/// Refreshes `last_seen` of WAITING tokens that were polled or watched. SKIP LOCKED: a row
+/// locked right now is being admitted or expired, and this flush must never wait in a cycle
+/// with admission (see the lock order above).
+pub async fn touch(pool: &PgPool, tokens: &[Uuid]) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE tokens SET last_seen = statement_timestamp()
+          WHERE token IN (
+                SELECT token FROM tokens
+                 WHERE token = ANY($1) AND status = 'WAITING'
+                 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(tokens)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
