@@ -145,11 +145,12 @@ pub async fn ensure_database(admin_url: &str, database: &str) -> Result<(), Star
             url: redact(admin_url),
             source,
         })?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(database)
-        .fetch_one(&mut admin)
-        .await
-        .map_err(StartupError::Provision)?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(database)
+            .fetch_one(&mut admin)
+            .await
+            .map_err(StartupError::Provision)?;
     if !exists {
         let created = admin
             .execute(format!("CREATE DATABASE {}", quote_ident(database)).as_str())
@@ -181,7 +182,10 @@ pub async fn provision(admin: &PgPool, service: ServiceSchema) -> Result<(), Sta
          EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
          END $$"
     );
-    admin.execute(create_role.as_str()).await.map_err(StartupError::Provision)?;
+    admin
+        .execute(create_role.as_str())
+        .await
+        .map_err(StartupError::Provision)?;
     let create_schema = format!(
         "CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {role}",
         quote_ident(service.schema)
@@ -194,7 +198,11 @@ pub async fn provision(admin: &PgPool, service: ServiceSchema) -> Result<(), Sta
 }
 
 /// The URL of `service`'s own role on the cluster and database of `admin_url`.
-pub fn service_url(admin_url: &str, database: &str, service: ServiceSchema) -> Result<String, StartupError> {
+pub fn service_url(
+    admin_url: &str,
+    database: &str,
+    service: ServiceSchema,
+) -> Result<String, StartupError> {
     let options = PgConnectOptions::from_str(admin_url).map_err(StartupError::BadUrl)?;
     Ok(format!(
         "postgres://{}@{}:{}/{}",
@@ -231,7 +239,10 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact("postgres://u:secret@h:5432/d"), "postgres://u:***@h:5432/d");
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/d"),
+            "postgres://u:***@h:5432/d"
+        );
         assert_eq!(redact("postgres://u@h/d"), "postgres://u@h/d");
     }
 

@@ -47,7 +47,11 @@ impl ApiError {
     /// INTERNAL: something the client cannot fix. The details go to the log, not the client.
     pub fn internal(context: impl std::fmt::Display) -> Self {
         tracing::error!(%context, "internal error");
-        Self::new(Code::Internal, "INTERNAL", "internal error; it has been logged")
+        Self::new(
+            Code::Internal,
+            "INTERNAL",
+            "internal error; it has been logged",
+        )
     }
 
     /// Adds an ErrorInfo metadata entry (e.g. `field`, `status`, `seat_number`).
@@ -176,13 +180,19 @@ mod tests {
 
     #[test]
     fn status_carries_error_info_and_bad_request() {
-        let status: tonic::Status = ApiError::invalid_field("user_id", "user_id must not be empty").into();
+        let status: tonic::Status =
+            ApiError::invalid_field("user_id", "user_id must not be empty").into();
         assert_eq!(status.code(), Code::InvalidArgument);
         let info = status.get_details_error_info().expect("ErrorInfo attached");
         assert_eq!(info.reason, "INVALID_FIELD");
         assert_eq!(info.domain, DOMAIN);
-        assert_eq!(info.metadata.get("field").map(String::as_str), Some("user_id"));
-        let bad_request = status.get_details_bad_request().expect("BadRequest attached");
+        assert_eq!(
+            info.metadata.get("field").map(String::as_str),
+            Some("user_id")
+        );
+        let bad_request = status
+            .get_details_bad_request()
+            .expect("BadRequest attached");
         assert_eq!(bad_request.field_violations[0].field, "user_id");
     }
 

@@ -6,12 +6,7 @@ use std::{convert::Infallible, net::SocketAddr};
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{
-    body::Body,
-    server::NamedService,
-    service::RoutesBuilder,
-    transport::Server,
-};
+use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::Server};
 use tonic_health::ServingStatus;
 
 use crate::Shutdown;
@@ -64,7 +59,9 @@ impl GrpcServer {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for name in &service_names {
-            health.set_service_status(*name, ServingStatus::Serving).await;
+            health
+                .set_service_status(*name, ServingStatus::Serving)
+                .await;
         }
         // The empty name is the whole server, what `grpc_health_probe` asks by default.
         health.set_service_status("", ServingStatus::Serving).await;
@@ -89,9 +86,13 @@ impl GrpcServer {
             shutdown.wait().await;
             // Tell load balancers first, so they stop sending new calls our way.
             for name in &service_names {
-                health.set_service_status(*name, ServingStatus::NotServing).await;
+                health
+                    .set_service_status(*name, ServingStatus::NotServing)
+                    .await;
             }
-            health.set_service_status("", ServingStatus::NotServing).await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
         };
         Server::builder()
             .add_routes(routes.routes())
@@ -163,7 +164,9 @@ impl ServiceHandle {
     pub async fn wait(self) -> Result<(), tonic::transport::Error> {
         let served = match self.server.await {
             Ok(result) => result,
-            Err(join_error) if join_error.is_panic() => std::panic::resume_unwind(join_error.into_panic()),
+            Err(join_error) if join_error.is_panic() => {
+                std::panic::resume_unwind(join_error.into_panic())
+            }
             Err(_) => Ok(()),
         };
         for task in self.background {

@@ -11,12 +11,18 @@ pub const MAX_ID_LEN: usize = 64;
 /// logs and keys, so anything outside that set is refused rather than escaped everywhere.
 pub fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, ApiError> {
     if value.is_empty() {
-        return Err(ApiError::invalid_field(field, format!("{field} must not be empty")));
+        return Err(ApiError::invalid_field(
+            field,
+            format!("{field} must not be empty"),
+        ));
     }
     if value.len() > MAX_ID_LEN {
         return Err(ApiError::invalid_field(
             field,
-            format!("{field} must be at most {MAX_ID_LEN} characters, got {}", value.len()),
+            format!(
+                "{field} must be at most {MAX_ID_LEN} characters, got {}",
+                value.len()
+            ),
         ));
     }
     if let Some(bad) = value

@@ -29,7 +29,9 @@ impl TestDatabase {
         let name = format!("stagedoor_test_{}", uuid::Uuid::new_v4().simple());
         db::ensure_database(&admin_url, &name)
             .await
-            .unwrap_or_else(|error| panic!("cannot create test database (is Postgres up?): {error}"));
+            .unwrap_or_else(|error| {
+                panic!("cannot create test database (is Postgres up?): {error}")
+            });
         let database = Self { name, admin_url };
         let admin = database.admin().await;
         for service in db::ALL_SERVICES {
@@ -87,8 +89,11 @@ impl Drop for TestDatabase {
                 // FORCE closes the connections of services the test left running.
                 admin
                     .execute(
-                        format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", db::quote_ident(&name))
-                            .as_str(),
+                        format!(
+                            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                            db::quote_ident(&name)
+                        )
+                        .as_str(),
                     )
                     .await
                     .map(|_| ())
@@ -96,7 +101,10 @@ impl Drop for TestDatabase {
         })
         .join();
         if let Ok(Err(error)) = dropped {
-            eprintln!("warning: test database {} was not dropped: {error}", self.name);
+            eprintln!(
+                "warning: test database {} was not dropped: {error}",
+                self.name
+            );
         }
     }
 }

@@ -30,7 +30,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 const BOARD_REFRESH: Duration = Duration::from_millis(100);
 
 /// Connects, migrates and starts serving on `listener`.
-pub async fn start(config: QueueConfig, listener: TcpListener) -> Result<ServiceHandle, StartupError> {
+pub async fn start(
+    config: QueueConfig,
+    listener: TcpListener,
+) -> Result<ServiceHandle, StartupError> {
     let pool = db::connect(&PoolConfig {
         url: config.database_url.clone(),
         schema: db::QUEUE.schema,
@@ -61,7 +64,8 @@ pub async fn start(config: QueueConfig, listener: TcpListener) -> Result<Service
         let (heartbeats, pool, shutdown) = (heartbeats.clone(), pool.clone(), trigger.subscribe());
         // Flush several times per heartbeat period so a noted fan is written long before
         // the sweeper could take it for a ghost.
-        let period = (policy.heartbeat_every / 4).clamp(Duration::from_millis(50), Duration::from_secs(2));
+        let period =
+            (policy.heartbeat_every / 4).clamp(Duration::from_millis(50), Duration::from_secs(2));
         async move { heartbeats.run_flusher(pool, period, shutdown).await }
     }));
 
@@ -73,7 +77,9 @@ pub async fn start(config: QueueConfig, listener: TcpListener) -> Result<Service
         heartbeats,
         shutdown: shutdown.clone(),
     });
-    let local_addr = listener.local_addr().map_err(|error| StartupError::Provision(error.into()))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|error| StartupError::Provision(error.into()))?;
     let server = GrpcServer::new()
         .add_service(QueueServiceServer::new(api.clone()))
         .add_service(QueueInternalServiceServer::new(api));

@@ -69,7 +69,10 @@ async fn run(mut receiver: mpsc::Receiver<IssueRequest>, pool: PgPool, policy: A
         // each concert, which is what FIFO means.
         let mut by_concert: Vec<(String, Vec<IssueRequest>)> = Vec::new();
         for request in batch.drain(..) {
-            match by_concert.iter_mut().find(|(concert, _)| *concert == request.concert_id) {
+            match by_concert
+                .iter_mut()
+                .find(|(concert, _)| *concert == request.concert_id)
+            {
                 Some((_, requests)) => requests.push(request),
                 None => by_concert.push((request.concert_id.clone(), vec![request])),
             }

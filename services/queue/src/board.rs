@@ -73,10 +73,12 @@ impl LineBoard {
         let mut lines = self.lines.lock().expect("board poisoned");
         let mut present = Vec::with_capacity(rows.len());
         for (concert_id, counters) in rows {
-            let entry = lines.entry(concert_id.clone()).or_insert_with(|| LineEntry {
-                counters: watch::channel(counters).0,
-                samples: VecDeque::new(),
-            });
+            let entry = lines
+                .entry(concert_id.clone())
+                .or_insert_with(|| LineEntry {
+                    counters: watch::channel(counters).0,
+                    samples: VecDeque::new(),
+                });
             entry.counters.send_if_modified(|current| {
                 let changed = *current != counters;
                 *current = counters;
@@ -135,7 +137,10 @@ mod tests {
         let start = Instant::now();
         board.apply(start, vec![("c".into(), counters(0))]);
         assert_eq!(board.admission_rate("c"), None);
-        board.apply(start + Duration::from_secs(2), vec![("c".into(), counters(100))]);
+        board.apply(
+            start + Duration::from_secs(2),
+            vec![("c".into(), counters(100))],
+        );
         assert_eq!(board.admission_rate("c"), Some(50.0));
     }
 

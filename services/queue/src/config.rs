@@ -18,7 +18,11 @@ const DEFAULT_TICK: &str = "100ms";
 
 /// Settings of one queue service process.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "stagedoor-queue", version, about = "stagedoor's waiting room (gRPC)")]
+#[command(
+    name = "stagedoor-queue",
+    version,
+    about = "stagedoor's waiting room (gRPC)"
+)]
 pub struct QueueConfig {
     /// Address the gRPC server listens on.
     #[arg(long, env = "LISTEN_ADDR", default_value = DEFAULT_LISTEN_ADDR)]
@@ -81,7 +85,9 @@ impl QueueConfig {
             return Err("QUEUE_ADMIT_RATE must be at least 1".into());
         }
         if self.tick.is_zero() || self.active_ttl.is_zero() || self.idle_ttl.is_zero() {
-            return Err("QUEUE_TICK, QUEUE_ACTIVE_TTL and QUEUE_IDLE_TTL must be above zero".into());
+            return Err(
+                "QUEUE_TICK, QUEUE_ACTIVE_TTL and QUEUE_IDLE_TTL must be above zero".into(),
+            );
         }
         Ok(())
     }

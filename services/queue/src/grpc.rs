@@ -186,7 +186,11 @@ async fn watch(
         // re-read notices (ACTIVE watchers are few, and must not read on every admission).
         let waiting = ticket.status == TokenStatus::Waiting;
         let pause = tokio::time::sleep(update_interval(ticket.position()));
-        let recheck = if waiting { state.policy.heartbeat_every } else { ACTIVE_RECHECK };
+        let recheck = if waiting {
+            state.policy.heartbeat_every
+        } else {
+            ACTIVE_RECHECK
+        };
         tokio::select! {
             _ = &mut stopped => {
                 let _ = sender.send(Err(Status::unavailable("the queue service is shutting down; watch again"))).await;
@@ -222,11 +226,13 @@ async fn watch(
 /// Time left in an ACTIVE window (a long time for any other status).
 fn window_end(ticket: &Ticket) -> Duration {
     match (ticket.status, ticket.expire_time) {
-        (TokenStatus::Active, Some(end)) => (end - chrono::Utc::now())
+        (TokenStatus::Active, Some(end)) => {
+            (end - chrono::Utc::now())
             .to_std()
             .unwrap_or(Duration::ZERO)
             // A little past the end, so the database agrees the window has passed.
-            + Duration::from_millis(20),
+            + Duration::from_millis(20)
+        }
         _ => Duration::from_secs(24 * 3600),
     }
 }

@@ -25,7 +25,10 @@ const FLUSH_CHUNK: usize = 10_000;
 impl Heartbeats {
     /// Notes that a WAITING token's fan is still there.
     pub fn seen(&self, token: Uuid) {
-        self.pending.lock().expect("heartbeat set poisoned").insert(token);
+        self.pending
+            .lock()
+            .expect("heartbeat set poisoned")
+            .insert(token);
     }
 
     fn take(&self) -> Vec<Uuid> {

@@ -262,7 +262,11 @@ async fn admit(
             // the newest was admitted or skipped.
             line.last_place
         } else {
-            places.iter().copied().max().unwrap_or(line.admitted_through)
+            places
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(line.admitted_through)
         };
         line.active_count += admitted;
         line.admitted_total += admitted;
@@ -463,16 +467,18 @@ pub async fn line_counters(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(concert_id, admitted_through, admitted_total, active_count)| {
-            (
-                concert_id,
-                LineCounters {
-                    admitted_through,
-                    admitted_total,
-                    active_count,
-                },
-            )
-        })
+        .map(
+            |(concert_id, admitted_through, admitted_total, active_count)| {
+                (
+                    concert_id,
+                    LineCounters {
+                        admitted_through,
+                        admitted_total,
+                        active_count,
+                    },
+                )
+            },
+        )
         .collect())
 }
 

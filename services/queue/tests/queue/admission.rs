@@ -1,0 +1,217 @@
+use std::{
+    collections::HashSet,
+    sync::{
+        atomic::{AtomicBool, AtomicI64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use stagedoor_proto::queue::v1 as pb;
+use stagedoor_testkit::TestDatabase;
+
+use crate::{config, start};
+
+/// 2,000 fans rush one concert through TWO queue replicas on one database while a third party
+/// keeps completing ACTIVE tokens, and a sampler watches the ACTIVE count the whole time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rush_over_two_replicas_keeps_the_line_exact() {
+    const FANS: usize = 2_000;
+    const CAP: i64 = 50;
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.max_active = CAP as u32;
+    let replicas = [start(settings.clone()).await, start(settings).await];
+    let admin = database.admin().await;
+
+    // The sampler: ACTIVE rows as Postgres sees them, as often as it can while the race runs.
+    let racing = Arc::new(AtomicBool::new(true));
+    let highest_active = Arc::new(AtomicI64::new(0));
+    let samples = Arc::new(AtomicI64::new(0));
+    let sampler = tokio::spawn({
+        let (admin, racing, highest, samples) = (
+            admin.clone(),
+            racing.clone(),
+            highest_active.clone(),
+            samples.clone(),
+        );
+        async move {
+            while racing.load(Ordering::Relaxed) {
+                let active: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM queue.tokens WHERE status = 'ACTIVE' AND concert_id = 'rush'",
+                )
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+                highest.fetch_max(active, Ordering::Relaxed);
+                samples.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+
+    // Fans who got in finish (pay) while others are still arriving, so admission keeps
+    // moving on both replicas during the race.
+    let completer = tokio::spawn({
+        let (admin, racing) = (admin.clone(), racing.clone());
+        let internals = [replicas[0].internal.clone(), replicas[1].internal.clone()];
+        async move {
+            let mut completed = 0usize;
+            while racing.load(Ordering::Relaxed) {
+                let active: Vec<uuid::Uuid> = sqlx::query_scalar(
+                    "SELECT token FROM queue.tokens WHERE status = 'ACTIVE' AND concert_id = 'rush' LIMIT 10",
+                )
+                .fetch_all(&admin)
+                .await
+                .unwrap();
+                for token in active {
+                    let mut internal = internals[completed % 2].clone();
+                    let status = internal
+                        .complete_token(pb::CompleteTokenRequest {
+                            token: token.to_string(),
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .status();
+                    assert_eq!(status, pb::TokenStatus::Done);
+                    completed += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            completed
+        }
+    });
+
+    let mut calls = Vec::with_capacity(FANS);
+    for fan in 0..FANS {
+        let mut client = replicas[fan % 2].public.clone();
+        calls.push(tokio::spawn(async move {
+            client
+                .issue_token(pb::IssueTokenRequest {
+                    concert_id: "rush".into(),
+                    user_id: format!("fan-{fan}"),
+                })
+                .await
+                .map(|response| response.into_inner().ticket.unwrap())
+        }));
+    }
+    let mut tickets = Vec::with_capacity(FANS);
+    for call in calls {
+        tickets.push(
+            call.await
+                .unwrap()
+                .expect("IssueToken succeeds under the rush"),
+        );
+    }
+    // Let admission and completion run on for a moment after the last arrival.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    racing.store(false, Ordering::Relaxed);
+    sampler.await.unwrap();
+    let completed = completer.await.unwrap();
+
+    // Every token distinct; places exactly 1..=FANS, no gap, no duplicate.
+    let tokens: HashSet<&str> = tickets.iter().map(|t| t.token.as_str()).collect();
+    assert_eq!(tokens.len(), FANS);
+    let mut places: Vec<i64> = tickets.iter().map(|t| t.place).collect();
+    places.sort_unstable();
+    assert_eq!(places, (1..=FANS as i64).collect::<Vec<_>>());
+
+    // Never above the cap, at any sampled instant.
+    let highest = highest_active.load(Ordering::Relaxed);
+    assert!(
+        samples.load(Ordering::Relaxed) > 10,
+        "the sampler must really sample"
+    );
+    assert!(
+        highest <= CAP,
+        "{highest} tokens were ACTIVE at once with a cap of {CAP}"
+    );
+    assert!(
+        completed > 0,
+        "completions must have freed slots during the race"
+    );
+
+    // FIFO: everyone admitted so far holds the lowest places, and admission times follow
+    // places (no fan was admitted before a fan ahead of them).
+    let admitted: Vec<(i64, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT place, admit_time FROM queue.tokens
+          WHERE concert_id = 'rush' AND admit_time IS NOT NULL ORDER BY place",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert!(admitted.len() as i64 >= completed as i64);
+    for (index, (place, _)) in admitted.iter().enumerate() {
+        assert_eq!(*place, index as i64 + 1, "admission skipped a waiting fan");
+    }
+    for pair in admitted.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].1,
+            "place {} was admitted after place {}",
+            pair[0].0,
+            pair[1].0
+        );
+    }
+
+    // The line's counter agrees with the rows.
+    let (counter, rows): (i32, i64) = sqlx::query_as(
+        "SELECT active_count, (SELECT count(*) FROM queue.tokens WHERE status = 'ACTIVE' AND concert_id = 'rush')
+           FROM queue.lines WHERE concert_id = 'rush'",
+    )
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!(i64::from(counter), rows);
+    admin.close().await;
+}
+
+/// With a large cap and a rate of R per second, admissions over any one-second window stay
+/// within R plus one tick's worth (the token bucket's size).
+#[tokio::test]
+async fn admission_rate_is_bounded() {
+    const RATE: u32 = 20;
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.max_active = 10_000;
+    settings.admit_rate = RATE;
+    settings.tick = Duration::from_millis(100);
+    let burst = settings.admit_burst();
+    let queue = start(settings).await;
+
+    for fan in 0..200 {
+        queue.issue("slow", &format!("fan-{fan}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+
+    let admin = database.admin().await;
+    let admit_times: Vec<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT admit_time FROM queue.tokens WHERE admit_time IS NOT NULL ORDER BY admit_time",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+
+    // It admits at all: at least one second's worth in two and a half seconds.
+    assert!(
+        admit_times.len() >= RATE as usize,
+        "only {} admitted",
+        admit_times.len()
+    );
+    let limit = f64::from(RATE) + burst.ceil();
+    for (index, start) in admit_times.iter().enumerate() {
+        let window_end = *start + chrono::Duration::seconds(1);
+        let in_window = admit_times[index..]
+            .iter()
+            .take_while(|at| **at < window_end)
+            .count();
+        assert!(
+            in_window as f64 <= limit,
+            "{in_window} admitted within one second of {start}, limit {limit}"
+        );
+    }
+    // And over the whole run: no more than R per second plus one bucket.
+    let span = (*admit_times.last().unwrap() - admit_times[0]).as_seconds_f64();
+    assert!(admit_times.len() as f64 <= f64::from(RATE) * span + limit);
+}

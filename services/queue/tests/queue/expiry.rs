@@ -1,0 +1,135 @@
+use std::time::Duration;
+
+use stagedoor_proto::queue::v1 as pb;
+use stagedoor_runtime::time::from_timestamp;
+use stagedoor_testkit::TestDatabase;
+use tonic::Code;
+
+use crate::{config, reason, start};
+
+#[tokio::test]
+async fn an_active_window_ends_and_the_next_fan_gets_in() {
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.max_active = 1;
+    settings.active_ttl = Duration::from_millis(800);
+    let queue = start(settings).await;
+
+    let first = queue.issue("c", "first").await;
+    let second = queue.issue("c", "second").await;
+    assert_eq!(first.status(), pb::TokenStatus::Active);
+    assert_eq!(second.status(), pb::TokenStatus::Waiting);
+
+    // `second` keeps polling (which keeps it alive) until it is admitted.
+    let admitted = queue
+        .wait_for(
+            &second.token,
+            pb::TokenStatus::Active,
+            Duration::from_secs(5),
+        )
+        .await;
+    let expired = queue.status(&first.token).await;
+    assert_eq!(expired.status(), pb::TokenStatus::Expired);
+
+    // The window is exact: ValidateToken refuses the expired token...
+    let refused = queue.validate(&first.token).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&refused), "TOKEN_NOT_ACTIVE");
+    // ...and the slot went to the next fan right after the window ended (within a few ticks).
+    let window_end = from_timestamp(&expired.expire_time.unwrap()).unwrap();
+    let admit_time = from_timestamp(&admitted.admit_time.unwrap()).unwrap();
+    assert!(admit_time >= window_end);
+    assert!(admit_time - window_end < chrono::Duration::milliseconds(500));
+
+    // A fan whose token expired enters again at the back with a new token.
+    let again = queue.issue("c", "first").await;
+    assert_ne!(again.token, first.token);
+    assert_eq!(again.place, 3);
+}
+
+#[tokio::test]
+async fn a_waiting_fan_who_stops_polling_expires() {
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.max_active = 1;
+    settings.idle_ttl = Duration::from_millis(600);
+    let queue = start(settings).await;
+
+    let holder = queue.issue("c", "holder").await; // ACTIVE, holds the only slot
+    let ghost = queue.issue("c", "ghost").await; // never polls again
+    let patient = queue.issue("c", "patient").await; // polls
+    assert_eq!(holder.status(), pb::TokenStatus::Active);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline {
+        assert_eq!(
+            queue.status(&patient.token).await.status(),
+            pb::TokenStatus::Waiting
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        queue.status(&ghost.token).await.status(),
+        pb::TokenStatus::Expired
+    );
+
+    // When the slot frees, the patient fan is next: the ghost is skipped.
+    assert_eq!(
+        queue.complete(&holder.token).await.unwrap(),
+        pb::TokenStatus::Done
+    );
+    let admitted = queue.status(&patient.token).await;
+    assert_eq!(
+        admitted.status(),
+        pb::TokenStatus::Active,
+        "admitted at once, not at the next tick"
+    );
+}
+
+#[tokio::test]
+async fn complete_token_frees_the_slot_at_once_and_is_idempotent() {
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.max_active = 1;
+    // A slow tick: the next fan must be admitted by CompleteToken itself, not by the loop.
+    settings.tick = Duration::from_secs(60);
+    let queue = start(settings).await;
+
+    let paying = queue.issue("c", "paying").await;
+    let next = queue.issue("c", "next").await;
+    assert_eq!(next.status(), pb::TokenStatus::Waiting);
+
+    // A WAITING token cannot be completed, and trying changes nothing.
+    let refused = queue.complete(&next.token).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&refused), "TOKEN_NOT_ACTIVE");
+    assert_eq!(
+        queue.status(&next.token).await.status(),
+        pb::TokenStatus::Waiting
+    );
+
+    assert_eq!(
+        queue.complete(&paying.token).await.unwrap(),
+        pb::TokenStatus::Done
+    );
+    assert_eq!(
+        queue.status(&next.token).await.status(),
+        pb::TokenStatus::Active
+    );
+    // Twice is fine and frees nothing more.
+    assert_eq!(
+        queue.complete(&paying.token).await.unwrap(),
+        pb::TokenStatus::Done
+    );
+    let validated = queue.validate(&paying.token).await.unwrap_err();
+    assert_eq!(reason(&validated), "TOKEN_NOT_ACTIVE");
+
+    let admin = database.admin().await;
+    let active: i32 =
+        sqlx::query_scalar("SELECT active_count FROM queue.lines WHERE concert_id = 'c'")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    assert_eq!(active, 1);
+    admin.close().await;
+}

@@ -1,0 +1,74 @@
+use std::collections::HashSet;
+
+use stagedoor_proto::queue::v1 as pb;
+use stagedoor_testkit::TestDatabase;
+
+use crate::{config, start};
+
+#[tokio::test]
+async fn the_same_fan_gets_the_same_token_and_place() {
+    let database = TestDatabase::create().await;
+    let queue = start(config(&database)).await;
+
+    let first = queue.issue("concert-1", "fan-a").await;
+    let again = queue.issue("concert-1", "fan-a").await;
+    assert_eq!(first.token, again.token);
+    assert_eq!(first.place, again.place);
+    assert_eq!(first.place, 1);
+    assert_eq!(first.concert_id, "concert-1");
+    assert_eq!(first.user_id, "fan-a");
+    assert!(first.create_time.is_some());
+
+    // Other fans get distinct, strictly increasing places.
+    let mut last_place = first.place;
+    let mut tokens = HashSet::from([first.token.clone()]);
+    for fan in ["fan-b", "fan-c", "fan-d"] {
+        let ticket = queue.issue("concert-1", fan).await;
+        assert!(
+            ticket.place > last_place,
+            "{fan} got place {} after {last_place}",
+            ticket.place
+        );
+        assert!(tokens.insert(ticket.token));
+        last_place = ticket.place;
+    }
+
+    // Each concert has a line of its own.
+    let elsewhere = queue.issue("concert-2", "fan-a").await;
+    assert_eq!(elsewhere.place, 1);
+    assert_ne!(elsewhere.token, first.token);
+}
+
+#[tokio::test]
+async fn position_counts_the_fans_ahead() {
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.max_active = 2;
+    let queue = start(settings).await;
+
+    let mut tickets = Vec::new();
+    for fan in 0..5 {
+        tickets.push(queue.issue("c", &format!("fan-{fan}")).await);
+    }
+    let statuses: Vec<pb::QueueTicket> = {
+        let mut statuses = Vec::new();
+        for ticket in &tickets {
+            statuses.push(queue.status(&ticket.token).await);
+        }
+        statuses
+    };
+    let summary: Vec<(pb::TokenStatus, i64)> =
+        statuses.iter().map(|t| (t.status(), t.position)).collect();
+    assert_eq!(
+        summary,
+        vec![
+            (pb::TokenStatus::Active, 0),
+            (pb::TokenStatus::Active, 0),
+            (pb::TokenStatus::Waiting, 0),
+            (pb::TokenStatus::Waiting, 1),
+            (pb::TokenStatus::Waiting, 2),
+        ]
+    );
+    assert!(statuses[0].expire_time.is_some() && statuses[0].admit_time.is_some());
+    assert!(statuses[2].expire_time.is_none() && statuses[2].admit_time.is_none());
+}

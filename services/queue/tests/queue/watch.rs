@@ -1,0 +1,106 @@
+use std::time::Duration;
+
+use stagedoor_proto::queue::v1 as pb;
+use stagedoor_testkit::TestDatabase;
+use tokio::time::timeout;
+
+use crate::{config, reason, start};
+
+/// The next message of a watch stream, within 5 seconds; `None` when the stream ended.
+async fn next(
+    stream: &mut tonic::Streaming<pb::WatchQueueStatusResponse>,
+) -> Option<pb::QueueTicket> {
+    timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a message within 5s")
+        .expect("no stream error")
+        .map(|message| message.ticket.unwrap())
+}
+
+#[tokio::test]
+async fn a_watcher_hears_of_its_admission_without_polling() {
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.max_active = 1;
+    let queue = start(settings).await;
+
+    let ahead = queue.issue("c", "ahead").await;
+    let watcher = queue.issue("c", "watcher").await;
+    let mut stream = queue
+        .public
+        .clone()
+        .watch_queue_status(pb::WatchQueueStatusRequest {
+            token: watcher.token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let first = next(&mut stream).await.unwrap();
+    assert_eq!(first.status(), pb::TokenStatus::Waiting);
+    assert_eq!(first.position, 0);
+
+    // The fan ahead pays: the watcher is told, with no GetQueueStatus from this test.
+    queue.complete(&ahead.token).await.unwrap();
+    let admitted = next(&mut stream).await.unwrap();
+    assert_eq!(admitted.status(), pb::TokenStatus::Active);
+    assert!(admitted.expire_time.is_some());
+
+    // Then the watcher pays: DONE is the last message and the stream ends.
+    queue.complete(&watcher.token).await.unwrap();
+    let done = next(&mut stream).await.unwrap();
+    assert_eq!(done.status(), pb::TokenStatus::Done);
+    assert!(
+        next(&mut stream).await.is_none(),
+        "the stream ends after a final status"
+    );
+}
+
+#[tokio::test]
+async fn watching_an_unknown_token_fails_the_call() {
+    let database = TestDatabase::create().await;
+    let queue = start(config(&database)).await;
+    let status = queue
+        .public
+        .clone()
+        .watch_queue_status(pb::WatchQueueStatusRequest {
+            token: uuid::Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    assert_eq!(reason(&status), "TOKEN_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_and_completes() {
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.max_active = 1;
+    let queue = start(settings).await;
+    queue.issue("c", "ahead").await;
+    let waiting = queue.issue("c", "waiting").await;
+    let mut stream = queue
+        .public
+        .clone()
+        .watch_queue_status(pb::WatchQueueStatusRequest {
+            token: waiting.token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+
+    // Graceful shutdown must not hang on a stream whose client never hangs up.
+    timeout(Duration::from_secs(10), queue.handle.shutdown())
+        .await
+        .expect("shutdown finishes")
+        .expect("server stops cleanly");
+    let ended = timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("stream ends");
+    match ended {
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable),
+        Ok(message) => assert!(message.is_none()),
+    }
+}
