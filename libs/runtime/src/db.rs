@@ -83,6 +83,12 @@ pub enum StartupError {
 
 /// Opens the service's pool. Every connection's `search_path` is the service's schema alone,
 /// so unqualified table names can only ever mean the service's own tables.
+///
+/// A note on plans, for every service: sqlx prepares each statement once per connection and
+/// Postgres settles on a generic plan after five runs. A plan chosen while a table was nearly
+/// empty survives the rush that fills it until autovacuum analyzes again, so a statement whose
+/// plan depends on table size must either have an index that matches it exactly or be sent
+/// unprepared (`.persistent(false)`, planned for its parameters every time).
 pub async fn connect(config: &PoolConfig) -> Result<PgPool, StartupError> {
     let options = PgConnectOptions::from_str(&config.url)
         .map_err(StartupError::BadUrl)?

@@ -39,9 +39,14 @@ CREATE TABLE tokens (
 );
 
 -- A fan has at most one live token per concert: IssueToken's idempotency, enforced.
+-- user_id leads so that a batch lookup (`user_id = ANY($2)`) is always an index condition:
+-- with concert_id first, a planner with no statistics yet (the first rush on a fresh
+-- table) scans every live token of the concert and filters, O(line length) per batch.
 CREATE UNIQUE INDEX tokens_one_live_per_fan
-    ON tokens (concert_id, user_id) WHERE status IN ('WAITING', 'ACTIVE');
--- Admission takes the WAITING tokens in place order.
+    ON tokens (user_id, concert_id) WHERE status IN ('WAITING', 'ACTIVE');
+-- Admission takes the WAITING tokens in place order from the admission pointer on. It needs
+-- an index that matches exactly: without statistics (a fresh table in its first rush) the
+-- planner otherwise takes the last_seen index below and sorts the whole line.
 CREATE INDEX tokens_waiting_by_place ON tokens (concert_id, place) WHERE status = 'WAITING';
 -- Expiry of ACTIVE windows.
 CREATE INDEX tokens_active_by_expiry ON tokens (concert_id, expire_time) WHERE status = 'ACTIVE';

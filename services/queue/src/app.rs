@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use crate::{
     batcher::IssueBatcher,
     board::LineBoard,
+    cache::WaitingCache,
     config::QueueConfig,
     grpc::{QueueApi, QueueState},
     heartbeat::Heartbeats,
@@ -69,12 +70,15 @@ pub async fn start(
         async move { heartbeats.run_flusher(pool, period, shutdown).await }
     }));
 
+    // A cached WAITING ticket is re-read from Postgres after a quarter of the idle TTL.
+    let (policy_trust, heartbeat_every) = (policy.heartbeat_every, policy.heartbeat_every);
     let api = QueueApi::new(QueueState {
         pool,
         policy,
         batcher,
         board,
         heartbeats,
+        waiting: WaitingCache::new(policy_trust, heartbeat_every),
         shutdown: shutdown.clone(),
     });
     let local_addr = listener

@@ -24,6 +24,8 @@ const RATE_MIN_SPAN: Duration = Duration::from_secs(1);
 
 struct LineEntry {
     counters: watch::Sender<LineCounters>,
+    /// When the counters were last read from Postgres (`None`: never, only subscribed).
+    refreshed_at: Option<Instant>,
     /// (when, admitted_total) samples within RATE_WINDOW, oldest first.
     samples: VecDeque<(Instant, i64)>,
 }
@@ -42,6 +44,7 @@ impl LineBoard {
             .entry(concert_id.to_owned())
             .or_insert_with(|| LineEntry {
                 counters: watch::channel(LineCounters::default()).0,
+                refreshed_at: None,
                 samples: VecDeque::new(),
             })
             .counters
@@ -57,6 +60,21 @@ impl LineBoard {
         let (last_at, last_total) = *samples.back()?;
         let span = last_at.duration_since(first_at);
         (span >= RATE_MIN_SPAN).then(|| (last_total - first_total) as f64 / span.as_secs_f64())
+    }
+
+    /// The line's counters if they were read from Postgres within `max_age`; `None` when the
+    /// board has not seen the line lately (quiet line, or refreshes failing).
+    pub fn fresh_counters(&self, concert_id: &str, max_age: Duration) -> Option<LineCounters> {
+        let lines = self.lines.lock().expect("board poisoned");
+        let entry = lines.get(concert_id)?;
+        let fresh = entry.refreshed_at?.elapsed() <= max_age;
+        fresh.then(|| *entry.counters.borrow())
+    }
+
+    /// Records counters as if just read from Postgres (unit tests of the board's users).
+    #[cfg(test)]
+    pub(crate) fn observe_for_tests(&self, concert_id: &str, counters: LineCounters) {
+        self.apply(Instant::now(), vec![(concert_id.to_owned(), counters)]);
     }
 
     /// Lines someone is watching: refreshed even when idle, so a watcher sees the last change.
@@ -77,8 +95,10 @@ impl LineBoard {
                 .entry(concert_id.clone())
                 .or_insert_with(|| LineEntry {
                     counters: watch::channel(counters).0,
+                    refreshed_at: None,
                     samples: VecDeque::new(),
                 });
+            entry.refreshed_at = Some(now);
             entry.counters.send_if_modified(|current| {
                 let changed = *current != counters;
                 *current = counters;

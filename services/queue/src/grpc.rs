@@ -17,6 +17,7 @@ use uuid::Uuid;
 use crate::{
     batcher::IssueBatcher,
     board::LineBoard,
+    cache::WaitingCache,
     domain::{self, parse_token, QueueError, Ticket, TokenStatus},
     heartbeat::Heartbeats,
     store::{self, AdmissionPolicy},
@@ -29,6 +30,7 @@ pub struct QueueState {
     pub batcher: IssueBatcher,
     pub board: Arc<LineBoard>,
     pub heartbeats: Arc<Heartbeats>,
+    pub waiting: WaitingCache,
     pub shutdown: Shutdown,
 }
 
@@ -96,15 +98,10 @@ impl QueueService for QueueApi {
         let concert_id = validate::id("concert_id", &request.concert_id)?;
         let user_id = validate::id("user_id", &request.user_id)?;
 
-        // A refresh of a fan already in line needs no lock: read and return the live token.
-        let state = &self.state;
-        let ticket = match store::find_live_ticket(&state.pool, &state.policy, concert_id, user_id)
-            .await
-            .map_err(ApiError::from)?
-        {
-            Some(ticket) => ticket,
-            None => state.batcher.issue(concert_id, user_id).await?,
-        };
+        // New fans and refreshes alike go through the batch: it finds a live token under
+        // the line lock, so a refresh costs one slot in a shared transaction, not a query
+        // of its own.
+        let ticket = self.state.batcher.issue(concert_id, user_id).await?;
         self.keep_alive(&ticket);
         Ok(Response::new(pb::IssueTokenResponse {
             ticket: Some(self.to_proto(&ticket)),
@@ -115,7 +112,19 @@ impl QueueService for QueueApi {
         &self,
         request: Request<pb::GetQueueStatusRequest>,
     ) -> Result<Response<pb::GetQueueStatusResponse>, Status> {
-        let ticket = self.ticket(&request.into_inner().token).await?;
+        let token = parse_token(&request.into_inner().token)?;
+        let state = &self.state;
+        let ticket = match state.waiting.lookup(token, &state.board) {
+            Some(ticket) => ticket,
+            None => {
+                let ticket = store::read_ticket(&state.pool, &state.policy, token)
+                    .await
+                    .map_err(QueueError::from)?
+                    .ok_or(QueueError::TokenNotFound)?;
+                state.waiting.remember(&ticket);
+                ticket
+            }
+        };
         self.keep_alive(&ticket);
         Ok(Response::new(pb::GetQueueStatusResponse {
             ticket: Some(self.to_proto(&ticket)),

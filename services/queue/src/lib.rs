@@ -10,11 +10,13 @@
 //! - [`batcher`]: group commit of IssueToken under a rush.
 //! - [`board`]: each replica's view of busy lines (admission rate, stream notifications).
 //! - [`heartbeat`]: keeping polled tokens alive without a write per poll.
+//! - [`cache`]: answering polls of WAITING fans from memory.
 //! - [`grpc`]: the two gRPC services. [`app`]: wiring.
 
 pub mod app;
 pub mod batcher;
 pub mod board;
+pub mod cache;
 pub mod config;
 pub mod domain;
 pub mod grpc;

@@ -188,13 +188,14 @@ async fn lock_or_create_line(
 }
 
 /// Admission, with the line locked: expire passed windows, then admit (see [`admit`]).
+/// Returns how many fans were admitted.
 async fn advance(
     tx: &mut Transaction<'_, Postgres>,
     policy: &AdmissionPolicy,
     line: &mut LockedLine,
-) -> Result<i64, sqlx::Error> {
+) -> Result<usize, sqlx::Error> {
     let since_refill = expire_windows(tx, line).await?;
-    admit(tx, policy, line, since_refill).await
+    Ok(admit(tx, policy, line, since_refill).await?.len())
 }
 
 /// Expires the line's ACTIVE tokens whose window has passed (their slots are free for the
@@ -221,57 +222,70 @@ async fn expire_windows(
     Ok(since_refill)
 }
 
+/// A token admitted by [`admit`].
+#[derive(Debug, sqlx::FromRow)]
+struct Admitted {
+    token: Uuid,
+    place: i64,
+    admit_time: DateTime<Utc>,
+    expire_time: DateTime<Utc>,
+}
+
 /// Refills the rate bucket, admits the next WAITING fans in place order within both bounds
-/// and saves the line. Returns how many fans were admitted.
+/// and saves the line. Returns the fans admitted.
 async fn admit(
     tx: &mut Transaction<'_, Postgres>,
     policy: &AdmissionPolicy,
     line: &mut LockedLine,
     since_refill: f64,
-) -> Result<i64, sqlx::Error> {
+) -> Result<Vec<Admitted>, sqlx::Error> {
     // Token bucket: refill at admit_rate per second, never above one tick's worth.
     let allowance = (line.rate_allowance + policy.admit_rate * since_refill).min(policy.burst);
     let free_slots = (policy.max_active - line.active_count).max(0);
     let budget = free_slots.min(allowance.floor() as i64);
 
-    let mut admitted = 0;
+    let mut admitted = Vec::new();
     if budget > 0 {
-        // The next WAITING fans by place. Their rows are locked in place order; the heartbeat
-        // flush takes token rows with SKIP LOCKED, so it can never wait on us in a cycle.
-        let places: Vec<i64> = sqlx::query_scalar(
+        // The next WAITING fans by place, found from the admission pointer on through the
+        // (concert_id, place) index: everyone before it was admitted or skipped already.
+        // Their rows are locked in place order; the heartbeat flush takes token rows with
+        // SKIP LOCKED, so it can never wait on us in a cycle.
+        admitted = sqlx::query_as::<_, Admitted>(
             "WITH next AS (
                  SELECT token FROM tokens
-                  WHERE concert_id = $1 AND status = 'WAITING'
-                  ORDER BY place LIMIT $2
+                  WHERE concert_id = $1 AND place > $2 AND status = 'WAITING'
+                  ORDER BY place LIMIT $3
                   FOR UPDATE)
              UPDATE tokens t
                 SET status = 'ACTIVE',
                     admit_time = statement_timestamp(),
-                    expire_time = statement_timestamp() + make_interval(secs => $3)
+                    expire_time = statement_timestamp() + make_interval(secs => $4)
                FROM next WHERE t.token = next.token
-             RETURNING t.place",
+             RETURNING t.token, t.place, t.admit_time, t.expire_time",
         )
+        .persistent(false)
         .bind(&line.concert_id)
+        .bind(line.admitted_through)
         .bind(budget)
         .bind(policy.active_ttl.as_secs_f64())
         .fetch_all(&mut **tx)
         .await?;
-        admitted = places.len() as i64;
-        line.admitted_through = if admitted < budget {
+        let count = admitted.len() as i64;
+        line.admitted_through = if count < budget {
             // Fewer WAITING fans than the budget: nobody is left in line, every place up to
             // the newest was admitted or skipped.
             line.last_place
         } else {
-            places
+            admitted
                 .iter()
-                .copied()
+                .map(|fan| fan.place)
                 .max()
                 .unwrap_or(line.admitted_through)
         };
-        line.active_count += admitted;
-        line.admitted_total += admitted;
+        line.active_count += count;
+        line.admitted_total += count;
     }
-    line.rate_allowance = allowance - admitted as f64;
+    line.rate_allowance = allowance - admitted.len() as f64;
 
     sqlx::query(
         "UPDATE lines
@@ -311,18 +325,24 @@ pub async fn issue_batch(
     // live tokens and then inserting is race-free (the partial unique index backs it anyway).
     // Windows that passed are expired first so their fans get a new token, not a dead one.
     let since_refill = expire_windows(&mut tx, &mut line).await?;
-    let live: Vec<String> = sqlx::query_scalar(
-        "SELECT user_id FROM tokens
-          WHERE concert_id = $1 AND user_id = ANY($2) AND status IN ('WAITING', 'ACTIVE')",
-    )
+    let mut tickets: Vec<Ticket> = sqlx::query_as::<_, TicketRow>(&format!(
+        "{TICKET_SELECT}
+          WHERE t.user_id = ANY($2) AND t.concert_id = $1 AND t.status IN ('WAITING', 'ACTIVE')"
+    ))
+    // Planned for its actual batch every time (see stagedoor_runtime::db on plans).
+    .persistent(false)
     .bind(concert_id)
     .bind(user_ids)
     .fetch_all(&mut *tx)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|row| row.into_ticket(policy.heartbeat_every))
+    .collect();
 
     let mut new_users: Vec<&str> = Vec::with_capacity(user_ids.len());
     for user in user_ids {
-        if !live.contains(user) && !new_users.contains(&user.as_str()) {
+        let has_token = tickets.iter().any(|ticket| ticket.user_id == *user);
+        if !has_token && !new_users.contains(&user.as_str()) {
             new_users.push(user);
         }
     }
@@ -331,34 +351,56 @@ pub async fn issue_batch(
         let places: Vec<i64> = (1..=new_users.len() as i64)
             .map(|offset| line.last_place + offset)
             .collect();
-        sqlx::query(
-            "INSERT INTO tokens (token, concert_id, user_id, place, status)
-             SELECT token, $1, user_id, place, 'WAITING'
-               FROM unnest($2::uuid[], $3::text[], $4::int8[]) AS fan(token, user_id, place)",
+        let create_time: DateTime<Utc> = sqlx::query_scalar(
+            "WITH issued AS (
+                 INSERT INTO tokens (token, concert_id, user_id, place, status)
+                 SELECT token, $1, user_id, place, 'WAITING'
+                   FROM unnest($2::uuid[], $3::text[], $4::int8[]) AS fan(token, user_id, place)
+                 RETURNING create_time)
+             SELECT min(create_time) FROM issued",
         )
+        .persistent(false)
         .bind(concert_id)
         .bind(&tokens)
         .bind(&new_users)
         .bind(&places)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
         line.last_place += new_users.len() as i64;
+        tickets.extend(
+            new_users
+                .iter()
+                .zip(tokens)
+                .zip(places)
+                .map(|((user, token), place)| Ticket {
+                    token,
+                    concert_id: concert_id.to_owned(),
+                    user_id: (*user).to_owned(),
+                    place,
+                    status: TokenStatus::Waiting,
+                    create_time,
+                    admit_time: None,
+                    expire_time: None,
+                    admitted_through: 0,
+                    heartbeat_due: false,
+                }),
+        );
     }
-    admit(&mut tx, policy, &mut line, since_refill).await?;
-
-    let rows: Vec<TicketRow> = sqlx::query_as(&format!(
-        "{TICKET_SELECT}
-          WHERE t.concert_id = $1 AND t.user_id = ANY($2) AND t.status IN ('WAITING', 'ACTIVE')"
-    ))
-    .bind(concert_id)
-    .bind(user_ids)
-    .fetch_all(&mut *tx)
-    .await?;
+    let admitted = admit(&mut tx, policy, &mut line, since_refill).await?;
     tx.commit().await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| row.into_ticket(policy.heartbeat_every))
-        .collect())
+
+    // The batch's tickets as they stand after admission, built from what the statements
+    // returned rather than read back.
+    for ticket in &mut tickets {
+        ticket.admitted_through = line.admitted_through;
+        if let Some(fan) = admitted.iter().find(|fan| fan.token == ticket.token) {
+            ticket.status = TokenStatus::Active;
+            ticket.admit_time = Some(fan.admit_time);
+            ticket.expire_time = Some(fan.expire_time);
+            ticket.heartbeat_due = false;
+        }
+    }
+    Ok(tickets)
 }
 
 /// Marks an ACTIVE token DONE and gives its slot to the next fan in the same transaction.
@@ -425,6 +467,7 @@ pub async fn sweep_and_admit(
                  ORDER BY last_seen LIMIT $3
                  FOR UPDATE SKIP LOCKED)",
     )
+    .persistent(false)
     .bind(concert_id)
     .bind(policy.idle_ttl.as_secs_f64())
     .bind(IDLE_SWEEP_BATCH)
@@ -432,7 +475,7 @@ pub async fn sweep_and_admit(
     .await?;
     let admitted = advance(&mut tx, policy, &mut line).await?;
     tx.commit().await?;
-    Ok(admitted)
+    Ok(admitted as i64)
 }
 
 /// Lines with fans waiting or ACTIVE: the ones background ticks must visit.

@@ -1,0 +1,116 @@
+//! `stagedoor`: the command for people. `up` brings the services up against a local Postgres;
+//! `load` runs the benchmark scenarios.
+
+mod load;
+mod mesh;
+mod stats;
+
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use stagedoor_queue::QueueConfig;
+use stagedoor_runtime::{config::parse_duration, db, telemetry};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stagedoor",
+    version,
+    about = "stagedoor: a concert ticketing backend that survives the minute a sale opens"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Provision the database and run the services until Ctrl-C.
+    Up(UpArgs),
+    /// Run a benchmark scenario and print throughput and p50/p99.
+    Load {
+        #[command(subcommand)]
+        scenario: load::Scenario,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// Admin connection used to create the database, roles and schemas.
+    #[arg(long, env = "ADMIN_DATABASE_URL", default_value = mesh::DEFAULT_ADMIN_URL)]
+    admin_url: String,
+    /// The database the services share (each in its own schema, as its own role).
+    #[arg(long, default_value = "stagedoor")]
+    database: String,
+    /// Where the queue service listens.
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    queue_addr: SocketAddr,
+    /// Most tokens ACTIVE at once per concert.
+    #[arg(long, default_value_t = 1000)]
+    max_active: u32,
+    /// Most fans admitted per second per concert.
+    #[arg(long, default_value_t = 200)]
+    admit_rate: u32,
+    /// How long an admitted fan stays ACTIVE.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    active_ttl: Duration,
+    /// How long a WAITING fan may stay silent before the token expires.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    idle_ttl: Duration,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Up(args) => {
+            telemetry::init();
+            up(args).await
+        }
+        Command::Load { scenario } => {
+            telemetry::init();
+            load::run(scenario).await
+        }
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("stagedoor: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let database = mesh::Database::provision(&args.admin_url, &args.database)
+        .await
+        .map_err(|error| {
+            format!(
+                "{error}\n  stagedoor needs a PostgreSQL it can administer: start one on 127.0.0.1:5432 \
+                 (e.g. `pg_ctlcluster 15 main start`) or point ADMIN_DATABASE_URL at one."
+            )
+        })?;
+    let mut queue = QueueConfig::for_database(database.url(db::QUEUE));
+    queue.max_active = args.max_active;
+    queue.admit_rate = args.admit_rate;
+    queue.active_ttl = args.active_ttl;
+    queue.idle_ttl = args.idle_ttl;
+    queue.validate()?;
+    let service = mesh::start_queue(queue, args.queue_addr).await?;
+    let port = service.local_addr().port();
+
+    println!("stagedoor is up (database `{}`)", args.database);
+    println!(
+        "  queue    {}   (stagedoor.queue.v1.QueueService, QueueInternalService)",
+        service.url()
+    );
+    println!();
+    println!("Try it (buf curl reads the API from server reflection; no proto files needed):");
+    println!("  buf curl --protocol grpc --http2-prior-knowledge \\");
+    println!("    -d '{{\"concert_id\":\"demo\",\"user_id\":\"fan-1\"}}' \\");
+    println!("    http://127.0.0.1:{port}/stagedoor.queue.v1.QueueService/IssueToken");
+    println!();
+    println!("Ctrl-C stops it.");
+    service.run_until_os_signal().await?;
+    println!("stagedoor stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! Bringing services up in this process against a local Postgres: provisioning (database,
+//! roles, schemas) and start-up. Each service still serves real gRPC on its own port and
+//! talks to its peers over gRPC, with its own role and schema, exactly as when run apart.
+
+use std::{net::SocketAddr, str::FromStr};
+
+use sqlx::{postgres::PgConnectOptions, ConnectOptions, Executor};
+use stagedoor_queue::QueueConfig;
+use stagedoor_runtime::{
+    db::{self, StartupError},
+    server::{self, ServiceHandle},
+};
+
+/// Where the admin connection goes when `ADMIN_DATABASE_URL` is not set.
+pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A provisioned database: every service's role and schema exist in it.
+pub struct Database {
+    pub admin_url: String,
+    pub name: String,
+}
+
+impl Database {
+    /// Creates `name` when missing and provisions every service's role and schema in it.
+    pub async fn provision(admin_url: &str, name: &str) -> Result<Self, StartupError> {
+        db::ensure_database(admin_url, name).await?;
+        let options = PgConnectOptions::from_str(admin_url)
+            .map_err(StartupError::BadUrl)?
+            .database(name);
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .map_err(|source| StartupError::Connect {
+                url: db::redact(admin_url),
+                source,
+            })?;
+        for service in db::ALL_SERVICES {
+            db::provision(&admin, service).await?;
+        }
+        admin.close().await;
+        Ok(Self {
+            admin_url: admin_url.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// `DATABASE_URL` of a service's own role on this database.
+    pub fn url(&self, service: db::ServiceSchema) -> String {
+        db::service_url(&self.admin_url, &self.name, service).expect("admin URL was parsed before")
+    }
+
+    /// Drops the database (for throwaway load runs), closing whatever is still connected.
+    pub async fn drop_database(self) -> Result<(), sqlx::Error> {
+        let mut admin = PgConnectOptions::from_str(&self.admin_url)?
+            .connect()
+            .await?;
+        admin
+            .execute(
+                format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    db::quote_ident(&self.name)
+                )
+                .as_str(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Starts the queue service on `addr` (port 0 picks a free one).
+pub async fn start_queue(
+    config: QueueConfig,
+    addr: SocketAddr,
+) -> Result<ServiceHandle, Box<dyn std::error::Error>> {
+    let listener = server::bind(addr).await?;
+    Ok(stagedoor_queue::start(config, listener).await?)
+}

@@ -1,0 +1,197 @@
+//! Serving GetQueueStatus for WAITING fans from memory.
+//!
+//! Polling is the bulk of the queue's traffic: 100,000 fans asking every few seconds. A
+//! WAITING token's fields never change while it waits (token, fan, place), and its position
+//! follows from the line's admission pointer, which the [`LineBoard`] already refreshes a few
+//! times a second. So once a replica has read a WAITING token from Postgres it answers polls
+//! for it from memory, as long as
+//! - the entry was verified against Postgres within the trust window (a quarter of the idle
+//!   TTL: a fan back after a long silence is read again and finds out if it expired), and
+//! - the board is fresh and its admission pointer is still before the token's place (once the
+//!   pointer reaches it, the fan was admitted or skipped, and only the row can say which).
+//!
+//! Polls answered from memory still keep the token alive through the heartbeat buffer.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::{
+    board::LineBoard,
+    domain::{Ticket, TokenStatus},
+};
+
+/// Entries kept at most; past it the cache starts over (every entry is re-readable).
+const MAX_ENTRIES: usize = 1_000_000;
+/// The board must have read the line this recently for its pointer to be trusted.
+const BOARD_MAX_AGE: Duration = Duration::from_secs(1);
+
+struct CachedTicket {
+    concert_id: String,
+    user_id: String,
+    place: i64,
+    create_time: DateTime<Utc>,
+    verified_at: Instant,
+    /// When the fan's presence was last noted for the heartbeat (or read as fresh).
+    seen_at: Instant,
+}
+
+/// WAITING tickets this replica has read from Postgres.
+pub struct WaitingCache {
+    entries: Mutex<HashMap<Uuid, CachedTicket>>,
+    trust: Duration,
+    heartbeat_every: Duration,
+}
+
+impl WaitingCache {
+    /// A cache trusting entries for `trust`, asking for a heartbeat every `heartbeat_every`.
+    pub fn new(trust: Duration, heartbeat_every: Duration) -> Self {
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            trust,
+            heartbeat_every,
+        }
+    }
+
+    /// Remembers a ticket just read from Postgres if it is WAITING, forgets it otherwise.
+    pub fn remember(&self, ticket: &Ticket) {
+        let mut entries = self.entries.lock().expect("cache poisoned");
+        if ticket.status != TokenStatus::Waiting {
+            entries.remove(&ticket.token);
+            return;
+        }
+        if entries.len() >= MAX_ENTRIES {
+            entries.clear();
+        }
+        let now = Instant::now();
+        entries.insert(
+            ticket.token,
+            CachedTicket {
+                concert_id: ticket.concert_id.clone(),
+                user_id: ticket.user_id.clone(),
+                place: ticket.place,
+                create_time: ticket.create_time,
+                verified_at: now,
+                // Either the row's last_seen was recent, or the caller notes a heartbeat now.
+                seen_at: now,
+            },
+        );
+    }
+
+    /// The ticket, if it can be answered from memory (see the module notes).
+    pub fn lookup(&self, token: Uuid, board: &LineBoard) -> Option<Ticket> {
+        let mut entries = self.entries.lock().expect("cache poisoned");
+        let entry = entries.get_mut(&token)?;
+        if entry.verified_at.elapsed() > self.trust {
+            entries.remove(&token);
+            return None;
+        }
+        let counters = board.fresh_counters(&entry.concert_id, BOARD_MAX_AGE)?;
+        if counters.admitted_through >= entry.place {
+            entries.remove(&token);
+            return None;
+        }
+        let heartbeat_due = entry.seen_at.elapsed() >= self.heartbeat_every;
+        if heartbeat_due {
+            entry.seen_at = Instant::now();
+        }
+        Some(Ticket {
+            token,
+            concert_id: entry.concert_id.clone(),
+            user_id: entry.user_id.clone(),
+            place: entry.place,
+            status: TokenStatus::Waiting,
+            create_time: entry.create_time,
+            admit_time: None,
+            expire_time: None,
+            admitted_through: counters.admitted_through,
+            heartbeat_due,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LineCounters;
+
+    fn waiting_ticket(place: i64) -> Ticket {
+        Ticket {
+            token: Uuid::new_v4(),
+            concert_id: "c".into(),
+            user_id: "fan".into(),
+            place,
+            status: TokenStatus::Waiting,
+            create_time: Utc::now(),
+            admit_time: None,
+            expire_time: None,
+            admitted_through: 0,
+            heartbeat_due: false,
+        }
+    }
+
+    fn board_at(admitted_through: i64) -> LineBoard {
+        let board = LineBoard::default();
+        board.observe_for_tests(
+            "c",
+            LineCounters {
+                admitted_through,
+                admitted_total: admitted_through,
+                active_count: 0,
+            },
+        );
+        board
+    }
+
+    #[test]
+    fn answers_while_the_pointer_is_behind_and_forgets_once_passed() {
+        let cache = WaitingCache::new(Duration::from_secs(60), Duration::from_secs(60));
+        let ticket = waiting_ticket(10);
+        cache.remember(&ticket);
+
+        let hit = cache
+            .lookup(ticket.token, &board_at(4))
+            .expect("answered from memory");
+        assert_eq!(hit.position(), 5);
+        // The pointer reached the place: only the row can tell admitted from skipped.
+        assert!(cache.lookup(ticket.token, &board_at(10)).is_none());
+        assert!(
+            cache.lookup(ticket.token, &board_at(4)).is_none(),
+            "entry was dropped"
+        );
+    }
+
+    #[test]
+    fn never_answers_without_a_fresh_board_or_after_the_trust_window() {
+        let cache = WaitingCache::new(Duration::ZERO, Duration::from_secs(60));
+        let ticket = waiting_ticket(10);
+        cache.remember(&ticket);
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(
+            cache.lookup(ticket.token, &board_at(0)).is_none(),
+            "trust window passed"
+        );
+
+        let cache = WaitingCache::new(Duration::from_secs(60), Duration::from_secs(60));
+        cache.remember(&ticket);
+        assert!(
+            cache.lookup(ticket.token, &LineBoard::default()).is_none(),
+            "line unknown"
+        );
+    }
+
+    #[test]
+    fn only_waiting_tickets_are_kept() {
+        let cache = WaitingCache::new(Duration::from_secs(60), Duration::from_secs(60));
+        let mut ticket = waiting_ticket(10);
+        cache.remember(&ticket);
+        ticket.status = TokenStatus::Active;
+        cache.remember(&ticket);
+        assert!(cache.lookup(ticket.token, &board_at(0)).is_none());
+    }
+}
