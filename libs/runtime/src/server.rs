@@ -219,3 +219,39 @@ impl ServiceHandle {
         }
     }
 }
+
+/// The body of every service binary after its configuration is parsed: bind, start, serve
+/// until SIGINT/SIGTERM, shut down gracefully. Failures print one line (no stack trace) and
+/// give a non-zero exit code.
+pub async fn run_binary<F, Fut>(
+    name: &str,
+    listen_addr: SocketAddr,
+    start: F,
+) -> std::process::ExitCode
+where
+    F: FnOnce(TcpListener) -> Fut,
+    Fut: std::future::Future<Output = Result<ServiceHandle, crate::db::StartupError>>,
+{
+    use std::process::ExitCode;
+    let listener = match bind(listen_addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("{name}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let service = match start(listener).await {
+        Ok(service) => service,
+        Err(error) => {
+            eprintln!("{name}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match service.run_until_os_signal().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{name}: server failed: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -10,7 +10,11 @@
 use std::str::FromStr;
 
 use sqlx::{postgres::PgConnectOptions, ConnectOptions, Executor, PgPool};
-use stagedoor_runtime::db::{self, ServiceSchema};
+use stagedoor_runtime::{
+    db::{self, ServiceSchema},
+    server::ServiceHandle,
+};
+use tonic::transport::Channel;
 
 /// Admin URL used when `ADMIN_DATABASE_URL` is not set.
 pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -107,4 +111,34 @@ impl Drop for TestDatabase {
             );
         }
     }
+}
+
+/// Starts a service the way its binary does, on `127.0.0.1:0`, and connects a channel to it.
+pub async fn serve<F, Fut>(start: F) -> (ServiceHandle, Channel)
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = Result<ServiceHandle, db::StartupError>>,
+{
+    stagedoor_runtime::telemetry::init();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a free loopback port");
+    let handle = start(listener).await.expect("the service starts");
+    let channel = Channel::from_shared(handle.url())
+        .expect("service URL")
+        .connect()
+        .await
+        .expect("the service accepts connections");
+    (handle, channel)
+}
+
+/// The `google.rpc.ErrorInfo` reason of a failed call; checks that the detail is there and
+/// that its domain is stagedoor's.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.domain, stagedoor_runtime::DOMAIN);
+    info.reason
 }

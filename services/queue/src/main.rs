@@ -14,25 +14,9 @@ async fn main() -> ExitCode {
         eprintln!("stagedoor-queue: {problem}");
         return ExitCode::from(2);
     }
-    let listener = match server::bind(config.listen_addr).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            eprintln!("stagedoor-queue: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let service = match stagedoor_queue::start(config, listener).await {
-        Ok(service) => service,
-        Err(error) => {
-            eprintln!("stagedoor-queue: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match service.run_until_os_signal().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("stagedoor-queue: server failed: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    let listen_addr = config.listen_addr;
+    server::run_binary("stagedoor-queue", listen_addr, |listener| {
+        stagedoor_queue::start(config, listener)
+    })
+    .await
 }

@@ -18,7 +18,6 @@ use stagedoor_queue::QueueConfig;
 use stagedoor_runtime::{db, server::ServiceHandle};
 use stagedoor_testkit::TestDatabase;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 
 /// A queue server under test and clients of both its services.
 pub struct Queue {
@@ -37,16 +36,8 @@ pub fn config(database: &TestDatabase) -> QueueConfig {
 
 /// Starts a queue server with `config` and connects to it.
 pub async fn start(config: QueueConfig) -> Queue {
-    stagedoor_runtime::telemetry::init();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let handle = stagedoor_queue::start(config, listener)
-        .await
-        .expect("queue starts");
-    let channel = Channel::from_shared(handle.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let (handle, channel) =
+        stagedoor_testkit::serve(|listener| stagedoor_queue::start(config, listener)).await;
     Queue {
         public: QueueServiceClient::new(channel.clone()),
         internal: QueueInternalServiceClient::new(channel),
@@ -125,14 +116,7 @@ impl Queue {
     }
 }
 
-/// The `google.rpc.ErrorInfo` reason of a failed call, with its domain checked.
-pub fn reason(status: &tonic::Status) -> String {
-    let info = status
-        .get_details_error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    assert_eq!(info.domain, "stagedoor");
-    info.reason
-}
+pub use stagedoor_testkit::reason;
 
 /// Rows of the queue's tables, read as the superuser.
 pub async fn count_rows(database: &TestDatabase) -> (i64, i64) {

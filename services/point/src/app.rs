@@ -1,0 +1,47 @@
+//! Wiring: pool, migrations and the gRPC server of one point process.
+
+use std::time::Duration;
+
+use stagedoor_proto::point::v1::{
+    point_internal_service_server::PointInternalServiceServer,
+    point_service_server::PointServiceServer,
+};
+use stagedoor_runtime::{
+    db::{self, PoolConfig, StartupError},
+    server::{GrpcServer, ServiceHandle},
+    ShutdownTrigger,
+};
+use tokio::net::TcpListener;
+
+use crate::{config::PointConfig, grpc::PointApi};
+
+/// The point service's migrations, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Connects, migrates and starts serving on `listener`.
+pub async fn start(
+    config: PointConfig,
+    listener: TcpListener,
+) -> Result<ServiceHandle, StartupError> {
+    let pool = db::connect(&PoolConfig {
+        url: config.database_url.clone(),
+        schema: db::POINT.schema,
+        max_connections: config.database_max_connections,
+        acquire_timeout: Duration::from_secs(5),
+    })
+    .await?;
+    db::migrate(&pool, db::POINT.schema, &MIGRATOR).await?;
+
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let api = PointApi::new(pool, &config);
+    let local_addr = listener
+        .local_addr()
+        .map_err(|error| StartupError::Provision(error.into()))?;
+    let server = GrpcServer::new()
+        .add_service(PointServiceServer::new(api.clone()))
+        .add_service(PointInternalServiceServer::new(api));
+    let server = tokio::spawn(server.serve(listener, shutdown));
+    tracing::info!(%local_addr, max_amount = config.max_amount, balance_cap = config.balance_cap,
+        "point service started");
+    Ok(ServiceHandle::new(local_addr, trigger, server, Vec::new()))
+}

@@ -1,0 +1,22 @@
+//! `stagedoor-point`: the wallet as a process. All logic lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use stagedoor_point::PointConfig;
+use stagedoor_runtime::{server, telemetry};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    telemetry::init();
+    let config = PointConfig::parse();
+    if let Err(problem) = config.validate() {
+        eprintln!("stagedoor-point: {problem}");
+        return ExitCode::from(2);
+    }
+    let listen_addr = config.listen_addr;
+    server::run_binary("stagedoor-point", listen_addr, |listener| {
+        stagedoor_point::start(config, listener)
+    })
+    .await
+}

@@ -1,0 +1,157 @@
+use stagedoor_proto::point::v1 as pb;
+use stagedoor_testkit::TestDatabase;
+use tonic::Code;
+
+use crate::{audit, config, reason, start};
+
+#[tokio::test]
+async fn an_unknown_user_has_nothing_yet() {
+    let database = TestDatabase::create().await;
+    let point = start(config(&database)).await;
+    let balance = point
+        .public
+        .clone()
+        .get_balance(pb::GetBalanceRequest {
+            user_id: "stranger".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(balance.balance, 0);
+    assert!(balance.update_time.is_none());
+    let history = point
+        .public
+        .clone()
+        .list_point_history(pb::ListPointHistoryRequest {
+            user_id: "stranger".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(history.entries.is_empty() && history.next_page_token.is_empty());
+    // Spending from no wallet is short, not unknown.
+    let status = point.spend("stranger", 1, "payment-1").await.unwrap_err();
+    assert_eq!(reason(&status), "INSUFFICIENT_BALANCE");
+    assert_eq!(audit(&database).await, 0);
+}
+
+#[tokio::test]
+async fn charges_replay_by_request_id() {
+    let database = TestDatabase::create().await;
+    let point = start(config(&database)).await;
+    let first = point.charge("fan", 5_000, "r-1").await.unwrap();
+    assert_eq!(
+        (first.amount, first.balance_after, first.request_id.as_str()),
+        (5_000, 5_000, "r-1")
+    );
+    assert_eq!(first.kind(), pb::LedgerEntryKind::Charge);
+    let again = point.charge("fan", 5_000, "r-1").await.unwrap();
+    assert_eq!(again, first, "the retry returns the original entry");
+
+    let reused = point.charge("fan", 6_000, "r-1").await.unwrap_err();
+    assert_eq!(reused.code(), Code::InvalidArgument);
+    assert_eq!(reason(&reused), "IDEMPOTENCY_KEY_REUSED");
+    // Request ids are per user: another fan may use the same one.
+    point.charge("other", 1_000, "r-1").await.unwrap();
+    assert_eq!(point.balance("fan").await, 5_000);
+    assert_eq!(audit(&database).await, 2);
+}
+
+#[tokio::test]
+async fn spends_and_refunds_are_keyed_by_payment() {
+    let database = TestDatabase::create().await;
+    let point = start(config(&database)).await;
+    point.charge("fan", 10_000, "top-up").await.unwrap();
+
+    let spent = point.spend("fan", 4_000, "pay-1").await.unwrap();
+    assert_eq!(
+        (spent.amount, spent.balance_after, spent.payment_id.as_str()),
+        (-4_000, 6_000, "pay-1")
+    );
+    let reused = point.spend("fan", 5_000, "pay-1").await.unwrap_err();
+    assert_eq!(reason(&reused), "IDEMPOTENCY_KEY_REUSED");
+    let reused = point.spend("other", 4_000, "pay-1").await.unwrap_err();
+    assert_eq!(reason(&reused), "IDEMPOTENCY_KEY_REUSED");
+
+    let refunded = point.refund("pay-1").await.unwrap();
+    assert_eq!((refunded.amount, refunded.balance_after), (4_000, 10_000));
+    assert_eq!(refunded.kind(), pb::LedgerEntryKind::Refund);
+    assert_eq!(
+        point.refund("pay-1").await.unwrap(),
+        refunded,
+        "refunds once"
+    );
+
+    let unknown = point.refund("pay-never").await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert_eq!(reason(&unknown), "PAYMENT_NOT_FOUND");
+
+    // A refunded payment id is spent: it cannot be spent again.
+    assert_eq!(point.spend("fan", 4_000, "pay-1").await.unwrap(), spent);
+    assert_eq!(point.balance("fan").await, 10_000);
+    assert_eq!(audit(&database).await, 3);
+}
+
+#[tokio::test]
+async fn history_pages_newest_first() {
+    let database = TestDatabase::create().await;
+    let point = start(config(&database)).await;
+    for n in 1..=25 {
+        point.charge("fan", n, &format!("r-{n}")).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = point
+            .public
+            .clone()
+            .list_point_history(pb::ListPointHistoryRequest {
+                user_id: "fan".into(),
+                page_size: 10,
+                page_token: page_token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 10);
+        seen.extend(page.entries.iter().map(|entry| entry.amount));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(seen, (1..=25).rev().collect::<Vec<i64>>());
+
+    let bad = point
+        .public
+        .clone()
+        .list_point_history(pb::ListPointHistoryRequest {
+            user_id: "fan".into(),
+            page_size: 10,
+            page_token: "not-a-token".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert_eq!(reason(&bad), "INVALID_FIELD");
+}
+
+#[tokio::test]
+async fn the_ledger_is_append_only() {
+    let database = TestDatabase::create().await;
+    let point = start(config(&database)).await;
+    point.charge("fan", 1_000, "r-1").await.unwrap();
+    let role = sqlx::PgPool::connect(&database.url(stagedoor_runtime::db::POINT))
+        .await
+        .unwrap();
+    for statement in [
+        "UPDATE point.ledger SET amount = 1000000",
+        "DELETE FROM point.ledger",
+    ] {
+        let refused = sqlx::query(statement).execute(&role).await;
+        assert!(refused.is_err(), "`{statement}` must be refused");
+    }
+    role.close().await;
+    assert_eq!(audit(&database).await, 1);
+}
