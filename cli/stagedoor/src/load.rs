@@ -1,9 +1,9 @@
 //! `stagedoor load <scenario>`: the benchmark harness. Every figure in BENCHMARKS.md comes
 //! from here, printed with the command that produced it.
 //!
-//! Without `--queue-url` a scenario provisions a throwaway database, starts the services it
+//! Without `--target-url` a scenario provisions a throwaway database, starts the services it
 //! needs in this process on free ports (real gRPC over loopback), runs, and drops the
-//! database. With `--queue-url` it loads a mesh that is already running.
+//! database. With `--target-url` it loads a service that is already running.
 
 use std::{
     future::Future,
@@ -14,8 +14,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use stagedoor_proto::queue::v1::{self as pb, queue_service_client::QueueServiceClient};
+use stagedoor_point::PointConfig;
+use stagedoor_proto::{
+    point::v1::{
+        self as point, point_internal_service_client::PointInternalServiceClient,
+        point_service_client::PointServiceClient,
+    },
+    queue::v1::{self as pb, queue_service_client::QueueServiceClient},
+};
 use stagedoor_queue::QueueConfig;
+use stagedoor_runtime::db;
 use tonic::transport::Channel;
 
 use crate::{mesh, stats::Summary};
@@ -29,9 +37,10 @@ pub struct LoadArgs {
     /// HTTP/2 connections the calls are spread over.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
-    /// Load a running queue service instead of starting one in this process.
-    #[arg(long, env = "QUEUE_URL")]
-    pub queue_url: Option<String>,
+    /// Load a running service (the queue for queue scenarios, point for point scenarios)
+    /// instead of starting one in this process.
+    #[arg(long)]
+    pub target_url: Option<String>,
     /// Admin connection for the throwaway database of an in-process run.
     #[arg(long, env = "ADMIN_DATABASE_URL", default_value = mesh::DEFAULT_ADMIN_URL)]
     pub admin_url: String,
@@ -41,6 +50,19 @@ pub struct LoadArgs {
     /// QUEUE_ADMIT_RATE of an in-process queue.
     #[arg(long, default_value_t = 200)]
     pub admit_rate: u32,
+}
+
+/// Settings of the wallet scenarios.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WalletArgs {
+    /// Calls to make.
+    #[arg(long, default_value_t = 50_000)]
+    pub calls: usize,
+    /// Wallets the calls are spread over (1: every call on one hot wallet).
+    #[arg(long, default_value_t = 10_000)]
+    pub users: usize,
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 /// The scenarios.
@@ -65,18 +87,42 @@ pub enum Scenario {
         #[command(flatten)]
         load: LoadArgs,
     },
+    /// ChargePoints throughput, spread over `--users` wallets (`--users 1`: one hot wallet).
+    Charge(WalletArgs),
+    /// SpendPoints throughput (wallets are charged first), spread over `--users` wallets.
+    Spend(WalletArgs),
+}
+
+impl Scenario {
+    fn load(&self) -> &LoadArgs {
+        match self {
+            Self::IssueToken { load, .. } | Self::QueueStatus { load, .. } => load,
+            Self::Charge(wallet) | Self::Spend(wallet) => &wallet.load,
+        }
+    }
+
+    fn service(&self) -> Service {
+        match self {
+            Self::IssueToken { .. } | Self::QueueStatus { .. } => Service::Queue,
+            Self::Charge(_) | Self::Spend(_) => Service::Point,
+        }
+    }
 }
 
 /// Runs a scenario and prints its figures.
 pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
-    let load = match &scenario {
-        Scenario::IssueToken { load, .. } | Scenario::QueueStatus { load, .. } => load.clone(),
-    };
-    let target = Target::start(&load).await?;
-    let clients = target.clients(load.connections).await?;
-    let concert = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let load = scenario.load().clone();
+    let target = Target::start(&load, scenario.service()).await?;
+    let channels = target.channels(load.connections).await?;
+    let clients: Vec<QueueServiceClient<Channel>> = channels
+        .iter()
+        .cloned()
+        .map(QueueServiceClient::new)
+        .collect();
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let concert = format!("bench-{run_id}");
     println!(
-        "stagedoor load: {} connection(s), {} calls in flight, concert {concert}, {}",
+        "stagedoor load: {} connection(s), {} calls in flight, {}",
         load.connections,
         load.concurrency,
         target.describe()
@@ -139,6 +185,97 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
                 Some(duration),
                 load.concurrency,
                 poll(tokens),
+            )
+            .await;
+            println!("{}", summary.line());
+        }
+        Scenario::Charge(wallet) => {
+            let clients: Vec<_> = channels
+                .iter()
+                .cloned()
+                .map(PointServiceClient::new)
+                .collect();
+            let users = wallet.users.max(1);
+            let summary = drive(
+                "charge",
+                Some(wallet.calls),
+                None,
+                load.concurrency,
+                move |call| {
+                    let mut client = clients[call % clients.len()].clone();
+                    let run_id = run_id.clone();
+                    async move {
+                        client
+                            .charge_points(point::ChargePointsRequest {
+                                user_id: format!("fan-{run_id}-{}", call % users),
+                                amount: 1_000,
+                                request_id: format!("charge-{call}"),
+                            })
+                            .await
+                            .map(|_| ())
+                    }
+                },
+            )
+            .await;
+            println!("{}", summary.line());
+        }
+        Scenario::Spend(wallet) => {
+            let public: Vec<_> = channels
+                .iter()
+                .cloned()
+                .map(PointServiceClient::new)
+                .collect();
+            let internal: Vec<_> = channels
+                .iter()
+                .cloned()
+                .map(PointInternalServiceClient::new)
+                .collect();
+            let users = wallet.users.max(1);
+            // Every wallet gets enough for its share of the spends (in charges of at most
+            // the default POINT_MAX_AMOUNT).
+            let per_user = (wallet.calls.div_ceil(users) as i64) * 1_000;
+            let top_ups = (per_user as usize).div_ceil(1_000_000);
+            println!("charging {users} wallet(s) with {per_user} each ...");
+            let setup = drive("top-up", Some(users * top_ups), None, load.concurrency, {
+                let run_id = run_id.clone();
+                move |call| {
+                    let mut client = public[call % public.len()].clone();
+                    let user = call % users;
+                    let amount = (per_user - (call / users) as i64 * 1_000_000).min(1_000_000);
+                    let run_id = run_id.clone();
+                    async move {
+                        client
+                            .charge_points(point::ChargePointsRequest {
+                                user_id: format!("fan-{run_id}-{user}"),
+                                amount,
+                                request_id: format!("top-up-{call}"),
+                            })
+                            .await
+                            .map(|_| ())
+                    }
+                }
+            })
+            .await;
+            println!("{}", setup.line());
+            let summary = drive(
+                "spend",
+                Some(wallet.calls),
+                None,
+                load.concurrency,
+                move |call| {
+                    let mut client = internal[call % internal.len()].clone();
+                    let run_id = run_id.clone();
+                    async move {
+                        client
+                            .spend_points(point::SpendPointsRequest {
+                                user_id: format!("fan-{run_id}-{}", call % users),
+                                amount: 1_000,
+                                payment_id: format!("payment-{run_id}-{call}"),
+                            })
+                            .await
+                            .map(|_| ())
+                    }
+                },
             )
             .await;
             println!("{}", summary.line());
@@ -246,7 +383,15 @@ where
     }
 }
 
-/// What a run loads: an in-process queue on a throwaway database, or a running one.
+/// The service a scenario loads.
+#[derive(Debug, Clone, Copy)]
+enum Service {
+    Queue,
+    Point,
+}
+
+/// What a run loads: a service started in this process on a throwaway database, or a
+/// running one.
 enum Target {
     InProcess {
         service: stagedoor_runtime::server::ServiceHandle,
@@ -256,17 +401,25 @@ enum Target {
 }
 
 impl Target {
-    async fn start(load: &LoadArgs) -> Result<Self, Box<dyn std::error::Error>> {
-        if let Some(url) = &load.queue_url {
+    async fn start(load: &LoadArgs, which: Service) -> Result<Self, Box<dyn std::error::Error>> {
+        if let Some(url) = &load.target_url {
             return Ok(Self::Remote(url.clone()));
         }
         let name = format!("stagedoor_load_{}", uuid::Uuid::new_v4().simple());
         let database = mesh::Database::provision(&load.admin_url, &name).await?;
-        let mut config = QueueConfig::for_database(database.url(stagedoor_runtime::db::QUEUE));
-        config.max_active = load.max_active;
-        config.admit_rate = load.admit_rate;
-        config.database_max_connections = 16;
-        let service = mesh::start_queue(config, "127.0.0.1:0".parse()?).await?;
+        let local: std::net::SocketAddr = "127.0.0.1:0".parse()?;
+        let service = match which {
+            Service::Queue => {
+                let mut config = QueueConfig::for_database(database.url(db::QUEUE));
+                config.max_active = load.max_active;
+                config.admit_rate = load.admit_rate;
+                mesh::start_on(local, |listener| stagedoor_queue::start(config, listener)).await?
+            }
+            Service::Point => {
+                let config = PointConfig::for_database(database.url(db::POINT));
+                mesh::start_on(local, |listener| stagedoor_point::start(config, listener)).await?
+            }
+        };
         Ok(Self::InProcess { service, database })
     }
 
@@ -281,27 +434,25 @@ impl Target {
         match self {
             Self::InProcess { service, .. } => {
                 format!(
-                    "in-process queue at {} on a throwaway database",
+                    "in-process service at {} on a throwaway database",
                     service.url()
                 )
             }
-            Self::Remote(url) => format!("queue at {url}"),
+            Self::Remote(url) => format!("service at {url}"),
         }
     }
 
-    async fn clients(
-        &self,
-        connections: usize,
-    ) -> Result<Vec<QueueServiceClient<Channel>>, tonic::transport::Error> {
-        let mut clients = Vec::new();
+    async fn channels(&self, connections: usize) -> Result<Vec<Channel>, tonic::transport::Error> {
+        let mut channels = Vec::new();
         for _ in 0..connections.max(1) {
-            let channel = Channel::from_shared(self.url())
-                .expect("service URL")
-                .connect()
-                .await?;
-            clients.push(QueueServiceClient::new(channel));
+            channels.push(
+                Channel::from_shared(self.url())
+                    .expect("service URL")
+                    .connect()
+                    .await?,
+            );
         }
-        Ok(clients)
+        Ok(channels)
     }
 
     async fn stop(self) {

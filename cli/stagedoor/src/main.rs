@@ -8,6 +8,7 @@ mod stats;
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
+use stagedoor_point::PointConfig;
 use stagedoor_queue::QueueConfig;
 use stagedoor_runtime::{config::parse_duration, db, telemetry};
 
@@ -44,6 +45,9 @@ struct UpArgs {
     /// Where the queue service listens.
     #[arg(long, default_value = "0.0.0.0:50051")]
     queue_addr: SocketAddr,
+    /// Where the point service listens.
+    #[arg(long, default_value = "0.0.0.0:50053")]
+    point_addr: SocketAddr,
     /// Most tokens ACTIVE at once per concert.
     #[arg(long, default_value_t = 1000)]
     max_active: u32,
@@ -95,22 +99,53 @@ async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
     queue.active_ttl = args.active_ttl;
     queue.idle_ttl = args.idle_ttl;
     queue.validate()?;
-    let service = mesh::start_queue(queue, args.queue_addr).await?;
-    let port = service.local_addr().port();
+    let point = PointConfig::for_database(database.url(db::POINT));
+    point.validate()?;
+
+    let queue = mesh::start_on(args.queue_addr, |listener| {
+        stagedoor_queue::start(queue, listener)
+    })
+    .await?;
+    let point = mesh::start_on(args.point_addr, |listener| {
+        stagedoor_point::start(point, listener)
+    })
+    .await?;
 
     println!("stagedoor is up (database `{}`)", args.database);
     println!(
-        "  queue    {}   (stagedoor.queue.v1.QueueService, QueueInternalService)",
-        service.url()
+        "  queue    {}   stagedoor.queue.v1.QueueService, QueueInternalService",
+        queue.url()
+    );
+    println!(
+        "  point    {}   stagedoor.point.v1.PointService, PointInternalService",
+        point.url()
     );
     println!();
     println!("Try it (buf curl reads the API from server reflection; no proto files needed):");
     println!("  buf curl --protocol grpc --http2-prior-knowledge \\");
     println!("    -d '{{\"concert_id\":\"demo\",\"user_id\":\"fan-1\"}}' \\");
-    println!("    http://127.0.0.1:{port}/stagedoor.queue.v1.QueueService/IssueToken");
+    println!(
+        "    {}/stagedoor.queue.v1.QueueService/IssueToken",
+        queue.url()
+    );
+    println!("  buf curl --protocol grpc --http2-prior-knowledge \\");
+    println!(
+        "    -d '{{\"user_id\":\"fan-1\",\"amount\":\"50000\",\"request_id\":\"top-up-1\"}}' \\"
+    );
+    println!(
+        "    {}/stagedoor.point.v1.PointService/ChargePoints",
+        point.url()
+    );
     println!();
     println!("Ctrl-C stops it.");
-    service.run_until_os_signal().await?;
+    stagedoor_runtime::shutdown::os_signal().await;
+    println!("stopping: finishing calls in flight ...");
+    // Stop in reverse order of dependency: nothing calls point or queue after this.
+    for (name, service) in [("point", point), ("queue", queue)] {
+        if let Err(error) = service.shutdown().await {
+            eprintln!("stagedoor: {name} stopped with an error: {error}");
+        }
+    }
     println!("stagedoor stopped cleanly");
     Ok(())
 }

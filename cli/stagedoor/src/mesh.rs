@@ -5,7 +5,6 @@
 use std::{net::SocketAddr, str::FromStr};
 
 use sqlx::{postgres::PgConnectOptions, ConnectOptions, Executor};
-use stagedoor_queue::QueueConfig;
 use stagedoor_runtime::{
     db::{self, StartupError},
     server::{self, ServiceHandle},
@@ -68,11 +67,15 @@ impl Database {
     }
 }
 
-/// Starts the queue service on `addr` (port 0 picks a free one).
-pub async fn start_queue(
-    config: QueueConfig,
+/// Starts a service on `addr` (port 0 picks a free one) the way its binary does.
+pub async fn start_on<F, Fut>(
     addr: SocketAddr,
-) -> Result<ServiceHandle, Box<dyn std::error::Error>> {
+    start: F,
+) -> Result<ServiceHandle, Box<dyn std::error::Error>>
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = Result<ServiceHandle, StartupError>>,
+{
     let listener = server::bind(addr).await?;
-    Ok(stagedoor_queue::start(config, listener).await?)
+    Ok(start(listener).await?)
 }

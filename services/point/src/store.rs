@@ -1,14 +1,14 @@
 //! Every SQL statement of the wallet.
 //!
-//! Each change is one transaction that updates the user's `wallets` row and appends one
+//! Each change is one statement that updates the user's `wallets` row and appends one
 //! `ledger` row. The UPDATE takes the wallet's row lock, so a user's changes are serialised
 //! across every replica, and its WHERE clause is the rule itself (`balance >= amount` for a
 //! spend, `balance + amount <= cap` for a charge): no read-then-write race can exist.
 //! Idempotency is enforced by unique indexes on the ledger; a request that loses the race
-//! to insert its entry rolls back whole and returns the winner's entry.
+//! to insert its entry is undone whole and returns the winner's entry.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgPool, Postgres};
 use stagedoor_runtime::error::is_unique_violation;
 
 use crate::domain::{Entry, EntryKind, PointError};
@@ -85,40 +85,35 @@ async fn payment_entry(
     Ok(row.map(Entry::from))
 }
 
-/// Appends the entry of a change whose wallet row the transaction already updated (and so
-/// holds locked), then commits. `Ok(None)`: an identical request committed its entry first
-/// (unique violation); everything here was rolled back and the caller returns the winner's.
-async fn append_and_commit(
-    mut tx: Transaction<'_, Postgres>,
-    user_id: &str,
-    kind: EntryKind,
-    amount: i64,
-    balance_after: i64,
-    request_id: Option<&str>,
-    payment_id: Option<&str>,
-) -> Result<Option<Entry>, sqlx::Error> {
-    let inserted = sqlx::query_as::<_, EntryRow>(&format!(
-        "INSERT INTO ledger (user_id, kind, amount, balance_after, request_id, payment_id)
-         VALUES ($1, $2, $3, $4, $5, $6)
-         RETURNING {ENTRY_COLUMNS}"
-    ))
-    .bind(user_id)
-    .bind(kind.as_db())
-    .bind(amount)
-    .bind(balance_after)
-    .bind(request_id)
-    .bind(payment_id)
-    .fetch_one(&mut *tx)
-    .await;
-    match inserted {
-        Ok(row) => {
-            tx.commit().await?;
-            Ok(Some(row.into()))
-        }
-        Err(error) if is_unique_violation(&error, None) => Ok(None), // tx dropped: rolled back
+/// Runs one change statement (wallet update + ledger insert). `Ok(None)`: the wallet update
+/// matched no row (the rule refused it); `Err(Ok(()))`: an identical request's entry already
+/// exists (the unique index refused the insert, and the whole statement was undone).
+async fn apply(
+    statement: sqlx::query::QueryAs<'_, Postgres, EntryRow, sqlx::postgres::PgArguments>,
+    pool: &PgPool,
+) -> Result<Applied, sqlx::Error> {
+    match statement.fetch_optional(pool).await {
+        Ok(Some(row)) => Ok(Applied::Done(row.into())),
+        Ok(None) => Ok(Applied::Refused),
+        Err(error) if is_unique_violation(&error, None) => Ok(Applied::AlreadyDone),
         Err(error) => Err(error),
     }
 }
+
+/// What one change statement did.
+enum Applied {
+    /// The wallet changed and this entry records it.
+    Done(Entry),
+    /// The wallet's rule refused the change (cap, balance, no such spend).
+    Refused,
+    /// The entry for this request already exists; nothing changed.
+    AlreadyDone,
+}
+
+// Each change below is ONE statement: a data-modifying CTE updates the wallet row (taking its
+// row lock; the WHERE clause is the rule) and the outer INSERT appends the ledger entry with
+// the new balance. One statement is one transaction and one round trip, so a wallet's row
+// lock is held for a single commit: on one hot wallet that is what bounds throughput.
 
 /// Adds `amount` to the user's wallet (opening it on the first charge), once per request_id.
 pub async fn charge(
@@ -128,45 +123,32 @@ pub async fn charge(
     request_id: &str,
     balance_cap: i64,
 ) -> Result<Entry, PointError> {
-    // A retry: return what the first call did.
-    if let Some(entry) = charge_entry(pool, user_id, request_id).await? {
-        return replay_charge(entry, amount);
-    }
-    let mut tx = pool.begin().await?;
-    // Opens the wallet or adds to it, taking its row lock; refused (no row) when the new
-    // balance would pass the cap. amount <= max_amount <= cap, so the sum cannot overflow.
-    let balance_after: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO wallets AS w (user_id, balance) VALUES ($1, $2)
-         ON CONFLICT (user_id) DO UPDATE
-             SET balance = w.balance + excluded.balance, update_time = now()
-           WHERE w.balance <= $3 - excluded.balance
-         RETURNING balance",
-    )
-    .bind(user_id)
-    .bind(amount)
-    .bind(balance_cap)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(balance_after) = balance_after else {
-        return Err(PointError::BalanceCapExceeded { cap: balance_cap });
-    };
-    match append_and_commit(
-        tx,
-        user_id,
-        EntryKind::Charge,
-        amount,
-        balance_after,
-        Some(request_id),
-        None,
-    )
-    .await?
-    {
-        Some(entry) => Ok(entry),
-        None => {
-            let entry = charge_entry(pool, user_id, request_id)
-                .await?
-                .ok_or_else(|| sqlx::Error::RowNotFound)?;
-            replay_charge(entry, amount)
+    // amount <= max_amount <= cap, so `cap - amount` cannot overflow; the sum is only
+    // computed when it fits under the cap.
+    let sql = format!(
+        "WITH wallet AS (
+             INSERT INTO wallets AS w (user_id, balance) VALUES ($1, $2)
+             ON CONFLICT (user_id) DO UPDATE
+                 SET balance = w.balance + excluded.balance, update_time = now()
+               WHERE w.balance <= $3 - excluded.balance
+             RETURNING balance)
+         INSERT INTO ledger (user_id, kind, amount, balance_after, request_id)
+         SELECT $1, 'CHARGE', $2, balance, $4 FROM wallet
+         RETURNING {ENTRY_COLUMNS}"
+    );
+    let statement = sqlx::query_as::<_, EntryRow>(&sql)
+        .bind(user_id)
+        .bind(amount)
+        .bind(balance_cap)
+        .bind(request_id);
+    match apply(statement, pool).await? {
+        Applied::Done(entry) => Ok(entry),
+        // A retry of a charge that was made is answered with it, even at the cap.
+        Applied::Refused | Applied::AlreadyDone => {
+            match charge_entry(pool, user_id, request_id).await? {
+                Some(entry) => replay_charge(entry, amount),
+                None => Err(PointError::BalanceCapExceeded { cap: balance_cap }),
+            }
         }
     }
 }
@@ -186,45 +168,31 @@ pub async fn spend(
     amount: i64,
     payment_id: &str,
 ) -> Result<Entry, PointError> {
-    if let Some(entry) = payment_entry(pool, payment_id, EntryKind::Spend).await? {
-        return replay_spend(entry, user_id, amount);
-    }
-    let mut tx = pool.begin().await?;
-    // The conditional UPDATE is the rule: it takes the wallet's row lock and only succeeds
-    // when the balance covers the amount, so concurrent spends can never go below zero.
-    let balance_after: Option<i64> = sqlx::query_scalar(
-        "UPDATE wallets SET balance = balance - $2, update_time = now()
-          WHERE user_id = $1 AND balance >= $2
-         RETURNING balance",
-    )
-    .bind(user_id)
-    .bind(amount)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(balance_after) = balance_after else {
-        drop(tx);
-        let balance = balance(pool, user_id)
-            .await?
-            .map_or(0, |(balance, _)| balance);
-        return Err(PointError::InsufficientBalance { balance, amount });
-    };
-    match append_and_commit(
-        tx,
-        user_id,
-        EntryKind::Spend,
-        -amount,
-        balance_after,
-        None,
-        Some(payment_id),
-    )
-    .await?
-    {
-        Some(entry) => Ok(entry),
-        None => {
-            let entry = payment_entry(pool, payment_id, EntryKind::Spend)
+    // `balance >= $2` in the UPDATE is the rule: concurrent spends queue on the row lock and
+    // each re-checks it against the balance the previous one left, so none goes below zero.
+    let sql = format!(
+        "WITH wallet AS (
+             UPDATE wallets SET balance = balance - $2, update_time = now()
+              WHERE user_id = $1 AND balance >= $2
+             RETURNING balance)
+         INSERT INTO ledger (user_id, kind, amount, balance_after, payment_id)
+         SELECT $1, 'SPEND', -$2, balance, $3 FROM wallet
+         RETURNING {ENTRY_COLUMNS}"
+    );
+    let statement = sqlx::query_as::<_, EntryRow>(&sql)
+        .bind(user_id)
+        .bind(amount)
+        .bind(payment_id);
+    match apply(statement, pool).await? {
+        Applied::Done(entry) => Ok(entry),
+        Applied::Refused | Applied::AlreadyDone => {
+            if let Some(entry) = payment_entry(pool, payment_id, EntryKind::Spend).await? {
+                return replay_spend(entry, user_id, amount);
+            }
+            let balance = balance(pool, user_id)
                 .await?
-                .ok_or_else(|| sqlx::Error::RowNotFound)?;
-            replay_spend(entry, user_id, amount)
+                .map_or(0, |(balance, _)| balance);
+            Err(PointError::InsufficientBalance { balance, amount })
         }
     }
 }
@@ -237,41 +205,29 @@ fn replay_spend(entry: Entry, user_id: &str, amount: i64) -> Result<Entry, Point
     }
 }
 
-/// Gives back exactly what a payment spent, once.
+/// Gives back exactly what a payment spent, once. No cap applies: a refund restores points
+/// the user already had.
 pub async fn refund(pool: &PgPool, payment_id: &str) -> Result<Entry, PointError> {
-    if let Some(entry) = payment_entry(pool, payment_id, EntryKind::Refund).await? {
-        return Ok(entry);
-    }
-    let spent = payment_entry(pool, payment_id, EntryKind::Spend)
-        .await?
-        .ok_or(PointError::PaymentNotFound)?;
-    let amount = -spent.amount;
-    let mut tx = pool.begin().await?;
-    // No cap here: a refund restores points the user already had.
-    let balance_after: i64 = sqlx::query_scalar(
-        "UPDATE wallets SET balance = balance + $2, update_time = now()
-          WHERE user_id = $1
-         RETURNING balance",
-    )
-    .bind(&spent.user_id)
-    .bind(amount)
-    .fetch_one(&mut *tx)
-    .await?;
-    match append_and_commit(
-        tx,
-        &spent.user_id,
-        EntryKind::Refund,
-        amount,
-        balance_after,
-        None,
-        Some(payment_id),
-    )
-    .await?
-    {
-        Some(entry) => Ok(entry),
-        None => Ok(payment_entry(pool, payment_id, EntryKind::Refund)
+    let sql = format!(
+        "WITH spent AS (
+             SELECT user_id, -amount AS amount FROM ledger
+              WHERE payment_id = $1 AND kind = 'SPEND'),
+         wallet AS (
+             UPDATE wallets w SET balance = w.balance + spent.amount, update_time = now()
+               FROM spent WHERE w.user_id = spent.user_id
+             RETURNING w.user_id, w.balance, spent.amount)
+         INSERT INTO ledger (user_id, kind, amount, balance_after, payment_id)
+         SELECT user_id, 'REFUND', amount, balance, $1 FROM wallet
+         RETURNING {ENTRY_COLUMNS}"
+    );
+    let statement = sqlx::query_as::<_, EntryRow>(&sql).bind(payment_id);
+    match apply(statement, pool).await? {
+        Applied::Done(entry) => Ok(entry),
+        Applied::AlreadyDone => Ok(payment_entry(pool, payment_id, EntryKind::Refund)
             .await?
-            .ok_or_else(|| sqlx::Error::RowNotFound)?),
+            .ok_or(sqlx::Error::RowNotFound)?),
+        // No spend for this payment: nothing to give back.
+        Applied::Refused => Err(PointError::PaymentNotFound),
     }
 }
 
