@@ -14,10 +14,14 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# The queue benchmarks recorded in BENCHMARKS.md.
+# The benchmarks recorded in BENCHMARKS.md (their default forms).
 bench:
     cargo run --release -p stagedoor -- load issue-token
     cargo run --release -p stagedoor -- load queue-status
+    cargo run --release -p stagedoor -- load charge
+    cargo run --release -p stagedoor -- load charge --users 1 --calls 20000
+    cargo run --release -p stagedoor -- load spend
+    cargo run --release -p stagedoor -- load spend --users 1 --calls 20000
 
 # What CI runs.
 ci:
