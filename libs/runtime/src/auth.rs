@@ -1,6 +1,12 @@
 //! The queue token as it travels: `authorization: Bearer <token>` metadata.
 
-use tonic::metadata::MetadataMap;
+use std::time::Duration;
+
+use stagedoor_proto::queue::v1::{
+    queue_internal_service_client::QueueInternalServiceClient, ValidateTokenRequest,
+};
+use tonic::{metadata::MetadataMap, transport::Channel, Code};
+use tonic_types::StatusExt;
 
 use crate::ApiError;
 
@@ -29,4 +35,88 @@ pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, ApiError> {
         return Err(malformed());
     }
     Ok(token)
+}
+
+/// The fan behind a call, as the queue vouches for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fan {
+    /// The token's user: the only identity a call that needs a token ever acts as.
+    pub user_id: String,
+    /// The concert the token admits to.
+    pub concert_id: String,
+    /// The token as sent (concert and payment pass it on to the queue).
+    pub token: String,
+}
+
+/// Checks queue tokens by calling the queue's ValidateToken over gRPC (no service reads
+/// another's tables). Cheap to clone: one HTTP/2 connection, multiplexed.
+#[derive(Clone)]
+pub struct TokenValidator {
+    queue: QueueInternalServiceClient<Channel>,
+}
+
+/// Deadline of one ValidateToken call.
+const VALIDATE_DEADLINE: Duration = Duration::from_secs(2);
+
+impl TokenValidator {
+    /// A validator for the queue at `queue_url` (`http://host:port`). The connection is made
+    /// on first use and re-made after failures, so services may start in any order.
+    pub fn new(queue_url: &str) -> Result<Self, String> {
+        let channel = Channel::from_shared(queue_url.to_owned())
+            .map_err(|error| format!("invalid QUEUE_URL `{queue_url}`: {error}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(VALIDATE_DEADLINE)
+            .connect_lazy();
+        Ok(Self {
+            queue: QueueInternalServiceClient::new(channel),
+        })
+    }
+
+    /// The fan of a call: its bearer token must be ACTIVE. The queue's own refusals pass
+    /// through with their code and reason (TOKEN_NOT_FOUND, TOKEN_NOT_ACTIVE, ...).
+    pub async fn fan(&self, metadata: &MetadataMap) -> Result<Fan, ApiError> {
+        let token = bearer_token(metadata)?.to_owned();
+        let mut request = tonic::Request::new(ValidateTokenRequest {
+            token: token.clone(),
+        });
+        request.set_timeout(VALIDATE_DEADLINE);
+        match self.queue.clone().validate_token(request).await {
+            Ok(response) => {
+                let valid = response.into_inner();
+                Ok(Fan {
+                    user_id: valid.user_id,
+                    concert_id: valid.concert_id,
+                    token,
+                })
+            }
+            Err(status) => Err(queue_refusal(&status)),
+        }
+    }
+}
+
+/// The queue's answer to a token, as the caller of this service should see it.
+fn queue_refusal(status: &tonic::Status) -> ApiError {
+    let info = status.get_details_error_info();
+    let reason = info.as_ref().map(|info| info.reason.as_str());
+    let known = match reason {
+        Some("TOKEN_NOT_FOUND") => Some("TOKEN_NOT_FOUND"),
+        Some("TOKEN_NOT_ACTIVE") => Some("TOKEN_NOT_ACTIVE"),
+        Some("MALFORMED_TOKEN") => Some("MALFORMED_TOKEN"),
+        _ => None,
+    };
+    match (known, status.code()) {
+        (Some(reason), code) => {
+            let mut error = ApiError::new(code, reason, status.message());
+            if let Some(token_status) = info.as_ref().and_then(|info| info.metadata.get("status")) {
+                error = error.with_metadata("status", token_status.clone());
+            }
+            error
+        }
+        (None, Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled) => ApiError::new(
+            Code::Unavailable,
+            "QUEUE_UNAVAILABLE",
+            "the queue service cannot check the token right now; retry",
+        ),
+        (None, _) => ApiError::internal(format!("ValidateToken failed: {status:?}")),
+    }
 }

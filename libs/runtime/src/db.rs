@@ -77,6 +77,8 @@ pub enum StartupError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    #[error("{0}")]
+    Config(String),
     #[error("provisioning failed: {0}")]
     Provision(#[source] sqlx::Error),
 }

@@ -1,0 +1,66 @@
+//! The concert service's settings: environment variables, each overridable by the flag of
+//! the same name (`CONCERT_HOLD_TTL` = `--hold-ttl`).
+
+use std::{net::SocketAddr, time::Duration};
+
+use stagedoor_runtime::config::parse_duration;
+
+/// Default `LISTEN_ADDR` (DESIGN.md: concert listens on 50052).
+pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50052";
+/// Default `DATABASE_URL`: the concert service's own role on a local Postgres.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://stagedoor_concert@127.0.0.1:5432/stagedoor";
+/// Default `QUEUE_URL`.
+pub const DEFAULT_QUEUE_URL: &str = "http://127.0.0.1:50051";
+const DEFAULT_MAX_CONNECTIONS: u32 = 16;
+const DEFAULT_HOLD_TTL: &str = "5m";
+
+/// Settings of one concert service process.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "stagedoor-concert",
+    version,
+    about = "stagedoor's seats and holds (gRPC)"
+)]
+pub struct ConcertConfig {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = DEFAULT_LISTEN_ADDR)]
+    pub listen_addr: SocketAddr,
+
+    /// Postgres URL of the concert service's own role; its tables live in schema `concert`.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+
+    /// Most Postgres connections this process opens.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub database_max_connections: u32,
+
+    /// The queue service, which vouches for fans' tokens.
+    #[arg(long, env = "QUEUE_URL", default_value = DEFAULT_QUEUE_URL)]
+    pub queue_url: String,
+
+    /// How long a hold keeps its seats unless paid.
+    #[arg(long, env = "CONCERT_HOLD_TTL", default_value = DEFAULT_HOLD_TTL, value_parser = parse_duration)]
+    pub hold_ttl: Duration,
+}
+
+impl ConcertConfig {
+    /// The defaults with `database_url` and `queue_url` and an ephemeral loopback port.
+    /// Built field by field so exported variables never leak into a test.
+    pub fn new(database_url: impl Into<String>, queue_url: impl Into<String>) -> Self {
+        Self {
+            listen_addr: "127.0.0.1:0".parse().expect("valid address"),
+            database_url: database_url.into(),
+            database_max_connections: DEFAULT_MAX_CONNECTIONS,
+            queue_url: queue_url.into(),
+            hold_ttl: parse_duration(DEFAULT_HOLD_TTL).expect("default parses"),
+        }
+    }
+
+    /// Checks the settings that clap's types do not.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.hold_ttl.is_zero() {
+            return Err("CONCERT_HOLD_TTL must be above zero".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,92 @@
+//! The concert service's vocabulary and failures.
+
+use stagedoor_runtime::ApiError;
+use tonic::Code;
+
+/// Most seats one fan may hold on one date at a time (anti-hoarding; DESIGN.md).
+pub const MAX_SEATS_PER_FAN: usize = 4;
+
+/// Failures of the concert domain; [`ApiError`] turns them into statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum ConcertError {
+    #[error("no concert {0}")]
+    ConcertNotFound(String),
+    #[error("no date {0}")]
+    ScheduleNotFound(String),
+    #[error("no hold {0} of yours")]
+    HoldNotFound(String),
+    #[error("the token admits to concert {token_concert}, not {concert}")]
+    WrongConcert {
+        token_concert: String,
+        concert: String,
+    },
+    #[error("seat(s) {0:?} are not available")]
+    SeatUnavailable(Vec<i32>),
+    #[error("a fan holds at most {MAX_SEATS_PER_FAN} seats of one date; you hold {held} and asked for {asked}")]
+    HoldLimitExceeded { held: i64, asked: usize },
+    #[error("the hold is {0}, not HELD")]
+    HoldNotHeld(&'static str),
+    #[error("the hold expired and its seats were taken since")]
+    HoldExpired,
+    #[error("this idempotency key was used for a different request")]
+    IdempotencyKeyReused,
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+impl From<ConcertError> for ApiError {
+    fn from(error: ConcertError) -> Self {
+        let message = error.to_string();
+        match error {
+            ConcertError::ConcertNotFound(_) => {
+                ApiError::new(Code::NotFound, "CONCERT_NOT_FOUND", message)
+            }
+            ConcertError::ScheduleNotFound(_) => {
+                ApiError::new(Code::NotFound, "SCHEDULE_NOT_FOUND", message)
+            }
+            ConcertError::HoldNotFound(_) => {
+                ApiError::new(Code::NotFound, "HOLD_NOT_FOUND", message)
+            }
+            ConcertError::WrongConcert { token_concert, .. } => {
+                ApiError::new(Code::PermissionDenied, "TOKEN_WRONG_CONCERT", message)
+                    .with_metadata("token_concert_id", token_concert)
+            }
+            // ABORTED: the caller lost a race for a seat; another seat may well succeed.
+            ConcertError::SeatUnavailable(seats) => {
+                ApiError::new(Code::Aborted, "SEAT_UNAVAILABLE", message).with_metadata(
+                    "seat_numbers",
+                    seats
+                        .iter()
+                        .map(i32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
+            }
+            ConcertError::HoldLimitExceeded { .. } => {
+                ApiError::new(Code::FailedPrecondition, "HOLD_LIMIT_EXCEEDED", message)
+                    .with_metadata("limit", MAX_SEATS_PER_FAN.to_string())
+            }
+            ConcertError::HoldNotHeld(status) => {
+                ApiError::new(Code::FailedPrecondition, "HOLD_NOT_HELD", message)
+                    .with_metadata("status", status)
+            }
+            ConcertError::HoldExpired => {
+                ApiError::new(Code::FailedPrecondition, "HOLD_EXPIRED", message)
+            }
+            ConcertError::IdempotencyKeyReused => {
+                ApiError::new(Code::InvalidArgument, "IDEMPOTENCY_KEY_REUSED", message)
+                    .with_metadata("field", "request_id")
+            }
+            ConcertError::Api(api) => api,
+            ConcertError::Database(db) => db.into(),
+        }
+    }
+}
+
+impl From<ConcertError> for tonic::Status {
+    fn from(error: ConcertError) -> Self {
+        ApiError::from(error).into()
+    }
+}

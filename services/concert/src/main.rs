@@ -1,0 +1,22 @@
+//! `stagedoor-concert`: seats and holds as a process. All logic lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use stagedoor_concert::ConcertConfig;
+use stagedoor_runtime::{server, telemetry};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    telemetry::init();
+    let config = ConcertConfig::parse();
+    if let Err(problem) = config.validate() {
+        eprintln!("stagedoor-concert: {problem}");
+        return ExitCode::from(2);
+    }
+    let listen_addr = config.listen_addr;
+    server::run_binary("stagedoor-concert", listen_addr, |listener| {
+        stagedoor_concert::start(config, listener)
+    })
+    .await
+}

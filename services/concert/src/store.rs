@@ -1,0 +1,497 @@
+//! Every SQL statement of the concert service.
+//!
+//! Lock order, everywhere: a hold's row before seat rows, and seat rows in seat-number
+//! order (`ORDER BY seat_number FOR UPDATE`). Transactions that take the same locks in the
+//! same order queue behind each other instead of deadlocking, which is what lets hundreds of
+//! overlapping multi-seat holds race without a deadlock error ever reaching a client.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::domain::{ConcertError, MAX_SEATS_PER_FAN};
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ConcertRow {
+    pub concert_id: String,
+    pub title: String,
+    pub artist: String,
+    pub create_time: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ScheduleRow {
+    pub schedule_id: String,
+    pub concert_id: String,
+    pub start_time: DateTime<Utc>,
+    pub venue: String,
+    pub seat_count: i32,
+    /// Seats neither sold nor held right now.
+    pub available: i64,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SeatRow {
+    pub seat_number: i32,
+    /// AVAILABLE, HELD or SOLD, by the database's clock at the time of the read.
+    pub status: String,
+    pub price: i64,
+    pub section: String,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct HoldRow {
+    pub hold_id: Uuid,
+    pub schedule_id: String,
+    pub concert_id: String,
+    pub user_id: String,
+    pub seat_numbers: Vec<i32>,
+    pub total_price: i64,
+    /// HELD, CONFIRMED, RELEASED, or EXPIRED for a HELD hold past its time.
+    pub status: String,
+    pub expire_time: DateTime<Utc>,
+    pub payment_id: Option<String>,
+    pub request_id: String,
+    pub create_time: DateTime<Utc>,
+    pub start_time: DateTime<Utc>,
+}
+
+/// A seat's state, derived: a hold past its time frees the seat at that instant.
+const SEAT_STATUS: &str = "CASE WHEN sold_to_payment IS NOT NULL THEN 'SOLD'
+                               WHEN held_until > now() THEN 'HELD'
+                               ELSE 'AVAILABLE' END";
+
+const HOLD_SELECT: &str = "
+    SELECT h.hold_id, h.schedule_id, h.concert_id, h.user_id, h.seat_numbers, h.total_price,
+           CASE WHEN h.status = 'HELD' AND h.expire_time <= now() THEN 'EXPIRED'
+                ELSE h.status END AS status,
+           h.expire_time, h.payment_id, h.request_id, h.create_time, s.start_time
+      FROM holds h JOIN schedules s ON s.schedule_id = h.schedule_id";
+
+// ---- catalog ---------------------------------------------------------------------------
+
+/// Creates a concert, or returns the one created with the same `request_id`.
+pub async fn create_concert(
+    pool: &PgPool,
+    title: &str,
+    artist: &str,
+    request_id: &str,
+) -> Result<ConcertRow, ConcertError> {
+    let concert_id = format!("concert-{}", Uuid::new_v4().simple());
+    sqlx::query(
+        "INSERT INTO concerts (concert_id, title, artist, request_id) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (request_id) DO NOTHING",
+    )
+    .bind(&concert_id)
+    .bind(title)
+    .bind(artist)
+    .bind(request_id)
+    .execute(pool)
+    .await?;
+    let concert: ConcertRow = sqlx::query_as(
+        "SELECT concert_id, title, artist, create_time FROM concerts WHERE request_id = $1",
+    )
+    .bind(request_id)
+    .fetch_one(pool)
+    .await?;
+    if concert.title != title || concert.artist != artist {
+        return Err(ConcertError::IdempotencyKeyReused);
+    }
+    Ok(concert)
+}
+
+/// One seat of a new date's map.
+pub struct NewSeat {
+    pub section: String,
+    pub price: i64,
+}
+
+/// Adds a date with its seat map (seat i+1 is `seats[i]`), or returns the one added with the
+/// same `request_id`.
+pub async fn add_schedule(
+    pool: &PgPool,
+    concert_id: &str,
+    start_time: DateTime<Utc>,
+    venue: &str,
+    seats: &[NewSeat],
+    request_id: &str,
+) -> Result<ScheduleRow, ConcertError> {
+    let mut tx = pool.begin().await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM concerts WHERE concert_id = $1)")
+            .bind(concert_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    if !exists {
+        return Err(ConcertError::ConcertNotFound(concert_id.to_owned()));
+    }
+    let schedule_id = format!("date-{}", Uuid::new_v4().simple());
+    let inserted = sqlx::query(
+        "INSERT INTO schedules (schedule_id, concert_id, start_time, venue, seat_count, request_id)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (request_id) DO NOTHING",
+    )
+    .bind(&schedule_id)
+    .bind(concert_id)
+    .bind(start_time)
+    .bind(venue)
+    .bind(seats.len() as i32)
+    .bind(request_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        let numbers: Vec<i32> = (1..=seats.len() as i32).collect();
+        let sections: Vec<&str> = seats.iter().map(|seat| seat.section.as_str()).collect();
+        let prices: Vec<i64> = seats.iter().map(|seat| seat.price).collect();
+        sqlx::query(
+            "INSERT INTO seats (schedule_id, seat_number, section, price)
+             SELECT $1, seat_number, section, price
+               FROM unnest($2::int4[], $3::text[], $4::int8[]) AS seat(seat_number, section, price)",
+        )
+        .bind(&schedule_id)
+        .bind(&numbers)
+        .bind(&sections)
+        .bind(&prices)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    let schedule: ScheduleRow = sqlx::query_as(&format!(
+        "{SCHEDULE_SELECT} WHERE sc.request_id = $1 GROUP BY sc.schedule_id"
+    ))
+    .bind(request_id)
+    .fetch_one(pool)
+    .await?;
+    if schedule.concert_id != concert_id {
+        return Err(ConcertError::IdempotencyKeyReused);
+    }
+    Ok(schedule)
+}
+
+const SCHEDULE_SELECT: &str = "
+    SELECT sc.schedule_id, sc.concert_id, sc.start_time, sc.venue, sc.seat_count,
+           count(*) FILTER (WHERE st.sold_to_payment IS NULL
+                              AND (st.held_until IS NULL OR st.held_until <= now())) AS available
+      FROM schedules sc JOIN seats st ON st.schedule_id = sc.schedule_id";
+
+/// Concerts, oldest first, from `offset`.
+pub async fn list_concerts(
+    pool: &PgPool,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<ConcertRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT concert_id, title, artist, create_time FROM concerts
+          ORDER BY create_time, concert_id OFFSET $1 LIMIT $2",
+    )
+    .bind(offset)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Whether a concert exists.
+pub async fn concert_exists(pool: &PgPool, concert_id: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM concerts WHERE concert_id = $1)")
+        .bind(concert_id)
+        .fetch_one(pool)
+        .await
+}
+
+/// A concert's dates with at least one free seat, earliest first.
+pub async fn available_dates(
+    pool: &PgPool,
+    concert_id: &str,
+) -> Result<Vec<ScheduleRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "{SCHEDULE_SELECT}
+          WHERE sc.concert_id = $1
+          GROUP BY sc.schedule_id
+         HAVING count(*) FILTER (WHERE st.sold_to_payment IS NULL
+                                   AND (st.held_until IS NULL OR st.held_until <= now())) > 0
+          ORDER BY sc.start_time, sc.schedule_id"
+    ))
+    .bind(concert_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// One date with its free-seat count.
+pub async fn schedule(
+    pool: &PgPool,
+    schedule_id: &str,
+) -> Result<Option<ScheduleRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "{SCHEDULE_SELECT} WHERE sc.schedule_id = $1 GROUP BY sc.schedule_id"
+    ))
+    .bind(schedule_id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Every seat of a date, by number.
+pub async fn seats(pool: &PgPool, schedule_id: &str) -> Result<Vec<SeatRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT seat_number, {SEAT_STATUS} AS status, price, section
+           FROM seats WHERE schedule_id = $1 ORDER BY seat_number"
+    ))
+    .bind(schedule_id)
+    .fetch_all(pool)
+    .await
+}
+
+// ---- holds -------------------------------------------------------------------------------
+
+/// A hold request, checked: seats distinct, ascending, within the date's map.
+pub struct HoldRequest<'a> {
+    pub schedule: &'a ScheduleRow,
+    pub user_id: &'a str,
+    pub seat_numbers: &'a [i32],
+    pub request_id: &'a str,
+    pub ttl: Duration,
+}
+
+/// Reads a hold (any fan's).
+pub async fn hold(pool: &PgPool, hold_id: Uuid) -> Result<Option<HoldRow>, sqlx::Error> {
+    sqlx::query_as(&format!("{HOLD_SELECT} WHERE h.hold_id = $1"))
+        .bind(hold_id)
+        .fetch_optional(pool)
+        .await
+}
+
+async fn hold_by_request(
+    pool: &PgPool,
+    user_id: &str,
+    request_id: &str,
+) -> Result<Option<HoldRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "{HOLD_SELECT} WHERE h.user_id = $1 AND h.request_id = $2"
+    ))
+    .bind(user_id)
+    .bind(request_id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Holds all the requested seats for the fan, or none.
+pub async fn hold_seats(pool: &PgPool, request: HoldRequest<'_>) -> Result<HoldRow, ConcertError> {
+    // A retry returns the hold the first call made.
+    if let Some(existing) = hold_by_request(pool, request.user_id, request.request_id).await? {
+        return replay_hold(existing, &request);
+    }
+    let schedule_id = &request.schedule.schedule_id;
+    let mut tx = pool.begin().await?;
+    // One fan's holds of one date are serialised, so two concurrent holds of the same fan
+    // cannot both pass the 4-seat limit below. The lock is the fan's and the date's only:
+    // different fans never wait on it.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))")
+        .bind(request.user_id)
+        .bind(schedule_id)
+        .execute(&mut *tx)
+        .await?;
+    let held: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(cardinality(seat_numbers)), 0)::int8 FROM holds
+          WHERE user_id = $1 AND schedule_id = $2 AND status = 'HELD' AND expire_time > now()",
+    )
+    .bind(request.user_id)
+    .bind(schedule_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if held as usize + request.seat_numbers.len() > MAX_SEATS_PER_FAN {
+        return Err(ConcertError::HoldLimitExceeded {
+            held,
+            asked: request.seat_numbers.len(),
+        });
+    }
+
+    // Lock the seats in seat order (see the module notes), then look at them: a seat is
+    // free when it is not sold and any hold on it has passed its time.
+    let locked: Vec<(i32, bool, i64)> = sqlx::query_as(
+        "SELECT seat_number,
+                sold_to_payment IS NULL AND (held_until IS NULL OR held_until <= now()) AS free,
+                price
+           FROM seats
+          WHERE schedule_id = $1 AND seat_number = ANY($2)
+          ORDER BY seat_number
+            FOR UPDATE",
+    )
+    .bind(schedule_id)
+    .bind(request.seat_numbers)
+    .fetch_all(&mut *tx)
+    .await?;
+    let taken: Vec<i32> = locked
+        .iter()
+        .filter(|(_, free, _)| !free)
+        .map(|(n, _, _)| *n)
+        .collect();
+    if !taken.is_empty() || locked.len() != request.seat_numbers.len() {
+        // All or none: nothing was written; dropping the transaction rolls back the locks.
+        return Err(ConcertError::SeatUnavailable(taken));
+    }
+    let total_price: i64 = locked.iter().map(|(_, _, price)| price).sum();
+
+    let hold_id = Uuid::new_v4();
+    let inserted = sqlx::query(
+        "INSERT INTO holds (hold_id, schedule_id, concert_id, user_id, seat_numbers, total_price,
+                            status, expire_time, request_id)
+         VALUES ($1, $2, $3, $4, $5, $6, 'HELD', now() + make_interval(secs => $7), $8)",
+    )
+    .bind(hold_id)
+    .bind(schedule_id)
+    .bind(&request.schedule.concert_id)
+    .bind(request.user_id)
+    .bind(request.seat_numbers)
+    .bind(total_price)
+    .bind(request.ttl.as_secs_f64())
+    .bind(request.request_id)
+    .execute(&mut *tx)
+    .await;
+    if let Err(error) = inserted {
+        if stagedoor_runtime::error::is_unique_violation(&error, Some("holds_request_once")) {
+            // The same request won a race against itself: answer with its hold.
+            drop(tx);
+            let existing = hold_by_request(pool, request.user_id, request.request_id)
+                .await?
+                .ok_or(sqlx::Error::RowNotFound)?;
+            return replay_hold(existing, &request);
+        }
+        return Err(error.into());
+    }
+    sqlx::query(
+        "UPDATE seats SET held_by = $3, held_until = now() + make_interval(secs => $4)
+          WHERE schedule_id = $1 AND seat_number = ANY($2)",
+    )
+    .bind(schedule_id)
+    .bind(request.seat_numbers)
+    .bind(hold_id)
+    .bind(request.ttl.as_secs_f64())
+    .execute(&mut *tx)
+    .await?;
+    let hold: HoldRow = sqlx::query_as(&format!("{HOLD_SELECT} WHERE h.hold_id = $1"))
+        .bind(hold_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(hold)
+}
+
+fn replay_hold(existing: HoldRow, request: &HoldRequest<'_>) -> Result<HoldRow, ConcertError> {
+    if existing.schedule_id == request.schedule.schedule_id
+        && existing.seat_numbers == request.seat_numbers
+    {
+        Ok(existing)
+    } else {
+        Err(ConcertError::IdempotencyKeyReused)
+    }
+}
+
+/// The fan cancels their hold; its seats are free at once. Idempotent.
+pub async fn release(pool: &PgPool, hold_id: Uuid, user_id: &str) -> Result<HoldRow, ConcertError> {
+    let mut tx = pool.begin().await?;
+    // The hold's row first, then its seats (lock order).
+    let status: Option<(String, String)> =
+        sqlx::query_as("SELECT status, user_id FROM holds WHERE hold_id = $1 FOR UPDATE")
+            .bind(hold_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    match status {
+        Some((_, owner)) if owner != user_id => {
+            return Err(ConcertError::HoldNotFound(hold_id.to_string()))
+        }
+        None => return Err(ConcertError::HoldNotFound(hold_id.to_string())),
+        Some((status, _)) if status == "CONFIRMED" => {
+            return Err(ConcertError::HoldNotHeld("CONFIRMED"))
+        }
+        Some((status, _)) if status == "RELEASED" => {}
+        Some(_) => {
+            sqlx::query("UPDATE holds SET status = 'RELEASED' WHERE hold_id = $1")
+                .bind(hold_id)
+                .execute(&mut *tx)
+                .await?;
+            // Only seats this hold still has: after expiry they may belong to someone else.
+            sqlx::query(
+                "UPDATE seats SET held_by = NULL, held_until = NULL
+                  WHERE held_by = $1 AND sold_to_payment IS NULL",
+            )
+            .bind(hold_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    let hold: HoldRow = sqlx::query_as(&format!("{HOLD_SELECT} WHERE h.hold_id = $1"))
+        .bind(hold_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(hold)
+}
+
+/// Sells a hold's seats to a payment. Idempotent per payment; see the proto for the
+/// paid-after-expiry rule.
+pub async fn confirm(
+    pool: &PgPool,
+    hold_id: Uuid,
+    payment_id: &str,
+) -> Result<HoldRow, ConcertError> {
+    let mut tx = pool.begin().await?;
+    let current: Option<(String, Option<String>, String, Vec<i32>)> = sqlx::query_as(
+        "SELECT status, payment_id, schedule_id, seat_numbers FROM holds WHERE hold_id = $1 FOR UPDATE",
+    )
+    .bind(hold_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((status, paid_by, schedule_id, seat_numbers)) = current else {
+        return Err(ConcertError::HoldNotFound(hold_id.to_string()));
+    };
+    match status.as_str() {
+        "CONFIRMED" if paid_by.as_deref() == Some(payment_id) => {} // a retry: same answer
+        "CONFIRMED" => return Err(ConcertError::HoldNotHeld("CONFIRMED")),
+        "RELEASED" => return Err(ConcertError::HoldNotHeld("RELEASED")),
+        _ => {
+            // Still ours? Lock the seats in order and check that each is held by this hold
+            // (whether or not its time has passed) and unsold. A seat re-held by anyone
+            // since the hold expired names another hold: then nothing is sold at all.
+            let ours: i64 = sqlx::query_scalar(
+                "WITH locked AS (
+                     SELECT held_by, sold_to_payment FROM seats
+                      WHERE schedule_id = $1 AND seat_number = ANY($2)
+                      ORDER BY seat_number
+                        FOR UPDATE)
+                 SELECT count(*) FROM locked WHERE held_by = $3 AND sold_to_payment IS NULL",
+            )
+            .bind(&schedule_id)
+            .bind(&seat_numbers)
+            .bind(hold_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if ours != seat_numbers.len() as i64 {
+                return Err(ConcertError::HoldExpired);
+            }
+            sqlx::query(
+                "UPDATE seats SET sold_to_payment = $3, held_by = NULL, held_until = NULL
+                  WHERE schedule_id = $1 AND seat_number = ANY($2)",
+            )
+            .bind(&schedule_id)
+            .bind(&seat_numbers)
+            .bind(payment_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE holds SET status = 'CONFIRMED', payment_id = $2 WHERE hold_id = $1",
+            )
+            .bind(hold_id)
+            .bind(payment_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    let hold: HoldRow = sqlx::query_as(&format!("{HOLD_SELECT} WHERE h.hold_id = $1"))
+        .bind(hold_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(hold)
+}

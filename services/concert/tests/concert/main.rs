@@ -1,0 +1,235 @@
+//! The concert service, tested through gRPC against the real Postgres, with the real queue
+//! service vouching for tokens: each test gets a fresh database, a queue server and one or
+//! more concert servers on 127.0.0.1:0.
+
+mod races;
+mod semantics;
+
+use stagedoor_concert::ConcertConfig;
+use stagedoor_proto::{
+    concert::v1::{
+        self as pb, concert_admin_service_client::ConcertAdminServiceClient,
+        concert_internal_service_client::ConcertInternalServiceClient,
+        concert_service_client::ConcertServiceClient,
+    },
+    queue::v1::{
+        self as queue_pb, queue_internal_service_client::QueueInternalServiceClient,
+        queue_service_client::QueueServiceClient,
+    },
+};
+use stagedoor_queue::QueueConfig;
+use stagedoor_runtime::{db, server::ServiceHandle};
+use stagedoor_testkit::TestDatabase;
+use tonic::{transport::Channel, Request};
+
+pub use stagedoor_testkit::reason;
+
+/// One concert server and clients of its three services.
+pub struct Concert {
+    #[allow(dead_code)] // keeps the server alive for the test
+    pub handle: ServiceHandle,
+    pub public: ConcertServiceClient<Channel>,
+    pub internal: ConcertInternalServiceClient<Channel>,
+    pub admin: ConcertAdminServiceClient<Channel>,
+}
+
+/// A queue server and `replicas` concert servers on one fresh database.
+pub struct Mesh {
+    pub database: TestDatabase,
+    #[allow(dead_code)]
+    pub queue_handle: ServiceHandle,
+    pub queue: QueueServiceClient<Channel>,
+    pub queue_internal: QueueInternalServiceClient<Channel>,
+    pub concerts: Vec<Concert>,
+}
+
+/// Starts the mesh; `tune` adjusts the settings (hold TTL, queue cap) a test exercises.
+pub async fn mesh(
+    replicas: usize,
+    tune: impl FnOnce(&mut QueueConfig, &mut ConcertConfig),
+) -> Mesh {
+    let database = TestDatabase::create().await;
+    let mut queue_config = QueueConfig::for_database(database.url(db::QUEUE));
+    queue_config.max_active = 5_000;
+    queue_config.admit_rate = 1_000_000;
+    queue_config.tick = std::time::Duration::from_millis(20);
+    let mut concert_config = ConcertConfig::new(database.url(db::CONCERT), String::new());
+    tune(&mut queue_config, &mut concert_config);
+    let (queue_handle, queue_channel) =
+        stagedoor_testkit::serve(|listener| stagedoor_queue::start(queue_config, listener)).await;
+    concert_config.queue_url = queue_handle.url();
+    let mut concerts = Vec::new();
+    for _ in 0..replicas {
+        let config = concert_config.clone();
+        let (handle, channel) =
+            stagedoor_testkit::serve(|listener| stagedoor_concert::start(config, listener)).await;
+        concerts.push(Concert {
+            public: ConcertServiceClient::new(channel.clone()),
+            internal: ConcertInternalServiceClient::new(channel.clone()),
+            admin: ConcertAdminServiceClient::new(channel),
+            handle,
+        });
+    }
+    Mesh {
+        database,
+        queue_handle,
+        queue: QueueServiceClient::new(queue_channel.clone()),
+        queue_internal: QueueInternalServiceClient::new(queue_channel),
+        concerts,
+    }
+}
+
+/// A request carrying a queue token, as a BFF would send it.
+pub fn with_token<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+impl Mesh {
+    /// A concert with one date of `seat_count` seats (VIP 1-10 dearer, the rest cheaper).
+    pub async fn catalog(&self, seat_count: i32) -> (String, String) {
+        let mut admin = self.concerts[0].admin.clone();
+        let concert = admin
+            .create_concert(pb::CreateConcertRequest {
+                title: "Night Drive".into(),
+                artist: "The Stagehands".into(),
+                request_id: format!("concert-{}", uuid::Uuid::new_v4().simple()),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .concert
+            .unwrap();
+        let vip_end = seat_count.min(10);
+        let mut sections = vec![pb::PriceSection {
+            name: "VIP".into(),
+            first_seat: 1,
+            last_seat: vip_end,
+            price: 150_000,
+        }];
+        if seat_count > 10 {
+            sections.push(pb::PriceSection {
+                name: "R".into(),
+                first_seat: 11,
+                last_seat: seat_count,
+                price: 90_000,
+            });
+        }
+        let schedule = admin
+            .add_schedule(pb::AddScheduleRequest {
+                concert_id: concert.concert_id.clone(),
+                start_time: Some(prost_types::Timestamp {
+                    seconds: 1_900_000_000,
+                    nanos: 0,
+                }),
+                venue: "Olympic Hall".into(),
+                seat_count,
+                sections,
+                request_id: format!("date-{}", uuid::Uuid::new_v4().simple()),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .schedule
+            .unwrap();
+        (concert.concert_id, schedule.schedule_id)
+    }
+
+    /// A fan's token for a concert, and its status.
+    pub async fn token(&self, concert_id: &str, user_id: &str) -> (String, queue_pb::TokenStatus) {
+        let ticket = self
+            .queue
+            .clone()
+            .issue_token(queue_pb::IssueTokenRequest {
+                concert_id: concert_id.into(),
+                user_id: user_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .ticket
+            .unwrap();
+        let status = ticket.status();
+        (ticket.token, status)
+    }
+
+    /// An ACTIVE token (the tests' queues admit at once).
+    pub async fn active_token(&self, concert_id: &str, user_id: &str) -> String {
+        let (token, status) = self.token(concert_id, user_id).await;
+        assert_eq!(
+            status,
+            queue_pb::TokenStatus::Active,
+            "the test queue admits {user_id} at once"
+        );
+        token
+    }
+
+    pub async fn hold(
+        &self,
+        replica: usize,
+        token: &str,
+        schedule_id: &str,
+        seats: &[i32],
+        request_id: &str,
+    ) -> Result<pb::Hold, tonic::Status> {
+        self.concerts[replica]
+            .public
+            .clone()
+            .hold_seats(with_token(
+                pb::HoldSeatsRequest {
+                    schedule_id: schedule_id.into(),
+                    seat_numbers: seats.to_vec(),
+                    request_id: request_id.into(),
+                },
+                token,
+            ))
+            .await
+            .map(|response| response.into_inner().hold.unwrap())
+    }
+
+    pub async fn seats(&self, token: &str, schedule_id: &str) -> Vec<pb::Seat> {
+        self.concerts[0]
+            .public
+            .clone()
+            .list_available_seats(with_token(
+                pb::ListAvailableSeatsRequest {
+                    schedule_id: schedule_id.into(),
+                },
+                token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .seats
+    }
+
+    pub async fn confirm(
+        &self,
+        hold_id: &str,
+        payment_id: &str,
+    ) -> Result<pb::Hold, tonic::Status> {
+        self.concerts[0]
+            .internal
+            .clone()
+            .confirm_hold(pb::ConfirmHoldRequest {
+                hold_id: hold_id.into(),
+                payment_id: payment_id.into(),
+            })
+            .await
+            .map(|response| response.into_inner().hold.unwrap())
+    }
+
+    /// Number of rows in the holds table.
+    pub async fn hold_rows(&self) -> i64 {
+        let admin = self.database.admin().await;
+        let rows = sqlx::query_scalar("SELECT count(*) FROM concert.holds")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        rows
+    }
+}

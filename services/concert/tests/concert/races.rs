@@ -1,0 +1,135 @@
+use std::{collections::HashSet, sync::Arc};
+
+use tonic::Code;
+
+use crate::{mesh, reason};
+
+/// 1,000 fans, each with their own ACTIVE token, race for seat 7 over TWO concert replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_fans_race_for_one_seat_and_one_wins() {
+    let mesh = Arc::new(mesh(2, |_, _| {}).await);
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let mut tokens = Vec::new();
+    for fan in 0..1_000 {
+        let mesh = mesh.clone();
+        let concert_id = concert_id.clone();
+        tokens.push(tokio::spawn(async move {
+            mesh.active_token(&concert_id, &format!("fan-{fan}")).await
+        }));
+    }
+    let mut active = Vec::new();
+    for token in tokens {
+        active.push(token.await.unwrap());
+    }
+    // Every fan holds a token first; then all of them fire at once.
+    let mut calls = Vec::new();
+    for (fan, token) in active.into_iter().enumerate() {
+        let (mesh, schedule_id) = (mesh.clone(), schedule_id.clone());
+        calls.push(tokio::spawn(async move {
+            mesh.hold(fan % 2, &token, &schedule_id, &[7], &format!("r-{fan}"))
+                .await
+        }));
+    }
+    let mut winners = Vec::new();
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(hold) => winners.push(hold),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Aborted, "{status:?}");
+                assert_eq!(reason(&status), "SEAT_UNAVAILABLE");
+            }
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one winner");
+    let winner = &winners[0];
+    assert_eq!(winner.seat_numbers, vec![7]);
+
+    let admin = mesh.database.admin().await;
+    let (held_by,): (Option<uuid::Uuid>,) = sqlx::query_as(
+        "SELECT held_by FROM concert.seats WHERE schedule_id = $1 AND seat_number = 7",
+    )
+    .bind(&schedule_id)
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        held_by.map(|id| id.to_string()),
+        Some(winner.hold_id.clone())
+    );
+    admin.close().await;
+    assert_eq!(mesh.hold_rows().await, 1, "the losers wrote nothing");
+}
+
+/// Hundreds of overlapping two-seat holds ({1,2}, {2,3}, {3,4}, ...) race over two replicas:
+/// no seat is held twice, no hold is partial, and no deadlock ever reaches a client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_multi_seat_holds_never_split_or_deadlock() {
+    let mesh = Arc::new(mesh(2, |_, _| {}).await);
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let mut calls = Vec::new();
+    for fan in 0..300 {
+        let (mesh, concert_id, schedule_id) =
+            (mesh.clone(), concert_id.clone(), schedule_id.clone());
+        calls.push(tokio::spawn(async move {
+            let token = mesh.active_token(&concert_id, &format!("fan-{fan}")).await;
+            // Pairs and triples that overlap their neighbours, in both orders.
+            let first = (fan % 48) as i32 + 1;
+            let seats: Vec<i32> = if fan % 2 == 0 {
+                vec![first, first + 1]
+            } else {
+                vec![first + 2, first + 1, first]
+            };
+            mesh.hold(fan % 2, &token, &schedule_id, &seats, &format!("r-{fan}"))
+                .await
+        }));
+    }
+    let mut held_seats = HashSet::new();
+    let mut holds = Vec::new();
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(hold) => {
+                for seat in &hold.seat_numbers {
+                    assert!(held_seats.insert(*seat), "seat {seat} held twice");
+                }
+                holds.push(hold);
+            }
+            Err(status) => {
+                assert_eq!(
+                    status.code(),
+                    Code::Aborted,
+                    "only lost races, no deadlock: {status:?}"
+                );
+                assert_eq!(reason(&status), "SEAT_UNAVAILABLE");
+            }
+        }
+    }
+    assert!(!holds.is_empty());
+    // Every hold has all its seats, and no seat is held by a hold that lost.
+    let admin = mesh.database.admin().await;
+    let seat_owners: Vec<(i32, Option<uuid::Uuid>)> =
+        sqlx::query_as("SELECT seat_number, held_by FROM concert.seats WHERE schedule_id = $1")
+            .bind(&schedule_id)
+            .fetch_all(&admin)
+            .await
+            .unwrap();
+    admin.close().await;
+    for hold in &holds {
+        for seat in &hold.seat_numbers {
+            let owner = seat_owners.iter().find(|(n, _)| n == seat).unwrap().1;
+            assert_eq!(
+                owner.map(|id| id.to_string()).as_deref(),
+                Some(hold.hold_id.as_str())
+            );
+        }
+    }
+    let owned = seat_owners
+        .iter()
+        .filter(|(_, owner)| owner.is_some())
+        .count();
+    assert_eq!(
+        owned,
+        held_seats.len(),
+        "a seat is held by a hold nobody got back"
+    );
+    assert_eq!(mesh.hold_rows().await, holds.len() as i64);
+}

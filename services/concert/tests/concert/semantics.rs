@@ -1,0 +1,375 @@
+use std::time::Duration;
+
+use stagedoor_proto::{concert::v1 as pb, queue::v1 as queue_pb};
+use tonic::{Code, Request};
+
+use crate::{mesh, reason, with_token};
+
+fn status_of(seats: &[pb::Seat], number: i32) -> pb::SeatStatus {
+    seats
+        .iter()
+        .find(|seat| seat.seat_number == number)
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn an_expired_hold_frees_its_seats_at_once() {
+    let mesh = mesh(1, |_, concert| {
+        concert.hold_ttl = Duration::from_millis(800)
+    })
+    .await;
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let alice = mesh.active_token(&concert_id, "alice").await;
+    let bob = mesh.active_token(&concert_id, "bob").await;
+
+    let late = mesh
+        .hold(0, &alice, &schedule_id, &[1, 2], "a-1")
+        .await
+        .unwrap();
+    let untouched = mesh
+        .hold(0, &alice, &schedule_id, &[10], "a-2")
+        .await
+        .unwrap();
+    assert_eq!(late.status(), pb::HoldStatus::Held);
+    assert_eq!(late.total_price, 300_000, "two VIP seats");
+    assert_eq!(
+        status_of(&mesh.seats(&bob, &schedule_id).await, 1),
+        pb::SeatStatus::Held
+    );
+
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    // No sweeper ran: the seats are free because the time passed.
+    let seats = mesh.seats(&bob, &schedule_id).await;
+    assert_eq!(status_of(&seats, 1), pb::SeatStatus::Available);
+    assert_eq!(status_of(&seats, 2), pb::SeatStatus::Available);
+    let taken = mesh
+        .hold(0, &bob, &schedule_id, &[2], "b-1")
+        .await
+        .expect("held by another fan at once");
+
+    // Paying the old hold now: seat 2 was taken since, so nothing is sold.
+    let expired = mesh.confirm(&late.hold_id, "pay-late").await.unwrap_err();
+    assert_eq!(expired.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&expired), "HOLD_EXPIRED");
+    let seats = mesh.seats(&bob, &schedule_id).await;
+    assert_eq!(
+        status_of(&seats, 1),
+        pb::SeatStatus::Available,
+        "nothing changed"
+    );
+    assert_eq!(status_of(&seats, 2), pb::SeatStatus::Held);
+    let hold = mesh.concerts[0]
+        .internal
+        .clone()
+        .get_hold(pb::GetHoldRequest {
+            hold_id: late.hold_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(hold.status(), pb::HoldStatus::Expired);
+    assert_ne!(taken.hold_id, late.hold_id);
+
+    // An expired hold whose seat nobody took since is still sold when paid.
+    let sold = mesh
+        .confirm(&untouched.hold_id, "pay-untouched")
+        .await
+        .unwrap();
+    assert_eq!(sold.status(), pb::HoldStatus::Confirmed);
+    assert_eq!(
+        status_of(&mesh.seats(&bob, &schedule_id).await, 10),
+        pb::SeatStatus::Sold
+    );
+}
+
+#[tokio::test]
+async fn confirm_is_idempotent_per_payment_and_sells_once() {
+    let mesh = mesh(1, |_, _| {}).await;
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let fan = mesh.active_token(&concert_id, "fan").await;
+    let hold = mesh
+        .hold(0, &fan, &schedule_id, &[20, 21], "r-1")
+        .await
+        .unwrap();
+
+    let first = mesh.confirm(&hold.hold_id, "pay-1").await.unwrap();
+    assert_eq!(
+        (first.status(), first.payment_id.as_str()),
+        (pb::HoldStatus::Confirmed, "pay-1")
+    );
+    assert_eq!(
+        mesh.confirm(&hold.hold_id, "pay-1").await.unwrap(),
+        first,
+        "the retry is answered the same"
+    );
+    let other = mesh.confirm(&hold.hold_id, "pay-2").await.unwrap_err();
+    assert_eq!(other.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&other), "HOLD_NOT_HELD");
+
+    let seats = mesh.seats(&fan, &schedule_id).await;
+    assert_eq!(status_of(&seats, 20), pb::SeatStatus::Sold);
+    assert_eq!(status_of(&seats, 21), pb::SeatStatus::Sold);
+    let admin = mesh.database.admin().await;
+    let sales: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT sold_to_payment FROM concert.seats WHERE sold_to_payment IS NOT NULL",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    assert_eq!(sales, vec!["pay-1".to_owned()]);
+
+    // A paid hold cannot be released.
+    let release = mesh.concerts[0]
+        .public
+        .clone()
+        .release_hold(with_token(
+            pb::ReleaseHoldRequest {
+                hold_id: hold.hold_id.clone(),
+            },
+            &fan,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&release), "HOLD_NOT_HELD");
+}
+
+#[tokio::test]
+async fn tokens_decide_who_may_call_and_as_whom() {
+    let mesh = mesh(1, |queue, _| queue.max_active = 2).await;
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let (other_concert, _) = mesh.catalog(50).await;
+    let alice = mesh.active_token(&concert_id, "alice").await;
+    let elsewhere = mesh.active_token(&other_concert, "carol").await;
+    // Two ACTIVE at once per concert: alice and bob are in, erin waits.
+    mesh.active_token(&concert_id, "bob").await;
+    let (waiting, waiting_status) = mesh.token(&concert_id, "erin").await;
+    assert_eq!(waiting_status, queue_pb::TokenStatus::Waiting);
+    let public = mesh.concerts[0].public.clone();
+    let dates = |token: Option<&str>, concert: &str| {
+        let mut public = public.clone();
+        let message = pb::ListAvailableDatesRequest {
+            concert_id: concert.into(),
+        };
+        let request = match token {
+            Some(token) => with_token(message, token),
+            None => Request::new(message),
+        };
+        async move { public.list_available_dates(request).await }
+    };
+
+    let missing = dates(None, &concert_id).await.unwrap_err();
+    assert_eq!(
+        (missing.code(), reason(&missing).as_str()),
+        (Code::Unauthenticated, "MISSING_TOKEN")
+    );
+    let malformed = dates(Some("not-a-token"), &concert_id).await.unwrap_err();
+    assert_eq!(
+        (malformed.code(), reason(&malformed).as_str()),
+        (Code::InvalidArgument, "MALFORMED_TOKEN")
+    );
+    let unknown = dates(Some(&uuid::Uuid::new_v4().to_string()), &concert_id)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (unknown.code(), reason(&unknown).as_str()),
+        (Code::Unauthenticated, "TOKEN_NOT_FOUND")
+    );
+    let not_yet = dates(Some(&waiting), &concert_id).await.unwrap_err();
+    assert_eq!(
+        (not_yet.code(), reason(&not_yet).as_str()),
+        (Code::FailedPrecondition, "TOKEN_NOT_ACTIVE")
+    );
+    let wrong = dates(Some(&elsewhere), &concert_id).await.unwrap_err();
+    assert_eq!(
+        (wrong.code(), reason(&wrong).as_str()),
+        (Code::PermissionDenied, "TOKEN_WRONG_CONCERT")
+    );
+    let wrong_hold = mesh
+        .hold(0, &elsewhere, &schedule_id, &[1], "c-1")
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&wrong_hold), "TOKEN_WRONG_CONCERT");
+
+    // The hold is the token's user's, whoever the caller claims to be.
+    let dates = dates(Some(&alice), &concert_id)
+        .await
+        .unwrap()
+        .into_inner()
+        .schedules;
+    assert_eq!((dates.len(), dates[0].available_seat_count), (1, 50));
+    let hold = mesh
+        .hold(0, &alice, &schedule_id, &[5], "a-1")
+        .await
+        .unwrap();
+    assert_eq!(hold.user_id, "alice");
+
+    // A DONE token no longer works.
+    mesh.queue_internal
+        .clone()
+        .complete_token(queue_pb::CompleteTokenRequest {
+            token: alice.clone(),
+        })
+        .await
+        .unwrap();
+    let done = mesh
+        .hold(0, &alice, &schedule_id, &[6], "a-2")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (done.code(), reason(&done).as_str()),
+        (Code::FailedPrecondition, "TOKEN_NOT_ACTIVE")
+    );
+    assert_eq!(mesh.hold_rows().await, 1);
+}
+
+#[tokio::test]
+async fn bad_holds_are_refused_and_change_nothing() {
+    let mesh = mesh(1, |_, _| {}).await;
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let fan = mesh.active_token(&concert_id, "fan").await;
+    let other = mesh.active_token(&concert_id, "other").await;
+
+    for seats in [vec![0], vec![51], vec![3, 3], vec![1, 2, 3, 4, 5], vec![]] {
+        let status = mesh
+            .hold(0, &fan, &schedule_id, &seats, "r-bad")
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "seats {seats:?}");
+        assert_eq!(reason(&status), "INVALID_FIELD");
+    }
+    let unknown = mesh
+        .hold(0, &fan, "date-nope", &[1], "r-1")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (unknown.code(), reason(&unknown).as_str()),
+        (Code::NotFound, "SCHEDULE_NOT_FOUND")
+    );
+    let no_key = mesh
+        .hold(0, &fan, &schedule_id, &[1], "")
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&no_key), "INVALID_FIELD");
+    assert_eq!(mesh.hold_rows().await, 0, "nothing written");
+
+    // Releasing: unknown, malformed, or someone else's hold.
+    let release = |token: &str, hold_id: &str| {
+        let mut public = mesh.concerts[0].public.clone();
+        let request = with_token(
+            pb::ReleaseHoldRequest {
+                hold_id: hold_id.into(),
+            },
+            token,
+        );
+        async move { public.release_hold(request).await }
+    };
+    let hold = mesh
+        .hold(0, &other, &schedule_id, &[9], "o-1")
+        .await
+        .unwrap();
+    let theirs = release(&fan, &hold.hold_id).await.unwrap_err();
+    assert_eq!(
+        (theirs.code(), reason(&theirs).as_str()),
+        (Code::NotFound, "HOLD_NOT_FOUND")
+    );
+    let unknown = release(&fan, &uuid::Uuid::new_v4().to_string())
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&unknown), "HOLD_NOT_FOUND");
+    let malformed = release(&fan, "hold-9").await.unwrap_err();
+    assert_eq!(
+        (malformed.code(), reason(&malformed).as_str()),
+        (Code::InvalidArgument, "INVALID_FIELD")
+    );
+    assert_eq!(
+        status_of(&mesh.seats(&fan, &schedule_id).await, 9),
+        pb::SeatStatus::Held,
+        "still theirs"
+    );
+
+    // Its owner releases it: free at once; twice is fine.
+    let released = release(&other, &hold.hold_id)
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(released.status(), pb::HoldStatus::Released);
+    release(&other, &hold.hold_id).await.unwrap();
+    assert_eq!(
+        status_of(&mesh.seats(&fan, &schedule_id).await, 9),
+        pb::SeatStatus::Available
+    );
+}
+
+#[tokio::test]
+async fn a_fan_holds_at_most_four_seats_of_a_date_and_retries_replay() {
+    let mesh = mesh(1, |_, _| {}).await;
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let fan = mesh.active_token(&concert_id, "fan").await;
+    let three = mesh
+        .hold(0, &fan, &schedule_id, &[11, 12, 13], "r-1")
+        .await
+        .unwrap();
+    assert_eq!(
+        mesh.hold(0, &fan, &schedule_id, &[11, 12, 13], "r-1")
+            .await
+            .unwrap(),
+        three,
+        "retry"
+    );
+    let reused = mesh
+        .hold(0, &fan, &schedule_id, &[14], "r-1")
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&reused), "IDEMPOTENCY_KEY_REUSED");
+
+    let over = mesh
+        .hold(0, &fan, &schedule_id, &[14, 15], "r-2")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (over.code(), reason(&over).as_str()),
+        (Code::FailedPrecondition, "HOLD_LIMIT_EXCEEDED")
+    );
+    mesh.hold(0, &fan, &schedule_id, &[14], "r-3")
+        .await
+        .expect("the fourth seat fits");
+    assert_eq!(mesh.hold_rows().await, 2);
+}
+
+#[tokio::test]
+async fn a_sold_out_date_drops_out_of_the_list() {
+    let mesh = mesh(1, |_, _| {}).await;
+    let (concert_id, schedule_id) = mesh.catalog(2).await;
+    let fan = mesh.active_token(&concert_id, "fan").await;
+    let dates = || {
+        let mut public = mesh.concerts[0].public.clone();
+        let request = with_token(
+            pb::ListAvailableDatesRequest {
+                concert_id: concert_id.clone(),
+            },
+            &fan,
+        );
+        async move {
+            public
+                .list_available_dates(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .schedules
+        }
+    };
+    assert_eq!(dates().await.len(), 1);
+    let hold = mesh
+        .hold(0, &fan, &schedule_id, &[1, 2], "r-1")
+        .await
+        .unwrap();
+    assert!(dates().await.is_empty(), "held seats are not free");
+    mesh.confirm(&hold.hold_id, "pay-1").await.unwrap();
+    assert!(dates().await.is_empty(), "sold out");
+}
