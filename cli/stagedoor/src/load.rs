@@ -1,9 +1,10 @@
 //! `stagedoor load <scenario>`: the benchmark harness. Every figure in BENCHMARKS.md comes
 //! from here, printed with the command that produced it.
 //!
-//! Without `--target-url` a scenario provisions a throwaway database, starts the services it
-//! needs in this process on free ports (real gRPC over loopback), runs, and drops the
-//! database. With `--target-url` it loads a service that is already running.
+//! Unless the URLs of every service it needs are given (`--queue-url`, `--concert-url`,
+//! `--point-url`), a scenario provisions a throwaway database, starts those services in this
+//! process on free ports (real gRPC over loopback, each as its own role, concert checking
+//! tokens with the queue over gRPC), runs, and drops the database.
 
 use std::{
     future::Future,
@@ -14,13 +15,21 @@ use std::{
     time::{Duration, Instant},
 };
 
+use stagedoor_concert::ConcertConfig;
 use stagedoor_point::PointConfig;
 use stagedoor_proto::{
+    concert::v1::{
+        self as concert_pb, concert_admin_service_client::ConcertAdminServiceClient,
+        concert_service_client::ConcertServiceClient,
+    },
     point::v1::{
         self as point, point_internal_service_client::PointInternalServiceClient,
         point_service_client::PointServiceClient,
     },
-    queue::v1::{self as pb, queue_service_client::QueueServiceClient},
+    queue::v1::{
+        self as pb, queue_internal_service_client::QueueInternalServiceClient,
+        queue_service_client::QueueServiceClient,
+    },
 };
 use stagedoor_queue::QueueConfig;
 use stagedoor_runtime::db;
@@ -37,10 +46,16 @@ pub struct LoadArgs {
     /// HTTP/2 connections the calls are spread over.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
-    /// Load a running service (the queue for queue scenarios, point for point scenarios)
-    /// instead of starting one in this process.
+    /// Load a running queue instead of starting one in this process (with the other URLs a
+    /// scenario needs).
     #[arg(long)]
-    pub target_url: Option<String>,
+    pub queue_url: Option<String>,
+    /// Load a running concert service (its QUEUE_URL must be the --queue-url given).
+    #[arg(long)]
+    pub concert_url: Option<String>,
+    /// Load a running point service.
+    #[arg(long)]
+    pub point_url: Option<String>,
     /// Admin connection for the throwaway database of an in-process run.
     #[arg(long, env = "ADMIN_DATABASE_URL", default_value = mesh::DEFAULT_ADMIN_URL)]
     pub admin_url: String,
@@ -91,20 +106,72 @@ pub enum Scenario {
     Charge(WalletArgs),
     /// SpendPoints throughput (wallets are charged first), spread over `--users` wallets.
     Spend(WalletArgs),
+    /// HoldSeats throughput, every fan holding a different seat (dates of 1,000 seats).
+    HoldSpread {
+        /// Holds to make (one fan, one token, one seat each).
+        #[arg(long, default_value_t = 20_000)]
+        holds: usize,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Fans racing for ONE seat, all at once: one winner, and how long losing takes.
+    HoldRace {
+        /// Fans in the race.
+        #[arg(long, default_value_t = 1_000)]
+        fans: usize,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// ListAvailableSeats throughput on a 50-seat date (token checked on every call).
+    ListSeats {
+        /// How long to call.
+        #[arg(long, default_value = "10s", value_parser = stagedoor_runtime::config::parse_duration)]
+        duration: Duration,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// The queue's ValidateToken alone: the hop every token-bearing call pays.
+    ValidateToken {
+        /// How long to call.
+        #[arg(long, default_value = "10s", value_parser = stagedoor_runtime::config::parse_duration)]
+        duration: Duration,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
 }
 
 impl Scenario {
     fn load(&self) -> &LoadArgs {
         match self {
-            Self::IssueToken { load, .. } | Self::QueueStatus { load, .. } => load,
+            Self::IssueToken { load, .. }
+            | Self::QueueStatus { load, .. }
+            | Self::HoldSpread { load, .. }
+            | Self::HoldRace { load, .. }
+            | Self::ListSeats { load, .. }
+            | Self::ValidateToken { load, .. } => load,
             Self::Charge(wallet) | Self::Spend(wallet) => &wallet.load,
         }
     }
 
-    fn service(&self) -> Service {
+    /// The services the scenario needs running.
+    fn services(&self) -> &'static [Service] {
         match self {
-            Self::IssueToken { .. } | Self::QueueStatus { .. } => Service::Queue,
-            Self::Charge(_) | Self::Spend(_) => Service::Point,
+            Self::IssueToken { .. } | Self::QueueStatus { .. } | Self::ValidateToken { .. } => {
+                &[Service::Queue]
+            }
+            Self::Charge(_) | Self::Spend(_) => &[Service::Point],
+            Self::HoldSpread { .. } | Self::HoldRace { .. } | Self::ListSeats { .. } => {
+                &[Service::Queue, Service::Concert]
+            }
+        }
+    }
+
+    /// ACTIVE tokens the scenario needs at once (the in-process queue's cap must allow it).
+    fn active_fans(&self) -> u32 {
+        match self {
+            Self::HoldSpread { holds, .. } => *holds as u32,
+            Self::HoldRace { fans, .. } => *fans as u32,
+            _ => 0,
         }
     }
 }
@@ -112,8 +179,12 @@ impl Scenario {
 /// Runs a scenario and prints its figures.
 pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
     let load = scenario.load().clone();
-    let target = Target::start(&load, scenario.service()).await?;
-    let channels = target.channels(load.connections).await?;
+    let target = Target::start(&load, scenario.services(), scenario.active_fans()).await?;
+    // The first service a scenario needs is the one it mostly calls (the queue for every
+    // scenario that needs tokens).
+    let channels = target
+        .channels(scenario.services()[0], load.connections)
+        .await?;
     let clients: Vec<QueueServiceClient<Channel>> = channels
         .iter()
         .cloned()
@@ -280,6 +351,136 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
             .await;
             println!("{}", summary.line());
         }
+        Scenario::HoldSpread { holds, .. } => {
+            let concert = target.channels(Service::Concert, load.connections).await?;
+            let schedules = catalog(&concert[0], holds.div_ceil(1_000), 1_000).await?;
+            let (fill, tokens) =
+                issue_and_keep(&clients, &schedules.0, holds, load.concurrency).await;
+            println!("{}", fill.line());
+            let publics: Vec<_> = concert
+                .iter()
+                .cloned()
+                .map(ConcertServiceClient::new)
+                .collect();
+            let (tokens, dates) = (Arc::new(tokens), Arc::new(schedules.1));
+            let summary = drive(
+                "hold-spread",
+                Some(holds),
+                None,
+                load.concurrency,
+                move |call| {
+                    let mut client = publics[call % publics.len()].clone();
+                    let request = with_token(
+                        concert_pb::HoldSeatsRequest {
+                            schedule_id: dates[call / 1_000].clone(),
+                            seat_numbers: vec![(call % 1_000) as i32 + 1],
+                            request_id: format!("hold-{call}"),
+                        },
+                        &tokens[call],
+                    );
+                    async move { client.hold_seats(request).await.map(|_| ()) }
+                },
+            )
+            .await;
+            println!("{}", summary.line());
+        }
+        Scenario::HoldRace { fans, .. } => {
+            let concert = target.channels(Service::Concert, load.connections).await?;
+            let (concert_id, dates) = catalog(&concert[0], 1, 50).await?;
+            let (fill, tokens) =
+                issue_and_keep(&clients, &concert_id, fans, load.concurrency).await;
+            println!("{}", fill.line());
+            let publics: Vec<_> = concert
+                .iter()
+                .cloned()
+                .map(ConcertServiceClient::new)
+                .collect();
+            let winners = Arc::new(AtomicUsize::new(0));
+            let tokens = Arc::new(tokens);
+            // Everyone at once: as many in flight as there are fans.
+            let summary = drive("hold-race", Some(fans), None, fans, {
+                let winners = winners.clone();
+                move |call| {
+                    let mut client = publics[call % publics.len()].clone();
+                    let winners = winners.clone();
+                    let request = with_token(
+                        concert_pb::HoldSeatsRequest {
+                            schedule_id: dates[0].clone(),
+                            seat_numbers: vec![7],
+                            request_id: format!("race-{call}"),
+                        },
+                        &tokens[call],
+                    );
+                    async move {
+                        match client.hold_seats(request).await {
+                            Ok(_) => {
+                                winners.fetch_add(1, Ordering::Relaxed);
+                                Ok(())
+                            }
+                            // Losing the race is the expected answer, timed like a win.
+                            Err(status) if status.code() == tonic::Code::Aborted => Ok(()),
+                            Err(status) => Err(status),
+                        }
+                    }
+                }
+            })
+            .await;
+            println!("{}", summary.line());
+            println!("winners: {} of {fans}", winners.load(Ordering::Relaxed));
+        }
+        Scenario::ListSeats { duration, .. } => {
+            let concert = target.channels(Service::Concert, load.connections).await?;
+            let (concert_id, dates) = catalog(&concert[0], 1, 50).await?;
+            let (_, tokens) = issue_and_keep(&clients, &concert_id, 1, 1).await;
+            let publics: Vec<_> = concert
+                .iter()
+                .cloned()
+                .map(ConcertServiceClient::new)
+                .collect();
+            let (token, date) = (tokens[0].clone(), dates[0].clone());
+            let summary = drive(
+                "list-seats",
+                None,
+                Some(duration),
+                load.concurrency,
+                move |call| {
+                    let mut client = publics[call % publics.len()].clone();
+                    let request = with_token(
+                        concert_pb::ListAvailableSeatsRequest {
+                            schedule_id: date.clone(),
+                        },
+                        &token,
+                    );
+                    async move { client.list_available_seats(request).await.map(|_| ()) }
+                },
+            )
+            .await;
+            println!("{}", summary.line());
+        }
+        Scenario::ValidateToken { duration, .. } => {
+            let (_, tokens) = issue_and_keep(&clients, &concert, 1, 1).await;
+            let internals: Vec<_> = channels
+                .iter()
+                .cloned()
+                .map(QueueInternalServiceClient::new)
+                .collect();
+            let token = tokens[0].clone();
+            let summary = drive(
+                "validate-token",
+                None,
+                Some(duration),
+                load.concurrency,
+                move |call| {
+                    let mut client = internals[call % internals.len()].clone();
+                    let request = pb::ValidateTokenRequest {
+                        token: token.clone(),
+                    };
+                    async move { client.validate_token(request).await.map(|_| ()) }
+                },
+            )
+            .await;
+            println!("{}", summary.line());
+        }
     }
     target.stop().await;
     Ok(())
@@ -323,6 +524,57 @@ async fn issue_and_keep(
         summary,
         tokens.into_iter().map(|(_, token)| token).collect(),
     )
+}
+
+/// A request carrying a queue token.
+fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("token is ASCII"),
+    );
+    request
+}
+
+/// A concert with `dates` dates of `seats` seats each, through the admin service.
+async fn catalog(
+    concert: &Channel,
+    dates: usize,
+    seats: i32,
+) -> Result<(String, Vec<String>), tonic::Status> {
+    let mut admin = ConcertAdminServiceClient::new(concert.clone());
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let created = admin
+        .create_concert(concert_pb::CreateConcertRequest {
+            title: "Load Test Live".into(),
+            artist: "The Benchmarks".into(),
+            request_id: format!("load-{run}"),
+        })
+        .await?
+        .into_inner()
+        .concert
+        .unwrap_or_default();
+    let mut schedule_ids = Vec::with_capacity(dates);
+    for date in 0..dates {
+        let schedule = admin
+            .add_schedule(concert_pb::AddScheduleRequest {
+                concert_id: created.concert_id.clone(),
+                start_time: Some(prost_types::Timestamp {
+                    seconds: 1_900_000_000 + date as i64 * 86_400,
+                    nanos: 0,
+                }),
+                venue: "Loopback Arena".into(),
+                seat_count: seats,
+                sections: Vec::new(),
+                request_id: format!("load-{run}-{date}"),
+            })
+            .await?
+            .into_inner()
+            .schedule
+            .unwrap_or_default();
+        schedule_ids.push(schedule.schedule_id);
+    }
+    Ok((created.concert_id, schedule_ids))
 }
 
 /// Runs `call(0), call(1), ...` with `concurrency` calls in flight, until `total` calls or
@@ -383,70 +635,114 @@ where
     }
 }
 
-/// The service a scenario loads.
-#[derive(Debug, Clone, Copy)]
+/// A service a scenario loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Service {
     Queue,
+    Concert,
     Point,
 }
 
-/// What a run loads: a service started in this process on a throwaway database, or a
-/// running one.
-enum Target {
-    InProcess {
-        service: stagedoor_runtime::server::ServiceHandle,
-        database: mesh::Database,
-    },
-    Remote(String),
+/// What a run loads: services started in this process on a throwaway database, or running
+/// ones given by URL.
+struct Target {
+    urls: Vec<(Service, String)>,
+    running: Vec<stagedoor_runtime::server::ServiceHandle>,
+    database: Option<mesh::Database>,
 }
 
 impl Target {
-    async fn start(load: &LoadArgs, which: Service) -> Result<Self, Box<dyn std::error::Error>> {
-        if let Some(url) = &load.target_url {
-            return Ok(Self::Remote(url.clone()));
+    async fn start(
+        load: &LoadArgs,
+        needs: &[Service],
+        active_fans: u32,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let given = |service| match service {
+            Service::Queue => load.queue_url.clone(),
+            Service::Concert => load.concert_url.clone(),
+            Service::Point => load.point_url.clone(),
+        };
+        if needs.iter().all(|service| given(*service).is_some()) {
+            return Ok(Self {
+                urls: needs
+                    .iter()
+                    .map(|service| (*service, given(*service).unwrap_or_default()))
+                    .collect(),
+                running: Vec::new(),
+                database: None,
+            });
         }
         let name = format!("stagedoor_load_{}", uuid::Uuid::new_v4().simple());
         let database = mesh::Database::provision(&load.admin_url, &name).await?;
         let local: std::net::SocketAddr = "127.0.0.1:0".parse()?;
-        let service = match which {
-            Service::Queue => {
-                let mut config = QueueConfig::for_database(database.url(db::QUEUE));
-                config.max_active = load.max_active;
-                config.admit_rate = load.admit_rate;
-                mesh::start_on(local, |listener| stagedoor_queue::start(config, listener)).await?
-            }
-            Service::Point => {
-                let config = PointConfig::for_database(database.url(db::POINT));
-                mesh::start_on(local, |listener| stagedoor_point::start(config, listener)).await?
-            }
+        let mut target = Self {
+            urls: Vec::new(),
+            running: Vec::new(),
+            database: None,
         };
-        Ok(Self::InProcess { service, database })
+        for service in needs {
+            let handle = match service {
+                Service::Queue => {
+                    let mut config = QueueConfig::for_database(database.url(db::QUEUE));
+                    config.max_active = load.max_active.max(active_fans);
+                    config.admit_rate = if active_fans > 0 {
+                        1_000_000
+                    } else {
+                        load.admit_rate
+                    };
+                    mesh::start_on(local, |listener| stagedoor_queue::start(config, listener))
+                        .await?
+                }
+                Service::Concert => {
+                    let config =
+                        ConcertConfig::new(database.url(db::CONCERT), target.url(Service::Queue));
+                    mesh::start_on(local, |listener| stagedoor_concert::start(config, listener))
+                        .await?
+                }
+                Service::Point => {
+                    let config = PointConfig::for_database(database.url(db::POINT));
+                    mesh::start_on(local, |listener| stagedoor_point::start(config, listener))
+                        .await?
+                }
+            };
+            target.urls.push((*service, handle.url()));
+            target.running.push(handle);
+        }
+        target.database = Some(database);
+        Ok(target)
     }
 
-    fn url(&self) -> String {
-        match self {
-            Self::InProcess { service, .. } => service.url(),
-            Self::Remote(url) => url.clone(),
-        }
+    fn url(&self, service: Service) -> String {
+        self.urls
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map(|(_, url)| url.clone())
+            .unwrap_or_default()
     }
 
     fn describe(&self) -> String {
-        match self {
-            Self::InProcess { service, .. } => {
-                format!(
-                    "in-process service at {} on a throwaway database",
-                    service.url()
-                )
-            }
-            Self::Remote(url) => format!("service at {url}"),
-        }
+        let services: Vec<String> = self
+            .urls
+            .iter()
+            .map(|(s, url)| format!("{s:?} at {url}"))
+            .collect();
+        let place = if self.database.is_some() {
+            "in-process, throwaway database"
+        } else {
+            "running"
+        };
+        format!("{} ({place})", services.join(", "))
     }
 
-    async fn channels(&self, connections: usize) -> Result<Vec<Channel>, tonic::transport::Error> {
+    async fn channels(
+        &self,
+        service: Service,
+        connections: usize,
+    ) -> Result<Vec<Channel>, tonic::transport::Error> {
         let mut channels = Vec::new();
         for _ in 0..connections.max(1) {
             channels.push(
-                Channel::from_shared(self.url())
+                Channel::from_shared(self.url(service))
                     .expect("service URL")
                     .connect()
                     .await?,
@@ -456,8 +752,10 @@ impl Target {
     }
 
     async fn stop(self) {
-        if let Self::InProcess { service, database } = self {
+        for service in self.running.into_iter().rev() {
             let _ = service.shutdown().await;
+        }
+        if let Some(database) = self.database {
             if let Err(error) = database.drop_database().await {
                 eprintln!("warning: the throwaway database was not dropped: {error}");
             }

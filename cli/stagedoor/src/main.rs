@@ -3,11 +3,13 @@
 
 mod load;
 mod mesh;
+mod seed;
 mod stats;
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
+use stagedoor_concert::ConcertConfig;
 use stagedoor_point::PointConfig;
 use stagedoor_queue::QueueConfig;
 use stagedoor_runtime::{config::parse_duration, db, telemetry};
@@ -27,6 +29,12 @@ struct Cli {
 enum Command {
     /// Provision the database and run the services until Ctrl-C.
     Up(UpArgs),
+    /// Load the demo catalog into a running concert service (idempotent).
+    Seed {
+        /// The concert service.
+        #[arg(long, env = "CONCERT_URL", default_value = "http://127.0.0.1:50052")]
+        concert_url: String,
+    },
     /// Run a benchmark scenario and print throughput and p50/p99.
     Load {
         #[command(subcommand)]
@@ -45,6 +53,12 @@ struct UpArgs {
     /// Where the queue service listens.
     #[arg(long, default_value = "0.0.0.0:50051")]
     queue_addr: SocketAddr,
+    /// Where the concert service listens.
+    #[arg(long, default_value = "0.0.0.0:50052")]
+    concert_addr: SocketAddr,
+    /// How long a hold keeps its seats.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    hold_ttl: Duration,
     /// Where the point service listens.
     #[arg(long, default_value = "0.0.0.0:50053")]
     point_addr: SocketAddr,
@@ -69,6 +83,10 @@ async fn main() -> ExitCode {
         Command::Up(args) => {
             telemetry::init();
             up(args).await
+        }
+        Command::Seed { concert_url } => {
+            telemetry::init();
+            seed_and_show(&concert_url).await.map(|_| ())
         }
         Command::Load { scenario } => {
             telemetry::init();
@@ -101,6 +119,8 @@ async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
     queue.validate()?;
     let point = PointConfig::for_database(database.url(db::POINT));
     point.validate()?;
+    let mut concert = ConcertConfig::new(database.url(db::CONCERT), String::new());
+    concert.hold_ttl = args.hold_ttl;
 
     let queue = mesh::start_on(args.queue_addr, |listener| {
         stagedoor_queue::start(queue, listener)
@@ -110,6 +130,12 @@ async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
         stagedoor_point::start(point, listener)
     })
     .await?;
+    concert.queue_url = queue.url();
+    concert.validate()?;
+    let concert = mesh::start_on(args.concert_addr, |listener| {
+        stagedoor_concert::start(concert, listener)
+    })
+    .await?;
 
     println!("stagedoor is up (database `{}`)", args.database);
     println!(
@@ -117,13 +143,19 @@ async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
         queue.url()
     );
     println!(
+        "  concert  {}   stagedoor.concert.v1.ConcertService, ConcertInternalService, ConcertAdminService",
+        concert.url()
+    );
+    println!(
         "  point    {}   stagedoor.point.v1.PointService, PointInternalService",
         point.url()
     );
+    let seeded = seed_and_show(&concert.url()).await?;
+    let demo_concert = seeded.concerts[0].0.clone();
     println!();
     println!("Try it (buf curl reads the API from server reflection; no proto files needed):");
     println!("  buf curl --protocol grpc --http2-prior-knowledge \\");
-    println!("    -d '{{\"concert_id\":\"demo\",\"user_id\":\"fan-1\"}}' \\");
+    println!("    -d '{{\"concert_id\":\"{demo_concert}\",\"user_id\":\"fan-1\"}}' \\");
     println!(
         "    {}/stagedoor.queue.v1.QueueService/IssueToken",
         queue.url()
@@ -141,11 +173,26 @@ async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
     stagedoor_runtime::shutdown::os_signal().await;
     println!("stopping: finishing calls in flight ...");
     // Stop in reverse order of dependency: nothing calls point or queue after this.
-    for (name, service) in [("point", point), ("queue", queue)] {
+    for (name, service) in [("concert", concert), ("point", point), ("queue", queue)] {
         if let Err(error) = service.shutdown().await {
             eprintln!("stagedoor: {name} stopped with an error: {error}");
         }
     }
     println!("stagedoor stopped cleanly");
     Ok(())
+}
+
+/// Seeds the demo catalog (idempotent) and prints it.
+async fn seed_and_show(concert_url: &str) -> Result<seed::Seeded, Box<dyn std::error::Error>> {
+    let channel = tonic::transport::Channel::from_shared(concert_url.to_owned())?
+        .connect()
+        .await
+        .map_err(|error| format!("cannot reach the concert service at {concert_url}: {error}"))?;
+    let seeded = seed::seed(channel).await?;
+    println!();
+    println!("Demo catalog (ListConcerts needs no token; the rest needs an ACTIVE queue token):");
+    for (concert_id, title, dates) in &seeded.concerts {
+        println!("  {title:<16} {concert_id}   dates: {}", dates.join(" "));
+    }
+    Ok(seeded)
 }

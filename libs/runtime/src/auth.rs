@@ -53,7 +53,21 @@ pub struct Fan {
 #[derive(Clone)]
 pub struct TokenValidator {
     queue: QueueInternalServiceClient<Channel>,
+    recent: std::sync::Arc<RecentTokens>,
 }
+
+/// Tokens the queue vouched for moments ago, so a fan's burst of calls (list dates, list
+/// seats, hold) costs one ValidateToken rather than one each. An entry lives at most the
+/// configured TTL and never past the token's own `expire_time`; a token completed or
+/// expired meanwhile is therefore accepted for at most that TTL by this service. Callers
+/// whose step must not tolerate that (the payment saga) use a TTL of zero.
+struct RecentTokens {
+    ttl: Duration,
+    entries: std::sync::Mutex<std::collections::HashMap<String, (Fan, std::time::Instant)>>,
+}
+
+/// Entries kept at most before the cache starts over.
+const RECENT_TOKENS_MAX: usize = 100_000;
 
 /// Deadline of one ValidateToken call.
 const VALIDATE_DEADLINE: Duration = Duration::from_secs(2);
@@ -61,7 +75,7 @@ const VALIDATE_DEADLINE: Duration = Duration::from_secs(2);
 impl TokenValidator {
     /// A validator for the queue at `queue_url` (`http://host:port`). The connection is made
     /// on first use and re-made after failures, so services may start in any order.
-    pub fn new(queue_url: &str) -> Result<Self, String> {
+    pub fn new(queue_url: &str, cache_ttl: Duration) -> Result<Self, String> {
         let channel = Channel::from_shared(queue_url.to_owned())
             .map_err(|error| format!("invalid QUEUE_URL `{queue_url}`: {error}"))?
             .connect_timeout(Duration::from_secs(1))
@@ -69,6 +83,10 @@ impl TokenValidator {
             .connect_lazy();
         Ok(Self {
             queue: QueueInternalServiceClient::new(channel),
+            recent: std::sync::Arc::new(RecentTokens {
+                ttl: cache_ttl,
+                entries: std::sync::Mutex::new(std::collections::HashMap::new()),
+            }),
         })
     }
 
@@ -76,6 +94,9 @@ impl TokenValidator {
     /// through with their code and reason (TOKEN_NOT_FOUND, TOKEN_NOT_ACTIVE, ...).
     pub async fn fan(&self, metadata: &MetadataMap) -> Result<Fan, ApiError> {
         let token = bearer_token(metadata)?.to_owned();
+        if let Some(fan) = self.recent.get(&token) {
+            return Ok(fan);
+        }
         let mut request = tonic::Request::new(ValidateTokenRequest {
             token: token.clone(),
         });
@@ -83,14 +104,51 @@ impl TokenValidator {
         match self.queue.clone().validate_token(request).await {
             Ok(response) => {
                 let valid = response.into_inner();
-                Ok(Fan {
+                let fan = Fan {
                     user_id: valid.user_id,
                     concert_id: valid.concert_id,
                     token,
-                })
+                };
+                let window_left = valid
+                    .expire_time
+                    .as_ref()
+                    .and_then(crate::time::from_timestamp)
+                    .and_then(|end| (end - chrono::Utc::now()).to_std().ok())
+                    .unwrap_or(Duration::ZERO);
+                self.recent.put(&fan, window_left);
+                Ok(fan)
             }
             Err(status) => Err(queue_refusal(&status)),
         }
+    }
+}
+
+impl RecentTokens {
+    fn get(&self, token: &str) -> Option<Fan> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        let mut entries = self.entries.lock().expect("token cache poisoned");
+        match entries.get(token) {
+            Some((fan, until)) if std::time::Instant::now() < *until => Some(fan.clone()),
+            Some(_) => {
+                entries.remove(token);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn put(&self, fan: &Fan, window_left: Duration) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut entries = self.entries.lock().expect("token cache poisoned");
+        if entries.len() >= RECENT_TOKENS_MAX {
+            entries.clear();
+        }
+        let until = std::time::Instant::now() + self.ttl.min(window_left);
+        entries.insert(fan.token.clone(), (fan.clone(), until));
     }
 }
 

@@ -28,7 +28,8 @@ pub async fn start(
     config: ConcertConfig,
     listener: TcpListener,
 ) -> Result<ServiceHandle, StartupError> {
-    let tokens = TokenValidator::new(&config.queue_url).map_err(StartupError::Config)?;
+    let tokens = TokenValidator::new(&config.queue_url, config.token_cache_ttl)
+        .map_err(StartupError::Config)?;
     let pool = db::connect(&PoolConfig {
         url: config.database_url.clone(),
         schema: db::CONCERT.schema,
@@ -41,6 +42,7 @@ pub async fn start(
     let (trigger, shutdown) = ShutdownTrigger::new();
     let api = ConcertApi::new(ConcertState {
         pool,
+        dates: Default::default(),
         tokens,
         hold_ttl: config.hold_ttl,
     });

@@ -13,6 +13,7 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://stagedoor_concert@127.0.0.1:5
 pub const DEFAULT_QUEUE_URL: &str = "http://127.0.0.1:50051";
 const DEFAULT_MAX_CONNECTIONS: u32 = 16;
 const DEFAULT_HOLD_TTL: &str = "5m";
+const DEFAULT_TOKEN_CACHE_TTL: &str = "1s";
 
 /// Settings of one concert service process.
 #[derive(Debug, Clone, clap::Parser)]
@@ -41,6 +42,12 @@ pub struct ConcertConfig {
     /// How long a hold keeps its seats unless paid.
     #[arg(long, env = "CONCERT_HOLD_TTL", default_value = DEFAULT_HOLD_TTL, value_parser = parse_duration)]
     pub hold_ttl: Duration,
+
+    /// How long a token the queue vouched for is trusted without asking again (0 asks on
+    /// every call). A token completed or expired meanwhile works here for at most this long;
+    /// paying always asks the queue.
+    #[arg(long, env = "CONCERT_TOKEN_CACHE_TTL", default_value = DEFAULT_TOKEN_CACHE_TTL, value_parser = parse_duration)]
+    pub token_cache_ttl: Duration,
 }
 
 impl ConcertConfig {
@@ -53,6 +60,7 @@ impl ConcertConfig {
             database_max_connections: DEFAULT_MAX_CONNECTIONS,
             queue_url: queue_url.into(),
             hold_ttl: parse_duration(DEFAULT_HOLD_TTL).expect("default parses"),
+            token_cache_ttl: parse_duration(DEFAULT_TOKEN_CACHE_TTL).expect("default parses"),
         }
     }
 

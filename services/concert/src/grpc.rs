@@ -24,6 +24,8 @@ use crate::{
 /// Everything a handler needs.
 pub struct ConcertState {
     pub pool: PgPool,
+    /// Dates never change once added: each replica keeps those it has read.
+    pub dates: std::sync::Mutex<std::collections::HashMap<String, ScheduleRow>>,
     pub tokens: TokenValidator,
     pub hold_ttl: Duration,
 }
@@ -54,7 +56,28 @@ impl ConcertApi {
         schedule_id: &str,
     ) -> Result<ScheduleRow, ConcertError> {
         let schedule_id = validate::id("schedule_id", schedule_id)?;
-        match store::schedule(&self.state.pool, schedule_id).await? {
+        let known = self
+            .state
+            .dates
+            .lock()
+            .expect("date cache poisoned")
+            .get(schedule_id)
+            .cloned();
+        let found = match known {
+            Some(schedule) => Some(schedule),
+            None => {
+                let read = store::schedule(&self.state.pool, schedule_id).await?;
+                if let Some(schedule) = &read {
+                    let mut dates = self.state.dates.lock().expect("date cache poisoned");
+                    if dates.len() >= 100_000 {
+                        dates.clear();
+                    }
+                    dates.insert(schedule_id.to_owned(), schedule.clone());
+                }
+                read
+            }
+        };
+        match found {
             Some(schedule) if schedule.concert_id == fan.concert_id => Ok(schedule),
             Some(schedule) => Err(ConcertError::WrongConcert {
                 token_concert: fan.concert_id.clone(),
@@ -70,14 +93,14 @@ fn parse_hold_id(text: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::invalid_field("hold_id", "hold_id is not a hold id"))
 }
 
-fn schedule_to_proto(schedule: &ScheduleRow) -> pb::Schedule {
+fn schedule_to_proto(schedule: &ScheduleRow, available: i64) -> pb::Schedule {
     pb::Schedule {
         schedule_id: schedule.schedule_id.clone(),
         concert_id: schedule.concert_id.clone(),
         start_time: Some(time::timestamp(schedule.start_time)),
         venue: schedule.venue.clone(),
         seat_count: schedule.seat_count,
-        available_seat_count: schedule.available as i32,
+        available_seat_count: available as i32,
     }
 }
 
@@ -188,7 +211,10 @@ impl ConcertService for ConcertApi {
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::ListAvailableDatesResponse {
-            schedules: schedules.iter().map(schedule_to_proto).collect(),
+            schedules: schedules
+                .iter()
+                .map(|date| schedule_to_proto(&date.schedule, date.available))
+                .collect(),
         }))
     }
 
@@ -203,8 +229,12 @@ impl ConcertService for ConcertApi {
         let seats = store::seats(&self.state.pool, &schedule.schedule_id)
             .await
             .map_err(ApiError::from)?;
+        let available = seats
+            .iter()
+            .filter(|seat| seat.status == "AVAILABLE")
+            .count() as i64;
         Ok(Response::new(pb::ListAvailableSeatsResponse {
-            schedule: Some(schedule_to_proto(&schedule)),
+            schedule: Some(schedule_to_proto(&schedule, available)),
             seats: seats
                 .into_iter()
                 .map(|seat| {
@@ -421,7 +451,7 @@ impl ConcertAdminService for ConcertApi {
         )
         .await?;
         Ok(Response::new(pb::AddScheduleResponse {
-            schedule: Some(schedule_to_proto(&schedule)),
+            schedule: Some(schedule_to_proto(&schedule.schedule, schedule.available)),
         }))
     }
 }

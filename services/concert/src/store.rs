@@ -28,7 +28,13 @@ pub struct ScheduleRow {
     pub start_time: DateTime<Utc>,
     pub venue: String,
     pub seat_count: i32,
-    /// Seats neither sold nor held right now.
+}
+
+/// A date with the number of its seats neither sold nor held right now.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DateWithSeats {
+    #[sqlx(flatten)]
+    pub schedule: ScheduleRow,
     pub available: i64,
 }
 
@@ -117,7 +123,7 @@ pub async fn add_schedule(
     venue: &str,
     seats: &[NewSeat],
     request_id: &str,
-) -> Result<ScheduleRow, ConcertError> {
+) -> Result<DateWithSeats, ConcertError> {
     let mut tx = pool.begin().await?;
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM concerts WHERE concert_id = $1)")
@@ -159,13 +165,13 @@ pub async fn add_schedule(
         .await?;
     }
     tx.commit().await?;
-    let schedule: ScheduleRow = sqlx::query_as(&format!(
+    let schedule: DateWithSeats = sqlx::query_as(&format!(
         "{SCHEDULE_SELECT} WHERE sc.request_id = $1 GROUP BY sc.schedule_id"
     ))
     .bind(request_id)
     .fetch_one(pool)
     .await?;
-    if schedule.concert_id != concert_id {
+    if schedule.schedule.concert_id != concert_id {
         return Err(ConcertError::IdempotencyKeyReused);
     }
     Ok(schedule)
@@ -205,7 +211,7 @@ pub async fn concert_exists(pool: &PgPool, concert_id: &str) -> Result<bool, sql
 pub async fn available_dates(
     pool: &PgPool,
     concert_id: &str,
-) -> Result<Vec<ScheduleRow>, sqlx::Error> {
+) -> Result<Vec<DateWithSeats>, sqlx::Error> {
     sqlx::query_as(&format!(
         "{SCHEDULE_SELECT}
           WHERE sc.concert_id = $1
@@ -219,14 +225,15 @@ pub async fn available_dates(
     .await
 }
 
-/// One date with its free-seat count.
+/// One date (a primary-key lookup: no seat is counted).
 pub async fn schedule(
     pool: &PgPool,
     schedule_id: &str,
 ) -> Result<Option<ScheduleRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "{SCHEDULE_SELECT} WHERE sc.schedule_id = $1 GROUP BY sc.schedule_id"
-    ))
+    sqlx::query_as(
+        "SELECT schedule_id, concert_id, start_time, venue, seat_count
+           FROM schedules WHERE schedule_id = $1",
+    )
     .bind(schedule_id)
     .fetch_optional(pool)
     .await
@@ -278,41 +285,43 @@ async fn hold_by_request(
 
 /// Holds all the requested seats for the fan, or none.
 pub async fn hold_seats(pool: &PgPool, request: HoldRequest<'_>) -> Result<HoldRow, ConcertError> {
-    // A retry returns the hold the first call made.
-    if let Some(existing) = hold_by_request(pool, request.user_id, request.request_id).await? {
-        return replay_hold(existing, &request);
-    }
     let schedule_id = &request.schedule.schedule_id;
+    // Fail fast, without a transaction, when a seat is visibly taken: in a rush for one seat
+    // the losers then cost one read instead of queueing for the seat's row lock. (A retry of
+    // a hold that succeeded sees its own seats taken and gets its hold back.)
+    let taken: Vec<i32> = sqlx::query_scalar(
+        "SELECT seat_number FROM seats
+          WHERE schedule_id = $1 AND seat_number = ANY($2)
+            AND NOT (sold_to_payment IS NULL AND (held_until IS NULL OR held_until <= now()))",
+    )
+    .bind(schedule_id)
+    .bind(request.seat_numbers)
+    .fetch_all(pool)
+    .await?;
+    if !taken.is_empty() {
+        return unavailable_or_replay(pool, &request, taken).await;
+    }
+
     let mut tx = pool.begin().await?;
     // One fan's holds of one date are serialised, so two concurrent holds of the same fan
-    // cannot both pass the 4-seat limit below. The lock is the fan's and the date's only:
-    // different fans never wait on it.
+    // cannot both pass the 4-seat limit. The lock is the fan's and the date's only: other
+    // fans never wait on it. (It must be its own statement: the next one's snapshot then
+    // sees whatever the previous holder of the lock committed.)
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))")
         .bind(request.user_id)
         .bind(schedule_id)
         .execute(&mut *tx)
         .await?;
-    let held: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(cardinality(seat_numbers)), 0)::int8 FROM holds
-          WHERE user_id = $1 AND schedule_id = $2 AND status = 'HELD' AND expire_time > now()",
-    )
-    .bind(request.user_id)
-    .bind(schedule_id)
-    .fetch_one(&mut *tx)
-    .await?;
-    if held as usize + request.seat_numbers.len() > MAX_SEATS_PER_FAN {
-        return Err(ConcertError::HoldLimitExceeded {
-            held,
-            asked: request.seat_numbers.len(),
-        });
-    }
-
-    // Lock the seats in seat order (see the module notes), then look at them: a seat is
-    // free when it is not sold and any hold on it has passed its time.
-    let locked: Vec<(i32, bool, i64)> = sqlx::query_as(
+    // Lock the seats in seat order (see the module notes) and look at them under the lock:
+    // a seat is free when it is not sold and any hold on it has passed its time. The same
+    // statement counts the seats this fan already holds on the date.
+    let locked: Vec<(i32, bool, i64, i64)> = sqlx::query_as(
         "SELECT seat_number,
                 sold_to_payment IS NULL AND (held_until IS NULL OR held_until <= now()) AS free,
-                price
+                price,
+                (SELECT coalesce(sum(cardinality(seat_numbers)), 0)::int8 FROM holds
+                  WHERE user_id = $3 AND schedule_id = $1 AND status = 'HELD'
+                    AND expire_time > now()) AS fan_holds
            FROM seats
           WHERE schedule_id = $1 AND seat_number = ANY($2)
           ORDER BY seat_number
@@ -320,26 +329,44 @@ pub async fn hold_seats(pool: &PgPool, request: HoldRequest<'_>) -> Result<HoldR
     )
     .bind(schedule_id)
     .bind(request.seat_numbers)
+    .bind(request.user_id)
     .fetch_all(&mut *tx)
     .await?;
+    let held = locked.first().map_or(0, |seat| seat.3);
+    if held as usize + request.seat_numbers.len() > MAX_SEATS_PER_FAN {
+        return Err(ConcertError::HoldLimitExceeded {
+            held,
+            asked: request.seat_numbers.len(),
+        });
+    }
     let taken: Vec<i32> = locked
         .iter()
-        .filter(|(_, free, _)| !free)
-        .map(|(n, _, _)| *n)
+        .filter(|seat| !seat.1)
+        .map(|seat| seat.0)
         .collect();
     if !taken.is_empty() || locked.len() != request.seat_numbers.len() {
-        // All or none: nothing was written; dropping the transaction rolls back the locks.
-        return Err(ConcertError::SeatUnavailable(taken));
+        // All or none: nothing was written; dropping the transaction releases the locks.
+        drop(tx);
+        return unavailable_or_replay(pool, &request, taken).await;
     }
-    let total_price: i64 = locked.iter().map(|(_, _, price)| price).sum();
+    let total_price: i64 = locked.iter().map(|seat| seat.2).sum();
 
-    let hold_id = Uuid::new_v4();
-    let inserted = sqlx::query(
-        "INSERT INTO holds (hold_id, schedule_id, concert_id, user_id, seat_numbers, total_price,
-                            status, expire_time, request_id)
-         VALUES ($1, $2, $3, $4, $5, $6, 'HELD', now() + make_interval(secs => $7), $8)",
+    // The hold and its seats in one statement.
+    let written = sqlx::query_as::<_, HoldRow>(
+        "WITH hold AS (
+             INSERT INTO holds (hold_id, schedule_id, concert_id, user_id, seat_numbers,
+                                total_price, status, expire_time, request_id)
+             VALUES ($1, $2, $3, $4, $5, $6, 'HELD', now() + make_interval(secs => $7), $8)
+             RETURNING *),
+         held AS (
+             UPDATE seats SET held_by = $1, held_until = (SELECT expire_time FROM hold)
+              WHERE schedule_id = $2 AND seat_number = ANY($5))
+         SELECT h.hold_id, h.schedule_id, h.concert_id, h.user_id, h.seat_numbers,
+                h.total_price, h.status, h.expire_time, h.payment_id, h.request_id,
+                h.create_time, s.start_time
+           FROM hold h JOIN schedules s ON s.schedule_id = h.schedule_id",
     )
-    .bind(hold_id)
+    .bind(Uuid::new_v4())
     .bind(schedule_id)
     .bind(&request.schedule.concert_id)
     .bind(request.user_id)
@@ -347,35 +374,38 @@ pub async fn hold_seats(pool: &PgPool, request: HoldRequest<'_>) -> Result<HoldR
     .bind(total_price)
     .bind(request.ttl.as_secs_f64())
     .bind(request.request_id)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await;
-    if let Err(error) = inserted {
-        if stagedoor_runtime::error::is_unique_violation(&error, Some("holds_request_once")) {
-            // The same request won a race against itself: answer with its hold.
-            drop(tx);
-            let existing = hold_by_request(pool, request.user_id, request.request_id)
-                .await?
-                .ok_or(sqlx::Error::RowNotFound)?;
-            return replay_hold(existing, &request);
+    match written {
+        Ok(hold) => {
+            tx.commit().await?;
+            Ok(hold)
         }
-        return Err(error.into());
+        // The same request (same fan, same key) made the hold first: answer with it.
+        Err(error)
+            if stagedoor_runtime::error::is_unique_violation(
+                &error,
+                Some("holds_request_once"),
+            ) =>
+        {
+            drop(tx);
+            unavailable_or_replay(pool, &request, Vec::new()).await
+        }
+        Err(error) => Err(error.into()),
     }
-    sqlx::query(
-        "UPDATE seats SET held_by = $3, held_until = now() + make_interval(secs => $4)
-          WHERE schedule_id = $1 AND seat_number = ANY($2)",
-    )
-    .bind(schedule_id)
-    .bind(request.seat_numbers)
-    .bind(hold_id)
-    .bind(request.ttl.as_secs_f64())
-    .execute(&mut *tx)
-    .await?;
-    let hold: HoldRow = sqlx::query_as(&format!("{HOLD_SELECT} WHERE h.hold_id = $1"))
-        .bind(hold_id)
-        .fetch_one(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(hold)
+}
+
+/// The answer to a hold that found seats taken: the fan's own earlier hold if this is a
+/// retry of it, otherwise SEAT_UNAVAILABLE.
+async fn unavailable_or_replay(
+    pool: &PgPool,
+    request: &HoldRequest<'_>,
+    taken: Vec<i32>,
+) -> Result<HoldRow, ConcertError> {
+    match hold_by_request(pool, request.user_id, request.request_id).await? {
+        Some(existing) => replay_hold(existing, request),
+        None => Err(ConcertError::SeatUnavailable(taken)),
+    }
 }
 
 fn replay_hold(existing: HoldRow, request: &HoldRequest<'_>) -> Result<HoldRow, ConcertError> {

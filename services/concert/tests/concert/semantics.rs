@@ -139,7 +139,12 @@ async fn confirm_is_idempotent_per_payment_and_sells_once() {
 
 #[tokio::test]
 async fn tokens_decide_who_may_call_and_as_whom() {
-    let mesh = mesh(1, |queue, _| queue.max_active = 2).await;
+    let mesh = mesh(1, |queue, concert| {
+        queue.max_active = 2;
+        // Ask the queue on every call, so a token completed a moment ago is refused at once.
+        concert.token_cache_ttl = Duration::ZERO;
+    })
+    .await;
     let (concert_id, schedule_id) = mesh.catalog(50).await;
     let (other_concert, _) = mesh.catalog(50).await;
     let alice = mesh.active_token(&concert_id, "alice").await;
@@ -372,4 +377,21 @@ async fn a_sold_out_date_drops_out_of_the_list() {
     assert!(dates().await.is_empty(), "held seats are not free");
     mesh.confirm(&hold.hold_id, "pay-1").await.unwrap();
     assert!(dates().await.is_empty(), "sold out");
+}
+
+#[tokio::test]
+async fn a_vouched_token_is_trusted_no_longer_than_the_cache_ttl() {
+    let mesh = mesh(1, |_, concert| concert.token_cache_ttl = Duration::from_millis(500)).await;
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let fan = mesh.active_token(&concert_id, "fan").await;
+    mesh.seats(&fan, &schedule_id).await; // the queue vouches; the answer is kept
+    mesh.queue_internal
+        .clone()
+        .complete_token(queue_pb::CompleteTokenRequest { token: fan.clone() })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let refused = mesh.hold(0, &fan, &schedule_id, &[1], "r-1").await.unwrap_err();
+    assert_eq!(reason(&refused), "TOKEN_NOT_ACTIVE", "asked the queue again after the TTL");
+    assert_eq!(mesh.hold_rows().await, 0);
 }
