@@ -22,6 +22,10 @@ bench:
     cargo run --release -p stagedoor -- load charge --users 1 --calls 20000
     cargo run --release -p stagedoor -- load spend
     cargo run --release -p stagedoor -- load spend --users 1 --calls 20000
+    cargo run --release -p stagedoor -- load hold-spread
+    cargo run --release -p stagedoor -- load hold-race
+    cargo run --release -p stagedoor -- load list-seats
+    cargo run --release -p stagedoor -- load validate-token
 
 # What CI runs.
 ci:
