@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, str::FromStr};
 
-use sqlx::{postgres::PgConnectOptions, ConnectOptions, Executor};
+use sqlx::postgres::PgConnectOptions;
 use stagedoor_runtime::{
     db::{self, StartupError},
     server::{self, ServiceHandle},
@@ -51,19 +51,7 @@ impl Database {
 
     /// Drops the database (for throwaway load runs), closing whatever is still connected.
     pub async fn drop_database(self) -> Result<(), sqlx::Error> {
-        let mut admin = PgConnectOptions::from_str(&self.admin_url)?
-            .connect()
-            .await?;
-        admin
-            .execute(
-                format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    db::quote_ident(&self.name)
-                )
-                .as_str(),
-            )
-            .await?;
-        Ok(())
+        db::drop_database(&self.admin_url, &self.name).await
     }
 }
 

@@ -177,6 +177,22 @@ pub async fn ensure_database(admin_url: &str, database: &str) -> Result<(), Star
     Ok(())
 }
 
+/// Drops `database` through an admin connection, closing whatever is still connected to it
+/// (`WITH (FORCE)`): for throwaway databases of tests and load runs.
+pub async fn drop_database(admin_url: &str, database: &str) -> Result<(), sqlx::Error> {
+    let mut admin = PgConnectOptions::from_str(admin_url)?.connect().await?;
+    admin
+        .execute(
+            format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_ident(database)
+            )
+            .as_str(),
+        )
+        .await?;
+    Ok(())
+}
+
 /// Creates a service's login role (cluster-wide, once) and its schema in the database the
 /// admin pool is connected to, owned by that role. Nobody else gets any right on the schema,
 /// so a service's role can neither read nor write another service's tables.

@@ -9,7 +9,7 @@
 
 use std::str::FromStr;
 
-use sqlx::{postgres::PgConnectOptions, ConnectOptions, Executor, PgPool};
+use sqlx::{postgres::PgConnectOptions, PgPool};
 use stagedoor_runtime::{
     db::{self, ServiceSchema},
     server::ServiceHandle,
@@ -85,23 +85,8 @@ impl Drop for TestDatabase {
                 .enable_all()
                 .build()
                 .expect("runtime for dropping the test database");
-            runtime.block_on(async move {
-                let mut admin = PgConnectOptions::from_str(&admin_url)
-                    .expect("ADMIN_DATABASE_URL parses")
-                    .connect()
-                    .await?;
-                // FORCE closes the connections of services the test left running.
-                admin
-                    .execute(
-                        format!(
-                            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                            db::quote_ident(&name)
-                        )
-                        .as_str(),
-                    )
-                    .await
-                    .map(|_| ())
-            })
+            // FORCE closes the connections of services the test left running.
+            runtime.block_on(db::drop_database(&admin_url, &name))
         })
         .join();
         if let Ok(Err(error)) = dropped {

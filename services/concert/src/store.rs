@@ -418,6 +418,19 @@ fn replay_hold(existing: HoldRow, request: &HoldRequest<'_>) -> Result<HoldRow, 
     }
 }
 
+/// Reads the hold as the transaction left it, then commits.
+async fn read_and_commit(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    hold_id: Uuid,
+) -> Result<HoldRow, ConcertError> {
+    let hold: HoldRow = sqlx::query_as(&format!("{HOLD_SELECT} WHERE h.hold_id = $1"))
+        .bind(hold_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(hold)
+}
+
 /// The fan cancels their hold; its seats are free at once. Idempotent.
 pub async fn release(pool: &PgPool, hold_id: Uuid, user_id: &str) -> Result<HoldRow, ConcertError> {
     let mut tx = pool.begin().await?;
@@ -451,12 +464,7 @@ pub async fn release(pool: &PgPool, hold_id: Uuid, user_id: &str) -> Result<Hold
             .await?;
         }
     }
-    let hold: HoldRow = sqlx::query_as(&format!("{HOLD_SELECT} WHERE h.hold_id = $1"))
-        .bind(hold_id)
-        .fetch_one(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(hold)
+    read_and_commit(tx, hold_id).await
 }
 
 /// Sells a hold's seats to a payment. Idempotent per payment; see the proto for the
@@ -518,10 +526,5 @@ pub async fn confirm(
             .await?;
         }
     }
-    let hold: HoldRow = sqlx::query_as(&format!("{HOLD_SELECT} WHERE h.hold_id = $1"))
-        .bind(hold_id)
-        .fetch_one(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(hold)
+    read_and_commit(tx, hold_id).await
 }

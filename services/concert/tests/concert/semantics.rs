@@ -381,7 +381,10 @@ async fn a_sold_out_date_drops_out_of_the_list() {
 
 #[tokio::test]
 async fn a_vouched_token_is_trusted_no_longer_than_the_cache_ttl() {
-    let mesh = mesh(1, |_, concert| concert.token_cache_ttl = Duration::from_millis(500)).await;
+    let mesh = mesh(1, |_, concert| {
+        concert.token_cache_ttl = Duration::from_millis(500)
+    })
+    .await;
     let (concert_id, schedule_id) = mesh.catalog(50).await;
     let fan = mesh.active_token(&concert_id, "fan").await;
     mesh.seats(&fan, &schedule_id).await; // the queue vouches; the answer is kept
@@ -391,7 +394,14 @@ async fn a_vouched_token_is_trusted_no_longer_than_the_cache_ttl() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let refused = mesh.hold(0, &fan, &schedule_id, &[1], "r-1").await.unwrap_err();
-    assert_eq!(reason(&refused), "TOKEN_NOT_ACTIVE", "asked the queue again after the TTL");
+    let refused = mesh
+        .hold(0, &fan, &schedule_id, &[1], "r-1")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&refused),
+        "TOKEN_NOT_ACTIVE",
+        "asked the queue again after the TTL"
+    );
     assert_eq!(mesh.hold_rows().await, 0);
 }
