@@ -72,3 +72,32 @@ async fn position_counts_the_fans_ahead() {
     assert!(statuses[0].expire_time.is_some() && statuses[0].admit_time.is_some());
     assert!(statuses[2].expire_time.is_none() && statuses[2].admit_time.is_none());
 }
+
+#[tokio::test]
+async fn the_estimated_wait_follows_the_observed_admission_rate() {
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.admit_rate = 5;
+    settings.tick = std::time::Duration::from_millis(100);
+    let queue = start(settings).await;
+    let mut last = None;
+    for fan in 0..40 {
+        last = Some(queue.issue("c", &format!("fan-{fan}")).await);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.status(), pb::TokenStatus::Waiting);
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    let ticket = queue.status(&last.token).await;
+    assert_eq!(ticket.status(), pb::TokenStatus::Waiting);
+    let wait = ticket
+        .estimated_wait
+        .expect("an estimate once the rate was observed");
+    let seconds = wait.seconds as f64 + f64::from(wait.nanos) / 1e9;
+    // About (position + 1) / 5 admissions per second; the observed rate is noisy.
+    let expected = (ticket.position + 1) as f64 / 5.0;
+    assert!(
+        seconds > expected / 2.0 && seconds < expected * 2.0,
+        "estimated {seconds:.1}s for position {}, expected about {expected:.1}s",
+        ticket.position
+    );
+}
