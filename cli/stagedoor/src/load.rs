@@ -267,25 +267,14 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
                 .map(PointServiceClient::new)
                 .collect();
             let users = wallet.users.max(1);
-            let summary = drive(
+            let summary = charges(
                 "charge",
-                Some(wallet.calls),
-                None,
+                clients,
+                &run_id,
+                users,
+                wallet.calls,
+                |_| 1_000,
                 load.concurrency,
-                move |call| {
-                    let mut client = clients[call % clients.len()].clone();
-                    let run_id = run_id.clone();
-                    async move {
-                        client
-                            .charge_points(point::ChargePointsRequest {
-                                user_id: format!("fan-{run_id}-{}", call % users),
-                                amount: 1_000,
-                                request_id: format!("charge-{call}"),
-                            })
-                            .await
-                            .map(|_| ())
-                    }
-                },
             )
             .await;
             println!("{}", summary.line());
@@ -307,25 +296,17 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
             let per_user = (wallet.calls.div_ceil(users) as i64) * 1_000;
             let top_ups = (per_user as usize).div_ceil(1_000_000);
             println!("charging {users} wallet(s) with {per_user} each ...");
-            let setup = drive("top-up", Some(users * top_ups), None, load.concurrency, {
-                let run_id = run_id.clone();
-                move |call| {
-                    let mut client = public[call % public.len()].clone();
-                    let user = call % users;
-                    let amount = (per_user - (call / users) as i64 * 1_000_000).min(1_000_000);
-                    let run_id = run_id.clone();
-                    async move {
-                        client
-                            .charge_points(point::ChargePointsRequest {
-                                user_id: format!("fan-{run_id}-{user}"),
-                                amount,
-                                request_id: format!("top-up-{call}"),
-                            })
-                            .await
-                            .map(|_| ())
-                    }
-                }
-            })
+            let top_up =
+                move |call: usize| (per_user - (call / users) as i64 * 1_000_000).min(1_000_000);
+            let setup = charges(
+                "top-up",
+                public,
+                &run_id,
+                users,
+                users * top_ups,
+                top_up,
+                load.concurrency,
+            )
             .await;
             println!("{}", setup.line());
             let summary = drive(
@@ -524,6 +505,30 @@ async fn issue_and_keep(
         summary,
         tokens.into_iter().map(|(_, token)| token).collect(),
     )
+}
+
+/// `calls` ChargePoints spread round-robin over `users` wallets of this run, call `n`
+/// charging `amount(n)` with its own request id.
+async fn charges(
+    name: &str,
+    clients: Vec<PointServiceClient<Channel>>,
+    run_id: &str,
+    users: usize,
+    calls: usize,
+    amount: impl Fn(usize) -> i64 + Clone + Send + Sync + 'static,
+    concurrency: usize,
+) -> Summary {
+    let (run_id, prefix) = (run_id.to_owned(), name.to_owned());
+    drive(name, Some(calls), None, concurrency, move |call| {
+        let mut client = clients[call % clients.len()].clone();
+        let request = point::ChargePointsRequest {
+            user_id: format!("fan-{run_id}-{}", call % users),
+            amount: amount(call),
+            request_id: format!("{prefix}-{call}"),
+        };
+        async move { client.charge_points(request).await.map(|_| ()) }
+    })
+    .await
 }
 
 /// A request carrying a queue token.
