@@ -185,11 +185,7 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
     let channels = target
         .channels(scenario.services()[0], load.connections)
         .await?;
-    let clients: Vec<QueueServiceClient<Channel>> = channels
-        .iter()
-        .cloned()
-        .map(QueueServiceClient::new)
-        .collect();
+    let clients = clients_of(&channels, QueueServiceClient::new);
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let concert = format!("bench-{run_id}");
     println!(
@@ -261,11 +257,7 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", summary.line());
         }
         Scenario::Charge(wallet) => {
-            let clients: Vec<_> = channels
-                .iter()
-                .cloned()
-                .map(PointServiceClient::new)
-                .collect();
+            let clients = clients_of(&channels, PointServiceClient::new);
             let users = wallet.users.max(1);
             let summary = charges(
                 "charge",
@@ -280,16 +272,8 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", summary.line());
         }
         Scenario::Spend(wallet) => {
-            let public: Vec<_> = channels
-                .iter()
-                .cloned()
-                .map(PointServiceClient::new)
-                .collect();
-            let internal: Vec<_> = channels
-                .iter()
-                .cloned()
-                .map(PointInternalServiceClient::new)
-                .collect();
+            let public = clients_of(&channels, PointServiceClient::new);
+            let internal = clients_of(&channels, PointInternalServiceClient::new);
             let users = wallet.users.max(1);
             // Every wallet gets enough for its share of the spends (in charges of at most
             // the default POINT_MAX_AMOUNT).
@@ -333,17 +317,17 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", summary.line());
         }
         Scenario::HoldSpread { holds, .. } => {
-            let concert = target.channels(Service::Concert, load.connections).await?;
-            let schedules = catalog(&concert[0], holds.div_ceil(1_000), 1_000).await?;
-            let (fill, tokens) =
-                issue_and_keep(&clients, &schedules.0, holds, load.concurrency).await;
-            println!("{}", fill.line());
-            let publics: Vec<_> = concert
-                .iter()
-                .cloned()
-                .map(ConcertServiceClient::new)
-                .collect();
-            let (tokens, dates) = (Arc::new(tokens), Arc::new(schedules.1));
+            let seats = ConcertRun::prepare(
+                &target,
+                &load,
+                &clients,
+                holds.div_ceil(1_000),
+                1_000,
+                holds,
+            )
+            .await?;
+            let (publics, tokens, dates) =
+                (seats.publics, Arc::new(seats.tokens), Arc::new(seats.dates));
             let summary = drive(
                 "hold-spread",
                 Some(holds),
@@ -366,18 +350,9 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", summary.line());
         }
         Scenario::HoldRace { fans, .. } => {
-            let concert = target.channels(Service::Concert, load.connections).await?;
-            let (concert_id, dates) = catalog(&concert[0], 1, 50).await?;
-            let (fill, tokens) =
-                issue_and_keep(&clients, &concert_id, fans, load.concurrency).await;
-            println!("{}", fill.line());
-            let publics: Vec<_> = concert
-                .iter()
-                .cloned()
-                .map(ConcertServiceClient::new)
-                .collect();
+            let seats = ConcertRun::prepare(&target, &load, &clients, 1, 50, fans).await?;
+            let (publics, tokens, dates) = (seats.publics, Arc::new(seats.tokens), seats.dates);
             let winners = Arc::new(AtomicUsize::new(0));
-            let tokens = Arc::new(tokens);
             // Everyone at once: as many in flight as there are fans.
             let summary = drive("hold-race", Some(fans), None, fans, {
                 let winners = winners.clone();
@@ -410,15 +385,12 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
             println!("winners: {} of {fans}", winners.load(Ordering::Relaxed));
         }
         Scenario::ListSeats { duration, .. } => {
-            let concert = target.channels(Service::Concert, load.connections).await?;
-            let (concert_id, dates) = catalog(&concert[0], 1, 50).await?;
-            let (_, tokens) = issue_and_keep(&clients, &concert_id, 1, 1).await;
-            let publics: Vec<_> = concert
-                .iter()
-                .cloned()
-                .map(ConcertServiceClient::new)
-                .collect();
-            let (token, date) = (tokens[0].clone(), dates[0].clone());
+            let seats = ConcertRun::prepare(&target, &load, &clients, 1, 50, 1).await?;
+            let (publics, token, date) = (
+                seats.publics,
+                seats.tokens[0].clone(),
+                seats.dates[0].clone(),
+            );
             let summary = drive(
                 "list-seats",
                 None,
@@ -440,11 +412,7 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
         }
         Scenario::ValidateToken { duration, .. } => {
             let (_, tokens) = issue_and_keep(&clients, &concert, 1, 1).await;
-            let internals: Vec<_> = channels
-                .iter()
-                .cloned()
-                .map(QueueInternalServiceClient::new)
-                .collect();
+            let internals = clients_of(&channels, QueueInternalServiceClient::new);
             let token = tokens[0].clone();
             let summary = drive(
                 "validate-token",
@@ -529,6 +497,42 @@ async fn charges(
         async move { client.charge_points(request).await.map(|_| ()) }
     })
     .await
+}
+
+/// gRPC clients of one kind over the run's connections.
+fn clients_of<C>(channels: &[Channel], new: impl Fn(Channel) -> C) -> Vec<C> {
+    channels.iter().cloned().map(new).collect()
+}
+
+/// What the concert scenarios start from: a catalog, ACTIVE fans of it, and clients.
+struct ConcertRun {
+    publics: Vec<ConcertServiceClient<Channel>>,
+    dates: Vec<String>,
+    /// One token per fan, in place order.
+    tokens: Vec<String>,
+}
+
+impl ConcertRun {
+    /// A concert with `dates` dates of `seats` seats, and `fans` tokens for it (the
+    /// in-process queue admits them all at once; see `Scenario::active_fans`).
+    async fn prepare(
+        target: &Target,
+        load: &LoadArgs,
+        queue: &[QueueServiceClient<Channel>],
+        dates: usize,
+        seats: i32,
+        fans: usize,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let concert = target.channels(Service::Concert, load.connections).await?;
+        let (concert_id, dates) = catalog(&concert[0], dates, seats).await?;
+        let (fill, tokens) = issue_and_keep(queue, &concert_id, fans, load.concurrency).await;
+        println!("{}", fill.line());
+        Ok(Self {
+            publics: clients_of(&concert, ConcertServiceClient::new),
+            dates,
+            tokens,
+        })
+    }
 }
 
 /// A request carrying a queue token.

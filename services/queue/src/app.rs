@@ -70,15 +70,16 @@ pub async fn start(
         async move { heartbeats.run_flusher(pool, period, shutdown).await }
     }));
 
-    // A cached WAITING ticket is re-read from Postgres after a quarter of the idle TTL.
-    let (policy_trust, heartbeat_every) = (policy.heartbeat_every, policy.heartbeat_every);
+    // A cached WAITING ticket is re-read from Postgres after a quarter of the idle TTL, the
+    // same period as its heartbeat.
+    let waiting = WaitingCache::new(policy.heartbeat_every, policy.heartbeat_every);
     let api = QueueApi::new(QueueState {
         pool,
         policy,
         batcher,
         board,
         heartbeats,
-        waiting: WaitingCache::new(policy_trust, heartbeat_every),
+        waiting,
         shutdown: shutdown.clone(),
     });
     let local_addr = listener

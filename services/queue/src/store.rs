@@ -101,26 +101,6 @@ pub async fn read_ticket(
     Ok(row.map(|row| row.into_ticket(policy.heartbeat_every)))
 }
 
-/// The fan's live (WAITING or ACTIVE, window not passed) token of a concert, if any.
-pub async fn find_live_ticket(
-    pool: &PgPool,
-    policy: &AdmissionPolicy,
-    concert_id: &str,
-    user_id: &str,
-) -> Result<Option<Ticket>, sqlx::Error> {
-    let row: Option<TicketRow> = sqlx::query_as(&format!(
-        "{TICKET_SELECT}
-          WHERE t.concert_id = $1 AND t.user_id = $2 AND t.status IN ('WAITING', 'ACTIVE')"
-    ))
-    .bind(concert_id)
-    .bind(user_id)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row
-        .map(|row| row.into_ticket(policy.heartbeat_every))
-        .filter(|ticket| !ticket.status.is_final()))
-}
-
 /// A concert's `lines` row, locked by the current transaction.
 #[derive(Debug)]
 struct LockedLine {
