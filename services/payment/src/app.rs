@@ -1,0 +1,90 @@
+//! Wiring: pool, migrations, the peers, the recovery worker and the gRPC server of one
+//! payment process.
+
+use std::{sync::Arc, time::Duration};
+
+use stagedoor_proto::payment::v1::payment_service_server::PaymentServiceServer;
+use stagedoor_runtime::{
+    auth::TokenValidator,
+    db::{self, PoolConfig, StartupError},
+    server::{GrpcServer, ServiceHandle},
+    ShutdownTrigger,
+};
+use tokio::net::TcpListener;
+use uuid::Uuid;
+
+use crate::{
+    config::PaymentConfig,
+    grpc::{PaymentApi, PaymentState},
+    peers::Peers,
+    recovery,
+    saga::{Saga, SagaSettings},
+};
+
+/// The payment service's migrations, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Connects, migrates, starts the recovery worker and serves on `listener`.
+pub async fn start(
+    config: PaymentConfig,
+    listener: TcpListener,
+) -> Result<ServiceHandle, StartupError> {
+    config.validate().map_err(StartupError::Config)?;
+    // Pay asks the queue every time: a token completed a moment ago must not pay twice.
+    let tokens =
+        TokenValidator::new(&config.queue_url, Duration::ZERO).map_err(StartupError::Config)?;
+    let peers = Peers::new(
+        &config.queue_url,
+        &config.concert_url,
+        &config.point_url,
+        config.call_deadline,
+    )
+    .map_err(StartupError::Config)?;
+    let pool = db::connect(&PoolConfig {
+        url: config.database_url.clone(),
+        schema: db::PAYMENT.schema,
+        max_connections: config.database_max_connections,
+        acquire_timeout: Duration::from_secs(5),
+    })
+    .await?;
+    db::migrate(&pool, db::PAYMENT.schema, &MIGRATOR).await?;
+
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    // Each process is its own lease owner, so two replicas never drive one payment at once.
+    let owner = Uuid::new_v4();
+    let saga = Arc::new(Saga {
+        pool: pool.clone(),
+        peers,
+        owner,
+        settings: SagaSettings {
+            lease: config.lease,
+            retry_base: config.recovery_interval,
+            retry_max: config.retry_max,
+            fault: config.fault,
+        },
+    });
+    let worker = tokio::spawn(recovery::run(
+        saga.clone(),
+        config.recovery_interval,
+        trigger.subscribe(),
+    ));
+    let api = PaymentApi::new(PaymentState {
+        pool,
+        saga,
+        tokens,
+        patience: config.pay_patience,
+    });
+    let local_addr = listener
+        .local_addr()
+        .map_err(|error| StartupError::Provision(error.into()))?;
+    let server = GrpcServer::new().add_service(PaymentServiceServer::new(api));
+    let server = tokio::spawn(server.serve(listener, shutdown));
+    tracing::info!(%local_addr, %owner, queue = %config.queue_url, concert = %config.concert_url,
+        point = %config.point_url, fault = ?config.fault, "payment service started");
+    Ok(ServiceHandle::new(
+        local_addr,
+        trigger,
+        server,
+        vec![worker],
+    ))
+}

@@ -1,0 +1,188 @@
+//! The saga's vocabulary: its steps, the statuses clients see, and what can go wrong.
+
+use stagedoor_runtime::ApiError;
+use tonic::Code;
+
+/// The next thing a payment's saga has to do (`payments.step`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Take the points (point's SpendPoints, keyed by the payment id).
+    Spend,
+    /// Sell the seats (concert's ConfirmHold, keyed by the payment id).
+    Confirm,
+    /// The seats could not be sold: give the points back (point's RefundPoints).
+    Refund,
+    /// Sold: mark the fan's queue token DONE so the next fan is admitted.
+    CompleteToken,
+    /// Nothing left to do.
+    Done,
+}
+
+impl Step {
+    pub fn as_db(self) -> &'static str {
+        match self {
+            Self::Spend => "SPEND",
+            Self::Confirm => "CONFIRM",
+            Self::Refund => "REFUND",
+            Self::CompleteToken => "COMPLETE_TOKEN",
+            Self::Done => "DONE",
+        }
+    }
+
+    /// Reads `payments.step`; its CHECK constraint allows only these.
+    pub fn from_db(text: &str) -> Self {
+        match text {
+            "SPEND" => Self::Spend,
+            "CONFIRM" => Self::Confirm,
+            "REFUND" => Self::Refund,
+            "COMPLETE_TOKEN" => Self::CompleteToken,
+            _ => Self::Done,
+        }
+    }
+}
+
+/// Where a payment stands, as clients see it (`payments.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Pending,
+    Completed,
+    Failed,
+}
+
+impl Status {
+    pub fn as_db(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Completed => "COMPLETED",
+            Self::Failed => "FAILED",
+        }
+    }
+
+    pub fn from_db(text: &str) -> Self {
+        match text {
+            "COMPLETED" => Self::Completed,
+            "FAILED" => Self::Failed,
+            _ => Self::Pending,
+        }
+    }
+}
+
+/// A place where a failure drill stops the saga as if the process had died there: after a
+/// peer did its step and before the payment records it, the worst moment to crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// No drill (production).
+    None,
+    /// Points spent, not yet recorded, seats not confirmed.
+    AfterSpend,
+    /// Seats sold, not yet recorded, token not completed.
+    AfterConfirm,
+}
+
+/// The reasons a FAILED payment may carry, as stable `'static` ErrorInfo reasons. A peer's
+/// refusal outside this list is reported as PAYMENT_FAILED with the peer's reason in the
+/// metadata (`cause`).
+const FAILURE_REASONS: [(&str, Code); 6] = [
+    ("INSUFFICIENT_BALANCE", Code::FailedPrecondition),
+    ("HOLD_EXPIRED", Code::FailedPrecondition),
+    ("HOLD_NOT_HELD", Code::FailedPrecondition),
+    ("HOLD_NOT_FOUND", Code::NotFound),
+    ("AMOUNT_OUT_OF_RANGE", Code::InvalidArgument),
+    ("BALANCE_CAP_EXCEEDED", Code::InvalidArgument),
+];
+
+/// What a Pay, GetPayment or ListPayments call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum PaymentError {
+    #[error("no hold {0} of yours")]
+    HoldNotFound(String),
+    #[error("hold {hold_id} is {status}: it cannot be paid")]
+    HoldNotHeld { hold_id: String, status: String },
+    #[error("hold {hold_id} already has payment {payment_id}")]
+    HoldAlreadyPaying { hold_id: String, payment_id: String },
+    #[error("the token admits to concert {token_concert}, the hold is for concert {concert}")]
+    WrongConcert {
+        token_concert: String,
+        concert: String,
+    },
+    #[error("request_id {0} was used for another hold")]
+    IdempotencyKeyReused(String),
+    #[error("payment {0} not found")]
+    PaymentNotFound(String),
+    #[error("payment {0} is still in progress (a service it needs is slow or down); it will finish on its own: retry Pay with the same request_id or read it with GetPayment")]
+    InProgress(String),
+    #[error("payment {payment_id} failed: {message}")]
+    Failed {
+        payment_id: String,
+        reason: String,
+        message: String,
+    },
+    #[error("the concert service cannot be reached; retry")]
+    ConcertUnavailable,
+    #[error("invalid page_token")]
+    InvalidPageToken,
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+impl From<PaymentError> for ApiError {
+    fn from(error: PaymentError) -> Self {
+        let message = error.to_string();
+        match error {
+            PaymentError::HoldNotFound(_) => {
+                ApiError::new(Code::NotFound, "HOLD_NOT_FOUND", message)
+            }
+            PaymentError::HoldNotHeld { status, .. } => {
+                ApiError::new(Code::FailedPrecondition, "HOLD_NOT_HELD", message)
+                    .with_metadata("status", status)
+            }
+            PaymentError::HoldAlreadyPaying { payment_id, .. } => {
+                ApiError::new(Code::FailedPrecondition, "HOLD_NOT_HELD", message)
+                    .with_metadata("payment_id", payment_id)
+            }
+            PaymentError::WrongConcert { token_concert, .. } => {
+                ApiError::new(Code::PermissionDenied, "TOKEN_WRONG_CONCERT", message)
+                    .with_metadata("token_concert_id", token_concert)
+            }
+            PaymentError::IdempotencyKeyReused(_) => {
+                ApiError::new(Code::InvalidArgument, "IDEMPOTENCY_KEY_REUSED", message)
+                    .with_metadata("field", "request_id")
+            }
+            PaymentError::PaymentNotFound(_) => {
+                ApiError::new(Code::NotFound, "PAYMENT_NOT_FOUND", message)
+            }
+            // UNAVAILABLE: retrying (with the same request_id) is exactly what to do.
+            PaymentError::InProgress(payment_id) => {
+                ApiError::new(Code::Unavailable, "PAYMENT_IN_PROGRESS", message)
+                    .with_metadata("payment_id", payment_id)
+            }
+            PaymentError::Failed {
+                payment_id, reason, ..
+            } => {
+                let known = FAILURE_REASONS
+                    .iter()
+                    .find(|(known, _)| *known == reason.as_str());
+                match known {
+                    Some((reason, code)) => ApiError::new(*code, reason, message),
+                    None => ApiError::new(Code::FailedPrecondition, "PAYMENT_FAILED", message)
+                        .with_metadata("cause", reason),
+                }
+                .with_metadata("payment_id", payment_id)
+            }
+            PaymentError::ConcertUnavailable => {
+                ApiError::new(Code::Unavailable, "CONCERT_UNAVAILABLE", message)
+            }
+            PaymentError::InvalidPageToken => ApiError::invalid_field("page_token", message),
+            PaymentError::Api(api) => api,
+            PaymentError::Database(db) => db.into(),
+        }
+    }
+}
+
+impl From<PaymentError> for tonic::Status {
+    fn from(error: PaymentError) -> Self {
+        ApiError::from(error).into()
+    }
+}

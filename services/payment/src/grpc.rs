@@ -1,0 +1,372 @@
+//! The payment service's gRPC surface: Pay starts (or replays) a saga, GetPayment and
+//! ListPayments read the record.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use sqlx::PgPool;
+use stagedoor_proto::{
+    concert::v1::HoldStatus,
+    payment::v1::{self as pb, payment_service_server::PaymentService},
+};
+use stagedoor_runtime::{
+    auth::{bearer_token, TokenValidator},
+    time, validate, ApiError,
+};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::{
+    domain::{PaymentError, Status as PaymentStatus},
+    hops::{Hop, HOPS},
+    peers::Failure,
+    saga::{Driven, Saga},
+    store::{self, InsertRefused, NewPayment, PaymentRow},
+};
+
+/// Everything a handler needs.
+pub struct PaymentState {
+    pub pool: PgPool,
+    pub saga: Arc<Saga>,
+    /// Asks the queue on every Pay (no cache: a token completed a moment ago must not pay
+    /// again).
+    pub tokens: TokenValidator,
+    /// How long Pay waits for a saga that a peer is holding up.
+    pub patience: Duration,
+}
+
+#[derive(Clone)]
+pub struct PaymentApi {
+    state: Arc<PaymentState>,
+}
+
+/// Longest pause between two reads of a payment someone else is driving.
+const MAX_POLL: Duration = Duration::from_millis(200);
+
+impl PaymentApi {
+    pub fn new(state: PaymentState) -> Self {
+        Self {
+            state: Arc::new(state),
+        }
+    }
+
+    /// A Pay whose request id was seen before: the same answer, never a second charge.
+    async fn replay(
+        &self,
+        existing: PaymentRow,
+        hold_id: Uuid,
+    ) -> Result<pb::PayResponse, PaymentError> {
+        if existing.hold_id != hold_id {
+            return Err(PaymentError::IdempotencyKeyReused(existing.request_id));
+        }
+        self.answer_when_settled(existing).await
+    }
+
+    /// The answer for a payment, waiting (up to the patience) while another call or
+    /// replica is still driving it.
+    async fn answer_when_settled(
+        &self,
+        payment: PaymentRow,
+    ) -> Result<pb::PayResponse, PaymentError> {
+        let give_up_at = Instant::now() + self.state.patience;
+        let mut pause = Duration::from_millis(10);
+        let mut payment = payment;
+        while payment.status() == PaymentStatus::Pending && Instant::now() + pause < give_up_at {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_POLL);
+            payment = store::by_id(&self.state.pool, payment.payment_id)
+                .await?
+                .ok_or_else(|| PaymentError::PaymentNotFound(payment.payment_id.to_string()))?;
+        }
+        answer(payment)
+    }
+
+    async fn pay(&self, request: Request<pb::PayRequest>) -> Result<pb::PayResponse, PaymentError> {
+        let token = bearer_token(request.metadata())?.to_owned();
+        let hold_id = parse_uuid("hold_id", &request.get_ref().hold_id)?;
+        let request_id = validate::id("request_id", &request.get_ref().request_id)?;
+
+        // A replay presenting the token that paid: that token may well be DONE now, so the
+        // queue would refuse it; holding it is proof enough that this is the same fan.
+        if let Some(existing) =
+            store::by_request_and_token(&self.state.pool, request_id, &token).await?
+        {
+            return self.replay(existing, hold_id).await;
+        }
+
+        // A fresh Pay: the token must be ACTIVE right now (asked, never cached).
+        let started = Instant::now();
+        let fan = self.state.tokens.fan(request.metadata()).await;
+        HOPS.record(Hop::ValidateToken, started);
+        let fan = match fan {
+            Ok(fan) => fan,
+            // A double click: the twin call may have paid with this token (and completed
+            // it) between our first look and the queue's answer. Its payment is our answer.
+            Err(refused) => {
+                return match store::by_request_and_token(&self.state.pool, request_id, &token)
+                    .await?
+                {
+                    Some(existing) => self.replay(existing, hold_id).await,
+                    None => Err(refused.into()),
+                }
+            }
+        };
+        if let Some(existing) =
+            store::by_user_request(&self.state.pool, &fan.user_id, request_id).await?
+        {
+            return self.replay(existing, hold_id).await;
+        }
+
+        let hold = match self.state.saga.peers.get_hold(&hold_id.to_string()).await {
+            Ok(hold) => hold,
+            Err(Failure::Refused { reason, .. }) if reason == "HOLD_NOT_FOUND" => {
+                return Err(PaymentError::HoldNotFound(hold_id.to_string()))
+            }
+            Err(Failure::Refused { reason, message }) => {
+                return Err(
+                    ApiError::internal(format!("GetHold refused: {reason}: {message}")).into(),
+                )
+            }
+            Err(Failure::Unknown(cause)) => {
+                tracing::warn!(%cause, "GetHold failed");
+                return Err(PaymentError::ConcertUnavailable);
+            }
+        };
+        // A hold of another fan is NOT_FOUND to this one, as in the concert service.
+        if hold.user_id != fan.user_id {
+            return Err(PaymentError::HoldNotFound(hold_id.to_string()));
+        }
+        if hold.concert_id != fan.concert_id {
+            return Err(PaymentError::WrongConcert {
+                token_concert: fan.concert_id,
+                concert: hold.concert_id,
+            });
+        }
+        match hold.status() {
+            // An expired hold may still be paid: ConfirmHold sells it if no seat of it was
+            // taken since, and otherwise the saga refunds (the rule documented in the proto).
+            HoldStatus::Held | HoldStatus::Expired => {}
+            other => {
+                return Err(PaymentError::HoldNotHeld {
+                    hold_id: hold.hold_id,
+                    status: other
+                        .as_str_name()
+                        .trim_start_matches("HOLD_STATUS_")
+                        .to_owned(),
+                })
+            }
+        }
+        let start_time = hold
+            .start_time
+            .as_ref()
+            .and_then(time::from_timestamp)
+            .ok_or_else(|| ApiError::internal("GetHold answered without a start time"))?;
+
+        let new = NewPayment {
+            user_id: &fan.user_id,
+            request_id,
+            hold_id,
+            concert_id: &hold.concert_id,
+            schedule_id: &hold.schedule_id,
+            seat_numbers: &hold.seat_numbers,
+            amount: hold.total_price,
+            start_time,
+            token: &token,
+        };
+        let started = Instant::now();
+        let inserted = store::insert(
+            &self.state.pool,
+            &new,
+            self.state.saga.owner,
+            self.state.saga.settings.lease,
+        )
+        .await;
+        HOPS.record(Hop::Record, started);
+        let payment = match inserted {
+            Ok(payment) => payment,
+            // The same request id raced in a moment before: answer as its replay.
+            Err(InsertRefused::RequestUsed) => {
+                let existing = store::by_user_request(&self.state.pool, &fan.user_id, request_id)
+                    .await?
+                    .ok_or_else(|| ApiError::internal("request id conflict without a payment"))?;
+                return self.replay(existing, hold_id).await;
+            }
+            // Another request id already pays this hold: only one payment of a hold may charge.
+            Err(InsertRefused::HoldTaken) => {
+                let payment_id = store::live_for_hold(&self.state.pool, hold_id)
+                    .await?
+                    .map(|id| id.to_string())
+                    .unwrap_or_default();
+                return Err(PaymentError::HoldAlreadyPaying {
+                    hold_id: hold_id.to_string(),
+                    payment_id,
+                });
+            }
+            Err(InsertRefused::Database(error)) => return Err(error.into()),
+        };
+
+        // The saga runs on its own task: a client that hangs up drops this handler, not the
+        // saga, which must never stop half-way because nobody is listening any more.
+        let payment_id = payment.payment_id;
+        let saga = self.state.saga.clone();
+        let patience = self.state.patience;
+        let driven = tokio::spawn(async move { saga.drive(payment, patience).await })
+            .await
+            .map_err(ApiError::internal)??;
+        match driven {
+            Driven::Settled(payment) => answer(payment),
+            Driven::Deferred(_) | Driven::Crashed => {
+                Err(PaymentError::InProgress(payment_id.to_string()))
+            }
+            Driven::Elsewhere => {
+                let payment = store::by_id(&self.state.pool, payment_id)
+                    .await?
+                    .ok_or_else(|| PaymentError::PaymentNotFound(payment_id.to_string()))?;
+                self.answer_when_settled(payment).await
+            }
+        }
+    }
+}
+
+/// What Pay says about a payment: the receipt, the failure, or "still in progress".
+fn answer(payment: PaymentRow) -> Result<pb::PayResponse, PaymentError> {
+    match payment.status() {
+        PaymentStatus::Completed => Ok(pb::PayResponse {
+            payment: Some(to_proto(&payment)),
+        }),
+        PaymentStatus::Failed => Err(PaymentError::Failed {
+            payment_id: payment.payment_id.to_string(),
+            reason: payment.failure_reason,
+            message: payment.failure_message,
+        }),
+        PaymentStatus::Pending => Err(PaymentError::InProgress(payment.payment_id.to_string())),
+    }
+}
+
+fn to_proto(payment: &PaymentRow) -> pb::Payment {
+    let status = match payment.status() {
+        PaymentStatus::Pending => pb::PaymentStatus::Pending,
+        PaymentStatus::Completed => pb::PaymentStatus::Completed,
+        PaymentStatus::Failed => pb::PaymentStatus::Failed,
+    };
+    pb::Payment {
+        payment_id: payment.payment_id.to_string(),
+        user_id: payment.user_id.clone(),
+        hold_id: payment.hold_id.to_string(),
+        concert_id: payment.concert_id.clone(),
+        schedule_id: payment.schedule_id.clone(),
+        seat_numbers: payment.seat_numbers.clone(),
+        amount: payment.amount,
+        status: status as i32,
+        failure_reason: payment.failure_reason.clone(),
+        balance_after: payment.balance_after,
+        request_id: payment.request_id.clone(),
+        create_time: Some(time::timestamp(payment.create_time)),
+        complete_time: payment.complete_time.map(time::timestamp),
+        start_time: Some(time::timestamp(payment.start_time)),
+    }
+}
+
+fn parse_uuid(field: &'static str, text: &str) -> Result<Uuid, ApiError> {
+    Uuid::try_parse(text).map_err(|_| {
+        ApiError::invalid_field(field, format!("{field} must be an id this service issued"))
+    })
+}
+
+/// Page tokens are `<create_time in µs>.<payment id>` of the previous page's last payment
+/// (Postgres keeps microseconds, so the cursor is exact); opaque to clients.
+fn parse_page_token(
+    token: &str,
+) -> Result<Option<(chrono::DateTime<chrono::Utc>, Uuid)>, PaymentError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let (micros, id) = token
+        .split_once('.')
+        .ok_or(PaymentError::InvalidPageToken)?;
+    let micros: i64 = micros.parse().map_err(|_| PaymentError::InvalidPageToken)?;
+    let at =
+        chrono::DateTime::from_timestamp_micros(micros).ok_or(PaymentError::InvalidPageToken)?;
+    let id = Uuid::try_parse(id).map_err(|_| PaymentError::InvalidPageToken)?;
+    Ok(Some((at, id)))
+}
+
+fn page_token(payment: &PaymentRow) -> String {
+    format!(
+        "{}.{}",
+        payment.create_time.timestamp_micros(),
+        payment.payment_id.simple()
+    )
+}
+
+/// Most payments of one ListPayments page.
+const MAX_PAGE: i64 = 100;
+const DEFAULT_PAGE: i64 = 20;
+
+#[tonic::async_trait]
+impl PaymentService for PaymentApi {
+    async fn pay(
+        &self,
+        request: Request<pb::PayRequest>,
+    ) -> Result<Response<pb::PayResponse>, Status> {
+        Ok(Response::new(PaymentApi::pay(self, request).await?))
+    }
+
+    async fn get_payment(
+        &self,
+        request: Request<pb::GetPaymentRequest>,
+    ) -> Result<Response<pb::GetPaymentResponse>, Status> {
+        let payment_id = parse_uuid("payment_id", &request.get_ref().payment_id)?;
+        let payment = store::by_id(&self.state.pool, payment_id)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| PaymentError::PaymentNotFound(payment_id.to_string()))?;
+        Ok(Response::new(pb::GetPaymentResponse {
+            payment: Some(to_proto(&payment)),
+        }))
+    }
+
+    async fn list_payments(
+        &self,
+        request: Request<pb::ListPaymentsRequest>,
+    ) -> Result<Response<pb::ListPaymentsResponse>, Status> {
+        let request = request.into_inner();
+        let user_id = validate::id("user_id", &request.user_id)?;
+        let page_size = validate::page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)?;
+        let after = parse_page_token(&request.page_token)?;
+        // One more than asked: whether there is a next page, without counting.
+        let mut payments = store::list(&self.state.pool, user_id, after, page_size + 1)
+            .await
+            .map_err(ApiError::from)?;
+        let next_page_token = if payments.len() as i64 > page_size {
+            payments.truncate(page_size as usize);
+            payments.last().map(page_token).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListPaymentsResponse {
+            payments: payments.iter().map(to_proto).collect(),
+            next_page_token,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip() {
+        assert_eq!(parse_page_token("").unwrap(), None);
+        let id = Uuid::new_v4();
+        let token = format!("1700000000123456.{}", id.simple());
+        let (at, parsed) = parse_page_token(&token).unwrap().unwrap();
+        assert_eq!(at.timestamp_micros(), 1_700_000_000_123_456);
+        assert_eq!(parsed, id);
+        assert!(parse_page_token("12.not-a-uuid").is_err());
+        assert!(parse_page_token("x.y").is_err());
+        assert!(parse_page_token("12").is_err());
+    }
+}

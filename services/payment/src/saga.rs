@@ -1,0 +1,275 @@
+//! The saga driver: moves one payment from the step it is at to DONE, recording each step's
+//! outcome before taking the next, so that a driver stopped anywhere (a crash, a shutdown,
+//! a peer that went away) leaves a record from which any replica can carry on.
+//!
+//! Rules, in the order they matter:
+//! 1. Every call to a peer is idempotent there, keyed by the payment id (SpendPoints,
+//!    ConfirmHold, RefundPoints) or by the token (CompleteToken). Doing a step again is
+//!    always safe; skipping one never is.
+//! 2. An unknown outcome is retried with the same key, never compensated: "the point service
+//!    timed out" does not mean "no points were taken".
+//! 3. Only a refusal compensates: seats that cannot be sold send the saga to REFUND.
+//! 4. Once the seats are sold the payment is COMPLETED; completing the token is retried
+//!    until it succeeds and never undoes the sale.
+//! 5. One driver at a time: a driver owns a payment through its lease, and every record it
+//!    makes is conditional on still owning it at the step it expects (see `store`).
+
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use stagedoor_proto::queue::v1::TokenStatus;
+use uuid::Uuid;
+
+use crate::{
+    domain::{Fault, Status, Step},
+    hops::{Hop, HOPS},
+    peers::{Failure, Peers},
+    store::{self, Advance, PaymentRow},
+};
+
+/// First pause before asking a peer again within one drive; doubles up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(50);
+const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+/// Settings of the driver.
+#[derive(Debug, Clone)]
+pub struct SagaSettings {
+    /// How long a driver owns a payment without recording progress or renewing.
+    pub lease: Duration,
+    /// First backoff of a payment released for later; doubles per failed round.
+    pub retry_base: Duration,
+    /// Longest backoff.
+    pub retry_max: Duration,
+    /// Failure drill, if any.
+    pub fault: Fault,
+}
+
+/// Drives payments on behalf of one replica (`owner`).
+pub struct Saga {
+    pub pool: PgPool,
+    pub peers: Peers,
+    /// This replica's identity in `payments.lease_owner`.
+    pub owner: Uuid,
+    pub settings: SagaSettings,
+}
+
+/// Where a drive left a payment.
+#[derive(Debug)]
+pub enum Driven {
+    /// The payment has its answer: COMPLETED (the token may still be being completed in
+    /// the background) or FAILED.
+    Settled(PaymentRow),
+    /// A peer could not be reached within the patience given; the payment is released
+    /// to the recovery worker.
+    Deferred(PaymentRow),
+    /// Another driver owns the payment now (this one's lease ran out); it will finish it.
+    Elsewhere,
+    /// A failure drill stopped the driver as a crash would, lease and all.
+    Crashed,
+}
+
+impl Saga {
+    /// Drives `payment`, which this replica must have just leased, as far as it goes.
+    ///
+    /// `patience` is how long to keep asking a peer whose answer is unknown before leaving
+    /// the payment to the recovery worker: Pay waits a little for a slow peer, the
+    /// recovery worker (patience zero) makes one attempt per round and backs off.
+    pub async fn drive(
+        &self,
+        mut payment: PaymentRow,
+        patience: Duration,
+    ) -> Result<Driven, sqlx::Error> {
+        let give_up_at = Instant::now() + patience;
+        let mut pause = FIRST_PAUSE;
+        loop {
+            let step = payment.step();
+            let next = match step {
+                Step::Done => return Ok(Driven::Settled(payment)),
+                Step::Spend => self.spend(&payment).await,
+                Step::Confirm => self.confirm(&payment).await,
+                Step::Refund => self.refund(&payment).await,
+                Step::CompleteToken => self.complete_token(&payment).await,
+            };
+            match next {
+                Next::Record(change) => {
+                    let started = Instant::now();
+                    let recorded = store::advance(
+                        &self.pool,
+                        payment.payment_id,
+                        self.owner,
+                        step,
+                        &change,
+                        self.settings.lease,
+                    )
+                    .await?;
+                    HOPS.record(Hop::Record, started);
+                    match recorded {
+                        Some(next) => payment = next,
+                        None => return Ok(Driven::Elsewhere),
+                    }
+                    pause = FIRST_PAUSE;
+                }
+                Next::Crash => return Ok(Driven::Crashed),
+                // The fan has paid and the seats are sold: answer now, and leave the token
+                // to the recovery worker, which retries it until the queue takes it.
+                Next::Unknown(cause) if step == Step::CompleteToken => {
+                    tracing::warn!(payment_id = %payment.payment_id, %cause,
+                        "token not completed yet; recovery will retry");
+                    self.release(&payment).await?;
+                    return Ok(Driven::Settled(payment));
+                }
+                Next::Unknown(cause) => {
+                    if Instant::now() + pause >= give_up_at {
+                        tracing::warn!(payment_id = %payment.payment_id, step = step.as_db(), %cause,
+                            "peer unavailable; leaving the payment to recovery");
+                        self.release(&payment).await?;
+                        return Ok(Driven::Deferred(payment));
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_PAUSE);
+                    // Same step, same key, again; but only while this driver still owns it.
+                    let still_ours = store::renew(
+                        &self.pool,
+                        payment.payment_id,
+                        self.owner,
+                        step,
+                        self.settings.lease,
+                    )
+                    .await?;
+                    if !still_ours {
+                        return Ok(Driven::Elsewhere);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn spend(&self, payment: &PaymentRow) -> Next {
+        let payment_id = payment.payment_id.to_string();
+        let spent = self
+            .peers
+            .spend(&payment.user_id, payment.amount, &payment_id)
+            .await;
+        if spent.is_ok() && self.settings.fault == Fault::AfterSpend {
+            tracing::warn!(%payment_id, "failure drill: stopping after the spend, before recording it");
+            return Next::Crash;
+        }
+        match spent {
+            Ok(balance_after) => Next::Record(Advance {
+                to: Step::Confirm,
+                status: Status::Pending,
+                balance_after: Some(balance_after),
+                failure: None,
+            }),
+            // Refused (short of points, amount out of range): nothing was taken, so there is
+            // nothing to undo, and the hold stays held for the fan to try again.
+            Err(Failure::Refused { reason, message }) => Next::Record(Advance {
+                to: Step::Done,
+                status: Status::Failed,
+                balance_after: None,
+                failure: Some((reason, message)),
+            }),
+            Err(Failure::Unknown(cause)) => Next::Unknown(cause),
+        }
+    }
+
+    async fn confirm(&self, payment: &PaymentRow) -> Next {
+        let payment_id = payment.payment_id.to_string();
+        let confirmed = self
+            .peers
+            .confirm(&payment.hold_id.to_string(), &payment_id)
+            .await;
+        if confirmed.is_ok() && self.settings.fault == Fault::AfterConfirm {
+            tracing::warn!(%payment_id, "failure drill: stopping after the confirm, before recording it");
+            return Next::Crash;
+        }
+        match confirmed {
+            // Sold: from here on the payment is COMPLETED, whatever the queue says next.
+            Ok(()) => Next::Record(Advance {
+                to: Step::CompleteToken,
+                status: Status::Completed,
+                balance_after: None,
+                failure: None,
+            }),
+            // A definite no (the hold expired and a seat was taken since, or the hold was
+            // released): the points must go back. The reason is kept for the client.
+            Err(Failure::Refused { reason, message }) => {
+                tracing::info!(%payment_id, %reason, "seats not sold; refunding the points");
+                Next::Record(Advance {
+                    to: Step::Refund,
+                    status: Status::Pending,
+                    balance_after: None,
+                    failure: Some((reason, message)),
+                })
+            }
+            Err(Failure::Unknown(cause)) => Next::Unknown(cause),
+        }
+    }
+
+    async fn refund(&self, payment: &PaymentRow) -> Next {
+        let failed = Next::Record(Advance {
+            to: Step::Done,
+            status: Status::Failed,
+            balance_after: None,
+            failure: None,
+        });
+        match self.peers.refund(&payment.payment_id.to_string()).await {
+            Ok(()) => failed,
+            // The point service has no spend of this payment: nothing to give back.
+            Err(Failure::Refused { reason, .. }) if reason == "PAYMENT_NOT_FOUND" => failed,
+            // Any other refusal of a refund is a bug somewhere: keep trying, and say so,
+            // rather than keep the fan's points.
+            Err(Failure::Refused { reason, message }) => {
+                tracing::error!(payment_id = %payment.payment_id, %reason, %message,
+                    "refund refused; will retry");
+                Next::Unknown(format!("refund refused: {reason}"))
+            }
+            Err(Failure::Unknown(cause)) => Next::Unknown(cause),
+        }
+    }
+
+    async fn complete_token(&self, payment: &PaymentRow) -> Next {
+        let done = Next::Record(Advance {
+            to: Step::Done,
+            status: Status::Completed,
+            balance_after: None,
+            failure: None,
+        });
+        match self.peers.complete_token(&payment.token).await {
+            Ok(TokenStatus::Done) => done,
+            Ok(status) => {
+                tracing::info!(payment_id = %payment.payment_id, ?status, "the token had already ended");
+                done
+            }
+            // The queue will never complete this token (it does not know it): the sale
+            // stands regardless, so stop asking.
+            Err(Failure::Refused { reason, message }) => {
+                tracing::warn!(payment_id = %payment.payment_id, %reason, %message,
+                    "token cannot be completed; the sale stands");
+                done
+            }
+            Err(Failure::Unknown(cause)) => Next::Unknown(cause),
+        }
+    }
+
+    async fn release(&self, payment: &PaymentRow) -> Result<(), sqlx::Error> {
+        store::release(
+            &self.pool,
+            payment.payment_id,
+            self.owner,
+            self.settings.retry_base,
+            self.settings.retry_max,
+        )
+        .await
+    }
+}
+
+/// What one step's call means for the saga.
+enum Next {
+    /// Record this outcome and go on.
+    Record(Advance),
+    /// Ask again with the same key (after a pause, or in a later recovery round).
+    Unknown(String),
+    /// A failure drill: stop here as a killed process would.
+    Crash,
+}

@@ -1,0 +1,124 @@
+//! Races: double clicks, several request ids for one hold, many fans over two replicas.
+
+use std::{collections::HashSet, sync::Arc};
+
+use stagedoor_proto::payment::v1::PaymentStatus;
+use tonic::Code;
+
+use crate::{mesh, reason, SEAT_PRICE};
+
+#[tokio::test]
+async fn the_same_request_id_fifty_times_at_once_pays_once() {
+    let mesh = Arc::new(mesh(50, |settings| settings.payment_replicas = 2).await);
+    let fan = mesh.fan("clicker", 1_000_000).await;
+    let hold = mesh.hold(&fan, &[1, 2, 3]).await;
+
+    let mut clicks = Vec::new();
+    for click in 0..50 {
+        let (mesh, fan, hold_id) = (mesh.clone(), fan.clone(), hold.hold_id.clone());
+        clicks.push(tokio::spawn(async move {
+            mesh.pay(click % 2, &fan, &hold_id, "double-click").await
+        }));
+    }
+    let mut payment_ids = HashSet::new();
+    for click in clicks {
+        let receipt = click.await.unwrap().expect("every click gets the receipt");
+        assert_eq!(receipt.status(), PaymentStatus::Completed);
+        payment_ids.insert(receipt.payment_id);
+    }
+    assert_eq!(payment_ids.len(), 1, "one payment");
+    assert_eq!(mesh.payment_rows().await.len(), 1);
+    let spends = mesh
+        .ledger("clicker")
+        .await
+        .into_iter()
+        .filter(|(kind, _, _)| kind == "SPEND")
+        .count();
+    assert_eq!(spends, 1, "one SPEND");
+    assert_eq!(mesh.balance("clicker").await, 1_000_000 - 3 * SEAT_PRICE);
+    mesh.audit().await;
+}
+
+#[tokio::test]
+async fn fifty_request_ids_for_one_hold_charge_once() {
+    let mesh = Arc::new(mesh(50, |settings| settings.payment_replicas = 2).await);
+    let fan = mesh.fan("eager", 1_000_000).await;
+    let hold = mesh.hold(&fan, &[10]).await;
+
+    let mut attempts = Vec::new();
+    for attempt in 0..50 {
+        let (mesh, fan, hold_id) = (mesh.clone(), fan.clone(), hold.hold_id.clone());
+        attempts.push(tokio::spawn(async move {
+            mesh.pay(attempt % 2, &fan, &hold_id, &format!("attempt-{attempt}"))
+                .await
+        }));
+    }
+    let mut paid = 0;
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            Ok(_) => paid += 1,
+            Err(refused) => {
+                // Refused before paying (the hold has a payment, or is already sold), or
+                // the token was completed by the winner a moment before this call asked.
+                assert!(
+                    matches!(
+                        (refused.code(), reason(&refused).as_str()),
+                        (Code::FailedPrecondition, "HOLD_NOT_HELD")
+                            | (Code::FailedPrecondition, "TOKEN_NOT_ACTIVE")
+                    ),
+                    "{refused:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(paid, 1, "exactly one payment succeeds");
+    assert_eq!(
+        mesh.balance("eager").await,
+        1_000_000 - SEAT_PRICE,
+        "points spent once"
+    );
+    mesh.audit().await;
+}
+
+#[tokio::test]
+async fn two_hundred_fans_paying_at_once_over_two_replicas_keep_every_invariant() {
+    let mesh = Arc::new(mesh(400, |settings| settings.payment_replicas = 2).await);
+    let mut fans = Vec::new();
+    for index in 0..200 {
+        // Every fifth fan is short of points: their payment fails and keeps nothing.
+        let points = if index % 5 == 0 {
+            SEAT_PRICE
+        } else {
+            2 * SEAT_PRICE
+        };
+        let fan = mesh.fan(&format!("fan-{index}"), points).await;
+        let seats = [2 * index + 1, 2 * index + 2];
+        let hold = mesh.hold(&fan, &seats).await;
+        fans.push((fan, hold.hold_id));
+    }
+    let mut payers = Vec::new();
+    for (index, (fan, hold_id)) in fans.into_iter().enumerate() {
+        let mesh = mesh.clone();
+        payers.push(tokio::spawn(async move {
+            // Each fan also double-clicks: two calls with one request id.
+            let first = mesh.pay(index % 2, &fan, &hold_id, "buy");
+            let second = mesh.pay((index + 1) % 2, &fan, &hold_id, "buy");
+            let (first, second) = tokio::join!(first, second);
+            match (&first, &second) {
+                (Ok(a), Ok(b)) => assert_eq!(a.payment_id, b.payment_id),
+                (Err(a), Err(b)) => assert_eq!(reason(a), reason(b)),
+                _ => panic!("one request id, two answers: {first:?} {second:?}"),
+            }
+            first.is_ok()
+        }));
+    }
+    let mut completed = 0;
+    for payer in payers {
+        if payer.await.unwrap() {
+            completed += 1;
+        }
+    }
+    assert_eq!(completed, 160, "the 40 short fans fail, everyone else pays");
+    assert_eq!(mesh.payment_rows().await.len(), 200, "one payment per fan");
+    mesh.audit().await;
+}

@@ -1,0 +1,207 @@
+//! Crashes and peers that go away: the saga finishes (or undoes) what it started, and
+//! points and seats agree afterwards, always.
+
+use std::time::Duration;
+
+use stagedoor_payment::Fault;
+use stagedoor_proto::{
+    concert::v1::HoldStatus, payment::v1::PaymentStatus, queue::v1::TokenStatus,
+};
+use tonic::Code;
+
+use crate::{mesh, reason, Mesh, SEAT_PRICE};
+
+/// Short leases and a fast recovery worker, so that drills take a second, not a minute.
+fn quick_recovery(mesh_settings: &mut crate::Settings) {
+    let payment = &mut mesh_settings.payment;
+    payment.call_deadline = Duration::from_millis(500);
+    payment.lease = Duration::from_secs(1);
+    payment.recovery_interval = Duration::from_millis(100);
+    payment.retry_max = Duration::from_millis(400);
+    payment.pay_patience = Duration::from_millis(300);
+}
+
+/// The payment id a PAYMENT_IN_PROGRESS answer names.
+fn in_progress(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason(status), "PAYMENT_IN_PROGRESS");
+    status.get_details_error_info().unwrap().metadata["payment_id"].clone()
+}
+
+/// Runs `fans` payments on a replica that crashes at `fault`, then starts two fresh
+/// replicas whose recovery workers must finish every one of them, exactly once.
+async fn crash_drill(fault: Fault) -> Mesh {
+    let mut mesh = mesh(50, |settings| {
+        quick_recovery(settings);
+        settings.payment.fault = fault;
+    })
+    .await;
+    let mut started = Vec::new();
+    for index in 0..10 {
+        let fan = mesh.fan(&format!("drill-{index}"), 300_000).await;
+        let hold = mesh.hold(&fan, &[index + 1]).await;
+        let stopped = mesh.pay(0, &fan, &hold.hold_id, "pay").await.unwrap_err();
+        started.push((fan, hold, in_progress(&stopped)));
+    }
+    mesh.crash_payment(0);
+
+    // Mid-flight: the points are gone (after-spend) or the seats sold (after-confirm), and
+    // the records say the payments are PENDING.
+    for (_, _, payment_id) in &started {
+        let status = mesh
+            .payment_rows()
+            .await
+            .into_iter()
+            .find(|(id, _, _)| id.to_string() == *payment_id)
+            .unwrap()
+            .1;
+        assert_eq!(status, "PENDING");
+    }
+
+    let mut healthy = mesh.payment_config.clone();
+    healthy.fault = Fault::None;
+    mesh.start_payment(healthy.clone()).await;
+    mesh.start_payment(healthy).await;
+    for (fan, hold, payment_id) in &started {
+        let payment = mesh.settled(payment_id).await;
+        assert_eq!(payment.status(), PaymentStatus::Completed);
+        assert_eq!(payment.balance_after, 300_000 - SEAT_PRICE);
+        assert_eq!(mesh.balance(&fan.user_id).await, 300_000 - SEAT_PRICE);
+        let spends = mesh
+            .ledger(&fan.user_id)
+            .await
+            .into_iter()
+            .filter(|(kind, _, _)| kind == "SPEND")
+            .count();
+        assert_eq!(spends, 1, "spent exactly once");
+        let sold = mesh.hold_now(&hold.hold_id).await;
+        assert_eq!(sold.status(), HoldStatus::Confirmed);
+        assert_eq!(&sold.payment_id, payment_id);
+        // The token is completed too: the recovery finishes every step.
+        let mut done = false;
+        for _ in 0..100 {
+            if mesh.token_status(&fan.token).await == TokenStatus::Done {
+                done = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(done, "token completed by the recovery");
+        // And the fan's retry of Pay gets the receipt.
+        let receipt = mesh.pay(1, fan, &hold.hold_id, "pay").await.unwrap();
+        assert_eq!(&receipt.payment_id, payment_id);
+    }
+    mesh.audit().await;
+    mesh
+}
+
+#[tokio::test]
+async fn a_crash_after_the_spend_is_finished_by_recovery() {
+    crash_drill(Fault::AfterSpend).await;
+}
+
+#[tokio::test]
+async fn a_crash_after_the_confirm_is_finished_by_recovery() {
+    crash_drill(Fault::AfterConfirm).await;
+}
+
+#[tokio::test]
+async fn point_down_mid_saga_leaves_the_payment_pending_until_it_returns() {
+    let mut mesh = mesh(50, quick_recovery).await;
+    let fan = mesh.fan("patient", 250_000).await;
+    let hold = mesh.hold(&fan, &[5, 6]).await;
+    mesh.stop_point().await;
+
+    let waiting = mesh.pay(0, &fan, &hold.hold_id, "pay").await.unwrap_err();
+    let payment_id = in_progress(&waiting);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        mesh.payment(&payment_id).await.status(),
+        PaymentStatus::Pending
+    );
+    assert_eq!(
+        mesh.hold_now(&hold.hold_id).await.status(),
+        HoldStatus::Held
+    );
+
+    mesh.restart_point().await;
+    let payment = mesh.settled(&payment_id).await;
+    assert_eq!(payment.status(), PaymentStatus::Completed);
+    assert_eq!(mesh.balance("patient").await, 250_000 - 2 * SEAT_PRICE);
+    let receipt = mesh.pay(0, &fan, &hold.hold_id, "pay").await.unwrap();
+    assert_eq!(receipt.payment_id, payment_id);
+    mesh.audit().await;
+}
+
+#[tokio::test]
+async fn concert_down_after_the_spend_keeps_the_points_until_the_seats_are_sold() {
+    let mut mesh = mesh(50, |settings| {
+        quick_recovery(settings);
+        settings.payment.fault = Fault::AfterSpend;
+    })
+    .await;
+    let fan = mesh.fan("spent", 250_000).await;
+    let hold = mesh.hold(&fan, &[11]).await;
+    let stopped = mesh.pay(0, &fan, &hold.hold_id, "pay").await.unwrap_err();
+    let payment_id = in_progress(&stopped);
+    mesh.crash_payment(0);
+    mesh.stop_concert().await;
+
+    let mut healthy = mesh.payment_config.clone();
+    healthy.fault = Fault::None;
+    mesh.start_payment(healthy).await;
+    // The recovery re-spends (a replay at the point service), cannot confirm, and waits:
+    // the points stay spent, nothing is refunded on a guess.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        mesh.payment(&payment_id).await.status(),
+        PaymentStatus::Pending
+    );
+    assert_eq!(mesh.balance("spent").await, 250_000 - SEAT_PRICE);
+    assert!(mesh
+        .ledger("spent")
+        .await
+        .iter()
+        .all(|(kind, _, _)| kind != "REFUND"));
+
+    mesh.restart_concert().await;
+    let payment = mesh.settled(&payment_id).await;
+    assert_eq!(payment.status(), PaymentStatus::Completed);
+    assert_eq!(
+        mesh.hold_now(&hold.hold_id).await.status(),
+        HoldStatus::Confirmed
+    );
+    assert_eq!(mesh.balance("spent").await, 250_000 - SEAT_PRICE);
+    mesh.audit().await;
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_does_not_stop_the_saga() {
+    // A long lease and a slow recovery worker: if the payment completes quickly, it was the
+    // abandoned call's own saga that finished it, not the recovery.
+    let mut mesh = mesh(50, |settings| {
+        settings.payment.pay_patience = Duration::from_secs(20);
+        settings.payment.recovery_interval = Duration::from_secs(60);
+        settings.payment.retry_max = Duration::from_secs(60);
+    })
+    .await;
+    let fan = mesh.fan("gone", 100_000).await;
+    let hold = mesh.hold(&fan, &[20]).await;
+    mesh.stop_point().await;
+
+    // The client gives up after 300 ms while the saga waits for the point service.
+    let hung_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        mesh.pay(0, &fan, &hold.hold_id, "pay"),
+    )
+    .await;
+    assert!(hung_up.is_err(), "the call was still waiting");
+    mesh.restart_point().await;
+    let rows = mesh.payment_rows().await;
+    assert_eq!(rows.len(), 1);
+    let payment = mesh.settled(&rows[0].0.to_string()).await;
+    assert_eq!(payment.status(), PaymentStatus::Completed);
+    assert_eq!(mesh.balance("gone").await, 0);
+    mesh.audit().await;
+}
