@@ -15,7 +15,7 @@ use stagedoor_runtime::{
 use tokio::net::TcpListener;
 
 use crate::{
-    batcher::IssueBatcher,
+    batcher::{CompleteBatcher, IssueBatcher},
     board::LineBoard,
     cache::WaitingCache,
     config::QueueConfig,
@@ -48,9 +48,11 @@ pub async fn start(
     let (trigger, shutdown) = ShutdownTrigger::new();
     let board = Arc::new(LineBoard::default());
     let heartbeats = Arc::new(Heartbeats::default());
-    let (batcher, batch_worker) = IssueBatcher::spawn(pool.clone(), policy.clone());
+    let (batcher, batch_worker) = IssueBatcher::spawn_issue(pool.clone(), policy.clone());
+    let (completer, complete_worker) =
+        CompleteBatcher::spawn_complete(pool.clone(), policy.clone());
 
-    let mut background = vec![batch_worker];
+    let mut background = vec![batch_worker, complete_worker];
     background.push(tokio::spawn(run_admitter(
         pool.clone(),
         policy.clone(),
@@ -77,6 +79,7 @@ pub async fn start(
         pool,
         policy,
         batcher,
+        completer,
         board,
         heartbeats,
         waiting,

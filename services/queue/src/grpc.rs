@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
-    batcher::IssueBatcher,
+    batcher::{CompleteBatcher, IssueBatcher},
     board::LineBoard,
     cache::WaitingCache,
     domain::{self, parse_token, QueueError, Ticket, TokenStatus},
@@ -28,6 +28,8 @@ pub struct QueueState {
     pub pool: PgPool,
     pub policy: AdmissionPolicy,
     pub batcher: IssueBatcher,
+    /// CompleteToken's group commit.
+    pub completer: CompleteBatcher,
     pub board: Arc<LineBoard>,
     pub heartbeats: Arc<Heartbeats>,
     pub waiting: WaitingCache,
@@ -268,7 +270,23 @@ impl QueueInternalService for QueueApi {
         request: Request<pb::CompleteTokenRequest>,
     ) -> Result<Response<pb::CompleteTokenResponse>, Status> {
         let token: Uuid = domain::parse_token(&request.into_inner().token)?;
-        let status = store::complete(&self.state.pool, &self.state.policy, token).await?;
+        // Read fresh (not from the replica's view): only the row says whether it is ACTIVE.
+        let ticket = store::read_ticket(&self.state.pool, &self.state.policy, token)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or(QueueError::TokenNotFound)?;
+        let status = match ticket.status {
+            TokenStatus::Waiting => return Err(QueueError::TokenNotActive(ticket.status).into()),
+            // Already ended: completing again changes nothing.
+            TokenStatus::Done | TokenStatus::Expired => ticket.status,
+            // Group-committed with the other completions of this line (see `batcher`).
+            TokenStatus::Active => {
+                self.state
+                    .completer
+                    .complete(&ticket.concert_id, token)
+                    .await?
+            }
+        };
         Ok(Response::new(pb::CompleteTokenResponse {
             status: status.to_proto() as i32,
         }))

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::{
     config::QueueConfig,
-    domain::{QueueError, Ticket, TokenStatus},
+    domain::{Ticket, TokenStatus},
 };
 
 /// The admission bounds and clocks, read once from the configuration.
@@ -383,46 +383,48 @@ pub async fn issue_batch(
     Ok(tickets)
 }
 
-/// Marks an ACTIVE token DONE and gives its slot to the next fan in the same transaction.
-/// Returns the token's final status (DONE, or EXPIRED when its window had passed).
-pub async fn complete(
+/// Completes ACTIVE tokens of one concert's line in one transaction (see `batcher`): each
+/// becomes DONE if it is still ACTIVE inside its window, the freed slots go to the next fans
+/// at once, and the answer is each token's status afterwards, in the order given. A token
+/// already DONE or EXPIRED is left as it is (completing is idempotent).
+pub async fn complete_batch(
     pool: &PgPool,
     policy: &AdmissionPolicy,
-    token: Uuid,
-) -> Result<TokenStatus, QueueError> {
-    let Some(ticket) = read_ticket(pool, policy, token).await? else {
-        return Err(QueueError::TokenNotFound);
-    };
-    match ticket.status {
-        TokenStatus::Waiting => return Err(QueueError::TokenNotActive(TokenStatus::Waiting)),
-        // Already ended: completing again changes nothing.
-        TokenStatus::Done | TokenStatus::Expired => return Ok(ticket.status),
-        TokenStatus::Active => {}
-    }
-
+    concert_id: &str,
+    tokens: &[Uuid],
+) -> Result<Vec<TokenStatus>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let mut line = lock_line(&mut tx, &ticket.concert_id, false)
-        .await?
-        .ok_or(QueueError::TokenNotFound)?;
-    // Conditional on still being ACTIVE inside its window: a concurrent CompleteToken or the
-    // expiry sweeper may have ended it between our read and the lock.
+    // The line lock: the ACTIVE count and admission change together, for every replica.
+    let Some(mut line) = lock_line(&mut tx, concert_id, false).await? else {
+        return Err(sqlx::Error::RowNotFound);
+    };
+    // Conditional on still being ACTIVE inside its window: a concurrent completion or the
+    // expiry sweeper may have ended a token since the caller read it.
     let completed = sqlx::query(
         "UPDATE tokens SET status = 'DONE', end_time = statement_timestamp()
-          WHERE token = $1 AND status = 'ACTIVE' AND expire_time > statement_timestamp()",
+          WHERE token = ANY($1) AND status = 'ACTIVE' AND expire_time > statement_timestamp()",
     )
-    .bind(token)
+    .bind(tokens)
     .execute(&mut *tx)
     .await?
     .rows_affected();
     line.active_count -= completed as i64;
-    // The freed slot goes to the next fan now, not at the next tick.
+    // The freed slots go to the next fans now, not at the next tick.
     advance(&mut tx, policy, &mut line).await?;
-    let status: String = sqlx::query_scalar("SELECT status FROM tokens WHERE token = $1")
-        .bind(token)
-        .fetch_one(&mut *tx)
-        .await?;
+    let statuses: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT token, status FROM tokens WHERE token = ANY($1)")
+            .bind(tokens)
+            .fetch_all(&mut *tx)
+            .await?;
     tx.commit().await?;
-    Ok(TokenStatus::from_db(&status))
+    let statuses: std::collections::HashMap<Uuid, TokenStatus> = statuses
+        .into_iter()
+        .map(|(token, status)| (token, TokenStatus::from_db(&status)))
+        .collect();
+    tokens
+        .iter()
+        .map(|token| statuses.get(token).copied().ok_or(sqlx::Error::RowNotFound))
+        .collect()
 }
 
 /// One background tick for one line: expire ghosts (WAITING fans who stopped polling), expire
