@@ -16,12 +16,14 @@ use std::{
 };
 
 use stagedoor_concert::ConcertConfig;
+use stagedoor_payment::PaymentConfig;
 use stagedoor_point::PointConfig;
 use stagedoor_proto::{
     concert::v1::{
         self as concert_pb, concert_admin_service_client::ConcertAdminServiceClient,
         concert_service_client::ConcertServiceClient,
     },
+    payment::v1::{self as payment_pb, payment_service_client::PaymentServiceClient},
     point::v1::{
         self as point, point_internal_service_client::PointInternalServiceClient,
         point_service_client::PointServiceClient,
@@ -56,6 +58,9 @@ pub struct LoadArgs {
     /// Load a running point service.
     #[arg(long)]
     pub point_url: Option<String>,
+    /// Load a running payment service (its peers must be the other URLs given).
+    #[arg(long)]
+    pub payment_url: Option<String>,
     /// Admin connection for the throwaway database of an in-process run.
     #[arg(long, env = "ADMIN_DATABASE_URL", default_value = mesh::DEFAULT_ADMIN_URL)]
     pub admin_url: String,
@@ -130,6 +135,15 @@ pub enum Scenario {
         #[command(flatten)]
         load: LoadArgs,
     },
+    /// Pay end to end across the four services: every fan holds one seat and has the
+    /// points; the Pay calls alone are timed, then the share of each hop is printed.
+    Pay {
+        /// Payments to make (one fan, one token, one seat each).
+        #[arg(long, default_value_t = 5_000)]
+        payments: usize,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
     /// The queue's ValidateToken alone: the hop every token-bearing call pays.
     ValidateToken {
         /// How long to call.
@@ -148,6 +162,7 @@ impl Scenario {
             | Self::HoldSpread { load, .. }
             | Self::HoldRace { load, .. }
             | Self::ListSeats { load, .. }
+            | Self::Pay { load, .. }
             | Self::ValidateToken { load, .. } => load,
             Self::Charge(wallet) | Self::Spend(wallet) => &wallet.load,
         }
@@ -163,6 +178,12 @@ impl Scenario {
             Self::HoldSpread { .. } | Self::HoldRace { .. } | Self::ListSeats { .. } => {
                 &[Service::Queue, Service::Concert]
             }
+            Self::Pay { .. } => &[
+                Service::Queue,
+                Service::Concert,
+                Service::Point,
+                Service::Payment,
+            ],
         }
     }
 
@@ -171,6 +192,7 @@ impl Scenario {
         match self {
             Self::HoldSpread { holds, .. } => *holds as u32,
             Self::HoldRace { fans, .. } => *fans as u32,
+            Self::Pay { payments, .. } => *payments as u32,
             _ => 0,
         }
     }
@@ -410,6 +432,89 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
             .await;
             println!("{}", summary.line());
         }
+        Scenario::Pay { payments, .. } => {
+            let seats = ConcertRun::prepare(
+                &target,
+                &load,
+                &clients,
+                payments.div_ceil(1_000),
+                1_000,
+                payments,
+            )
+            .await?;
+            let (publics, tokens, dates) =
+                (seats.publics, Arc::new(seats.tokens), Arc::new(seats.dates));
+            // Setup, timed but not the figure: every fan holds their own seat ...
+            let holds = Arc::new(std::sync::Mutex::new(vec![None; payments]));
+            let setup = drive("setup-hold", Some(payments), None, load.concurrency, {
+                let (tokens, holds) = (tokens.clone(), holds.clone());
+                move |call| {
+                    let mut client = publics[call % publics.len()].clone();
+                    let holds = holds.clone();
+                    let request = with_token(
+                        concert_pb::HoldSeatsRequest {
+                            schedule_id: dates[call / 1_000].clone(),
+                            seat_numbers: vec![(call % 1_000) as i32 + 1],
+                            request_id: format!("hold-{call}"),
+                        },
+                        &tokens[call],
+                    );
+                    async move {
+                        let hold = client.hold_seats(request).await?.into_inner().hold;
+                        holds.lock().expect("holds")[call] = hold;
+                        Ok(())
+                    }
+                }
+            })
+            .await;
+            println!("{}", setup.line());
+            let holds: Arc<Vec<concert_pb::Hold>> = Arc::new(
+                std::mem::take(&mut *holds.lock().expect("holds"))
+                    .into_iter()
+                    .map(Option::unwrap_or_default)
+                    .collect(),
+            );
+            // ... and has exactly the points it costs.
+            let points = clients_of(
+                &target.channels(Service::Point, load.connections).await?,
+                PointServiceClient::new,
+            );
+            let setup = drive("setup-charge", Some(payments), None, load.concurrency, {
+                let holds = holds.clone();
+                move |call| {
+                    let mut client = points[call % points.len()].clone();
+                    let request = point::ChargePointsRequest {
+                        user_id: holds[call].user_id.clone(),
+                        amount: holds[call].total_price,
+                        request_id: format!("pay-setup-{call}"),
+                    };
+                    async move { client.charge_points(request).await.map(|_| ()) }
+                }
+            })
+            .await;
+            println!("{}", setup.line());
+            let payers = clients_of(
+                &target.channels(Service::Payment, load.connections).await?,
+                PaymentServiceClient::new,
+            );
+            stagedoor_payment::hops::HOPS.reset();
+            let summary = drive("pay", Some(payments), None, load.concurrency, move |call| {
+                let mut client = payers[call % payers.len()].clone();
+                let request = with_token(
+                    payment_pb::PayRequest {
+                        hold_id: holds[call].hold_id.clone(),
+                        request_id: format!("pay-{call}"),
+                    },
+                    &tokens[call],
+                );
+                async move { client.pay(request).await.map(|_| ()) }
+            })
+            .await;
+            println!("{}", summary.line());
+            if target.database.is_some() {
+                print_hops(summary.elapsed);
+            }
+        }
         Scenario::ValidateToken { duration, .. } => {
             let (_, tokens) = issue_and_keep(&clients, &concert, 1, 1).await;
             let internals = clients_of(&channels, QueueInternalServiceClient::new);
@@ -433,6 +538,33 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
     }
     target.stop().await;
     Ok(())
+}
+
+/// Where Pay's time went, hop by hop, as measured inside the in-process payment service.
+/// Hops overlap across concurrent calls, so shares are of the summed hop time.
+pub fn print_hops(elapsed: Duration) {
+    let hops = stagedoor_payment::hops::HOPS.snapshot();
+    let total: f64 = hops.iter().map(|(_, seconds, _)| seconds).sum();
+    println!(
+        "where Pay's time goes (summed over calls, {:.1} s of wall clock):",
+        elapsed.as_secs_f64()
+    );
+    for (hop, seconds, calls) in hops {
+        if calls == 0 {
+            continue;
+        }
+        println!(
+            "  {:<22} {:>7} calls  mean {:>7.2} ms  share {:>5.1} %",
+            hop.name(),
+            calls,
+            seconds * 1e3 / calls as f64,
+            if total > 0.0 {
+                seconds / total * 100.0
+            } else {
+                0.0
+            }
+        );
+    }
 }
 
 /// Issues `fans` tokens and returns the timings and the tokens in place order.
@@ -650,6 +782,7 @@ enum Service {
     Queue,
     Concert,
     Point,
+    Payment,
 }
 
 /// What a run loads: services started in this process on a throwaway database, or running
@@ -670,6 +803,7 @@ impl Target {
             Service::Queue => load.queue_url.clone(),
             Service::Concert => load.concert_url.clone(),
             Service::Point => load.point_url.clone(),
+            Service::Payment => load.payment_url.clone(),
         };
         if needs.iter().all(|service| given(*service).is_some()) {
             return Ok(Self {
@@ -711,6 +845,16 @@ impl Target {
                 Service::Point => {
                     let config = PointConfig::for_database(database.url(db::POINT));
                     mesh::start_on(local, |listener| stagedoor_point::start(config, listener))
+                        .await?
+                }
+                Service::Payment => {
+                    let config = PaymentConfig::new(
+                        database.url(db::PAYMENT),
+                        target.url(Service::Queue),
+                        target.url(Service::Concert),
+                        target.url(Service::Point),
+                    );
+                    mesh::start_on(local, |listener| stagedoor_payment::start(config, listener))
                         .await?
                 }
             };

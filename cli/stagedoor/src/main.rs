@@ -1,18 +1,18 @@
-//! `stagedoor`: the command for people. `up` brings the services up against a local Postgres;
-//! `load` runs the benchmark scenarios.
+//! `stagedoor`: the command for people. `up` brings the four services up against a local
+//! Postgres; `demo` stages a sale and checks the result; `load` runs the benchmark scenarios;
+//! `health` probes a service.
 
+mod demo;
 mod load;
 mod mesh;
+mod pg;
 mod seed;
 mod stats;
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use stagedoor_concert::ConcertConfig;
-use stagedoor_point::PointConfig;
-use stagedoor_queue::QueueConfig;
-use stagedoor_runtime::{config::parse_duration, db, telemetry};
+use stagedoor_runtime::{config::parse_duration, telemetry};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,6 +35,13 @@ enum Command {
         #[arg(long, env = "CONCERT_URL", default_value = "http://127.0.0.1:50052")]
         concert_url: String,
     },
+    /// Bring the mesh up and stage a sale: fans rush, queue, hold, pay; then a verdict.
+    Demo(demo::DemoArgs),
+    /// Check a service's grpc.health.v1 status (exit 0 when SERVING): for health probes.
+    Health {
+        /// The service, e.g. http://127.0.0.1:50051.
+        url: String,
+    },
     /// Run a benchmark scenario and print throughput and p50/p99.
     Load {
         #[command(subcommand)]
@@ -44,9 +51,10 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct UpArgs {
-    /// Admin connection used to create the database, roles and schemas.
-    #[arg(long, env = "ADMIN_DATABASE_URL", default_value = mesh::DEFAULT_ADMIN_URL)]
-    admin_url: String,
+    /// A Postgres superuser URL to provision into. Unset: the server on 127.0.0.1:5432, or
+    /// a throwaway cluster under target/ when none answers there.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
     /// The database the services share (each in its own schema, as its own role).
     #[arg(long, default_value = "stagedoor")]
     database: String,
@@ -56,12 +64,15 @@ struct UpArgs {
     /// Where the concert service listens.
     #[arg(long, default_value = "0.0.0.0:50052")]
     concert_addr: SocketAddr,
-    /// How long a hold keeps its seats.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
-    hold_ttl: Duration,
     /// Where the point service listens.
     #[arg(long, default_value = "0.0.0.0:50053")]
     point_addr: SocketAddr,
+    /// Where the payment service listens.
+    #[arg(long, default_value = "0.0.0.0:50054")]
+    payment_addr: SocketAddr,
+    /// How long a hold keeps its seats.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    hold_ttl: Duration,
     /// Most tokens ACTIVE at once per concert.
     #[arg(long, default_value_t = 1000)]
     max_active: u32,
@@ -84,6 +95,10 @@ async fn main() -> ExitCode {
             telemetry::init();
             up(args).await
         }
+        Command::Demo(args) => {
+            telemetry::init_with_default("warn");
+            return demo::run(args).await;
+        }
         Command::Seed { concert_url } => {
             telemetry::init();
             seed_and_show(&concert_url).await.map(|_| ())
@@ -92,6 +107,7 @@ async fn main() -> ExitCode {
             telemetry::init();
             load::run(scenario).await
         }
+        Command::Health { url } => return health(&url).await,
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,84 +118,118 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let database = mesh::Database::provision(&args.admin_url, &args.database)
+/// Finds a Postgres and provisions `database` in it, with a message that says what to do
+/// when that fails.
+pub async fn database(
+    database_url: Option<&str>,
+    database: &str,
+) -> Result<(pg::Postgres, mesh::Database), Box<dyn std::error::Error>> {
+    let postgres = pg::locate(database_url)?;
+    let provisioned = mesh::Database::provision(&postgres.admin_url, database)
         .await
         .map_err(|error| {
             format!(
-                "{error}\n  stagedoor needs a PostgreSQL it can administer: start one on 127.0.0.1:5432 \
-                 (e.g. `pg_ctlcluster 15 main start`) or point ADMIN_DATABASE_URL at one."
+                "{error}\n  stagedoor needs a PostgreSQL it can administer ({}): start one on \
+                 127.0.0.1:5432 (e.g. `pg_ctlcluster 15 main start`) or set DATABASE_URL.",
+                postgres.describe()
             )
         })?;
-    let mut queue = QueueConfig::for_database(database.url(db::QUEUE));
-    queue.max_active = args.max_active;
-    queue.admit_rate = args.admit_rate;
-    queue.active_ttl = args.active_ttl;
-    queue.idle_ttl = args.idle_ttl;
-    queue.validate()?;
-    let point = PointConfig::for_database(database.url(db::POINT));
-    point.validate()?;
-    let mut concert = ConcertConfig::new(database.url(db::CONCERT), String::new());
-    concert.hold_ttl = args.hold_ttl;
+    Ok((postgres, provisioned))
+}
 
-    let queue = mesh::start_on(args.queue_addr, |listener| {
-        stagedoor_queue::start(queue, listener)
-    })
-    .await?;
-    let point = mesh::start_on(args.point_addr, |listener| {
-        stagedoor_point::start(point, listener)
-    })
-    .await?;
-    concert.queue_url = queue.url();
-    concert.validate()?;
-    let concert = mesh::start_on(args.concert_addr, |listener| {
-        stagedoor_concert::start(concert, listener)
-    })
+async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let (postgres, database) = database(args.database_url.as_deref(), &args.database).await?;
+    let mesh = mesh::Mesh::start(
+        &database,
+        &mesh::MeshOptions {
+            queue_addr: args.queue_addr,
+            concert_addr: args.concert_addr,
+            point_addr: args.point_addr,
+            payment_addr: args.payment_addr,
+            max_active: args.max_active,
+            admit_rate: args.admit_rate,
+            active_ttl: args.active_ttl,
+            idle_ttl: args.idle_ttl,
+            hold_ttl: args.hold_ttl,
+        },
+    )
     .await?;
 
-    println!("stagedoor is up (database `{}`)", args.database);
     println!(
-        "  queue    {}   stagedoor.queue.v1.QueueService, QueueInternalService",
-        queue.url()
+        "stagedoor is up (database `{}` on {})",
+        args.database,
+        postgres.describe()
     );
-    println!(
-        "  concert  {}   stagedoor.concert.v1.ConcertService, ConcertInternalService, ConcertAdminService",
-        concert.url()
-    );
-    println!(
-        "  point    {}   stagedoor.point.v1.PointService, PointInternalService",
-        point.url()
-    );
-    let seeded = seed_and_show(&concert.url()).await?;
+    let services = [
+        ("queue", &mesh.queue, "QueueService, QueueInternalService"),
+        (
+            "concert",
+            &mesh.concert,
+            "ConcertService, ConcertInternalService, ConcertAdminService",
+        ),
+        ("point", &mesh.point, "PointService, PointInternalService"),
+        ("payment", &mesh.payment, "PaymentService"),
+    ];
+    for (name, handle, apis) in services {
+        println!("  {name:<8} {}   stagedoor.{name}.v1: {apis}", handle.url());
+    }
+    let seeded = seed_and_show(&mesh.concert.url()).await?;
     let demo_concert = seeded.concerts[0].0.clone();
+    let (queue, point) = (mesh.queue.url(), mesh.point.url());
     println!();
-    println!("Try it (buf curl reads the API from server reflection; no proto files needed):");
+    println!("Try it (buf curl reads the API from server reflection; README \"The journey\" has every step):");
     println!("  buf curl --protocol grpc --http2-prior-knowledge \\");
     println!("    -d '{{\"concert_id\":\"{demo_concert}\",\"user_id\":\"fan-1\"}}' \\");
-    println!(
-        "    {}/stagedoor.queue.v1.QueueService/IssueToken",
-        queue.url()
-    );
+    println!("    {queue}/stagedoor.queue.v1.QueueService/IssueToken");
     println!("  buf curl --protocol grpc --http2-prior-knowledge \\");
     println!(
-        "    -d '{{\"user_id\":\"fan-1\",\"amount\":\"50000\",\"request_id\":\"top-up-1\"}}' \\"
+        "    -d '{{\"user_id\":\"fan-1\",\"amount\":\"500000\",\"request_id\":\"top-up-1\"}}' \\"
     );
-    println!(
-        "    {}/stagedoor.point.v1.PointService/ChargePoints",
-        point.url()
-    );
+    println!("    {point}/stagedoor.point.v1.PointService/ChargePoints");
     println!();
     println!("Ctrl-C stops it.");
     stagedoor_runtime::shutdown::os_signal().await;
     println!("stopping: finishing calls in flight ...");
-    // Stop in reverse order of dependency: nothing calls point or queue after this.
-    for (name, service) in [("concert", concert), ("point", point), ("queue", queue)] {
-        if let Err(error) = service.shutdown().await {
-            eprintln!("stagedoor: {name} stopped with an error: {error}");
-        }
-    }
+    mesh.shutdown().await;
+    drop(postgres);
     println!("stagedoor stopped cleanly");
     Ok(())
+}
+
+/// `stagedoor health <url>`: grpc.health.v1 Check of the whole server; exit 0 when SERVING.
+/// Container health checks call it, so it answers within two seconds either way.
+async fn health(url: &str) -> ExitCode {
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+    let check = async {
+        let channel = tonic::transport::Channel::from_shared(url.to_owned())?
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await?;
+        let response = HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?;
+        Ok::<_, Box<dyn std::error::Error>>(response.into_inner().status())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), check).await {
+        Ok(Ok(ServingStatus::Serving)) => {
+            println!("{url}: SERVING");
+            ExitCode::SUCCESS
+        }
+        Ok(Ok(status)) => {
+            eprintln!("{url}: {}", status.as_str_name());
+            ExitCode::FAILURE
+        }
+        Ok(Err(error)) => {
+            eprintln!("{url}: {error}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("{url}: no answer within 2 s");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Seeds the demo catalog (idempotent) and prints it.

@@ -2,9 +2,13 @@
 //! roles, schemas) and start-up. Each service still serves real gRPC on its own port and
 //! talks to its peers over gRPC, with its own role and schema, exactly as when run apart.
 
-use std::{net::SocketAddr, str::FromStr};
+use std::{net::SocketAddr, str::FromStr, time::Duration};
 
 use sqlx::postgres::PgConnectOptions;
+use stagedoor_concert::ConcertConfig;
+use stagedoor_payment::PaymentConfig;
+use stagedoor_point::PointConfig;
+use stagedoor_queue::QueueConfig;
 use stagedoor_runtime::{
     db::{self, StartupError},
     server::{self, ServiceHandle},
@@ -66,4 +70,89 @@ where
 {
     let listener = server::bind(addr).await?;
     Ok(start(listener).await?)
+}
+
+/// How to run the four services.
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    pub queue_addr: SocketAddr,
+    pub concert_addr: SocketAddr,
+    pub point_addr: SocketAddr,
+    pub payment_addr: SocketAddr,
+    pub max_active: u32,
+    pub admit_rate: u32,
+    pub active_ttl: Duration,
+    pub idle_ttl: Duration,
+    pub hold_ttl: Duration,
+}
+
+/// The four services running in this process, each on its own port with its own role.
+pub struct Mesh {
+    pub queue: ServiceHandle,
+    pub concert: ServiceHandle,
+    pub point: ServiceHandle,
+    pub payment: ServiceHandle,
+}
+
+impl Mesh {
+    /// Starts queue, point, concert and payment (in that order: each after what it calls).
+    pub async fn start(
+        database: &Database,
+        options: &MeshOptions,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let mut queue = QueueConfig::for_database(database.url(db::QUEUE));
+        queue.max_active = options.max_active;
+        queue.admit_rate = options.admit_rate;
+        queue.active_ttl = options.active_ttl;
+        queue.idle_ttl = options.idle_ttl;
+        queue.validate()?;
+        let point = PointConfig::for_database(database.url(db::POINT));
+        point.validate()?;
+        let queue = start_on(options.queue_addr, |listener| {
+            stagedoor_queue::start(queue, listener)
+        })
+        .await?;
+        let point = start_on(options.point_addr, |listener| {
+            stagedoor_point::start(point, listener)
+        })
+        .await?;
+        let mut concert = ConcertConfig::new(database.url(db::CONCERT), queue.url());
+        concert.hold_ttl = options.hold_ttl;
+        concert.validate()?;
+        let concert = start_on(options.concert_addr, |listener| {
+            stagedoor_concert::start(concert, listener)
+        })
+        .await?;
+        let payment = PaymentConfig::new(
+            database.url(db::PAYMENT),
+            queue.url(),
+            concert.url(),
+            point.url(),
+        );
+        payment.validate()?;
+        let payment = start_on(options.payment_addr, |listener| {
+            stagedoor_payment::start(payment, listener)
+        })
+        .await?;
+        Ok(Self {
+            queue,
+            concert,
+            point,
+            payment,
+        })
+    }
+
+    /// Graceful stop, callers first: nothing calls a service after it stopped.
+    pub async fn shutdown(self) {
+        for (name, service) in [
+            ("payment", self.payment),
+            ("concert", self.concert),
+            ("point", self.point),
+            ("queue", self.queue),
+        ] {
+            if let Err(error) = service.shutdown().await {
+                eprintln!("stagedoor: {name} stopped with an error: {error}");
+            }
+        }
+    }
 }

@@ -1,0 +1,77 @@
+//! The `stagedoor` command as people run it: the real binary, against the local Postgres
+//! (`ADMIN_DATABASE_URL`, default postgres://postgres@127.0.0.1:5432/postgres).
+
+use std::process::Command;
+
+fn admin_url() -> String {
+    std::env::var("ADMIN_DATABASE_URL")
+        .unwrap_or_else(|_| stagedoor_testkit::DEFAULT_ADMIN_URL.to_owned())
+}
+
+fn stagedoor() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_stagedoor"))
+}
+
+#[test]
+fn a_small_demo_sells_out_and_passes_its_verdict() {
+    let json = std::env::temp_dir().join(format!("stagedoor-demo-{}.json", std::process::id()));
+    // Fewer ACTIVE places than fans: most fans wait in line and watch it move.
+    let output = stagedoor()
+        .args(["demo", "--fans", "300", "--seats", "50", "--cap", "60"])
+        .args(["--rate", "500", "--seed", "7", "--json"])
+        .arg(&json)
+        .env("DATABASE_URL", admin_url())
+        .output()
+        .expect("stagedoor runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "demo failed\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("VERDICT: PASS"), "{stdout}");
+    let summary = std::fs::read_to_string(&json).expect("the JSON summary");
+    let _ = std::fs::remove_file(&json);
+    assert!(summary.starts_with("{\"verdict\":\"PASS\""), "{summary}");
+    assert!(
+        summary.contains("\"seats_sold\":50,"),
+        "sold out: {summary}"
+    );
+    assert!(summary.contains("\"checks\":[{"), "{summary}");
+    assert!(!summary.contains("\"passed\":false"), "{summary}");
+}
+
+#[test]
+fn a_demo_that_cannot_run_says_why_and_exits_2() {
+    let output = stagedoor()
+        .args(["demo", "--fans", "10", "--seats", "5"])
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/postgres")
+        .output()
+        .expect("stagedoor runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("stagedoor"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test]
+async fn health_exits_zero_for_a_serving_service_and_non_zero_otherwise() {
+    let database = stagedoor_testkit::TestDatabase::create().await;
+    let config =
+        stagedoor_queue::QueueConfig::for_database(database.url(stagedoor_runtime::db::QUEUE));
+    let (queue, _) =
+        stagedoor_testkit::serve(|listener| stagedoor_queue::start(config, listener)).await;
+    let url = queue.url();
+    let serving = tokio::task::spawn_blocking(move || stagedoor().args(["health", &url]).output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(serving.status.success(), "{serving:?}");
+    queue.shutdown().await.unwrap();
+    let nobody =
+        tokio::task::spawn_blocking(|| stagedoor().args(["health", "http://127.0.0.1:1"]).output())
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(!nobody.status.success());
+}
