@@ -1,5 +1,9 @@
 # Everyday recipes; each runs the same command the README gives.
 
+# Bring the mesh up on a fresh database and stage a sale, with a verdict (README quick start).
+demo:
+    cargo run --release -p stagedoor -- demo
+
 # Provision the local database and run the services until Ctrl-C.
 up:
     cargo run --release -p stagedoor -- up
@@ -8,9 +12,10 @@ up:
 test:
     cargo nextest run --workspace
 
-# Contracts and code style, as CI checks them.
+# Contracts, compose file and code style, as CI checks them.
 lint:
     buf lint
+    bash .ci/compose-check
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
@@ -26,6 +31,8 @@ bench:
     cargo run --release -p stagedoor -- load hold-race
     cargo run --release -p stagedoor -- load list-seats
     cargo run --release -p stagedoor -- load validate-token
+    cargo run --release -p stagedoor -- load pay
+    cargo run --release -p stagedoor -- demo --json target/demo-summary.json
 
 # What CI runs.
 ci:
