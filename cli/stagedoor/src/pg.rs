@@ -11,7 +11,7 @@ use std::{
 };
 
 /// The local server `up` and `demo` try when no `DATABASE_URL` is given.
-const LOCAL_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const LOCAL_ADDR: &str = "127.0.0.1:5432";
 
 /// A Postgres the command can administer, and the cluster it started for it, if any.
 pub struct Postgres {
@@ -50,22 +50,26 @@ pub fn locate(database_url: Option<&str>) -> Result<Postgres, String> {
             cluster: None,
         });
     }
-    let local: SocketAddr = "127.0.0.1:5432".parse().expect("address");
+    // Where to look for a local server: 127.0.0.1:5432 unless STAGEDOOR_LOCAL_POSTGRES
+    // names another address (tests point it at a closed port to take the throwaway path).
+    let local = std::env::var("STAGEDOOR_LOCAL_POSTGRES").unwrap_or_else(|_| LOCAL_ADDR.to_owned());
+    let local: SocketAddr = local
+        .parse()
+        .map_err(|_| format!("STAGEDOOR_LOCAL_POSTGRES `{local}` is not host:port"))?;
     if TcpStream::connect_timeout(&local, Duration::from_secs(1)).is_ok() {
         return Ok(Postgres {
-            admin_url: LOCAL_ADMIN_URL.to_owned(),
+            admin_url: format!("postgres://postgres@{local}/postgres"),
             cluster: None,
         });
     }
     let Some(bin) = postgres_binaries() else {
-        return Err(
-            "no PostgreSQL: nothing answers on 127.0.0.1:5432, DATABASE_URL is not set, \
-                    and no initdb/pg_ctl were found to start a throwaway one.\n  \
-                    Start one (e.g. `pg_ctlcluster 15 main start`, or \
-                    `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:15`) \
-                    or set DATABASE_URL to a superuser URL of yours."
-                .into(),
-        );
+        return Err(format!(
+            "no PostgreSQL: nothing answers on {local}, DATABASE_URL is not set, and no \
+             initdb/pg_ctl were found to start a throwaway one.\n  Start one (e.g. \
+             `pg_ctlcluster 15 main start`, or `docker run -d -p 5432:5432 -e \
+             POSTGRES_HOST_AUTH_METHOD=trust postgres:15`) or set DATABASE_URL to a superuser \
+             URL of yours."
+        ));
     };
     let cluster = Cluster::start(&bin)?;
     Ok(Postgres {

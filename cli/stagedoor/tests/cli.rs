@@ -75,3 +75,42 @@ async fn health_exits_zero_for_a_serving_service_and_non_zero_otherwise() {
             .unwrap();
     assert!(!nobody.status.success());
 }
+
+#[test]
+fn without_a_postgres_the_demo_runs_on_a_throwaway_cluster_and_removes_it() {
+    // A working directory of its own with a `target/`, where the cluster must appear and go.
+    let workdir = std::env::temp_dir().join(format!("stagedoor-cli-{}", std::process::id()));
+    let target = workdir.join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let output = stagedoor()
+        .args([
+            "demo", "--fans", "60", "--seats", "10", "--cap", "20", "--seed", "5",
+        ])
+        .current_dir(&workdir)
+        .env_remove("DATABASE_URL")
+        // Nothing listens on port 1: as if no Postgres ran on this machine.
+        .env("STAGEDOOR_LOCAL_POSTGRES", "127.0.0.1:1")
+        .output()
+        .expect("stagedoor runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let leftovers: Vec<_> = std::fs::read_dir(&target).unwrap().flatten().collect();
+    let _ = std::fs::remove_dir_all(&workdir);
+    let has_binaries = [
+        "/usr/lib/postgresql",
+        "/usr/local/bin/initdb",
+        "/usr/bin/initdb",
+    ]
+    .iter()
+    .any(|path| std::path::Path::new(path).exists());
+    if has_binaries {
+        assert!(output.status.success(), "{stdout}\n{stderr}");
+        assert!(stdout.contains("throwaway cluster"), "{stdout}");
+        assert!(stdout.contains("VERDICT: PASS"), "{stdout}");
+    } else {
+        // No binaries to start one: a clear message saying how to get a Postgres.
+        assert_eq!(output.status.code(), Some(2), "{stdout}\n{stderr}");
+        assert!(stderr.contains("no PostgreSQL"), "{stderr}");
+    }
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+}
