@@ -3,6 +3,7 @@
 //! one another exactly as in production. Peers are stopped and restarted on their own
 //! address to play "peer down"; payment replicas are aborted mid-saga to play "crash".
 
+mod interop;
 mod races;
 mod recovery;
 mod semantics;
