@@ -34,11 +34,12 @@ use stagedoor_proto::{
     point::v1::{self as point_pb, point_service_client::PointServiceClient},
     queue::v1::{self as queue_pb, queue_service_client::QueueServiceClient, TokenStatus},
 };
-use stagedoor_runtime::config::parse_duration;
+use stagedoor_runtime::{auth::with_bearer, config::parse_duration};
 use tokio::sync::watch;
 use tonic::{transport::Channel, Code, Status};
 
 use crate::{
+    load::connect,
     mesh::{Mesh, MeshOptions},
     stats::Summary,
 };
@@ -265,10 +266,10 @@ async fn sale(
     // Enough HTTP/2 connections that no server's per-connection stream limit (the queue's
     // watchers hold a stream each) becomes the bottleneck.
     let queue_connections = (args.fans / 100).clamp(1, 128);
-    let queues = channels(&mesh.queue.url(), queue_connections).await?;
-    let concerts = channels(&mesh.concert.url(), 8).await?;
-    let points = channels(&mesh.point.url(), 4).await?;
-    let payments = channels(&mesh.payment.url(), 8).await?;
+    let queues = connect(&mesh.queue.url(), queue_connections).await?;
+    let concerts = connect(&mesh.concert.url(), 8).await?;
+    let points = connect(&mesh.point.url(), 4).await?;
+    let payments = connect(&mesh.payment.url(), 8).await?;
     let (concert_id, dates) = catalog(&concerts[0], args.seats).await?;
     println!(
         "  concert {concert_id}: {} date(s), {} seats",
@@ -372,19 +373,6 @@ async fn sale(
         rpcs,
         checks,
     })
-}
-
-async fn channels(url: &str, count: usize) -> Result<Vec<Channel>, tonic::transport::Error> {
-    let mut channels = Vec::with_capacity(count);
-    for _ in 0..count {
-        channels.push(
-            Channel::from_shared(url.to_owned())
-                .expect("service URL")
-                .connect()
-                .await?,
-        );
-    }
-    Ok(channels)
 }
 
 /// The concert on sale: dates of at most 1,000 seats (two when there are 100 or more), the
@@ -547,7 +535,7 @@ async fn shop(sale: &Sale, rng: &mut Rng, user_id: &str, token: &str, persona: P
         let Ok(dates) = sale
             .call(
                 "concert.ListAvailableDates",
-                concert.list_available_dates(with_token(
+                concert.list_available_dates(with_bearer(
                     concert_pb::ListAvailableDatesRequest {
                         concert_id: sale.concert_id.clone(),
                     },
@@ -567,7 +555,7 @@ async fn shop(sale: &Sale, rng: &mut Rng, user_id: &str, token: &str, persona: P
         let Ok(seats) = sale
             .call(
                 "concert.ListAvailableSeats",
-                concert.list_available_seats(with_token(
+                concert.list_available_seats(with_bearer(
                     concert_pb::ListAvailableSeatsRequest {
                         schedule_id: date.schedule_id.clone(),
                     },
@@ -600,7 +588,7 @@ async fn shop(sale: &Sale, rng: &mut Rng, user_id: &str, token: &str, persona: P
         let hold = sale
             .call(
                 "concert.HoldSeats",
-                concert.hold_seats(with_token(
+                concert.hold_seats(with_bearer(
                     concert_pb::HoldSeatsRequest {
                         schedule_id: date.schedule_id.clone(),
                         seat_numbers,
@@ -681,7 +669,7 @@ async fn pay(
     let request_id = format!("pay-{}", rng.next());
     let pay_once = || {
         let mut payment = sale.payments[rng_free_index(&hold.hold_id, sale.payments.len())].clone();
-        let request = with_token(
+        let request = with_bearer(
             payment_pb::PayRequest {
                 hold_id: hold.hold_id.clone(),
                 request_id: request_id.clone(),
@@ -743,15 +731,6 @@ async fn pay(
 /// on the same one, as a browser would).
 fn rng_free_index(hold_id: &str, len: usize) -> usize {
     hold_id.bytes().map(usize::from).sum::<usize>() % len
-}
-
-fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("token is ASCII"),
-    );
-    request
 }
 
 /// Samples the number of ACTIVE tokens of the concert every 20 ms, keeping the highest.

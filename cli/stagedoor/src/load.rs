@@ -34,7 +34,7 @@ use stagedoor_proto::{
     },
 };
 use stagedoor_queue::QueueConfig;
-use stagedoor_runtime::db;
+use stagedoor_runtime::{auth::with_bearer, db};
 use tonic::transport::Channel;
 
 use crate::{mesh, stats::Summary};
@@ -357,14 +357,7 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
                 load.concurrency,
                 move |call| {
                     let mut client = publics[call % publics.len()].clone();
-                    let request = with_token(
-                        concert_pb::HoldSeatsRequest {
-                            schedule_id: dates[call / 1_000].clone(),
-                            seat_numbers: vec![(call % 1_000) as i32 + 1],
-                            request_id: format!("hold-{call}"),
-                        },
-                        &tokens[call],
-                    );
+                    let request = spread_hold(call, &dates, &tokens);
                     async move { client.hold_seats(request).await.map(|_| ()) }
                 },
             )
@@ -381,7 +374,7 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
                 move |call| {
                     let mut client = publics[call % publics.len()].clone();
                     let winners = winners.clone();
-                    let request = with_token(
+                    let request = with_bearer(
                         concert_pb::HoldSeatsRequest {
                             schedule_id: dates[0].clone(),
                             seat_numbers: vec![7],
@@ -420,7 +413,7 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
                 load.concurrency,
                 move |call| {
                     let mut client = publics[call % publics.len()].clone();
-                    let request = with_token(
+                    let request = with_bearer(
                         concert_pb::ListAvailableSeatsRequest {
                             schedule_id: date.clone(),
                         },
@@ -451,14 +444,7 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
                 move |call| {
                     let mut client = publics[call % publics.len()].clone();
                     let holds = holds.clone();
-                    let request = with_token(
-                        concert_pb::HoldSeatsRequest {
-                            schedule_id: dates[call / 1_000].clone(),
-                            seat_numbers: vec![(call % 1_000) as i32 + 1],
-                            request_id: format!("hold-{call}"),
-                        },
-                        &tokens[call],
-                    );
+                    let request = spread_hold(call, &dates, &tokens);
                     async move {
                         let hold = client.hold_seats(request).await?.into_inner().hold;
                         holds.lock().expect("holds")[call] = hold;
@@ -500,7 +486,7 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
             stagedoor_payment::hops::HOPS.reset();
             let summary = drive("pay", Some(payments), None, load.concurrency, move |call| {
                 let mut client = payers[call % payers.len()].clone();
-                let request = with_token(
+                let request = with_bearer(
                     payment_pb::PayRequest {
                         hold_id: holds[call].hold_id.clone(),
                         request_id: format!("pay-{call}"),
@@ -631,6 +617,21 @@ async fn charges(
     .await
 }
 
+/// `count` (at least one) HTTP/2 connections to the service at `url`, so that calls spread
+/// over several connections as they would from many clients.
+pub async fn connect(url: &str, count: usize) -> Result<Vec<Channel>, tonic::transport::Error> {
+    let mut channels = Vec::with_capacity(count.max(1));
+    for _ in 0..count.max(1) {
+        channels.push(
+            Channel::from_shared(url.to_owned())
+                .expect("service URL")
+                .connect()
+                .await?,
+        );
+    }
+    Ok(channels)
+}
+
 /// gRPC clients of one kind over the run's connections.
 fn clients_of<C>(channels: &[Channel], new: impl Fn(Channel) -> C) -> Vec<C> {
     channels.iter().cloned().map(new).collect()
@@ -667,14 +668,21 @@ impl ConcertRun {
     }
 }
 
-/// A request carrying a queue token.
-fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("token is ASCII"),
-    );
-    request
+/// Fan `call`'s hold of a seat nobody else wants: seat `call % 1000 + 1` of date
+/// `call / 1000` (dates of 1,000 seats, see `ConcertRun::prepare`).
+fn spread_hold(
+    call: usize,
+    dates: &[String],
+    tokens: &[String],
+) -> tonic::Request<concert_pb::HoldSeatsRequest> {
+    with_bearer(
+        concert_pb::HoldSeatsRequest {
+            schedule_id: dates[call / 1_000].clone(),
+            seat_numbers: vec![(call % 1_000) as i32 + 1],
+            request_id: format!("hold-{call}"),
+        },
+        &tokens[call],
+    )
 }
 
 /// A concert with `dates` dates of `seats` seats each, through the admin service.
@@ -892,16 +900,7 @@ impl Target {
         service: Service,
         connections: usize,
     ) -> Result<Vec<Channel>, tonic::transport::Error> {
-        let mut channels = Vec::new();
-        for _ in 0..connections.max(1) {
-            channels.push(
-                Channel::from_shared(self.url(service))
-                    .expect("service URL")
-                    .connect()
-                    .await?,
-            );
-        }
-        Ok(channels)
+        connect(&self.url(service), connections).await
     }
 
     async fn stop(self) {

@@ -20,8 +20,9 @@ use stagedoor_proto::{
 use stagedoor_queue::QueueConfig;
 use stagedoor_runtime::{db, server::ServiceHandle};
 use stagedoor_testkit::TestDatabase;
-use tonic::{transport::Channel, Request};
+use tonic::transport::Channel;
 
+pub use stagedoor_runtime::auth::with_bearer;
 pub use stagedoor_testkit::reason;
 
 /// One concert server and clients of its three services.
@@ -77,15 +78,6 @@ pub async fn mesh(
         queue_internal: QueueInternalServiceClient::new(queue_channel),
         concerts,
     }
-}
-
-/// A request carrying a queue token, as a BFF would send it.
-pub fn with_token<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
 }
 
 impl Mesh {
@@ -178,7 +170,7 @@ impl Mesh {
         self.concerts[replica]
             .public
             .clone()
-            .hold_seats(with_token(
+            .hold_seats(with_bearer(
                 pb::HoldSeatsRequest {
                     schedule_id: schedule_id.into(),
                     seat_numbers: seats.to_vec(),
@@ -194,7 +186,7 @@ impl Mesh {
         self.concerts[0]
             .public
             .clone()
-            .list_available_seats(with_token(
+            .list_available_seats(with_bearer(
                 pb::ListAvailableSeatsRequest {
                     schedule_id: schedule_id.into(),
                 },

@@ -3,7 +3,7 @@ use std::time::Duration;
 use stagedoor_proto::{concert::v1 as pb, queue::v1 as queue_pb};
 use tonic::{Code, Request};
 
-use crate::{mesh, reason, with_token};
+use crate::{mesh, reason, with_bearer};
 
 fn status_of(seats: &[pb::Seat], number: i32) -> pb::SeatStatus {
     seats
@@ -126,7 +126,7 @@ async fn confirm_is_idempotent_per_payment_and_sells_once() {
     let release = mesh.concerts[0]
         .public
         .clone()
-        .release_hold(with_token(
+        .release_hold(with_bearer(
             pb::ReleaseHoldRequest {
                 hold_id: hold.hold_id.clone(),
             },
@@ -160,7 +160,7 @@ async fn tokens_decide_who_may_call_and_as_whom() {
             concert_id: concert.into(),
         };
         let request = match token {
-            Some(token) => with_token(message, token),
+            Some(token) => with_bearer(message, token),
             None => Request::new(message),
         };
         async move { public.list_available_dates(request).await }
@@ -264,7 +264,7 @@ async fn bad_holds_are_refused_and_change_nothing() {
     // Releasing: unknown, malformed, or someone else's hold.
     let release = |token: &str, hold_id: &str| {
         let mut public = mesh.concerts[0].public.clone();
-        let request = with_token(
+        let request = with_bearer(
             pb::ReleaseHoldRequest {
                 hold_id: hold_id.into(),
             },
@@ -354,7 +354,7 @@ async fn a_sold_out_date_drops_out_of_the_list() {
     let fan = mesh.active_token(&concert_id, "fan").await;
     let dates = || {
         let mut public = mesh.concerts[0].public.clone();
-        let request = with_token(
+        let request = with_bearer(
             pb::ListAvailableDatesRequest {
                 concert_id: concert_id.clone(),
             },

@@ -26,8 +26,9 @@ use stagedoor_proto::{
 use stagedoor_queue::QueueConfig;
 use stagedoor_runtime::{db, server::ServiceHandle};
 use stagedoor_testkit::TestDatabase;
-use tonic::{transport::Channel, Request};
+use tonic::transport::Channel;
 
+pub use stagedoor_runtime::auth::with_bearer;
 pub use stagedoor_testkit::reason;
 
 /// Price of every seat of the test date.
@@ -194,15 +195,6 @@ async fn catalog(
     (concert.concert_id, schedule.schedule_id)
 }
 
-/// A request carrying a queue token.
-pub fn with_token<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
-}
-
 impl Mesh {
     /// Starts one more payment replica with `config` (peers as in the mesh).
     pub async fn start_payment(&mut self, config: PaymentConfig) -> usize {
@@ -298,7 +290,7 @@ impl Mesh {
     pub async fn hold(&self, fan: &Fan, seats: &[i32]) -> concert_pb::Hold {
         self.concert_public
             .clone()
-            .hold_seats(with_token(
+            .hold_seats(with_bearer(
                 concert_pb::HoldSeatsRequest {
                     schedule_id: self.schedule_id.clone(),
                     seat_numbers: seats.to_vec(),
@@ -323,7 +315,7 @@ impl Mesh {
         self.payments[replica]
             .client
             .clone()
-            .pay(with_token(
+            .pay(with_bearer(
                 pb::PayRequest {
                     hold_id: hold_id.into(),
                     request_id: request_id.into(),

@@ -9,7 +9,7 @@ use stagedoor_proto::{
 };
 use tonic::Code;
 
-use crate::{mesh, reason, with_token, SEAT_PRICE};
+use crate::{mesh, reason, with_bearer, SEAT_PRICE};
 
 #[tokio::test]
 async fn pay_spends_sells_completes_the_token_and_admits_the_next_fan() {
@@ -53,7 +53,7 @@ async fn pay_spends_sells_completes_the_token_and_admits_the_next_fan() {
     let seats = mesh
         .concert_public
         .clone()
-        .list_available_seats(with_token(
+        .list_available_seats(with_bearer(
             concert_pb::ListAvailableSeatsRequest {
                 schedule_id: mesh.schedule_id.clone(),
             },
@@ -249,7 +249,7 @@ async fn bad_calls_get_a_clear_status_and_change_nothing() {
     let malformed = client.pay(malformed).await.unwrap_err();
     assert_eq!(reason(&malformed), "MALFORMED_TOKEN");
     let unknown_token = client
-        .pay(with_token(
+        .pay(with_bearer(
             pay_request(&hold.hold_id, "r1"),
             "qt_nosuchtoken",
         ))
@@ -260,7 +260,10 @@ async fn bad_calls_get_a_clear_status_and_change_nothing() {
         "{unknown_token:?}"
     );
     let not_active = client
-        .pay(with_token(pay_request(&hold.hold_id, "r1"), &waiting.token))
+        .pay(with_bearer(
+            pay_request(&hold.hold_id, "r1"),
+            &waiting.token,
+        ))
         .await
         .unwrap_err();
     assert_eq!(
