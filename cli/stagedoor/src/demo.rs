@@ -668,7 +668,7 @@ async fn pay(
     }
     let request_id = format!("pay-{}", rng.next());
     let pay_once = || {
-        let mut payment = sale.payments[rng_free_index(&hold.hold_id, sale.payments.len())].clone();
+        let mut payment = sale.payments[connection_for(&hold.hold_id, sale.payments.len())].clone();
         let request = with_bearer(
             payment_pb::PayRequest {
                 hold_id: hold.hold_id.clone(),
@@ -729,7 +729,7 @@ async fn pay(
 
 /// Spreads a hold's Pay calls over the payment connections (both clicks of a double click
 /// on the same one, as a browser would).
-fn rng_free_index(hold_id: &str, len: usize) -> usize {
+fn connection_for(hold_id: &str, len: usize) -> usize {
     hold_id.bytes().map(usize::from).sum::<usize>() % len
 }
 
