@@ -4,6 +4,7 @@
 //! domain errors to `tonic::Status` with a `google.rpc.ErrorInfo` detail.
 
 pub mod auth;
+pub mod batch;
 pub mod config;
 pub mod db;
 pub mod error;

@@ -15,7 +15,7 @@ use stagedoor_runtime::{
 use tokio::net::TcpListener;
 
 use crate::{
-    batcher::{CompleteBatcher, IssueBatcher},
+    batcher::{CompleteBatcher, IssueBatcher, TicketReader},
     board::LineBoard,
     cache::WaitingCache,
     config::QueueConfig,
@@ -52,7 +52,9 @@ pub async fn start(
     let (completer, complete_worker) =
         CompleteBatcher::spawn_complete(pool.clone(), policy.clone());
 
-    let mut background = vec![batch_worker, complete_worker];
+    let (reader, read_worker) = TicketReader::spawn(pool.clone(), policy.clone());
+
+    let mut background = vec![batch_worker, complete_worker, read_worker];
     background.push(tokio::spawn(run_admitter(
         pool.clone(),
         policy.clone(),
@@ -80,6 +82,7 @@ pub async fn start(
         policy,
         batcher,
         completer,
+        reader,
         board,
         heartbeats,
         waiting,

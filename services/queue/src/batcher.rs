@@ -1,19 +1,22 @@
 //! Group commit for the calls that must lock a concert's line row: IssueToken (every new
 //! token takes the line's next place) and CompleteToken (every completion frees a slot and
-//! admits the next fan).
+//! admits the next fan), and group reads of token rows.
 //!
 //! One transaction per call would cap a rush at what one hot row allows: a few hundred to a
 //! few thousand lock-commit cycles per second, with every other caller of the line queued
 //! behind the lock and holding a pooled connection while it waits. Instead each replica
-//! funnels these calls through one worker per kind that takes whatever has queued up since
-//! its last transaction and does it all under a single lock of each line. Under light load a
-//! batch is one call and adds no delay; under a rush batches grow by themselves.
+//! funnels these calls through one worker per kind (`stagedoor_runtime::batch`) that takes
+//! whatever has queued up since its last transaction and does it all under a single lock of
+//! each line. Under light load a batch is one call and adds no delay; under a rush batches
+//! grow by themselves.
 
-use std::{future::Future, pin::Pin, sync::Arc};
+use std::{future::Future, sync::Arc};
 
 use sqlx::PgPool;
-use stagedoor_runtime::ApiError;
-use tokio::sync::{mpsc, oneshot};
+use stagedoor_runtime::{
+    batch::{self, BatchFuture, BatchLimits, Batcher},
+    ApiError,
+};
 use uuid::Uuid;
 
 use crate::{
@@ -22,24 +25,25 @@ use crate::{
     store::AdmissionPolicy,
 };
 
-/// Most calls done in one transaction.
-const MAX_BATCH: usize = 1_000;
-/// Calls that may wait for the worker before callers are slowed down.
-const QUEUE_DEPTH: usize = 20_000;
+/// Line batches: one at a time per replica, since every one of them takes a line lock
+/// (a second batch would only wait for the first inside Postgres, holding a connection).
+const LINE_LIMITS: BatchLimits = BatchLimits {
+    max_batch: 1_000,
+    concurrent: 1,
+    queue_depth: 20_000,
+};
 
-/// What one batch of one line does: the answers in the order of `inputs`.
-type BatchFuture<O> = Pin<Box<dyn Future<Output = Result<Vec<O>, ApiError>> + Send>>;
-type BatchFn<I, O> = Arc<dyn Fn(String, Vec<I>) -> BatchFuture<O> + Send + Sync>;
+/// Token reads take no lock: several batches may run at once, so one slow read does not
+/// hold back the next.
+const READ_LIMITS: BatchLimits = BatchLimits {
+    max_batch: 1_000,
+    concurrent: 4,
+    queue_depth: 20_000,
+};
 
-struct Call<I, O> {
-    concert_id: String,
-    input: I,
-    reply: oneshot::Sender<Result<O, ApiError>>,
-}
-
-/// Handle to one group-commit worker; cheap to clone.
+/// A batcher whose calls each belong to one concert's line.
 pub struct LineBatcher<I, O> {
-    calls: mpsc::Sender<Call<I, O>>,
+    calls: Batcher<(String, I), O>,
 }
 
 impl<I, O> Clone for LineBatcher<I, O> {
@@ -56,33 +60,63 @@ pub type IssueBatcher = LineBatcher<String, Ticket>;
 pub type CompleteBatcher = LineBatcher<Uuid, TokenStatus>;
 
 impl<I: Send + 'static, O: Send + 'static> LineBatcher<I, O> {
-    /// Starts the worker. It runs until every handle is dropped (the server stopped), so
-    /// calls in flight during a graceful shutdown still get their answers.
-    fn spawn(batch: BatchFn<I, O>) -> (Self, tokio::task::JoinHandle<()>) {
-        let (calls, receiver) = mpsc::channel(QUEUE_DEPTH);
-        let worker = tokio::spawn(run(receiver, batch));
+    /// Starts the worker; `line_batch(concert_id, inputs)` does one line's share of a batch in
+    /// one transaction and answers each input in order.
+    fn spawn<F, Fut>(line_batch: F) -> (Self, tokio::task::JoinHandle<()>)
+    where
+        F: Fn(String, Vec<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<O>, ApiError>> + Send + 'static,
+    {
+        let line_batch = Arc::new(line_batch);
+        let (calls, worker) = Batcher::spawn(LINE_LIMITS, move |calls: Vec<(String, I)>| {
+            let line_batch = line_batch.clone();
+            Box::pin(async move { by_line(calls, line_batch.as_ref()).await }) as BatchFuture<O>
+        });
         (Self { calls }, worker)
     }
 
-    /// Queues one call for the line of `concert_id` and waits for its answer. The caller
-    /// going away does not cancel it: the work is done all the same and a retry sees it.
     async fn call(&self, concert_id: &str, input: I) -> Result<O, ApiError> {
-        let (reply, answer) = oneshot::channel();
-        let call = Call {
-            concert_id: concert_id.to_owned(),
-            input,
-            reply,
-        };
-        let stopped = || {
-            ApiError::new(
-                tonic::Code::Unavailable,
-                "SHUTTING_DOWN",
-                "the queue service is shutting down; retry",
-            )
-        };
-        self.calls.send(call).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.calls.call((concert_id.to_owned(), input)).await
     }
+}
+
+/// Runs a batch line by line: one transaction per concert present in it, arrival order kept
+/// within each concert (which is what FIFO means for IssueToken). Answers in call order.
+async fn by_line<I, O, F, Fut>(calls: Vec<(String, I)>, line_batch: &F) -> Vec<Result<O, ApiError>>
+where
+    F: Fn(String, Vec<I>) -> Fut,
+    Fut: Future<Output = Result<Vec<O>, ApiError>>,
+{
+    let total = calls.len();
+    let mut lines: Vec<(String, Vec<(usize, I)>)> = Vec::new();
+    for (index, (concert_id, input)) in calls.into_iter().enumerate() {
+        match lines.iter_mut().find(|(line, _)| *line == concert_id) {
+            Some((_, inputs)) => inputs.push((index, input)),
+            None => lines.push((concert_id, vec![(index, input)])),
+        }
+    }
+    let mut answers: Vec<Option<Result<O, ApiError>>> = (0..total).map(|_| None).collect();
+    for (concert_id, inputs) in lines {
+        let (indexes, inputs): (Vec<usize>, Vec<I>) = inputs.into_iter().unzip();
+        match line_batch(concert_id, inputs).await {
+            Ok(outputs) => {
+                for (index, output) in indexes.into_iter().zip(outputs) {
+                    answers[index] = Some(Ok(output));
+                }
+            }
+            Err(error) => {
+                for index in indexes {
+                    answers[index] = Some(Err(error.clone()));
+                }
+            }
+        }
+    }
+    answers
+        .into_iter()
+        .map(|answer| {
+            answer.unwrap_or_else(|| Err(ApiError::internal("a line batch answered short")))
+        })
+        .collect()
 }
 
 impl IssueBatcher {
@@ -90,9 +124,9 @@ impl IssueBatcher {
         pool: PgPool,
         policy: AdmissionPolicy,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        Self::spawn(Arc::new(move |concert_id, user_ids: Vec<String>| {
+        Self::spawn(move |concert_id, user_ids: Vec<String>| {
             let (pool, policy) = (pool.clone(), policy.clone());
-            Box::pin(async move {
+            async move {
                 let tickets = store::issue_batch(&pool, &policy, &concert_id, &user_ids).await?;
                 let mut by_user: std::collections::HashMap<&str, &Ticket> =
                     tickets.iter().map(|t| (t.user_id.as_str(), t)).collect();
@@ -106,8 +140,8 @@ impl IssueBatcher {
                         })
                     })
                     .collect()
-            })
-        }))
+            }
+        })
     }
 
     /// Issues (or finds) the fan's token.
@@ -121,12 +155,10 @@ impl CompleteBatcher {
         pool: PgPool,
         policy: AdmissionPolicy,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        Self::spawn(Arc::new(move |concert_id, tokens: Vec<Uuid>| {
+        Self::spawn(move |concert_id, tokens: Vec<Uuid>| {
             let (pool, policy) = (pool.clone(), policy.clone());
-            Box::pin(async move {
-                Ok(store::complete_batch(&pool, &policy, &concert_id, &tokens).await?)
-            })
-        }))
+            async move { Ok(store::complete_batch(&pool, &policy, &concert_id, &tokens).await?) }
+        })
     }
 
     /// Completes an ACTIVE token of `concert_id`; the token's status afterwards.
@@ -135,39 +167,39 @@ impl CompleteBatcher {
     }
 }
 
-async fn run<I, O>(mut receiver: mpsc::Receiver<Call<I, O>>, batch: BatchFn<I, O>) {
-    let mut calls = Vec::with_capacity(MAX_BATCH);
-    while receiver.recv_many(&mut calls, MAX_BATCH).await > 0 {
-        // One transaction per concert present in the batch; arrival order is kept within
-        // each concert, which is what FIFO means for IssueToken.
-        let mut by_concert: Vec<(String, Vec<Call<I, O>>)> = Vec::new();
-        for call in calls.drain(..) {
-            match by_concert
-                .iter_mut()
-                .find(|(concert, _)| *concert == call.concert_id)
-            {
-                Some((_, calls)) => calls.push(call),
-                None => by_concert.push((call.concert_id.clone(), vec![call])),
-            }
-        }
-        for (concert_id, calls) in by_concert {
-            let (inputs, replies): (Vec<I>, Vec<_>) = calls
-                .into_iter()
-                .map(|call| (call.input, call.reply))
-                .unzip();
-            match batch(concert_id, inputs).await {
-                Ok(answers) => {
-                    for (reply, answer) in replies.into_iter().zip(answers) {
-                        // The caller may have gone away; the work is done all the same.
-                        let _ = reply.send(Ok(answer));
+/// Reads token rows, whatever arrived together in one `token = ANY($1)`. Every read starts
+/// after its call arrived, so it sees every write committed before the call (a fresh read,
+/// not a replica's view). ValidateToken, CompleteToken, first polls and watch refreshes go
+/// through it: under a rush they are the queue's most frequent statements.
+#[derive(Clone)]
+pub struct TicketReader {
+    reads: Batcher<Uuid, Option<Ticket>>,
+}
+
+impl TicketReader {
+    pub fn spawn(pool: PgPool, policy: AdmissionPolicy) -> (Self, tokio::task::JoinHandle<()>) {
+        let (reads, worker) = Batcher::spawn(READ_LIMITS, move |tokens: Vec<Uuid>| {
+            let (pool, policy) = (pool.clone(), policy.clone());
+            Box::pin(async move {
+                match store::read_tickets(&pool, &policy, &tokens).await {
+                    Ok(tickets) => {
+                        let by_token: std::collections::HashMap<Uuid, Ticket> =
+                            tickets.into_iter().map(|t| (t.token, t)).collect();
+                        // A token asked twice in one batch gets the row both times.
+                        tokens
+                            .iter()
+                            .map(|token| Ok(by_token.get(token).cloned()))
+                            .collect()
                     }
+                    Err(error) => batch::fail_all(tokens.len(), error),
                 }
-                Err(error) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(error.clone()));
-                    }
-                }
-            }
-        }
+            }) as BatchFuture<Option<Ticket>>
+        });
+        (Self { reads }, worker)
+    }
+
+    /// The token's row as the database has it now, or `None` if there is no such token.
+    pub async fn read(&self, token: Uuid) -> Result<Option<Ticket>, ApiError> {
+        self.reads.call(token).await
     }
 }

@@ -8,19 +8,19 @@ use stagedoor_proto::queue::v1::{
     self as pb, queue_internal_service_server::QueueInternalService,
     queue_service_server::QueueService,
 };
-use stagedoor_runtime::{time, validate, ApiError, Shutdown};
+use stagedoor_runtime::{time, validate, Shutdown};
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
-    batcher::{CompleteBatcher, IssueBatcher},
+    batcher::{CompleteBatcher, IssueBatcher, TicketReader},
     board::LineBoard,
     cache::WaitingCache,
     domain::{self, parse_token, QueueError, Ticket, TokenStatus},
     heartbeat::Heartbeats,
-    store::{self, AdmissionPolicy},
+    store::AdmissionPolicy,
 };
 
 /// Everything a handler needs, shared by both services.
@@ -30,6 +30,8 @@ pub struct QueueState {
     pub batcher: IssueBatcher,
     /// CompleteToken's group commit.
     pub completer: CompleteBatcher,
+    /// Fresh reads of token rows, coalesced.
+    pub reader: TicketReader,
     pub board: Arc<LineBoard>,
     pub heartbeats: Arc<Heartbeats>,
     pub waiting: WaitingCache,
@@ -52,7 +54,9 @@ impl QueueApi {
     /// Reads a token a client sent, or says why not.
     async fn ticket(&self, token: &str) -> Result<Ticket, QueueError> {
         let token = parse_token(token)?;
-        store::read_ticket(&self.state.pool, &self.state.policy, token)
+        self.state
+            .reader
+            .read(token)
             .await?
             .ok_or(QueueError::TokenNotFound)
     }
@@ -119,9 +123,10 @@ impl QueueService for QueueApi {
         let ticket = match state.waiting.lookup(token, &state.board) {
             Some(ticket) => ticket,
             None => {
-                let ticket = store::read_ticket(&state.pool, &state.policy, token)
-                    .await
-                    .map_err(QueueError::from)?
+                let ticket = state
+                    .reader
+                    .read(token)
+                    .await?
                     .ok_or(QueueError::TokenNotFound)?;
                 state.waiting.remember(&ticket);
                 ticket
@@ -223,11 +228,11 @@ async fn watch(
             continue;
         }
         // Admitted, skipped, completed or expired: only the row can say which.
-        match store::read_ticket(&state.pool, &state.policy, ticket.token).await {
+        match state.reader.read(ticket.token).await {
             Ok(Some(fresh)) => ticket = fresh,
             Ok(None) => return,
             Err(error) => {
-                let _ = sender.send(Err(ApiError::from(error).into())).await;
+                let _ = sender.send(Err(error.into())).await;
                 return;
             }
         }
@@ -271,9 +276,11 @@ impl QueueInternalService for QueueApi {
     ) -> Result<Response<pb::CompleteTokenResponse>, Status> {
         let token: Uuid = domain::parse_token(&request.into_inner().token)?;
         // Read fresh (not from the replica's view): only the row says whether it is ACTIVE.
-        let ticket = store::read_ticket(&self.state.pool, &self.state.policy, token)
-            .await
-            .map_err(ApiError::from)?
+        let ticket = self
+            .state
+            .reader
+            .read(token)
+            .await?
             .ok_or(QueueError::TokenNotFound)?;
         let status = match ticket.status {
             TokenStatus::Waiting => return Err(QueueError::TokenNotActive(ticket.status).into()),

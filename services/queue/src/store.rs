@@ -88,17 +88,21 @@ impl TicketRow {
     }
 }
 
-/// Reads one token with its line's admission pointer: one indexed lookup, no counting.
-pub async fn read_ticket(
+/// Reads tokens with their lines' admission pointers: one indexed lookup per token, no
+/// counting. Unknown tokens are simply absent from the answer.
+pub async fn read_tickets(
     pool: &PgPool,
     policy: &AdmissionPolicy,
-    token: Uuid,
-) -> Result<Option<Ticket>, sqlx::Error> {
-    let row: Option<TicketRow> = sqlx::query_as(&format!("{TICKET_SELECT} WHERE t.token = $1"))
-        .bind(token)
-        .fetch_optional(pool)
+    tokens: &[Uuid],
+) -> Result<Vec<Ticket>, sqlx::Error> {
+    let rows: Vec<TicketRow> = sqlx::query_as(&format!("{TICKET_SELECT} WHERE t.token = ANY($1)"))
+        .bind(tokens)
+        .fetch_all(pool)
         .await?;
-    Ok(row.map(|row| row.into_ticket(policy.heartbeat_every)))
+    Ok(rows
+        .into_iter()
+        .map(|row| row.into_ticket(policy.heartbeat_every))
+        .collect())
 }
 
 /// A concert's `lines` row, locked by the current transaction.

@@ -1,0 +1,210 @@
+//! Coalescing concurrent calls into batches: one SQL statement or transaction for whatever
+//! arrived together, instead of one per call.
+//!
+//! On two cores the cost of a small query is mostly not the query: it is the round trip, the
+//! protocol, the backend waking up and planning. When hundreds of fans call at once, doing
+//! their identical lookups as one `= ANY($1)` (or their writes as one transaction) divides
+//! that fixed cost by the batch size. Under light load a batch is a single call that goes
+//! straight through, so nobody waits for company.
+//!
+//! A [`Batcher`] is a handle to one worker task. The worker waits for a free slot (at most
+//! [`BatchLimits::concurrent`] batches run at once), then takes every call queued since the
+//! previous batch, up to [`BatchLimits::max_batch`]. While all slots are busy, calls pile up
+//! and the next batch takes them all: batches grow with load by themselves.
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::ApiError;
+
+/// How big a batch may grow and how many run at once.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Most calls in one batch.
+    pub max_batch: usize,
+    /// Batches running at once. 1 for work that takes one lock anyway (the calls would only
+    /// queue behind each other inside Postgres); more for reads, so one slow batch does not
+    /// hold back the next.
+    pub concurrent: usize,
+    /// Calls that may wait for the worker before callers are slowed down (back pressure).
+    pub queue_depth: usize,
+}
+
+/// The work of one batch: an answer per input, in the order of the inputs.
+pub type BatchFuture<O> = Pin<Box<dyn Future<Output = Vec<Result<O, ApiError>>> + Send>>;
+
+struct Call<I, O> {
+    input: I,
+    reply: oneshot::Sender<Result<O, ApiError>>,
+}
+
+/// Handle to one batching worker; cheap to clone. The worker runs until every handle is
+/// dropped, then finishes the batches in flight, so calls accepted during a graceful shutdown
+/// still get their answers.
+pub struct Batcher<I, O> {
+    calls: mpsc::Sender<Call<I, O>>,
+}
+
+impl<I, O> Clone for Batcher<I, O> {
+    fn clone(&self) -> Self {
+        Self {
+            calls: self.calls.clone(),
+        }
+    }
+}
+
+impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
+    /// Starts the worker; `work` runs each batch. The handle returned with it ends once the
+    /// last batch has answered.
+    pub fn spawn<F>(limits: BatchLimits, work: F) -> (Self, tokio::task::JoinHandle<()>)
+    where
+        F: Fn(Vec<I>) -> BatchFuture<O> + Send + Sync + 'static,
+    {
+        assert!(limits.max_batch > 0 && limits.concurrent > 0 && limits.queue_depth > 0);
+        let (calls, receiver) = mpsc::channel(limits.queue_depth);
+        let worker = tokio::spawn(run(receiver, limits, Arc::new(work)));
+        (Self { calls }, worker)
+    }
+
+    /// Queues one call and waits for its answer. The caller going away does not cancel it:
+    /// the batch does the work all the same, and a retry sees it done.
+    pub async fn call(&self, input: I) -> Result<O, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || {
+            ApiError::new(
+                tonic::Code::Unavailable,
+                "SHUTTING_DOWN",
+                "the service is shutting down; retry",
+            )
+        };
+        self.calls
+            .send(Call { input, reply })
+            .await
+            .map_err(|_| stopped())?;
+        // A dropped reply means the batch's task died (a panic): the work may or may not have
+        // happened, which UNAVAILABLE tells a client (retry with the same key).
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+async fn run<I, O, F>(mut receiver: mpsc::Receiver<Call<I, O>>, limits: BatchLimits, work: Arc<F>)
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    F: Fn(Vec<I>) -> BatchFuture<O> + Send + Sync + 'static,
+{
+    let slots = Arc::new(Semaphore::new(limits.concurrent));
+    let mut calls = Vec::with_capacity(limits.max_batch);
+    loop {
+        // A slot first, calls second: while every slot is busy the calls wait in the channel,
+        // and the batch that takes the freed slot takes them all.
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        if receiver.recv_many(&mut calls, limits.max_batch).await == 0 {
+            break;
+        }
+        let (inputs, replies): (Vec<I>, Vec<_>) =
+            calls.drain(..).map(|call| (call.input, call.reply)).unzip();
+        let batch = work(inputs);
+        tokio::spawn(async move {
+            let mut answers = batch.await.into_iter();
+            for reply in replies {
+                let answer = answers.next().unwrap_or_else(|| {
+                    Err(ApiError::internal(
+                        "a batch answered fewer calls than it took",
+                    ))
+                });
+                // The caller may have gone away; the work is done all the same.
+                let _ = reply.send(answer);
+            }
+            drop(slot);
+        });
+    }
+    // Every handle is gone: wait for the batches still running before reporting the end.
+    let _ = slots.acquire_many(limits.concurrent as u32).await;
+}
+
+/// The same error for every call of a batch whose shared work failed (a lost connection, say).
+pub fn fail_all<O>(count: usize, error: impl Into<ApiError>) -> Vec<Result<O, ApiError>> {
+    let error = error.into();
+    (0..count).map(|_| Err(error.clone())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn limits(max_batch: usize, concurrent: usize) -> BatchLimits {
+        BatchLimits {
+            max_batch,
+            concurrent,
+            queue_depth: 10_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn every_call_gets_its_own_answer_and_busy_slots_make_batches_grow() {
+        let batches = Arc::new(AtomicUsize::new(0));
+        let largest = Arc::new(AtomicUsize::new(0));
+        let (batcher, worker) = Batcher::spawn(limits(100, 1), {
+            let (batches, largest) = (batches.clone(), largest.clone());
+            move |inputs: Vec<u32>| -> BatchFuture<u32> {
+                batches.fetch_add(1, Ordering::SeqCst);
+                largest.fetch_max(inputs.len(), Ordering::SeqCst);
+                Box::pin(async move {
+                    // Long enough that the other callers queue up behind this batch.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    inputs.into_iter().map(|n| Ok(n * 2)).collect()
+                })
+            }
+        });
+        let calls: Vec<_> = (0..500u32)
+            .map(|n| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { (n, batcher.call(n).await.unwrap()) })
+            })
+            .collect();
+        for call in calls {
+            let (n, answer) = call.await.unwrap();
+            assert_eq!(answer, n * 2, "call {n} got another call's answer");
+        }
+        let batches = batches.load(Ordering::SeqCst);
+        assert!(batches >= 5, "500 calls at most 100 per batch: {batches}");
+        assert!(batches < 500, "calls were never coalesced");
+        assert!(largest.load(Ordering::SeqCst) > 1);
+        drop(batcher);
+        worker.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_answers_short_fails_the_rest_instead_of_hanging() {
+        let (batcher, _worker) = Batcher::spawn(limits(10, 2), |_inputs: Vec<u32>| {
+            Box::pin(async { Vec::<Result<u32, ApiError>>::new() }) as BatchFuture<u32>
+        });
+        let error = batcher.call(1).await.unwrap_err();
+        assert_eq!(error.reason(), "INTERNAL");
+    }
+
+    #[tokio::test]
+    async fn calls_accepted_before_the_last_handle_drops_are_answered() {
+        let (batcher, worker) = Batcher::spawn(limits(10, 2), |inputs: Vec<u32>| {
+            Box::pin(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+                inputs.into_iter().map(Ok).collect()
+            }) as BatchFuture<u32>
+        });
+        let pending = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.call(7).await }
+        });
+        tokio::task::yield_now().await;
+        drop(batcher);
+        assert_eq!(pending.await.unwrap().unwrap(), 7);
+        worker.await.unwrap();
+    }
+}
