@@ -1,7 +1,7 @@
 //! The concert service's gRPC surface: the public ConcertService (behind a queue token),
 //! the internal service the payment saga calls, and the catalog admin service.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use sqlx::PgPool;
 use stagedoor_proto::concert::v1::{
@@ -11,6 +11,7 @@ use stagedoor_proto::concert::v1::{
 };
 use stagedoor_runtime::{
     auth::{Fan, TokenValidator},
+    batch::Batcher,
     time, validate, ApiError,
 };
 use tonic::{Request, Response, Status};
@@ -27,7 +28,8 @@ pub struct ConcertState {
     /// Dates never change once added: each replica keeps those it has read.
     pub dates: std::sync::Mutex<std::collections::HashMap<String, ScheduleRow>>,
     pub tokens: TokenValidator,
-    pub hold_ttl: Duration,
+    /// HoldSeats' batching worker (see `app::spawn_holds`).
+    pub holds: Batcher<store::HoldRequest, HoldRow>,
 }
 
 /// Implements the three concert services over one shared state.
@@ -263,17 +265,19 @@ impl ConcertService for ConcertApi {
         let request_id = validate::id("request_id", &request.request_id)?;
         let schedule = self.schedule_for(&fan, &request.schedule_id).await?;
         let seats = checked_seats(&request.seat_numbers, schedule.seat_count)?;
-        let hold = store::hold_seats(
-            &self.state.pool,
-            store::HoldRequest {
-                schedule: &schedule,
-                user_id: &fan.user_id,
-                seat_numbers: &seats,
-                request_id,
-                ttl: self.state.hold_ttl,
-            },
-        )
-        .await?;
+        // Coalesced with the holds that arrive at the same moment: one transaction for all
+        // of them (store::hold_batch), each still all or none.
+        let hold = self
+            .state
+            .holds
+            .call(store::HoldRequest {
+                schedule_id: schedule.schedule_id,
+                concert_id: schedule.concert_id,
+                user_id: fan.user_id,
+                seat_numbers: seats,
+                request_id: request_id.to_owned(),
+            })
+            .await?;
         Ok(Response::new(pb::HoldSeatsResponse {
             hold: Some(hold_to_proto(&hold)),
         }))

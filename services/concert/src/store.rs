@@ -5,7 +5,7 @@
 //! same order queue behind each other instead of deadlocking, which is what lets hundreds of
 //! overlapping multi-seat holds race without a deadlock error ever reaching a client.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -253,12 +253,14 @@ pub async fn seats(pool: &PgPool, schedule_id: &str) -> Result<Vec<SeatRow>, sql
 // ---- holds -------------------------------------------------------------------------------
 
 /// A hold request, checked: seats distinct, ascending, within the date's map.
-pub struct HoldRequest<'a> {
-    pub schedule: &'a ScheduleRow,
-    pub user_id: &'a str,
-    pub seat_numbers: &'a [i32],
-    pub request_id: &'a str,
-    pub ttl: Duration,
+#[derive(Debug, Clone)]
+pub struct HoldRequest {
+    pub schedule_id: String,
+    pub concert_id: String,
+    /// The fan, from the token.
+    pub user_id: String,
+    pub seat_numbers: Vec<i32>,
+    pub request_id: String,
 }
 
 /// Reads a hold (any fan's).
@@ -267,6 +269,219 @@ pub async fn hold(pool: &PgPool, hold_id: Uuid) -> Result<Option<HoldRow>, sqlx:
         .bind(hold_id)
         .fetch_optional(pool)
         .await
+}
+
+/// Makes the holds of a batch of requests that arrived together, in one transaction. Each
+/// request gets all its seats or none, and its own answer, in the order of `requests`.
+///
+/// The transaction takes its locks in one global order, so batches of several replicas
+/// queue behind each other instead of deadlocking: first the fans' advisory locks (sorted),
+/// then every seat of the batch (sorted by date and number: the module's seat order). With
+/// everything locked, the winners are decided in memory in arrival order, which is how a
+/// race for one seat has exactly one winner inside a batch; across batches the seat locks
+/// decide.
+pub async fn hold_batch(
+    pool: &PgPool,
+    ttl: Duration,
+    requests: &[HoldRequest],
+) -> Result<Vec<Result<HoldRow, ConcertError>>, sqlx::Error> {
+    let users: Vec<&str> = requests.iter().map(|r| r.user_id.as_str()).collect();
+    let dates: Vec<&str> = requests.iter().map(|r| r.schedule_id.as_str()).collect();
+    let keys: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
+    let mut answers: Vec<Option<Result<HoldRow, ConcertError>>> =
+        requests.iter().map(|_| None).collect();
+
+    // Every statement below is sent unprepared: they join batches against tables that fill
+    // up during a rush, and a plan cached while `holds` was empty (a scan) would be kept as
+    // it grows (see the plan note in libs/runtime/src/db.rs). Planning once per batch is cheap.
+    let mut tx = pool.begin().await?;
+    // One fan's holds of one date are serialised, so two concurrent holds of the same fan
+    // (in two batches, or on two replicas) cannot both pass the 4-seat limit. The lock is the
+    // fan's and the date's only: other fans never wait on it. It is its own statement: the
+    // next ones' snapshots then see whatever the previous holder of a lock committed.
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(key)
+           FROM (SELECT DISTINCT hashtextextended(user_id || '/' || schedule_id, 0) AS key
+                   FROM unnest($1::text[], $2::text[]) AS fan (user_id, schedule_id)
+                  ORDER BY key) AS keys",
+    )
+    .bind(&users)
+    .bind(&dates)
+    .persistent(false)
+    .execute(&mut *tx)
+    .await?;
+
+    // Retries: a request whose key already made a hold gets that hold back (or is refused
+    // if the key was used for other seats), without touching any seat.
+    let earlier: Vec<HoldRow> = sqlx::query_as(&format!(
+        "{HOLD_SELECT}
+           JOIN unnest($1::text[], $2::text[]) AS k (user_id, request_id)
+             ON h.user_id = k.user_id AND h.request_id = k.request_id"
+    ))
+    .bind(&users)
+    .bind(&keys)
+    .persistent(false)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (answer, request) in answers.iter_mut().zip(requests) {
+        if let Some(existing) = earlier
+            .iter()
+            .find(|h| h.user_id == request.user_id && h.request_id == request.request_id)
+        {
+            *answer = Some(replay_hold(existing.clone(), request));
+        }
+    }
+
+    // Seats each fan already holds on each date (live holds only), under the fans' locks.
+    let fan_holds: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT user_id, schedule_id, sum(cardinality(seat_numbers))::int8
+           FROM holds
+          WHERE (user_id, schedule_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+            AND status = 'HELD' AND expire_time > now()
+          GROUP BY user_id, schedule_id",
+    )
+    .bind(&users)
+    .bind(&dates)
+    .persistent(false)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut held: HashMap<(&str, &str), i64> = fan_holds
+        .iter()
+        .map(|(user, date, count)| ((user.as_str(), date.as_str()), *count))
+        .collect();
+
+    // Lock every seat of the batch in seat order and look at it under the lock: a seat is
+    // free when it is not sold and any hold on it has passed its time.
+    let (seat_dates, seat_numbers): (Vec<&str>, Vec<i32>) = requests
+        .iter()
+        .flat_map(|r| r.seat_numbers.iter().map(|n| (r.schedule_id.as_str(), *n)))
+        .unzip();
+    let locked: Vec<(String, i32, bool, i64)> = sqlx::query_as(
+        "SELECT schedule_id, seat_number,
+                sold_to_payment IS NULL AND (held_until IS NULL OR held_until <= now()) AS free,
+                price
+           FROM seats
+          WHERE (schedule_id, seat_number) IN (SELECT * FROM unnest($1::text[], $2::int4[]))
+          ORDER BY schedule_id, seat_number
+            FOR UPDATE",
+    )
+    .bind(&seat_dates)
+    .bind(&seat_numbers)
+    .persistent(false)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut seats: HashMap<(&str, i32), (bool, i64)> = locked
+        .iter()
+        .map(|(date, number, free, price)| ((date.as_str(), *number), (*free, *price)))
+        .collect();
+
+    // Decide in arrival order. A winner's seats stop being free for the requests after it.
+    let mut winners: Vec<(usize, Uuid, i64)> = Vec::new();
+    let mut keys_in_batch: HashMap<(&str, &str), usize> = HashMap::new();
+    for (index, request) in requests.iter().enumerate() {
+        if answers[index].is_some() {
+            continue;
+        }
+        let key = (request.user_id.as_str(), request.request_id.as_str());
+        if keys_in_batch.contains_key(&key) {
+            continue; // the same request twice in one batch: answered after the first
+        }
+        keys_in_batch.insert(key, index);
+        let date = request.schedule_id.as_str();
+        let taken: Vec<i32> = request
+            .seat_numbers
+            .iter()
+            .copied()
+            .filter(|n| !seats.get(&(date, *n)).is_some_and(|seat| seat.0))
+            .collect();
+        if !taken.is_empty() {
+            answers[index] = Some(Err(ConcertError::SeatUnavailable(taken)));
+            continue;
+        }
+        let fan = held.entry((request.user_id.as_str(), date)).or_insert(0);
+        if *fan as usize + request.seat_numbers.len() > MAX_SEATS_PER_FAN {
+            answers[index] = Some(Err(ConcertError::HoldLimitExceeded {
+                held: *fan,
+                asked: request.seat_numbers.len(),
+            }));
+            continue;
+        }
+        *fan += request.seat_numbers.len() as i64;
+        let mut total_price = 0;
+        for number in &request.seat_numbers {
+            let seat = seats.get_mut(&(date, *number)).expect("checked free above");
+            seat.0 = false;
+            total_price += seat.1;
+        }
+        winners.push((index, Uuid::new_v4(), total_price));
+    }
+
+    // The winners' holds and their seats in one statement. Every key was looked up under
+    // the fans' locks, so a conflict cannot happen; DO NOTHING keeps one from failing the
+    // whole batch if it ever did (that request is then answered from the table below).
+    let column = |pick: fn(&HoldRequest) -> String| -> Vec<String> {
+        winners
+            .iter()
+            .map(|(i, _, _)| pick(&requests[*i]))
+            .collect()
+    };
+    let written: Vec<HoldRow> = sqlx::query_as(
+        "WITH hold AS (
+             INSERT INTO holds (hold_id, schedule_id, concert_id, user_id, seat_numbers,
+                                total_price, status, expire_time, request_id)
+             SELECT w.hold_id, w.schedule_id, w.concert_id, w.user_id, w.seats::int4[],
+                    w.total_price, 'HELD', now() + make_interval(secs => $8), w.request_id
+               FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                           $6::int8[], $7::text[])
+                    AS w (hold_id, schedule_id, concert_id, user_id, seats, total_price,
+                          request_id)
+             ON CONFLICT DO NOTHING
+             RETURNING *),
+         held AS (
+             UPDATE seats SET held_by = hold.hold_id, held_until = hold.expire_time
+               FROM hold
+              WHERE seats.schedule_id = hold.schedule_id
+                AND seats.seat_number = ANY(hold.seat_numbers))
+         SELECT h.hold_id, h.schedule_id, h.concert_id, h.user_id, h.seat_numbers,
+                h.total_price, h.status, h.expire_time, h.payment_id, h.request_id,
+                h.create_time, s.start_time
+           FROM hold h JOIN schedules s ON s.schedule_id = h.schedule_id",
+    )
+    .bind(winners.iter().map(|w| w.1).collect::<Vec<Uuid>>())
+    .bind(column(|r| r.schedule_id.clone()))
+    .bind(column(|r| r.concert_id.clone()))
+    .bind(column(|r| r.user_id.clone()))
+    .bind(column(|r| {
+        let numbers: Vec<String> = r.seat_numbers.iter().map(i32::to_string).collect();
+        format!("{{{}}}", numbers.join(","))
+    }))
+    .bind(winners.iter().map(|w| w.2).collect::<Vec<i64>>())
+    .bind(column(|r| r.request_id.clone()))
+    .bind(ttl.as_secs_f64())
+    .persistent(false)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+
+    for (index, hold_id, _) in &winners {
+        if let Some(hold) = written.iter().find(|h| h.hold_id == *hold_id) {
+            answers[*index] = Some(Ok(hold.clone()));
+        }
+    }
+    // Whatever is still unanswered repeated a key of this batch (or, in theory, lost its
+    // insert to a conflict): the table now says what that key made.
+    let mut answered = Vec::with_capacity(requests.len());
+    for (answer, request) in answers.into_iter().zip(requests) {
+        answered.push(match answer {
+            Some(answer) => answer,
+            None => match hold_by_request(pool, &request.user_id, &request.request_id).await? {
+                Some(existing) => replay_hold(existing, request),
+                // Its first copy lost the seats.
+                None => Err(ConcertError::SeatUnavailable(request.seat_numbers.clone())),
+            },
+        });
+    }
+    Ok(answered)
 }
 
 async fn hold_by_request(
@@ -283,134 +498,9 @@ async fn hold_by_request(
     .await
 }
 
-/// Holds all the requested seats for the fan, or none.
-pub async fn hold_seats(pool: &PgPool, request: HoldRequest<'_>) -> Result<HoldRow, ConcertError> {
-    let schedule_id = &request.schedule.schedule_id;
-    // Fail fast, without a transaction, when a seat is visibly taken: in a rush for one seat
-    // the losers then cost one read instead of queueing for the seat's row lock. (A retry of
-    // a hold that succeeded sees its own seats taken and gets its hold back.)
-    let taken: Vec<i32> = sqlx::query_scalar(
-        "SELECT seat_number FROM seats
-          WHERE schedule_id = $1 AND seat_number = ANY($2)
-            AND NOT (sold_to_payment IS NULL AND (held_until IS NULL OR held_until <= now()))",
-    )
-    .bind(schedule_id)
-    .bind(request.seat_numbers)
-    .fetch_all(pool)
-    .await?;
-    if !taken.is_empty() {
-        return unavailable_or_replay(pool, &request, taken).await;
-    }
-
-    let mut tx = pool.begin().await?;
-    // One fan's holds of one date are serialised, so two concurrent holds of the same fan
-    // cannot both pass the 4-seat limit. The lock is the fan's and the date's only: other
-    // fans never wait on it. (It must be its own statement: the next one's snapshot then
-    // sees whatever the previous holder of the lock committed.)
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))")
-        .bind(request.user_id)
-        .bind(schedule_id)
-        .execute(&mut *tx)
-        .await?;
-    // Lock the seats in seat order (see the module notes) and look at them under the lock:
-    // a seat is free when it is not sold and any hold on it has passed its time. The same
-    // statement counts the seats this fan already holds on the date.
-    let locked: Vec<(i32, bool, i64, i64)> = sqlx::query_as(
-        "SELECT seat_number,
-                sold_to_payment IS NULL AND (held_until IS NULL OR held_until <= now()) AS free,
-                price,
-                (SELECT coalesce(sum(cardinality(seat_numbers)), 0)::int8 FROM holds
-                  WHERE user_id = $3 AND schedule_id = $1 AND status = 'HELD'
-                    AND expire_time > now()) AS fan_holds
-           FROM seats
-          WHERE schedule_id = $1 AND seat_number = ANY($2)
-          ORDER BY seat_number
-            FOR UPDATE",
-    )
-    .bind(schedule_id)
-    .bind(request.seat_numbers)
-    .bind(request.user_id)
-    .fetch_all(&mut *tx)
-    .await?;
-    let held = locked.first().map_or(0, |seat| seat.3);
-    if held as usize + request.seat_numbers.len() > MAX_SEATS_PER_FAN {
-        return Err(ConcertError::HoldLimitExceeded {
-            held,
-            asked: request.seat_numbers.len(),
-        });
-    }
-    let taken: Vec<i32> = locked
-        .iter()
-        .filter(|seat| !seat.1)
-        .map(|seat| seat.0)
-        .collect();
-    if !taken.is_empty() || locked.len() != request.seat_numbers.len() {
-        // All or none: nothing was written; dropping the transaction releases the locks.
-        drop(tx);
-        return unavailable_or_replay(pool, &request, taken).await;
-    }
-    let total_price: i64 = locked.iter().map(|seat| seat.2).sum();
-
-    // The hold and its seats in one statement.
-    let written = sqlx::query_as::<_, HoldRow>(
-        "WITH hold AS (
-             INSERT INTO holds (hold_id, schedule_id, concert_id, user_id, seat_numbers,
-                                total_price, status, expire_time, request_id)
-             VALUES ($1, $2, $3, $4, $5, $6, 'HELD', now() + make_interval(secs => $7), $8)
-             RETURNING *),
-         held AS (
-             UPDATE seats SET held_by = $1, held_until = (SELECT expire_time FROM hold)
-              WHERE schedule_id = $2 AND seat_number = ANY($5))
-         SELECT h.hold_id, h.schedule_id, h.concert_id, h.user_id, h.seat_numbers,
-                h.total_price, h.status, h.expire_time, h.payment_id, h.request_id,
-                h.create_time, s.start_time
-           FROM hold h JOIN schedules s ON s.schedule_id = h.schedule_id",
-    )
-    .bind(Uuid::new_v4())
-    .bind(schedule_id)
-    .bind(&request.schedule.concert_id)
-    .bind(request.user_id)
-    .bind(request.seat_numbers)
-    .bind(total_price)
-    .bind(request.ttl.as_secs_f64())
-    .bind(request.request_id)
-    .fetch_one(&mut *tx)
-    .await;
-    match written {
-        Ok(hold) => {
-            tx.commit().await?;
-            Ok(hold)
-        }
-        // The same request (same fan, same key) made the hold first: answer with it.
-        Err(error)
-            if stagedoor_runtime::error::is_unique_violation(
-                &error,
-                Some("holds_request_once"),
-            ) =>
-        {
-            drop(tx);
-            unavailable_or_replay(pool, &request, Vec::new()).await
-        }
-        Err(error) => Err(error.into()),
-    }
-}
-
-/// The answer to a hold that found seats taken: the fan's own earlier hold if this is a
-/// retry of it, otherwise SEAT_UNAVAILABLE.
-async fn unavailable_or_replay(
-    pool: &PgPool,
-    request: &HoldRequest<'_>,
-    taken: Vec<i32>,
-) -> Result<HoldRow, ConcertError> {
-    match hold_by_request(pool, request.user_id, request.request_id).await? {
-        Some(existing) => replay_hold(existing, request),
-        None => Err(ConcertError::SeatUnavailable(taken)),
-    }
-}
-
-fn replay_hold(existing: HoldRow, request: &HoldRequest<'_>) -> Result<HoldRow, ConcertError> {
-    if existing.schedule_id == request.schedule.schedule_id
-        && existing.seat_numbers == request.seat_numbers
+/// A retry gets its hold back; the same key for another date or other seats is refused.
+fn replay_hold(existing: HoldRow, request: &HoldRequest) -> Result<HoldRow, ConcertError> {
+    if existing.schedule_id == request.schedule_id && existing.seat_numbers == request.seat_numbers
     {
         Ok(existing)
     } else {

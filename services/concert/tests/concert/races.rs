@@ -133,3 +133,61 @@ async fn overlapping_multi_seat_holds_never_split_or_deadlock() {
     );
     assert_eq!(mesh.hold_rows().await, holds.len() as i64);
 }
+
+/// One fan fires 40 single-seat holds on 40 free seats at once, over two replicas (in the
+/// same batch and in concurrent batches): the 4-seat limit still holds, exactly 4 win. And
+/// one request id sent 100 times at once makes one hold, which every copy gets back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_fans_concurrent_holds_keep_the_limit_and_one_key_makes_one_hold() {
+    let mesh = Arc::new(mesh(2, |_, _| {}).await);
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let hoarder = mesh.active_token(&concert_id, "hoarder").await;
+    let calls: Vec<_> = (1..=40)
+        .map(|seat: i32| {
+            let (mesh, token, schedule_id) = (mesh.clone(), hoarder.clone(), schedule_id.clone());
+            tokio::spawn(async move {
+                mesh.hold(
+                    seat as usize % 2,
+                    &token,
+                    &schedule_id,
+                    &[seat],
+                    &format!("r-{seat}"),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(status) => assert_eq!(reason(&status), "HOLD_LIMIT_EXCEEDED", "{status:?}"),
+        }
+    }
+    assert_eq!(
+        won, 4,
+        "a fan holds at most 4 seats of a date, however fast they click"
+    );
+    assert_eq!(mesh.hold_rows().await, 4);
+
+    let clicker = mesh.active_token(&concert_id, "clicker").await;
+    let calls: Vec<_> = (0..100)
+        .map(|copy| {
+            let (mesh, token, schedule_id) = (mesh.clone(), clicker.clone(), schedule_id.clone());
+            tokio::spawn(async move {
+                mesh.hold(copy % 2, &token, &schedule_id, &[45, 46], "same-key")
+                    .await
+            })
+        })
+        .collect();
+    let mut holds = HashSet::new();
+    for call in calls {
+        let hold = call
+            .await
+            .unwrap()
+            .expect("every copy gets the one hold back");
+        holds.insert(hold.hold_id);
+    }
+    assert_eq!(holds.len(), 1, "one key, one hold");
+    assert_eq!(mesh.hold_rows().await, 5);
+}
