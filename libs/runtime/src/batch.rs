@@ -128,6 +128,41 @@ where
     let _ = slots.acquire_many(limits.concurrent as u32).await;
 }
 
+impl<K, V> Batcher<K, Arc<V>>
+where
+    K: Eq + std::hash::Hash + Clone + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    /// A batcher for reads by key where callers asking for the same key at the same moment
+    /// share one read: a batch runs `read` once per distinct key it holds. Every read starts
+    /// after the calls it answers arrived, so nobody gets an answer older than their call.
+    pub fn spawn_shared<F, Fut, E>(
+        limits: BatchLimits,
+        read: F,
+    ) -> (Self, tokio::task::JoinHandle<()>)
+    where
+        F: Fn(K) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+        E: Into<ApiError>,
+    {
+        let read = Arc::new(read);
+        Self::spawn(limits, move |keys: Vec<K>| {
+            let read = read.clone();
+            Box::pin(async move {
+                let mut results: std::collections::HashMap<K, Result<Arc<V>, ApiError>> =
+                    std::collections::HashMap::new();
+                for key in &keys {
+                    if !results.contains_key(key) {
+                        let result = read(key.clone()).await.map(Arc::new).map_err(Into::into);
+                        results.insert(key.clone(), result);
+                    }
+                }
+                keys.iter().map(|key| results[key].clone()).collect()
+            })
+        })
+    }
+}
+
 /// The same error for every call of a batch whose shared work failed (a lost connection, say).
 pub fn fail_all<O>(count: usize, error: impl Into<ApiError>) -> Vec<Result<O, ApiError>> {
     let error = error.into();
@@ -179,6 +214,36 @@ mod tests {
         assert!(largest.load(Ordering::SeqCst) > 1);
         drop(batcher);
         worker.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn callers_of_one_key_share_one_read() {
+        let reads = Arc::new(AtomicUsize::new(0));
+        let (batcher, _worker) = Batcher::spawn_shared(limits(100, 1), {
+            let reads = reads.clone();
+            move |key: u32| {
+                reads.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    Ok::<_, ApiError>(format!("value of {key}"))
+                }
+            }
+        });
+        let calls: Vec<_> = (0..300u32)
+            .map(|n| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { (n % 3, batcher.call(n % 3).await.unwrap()) })
+            })
+            .collect();
+        for call in calls {
+            let (key, value) = call.await.unwrap();
+            assert_eq!(*value, format!("value of {key}"));
+        }
+        let reads = reads.load(Ordering::SeqCst);
+        assert!(
+            reads < 300,
+            "300 calls for 3 keys were never shared: {reads} reads"
+        );
     }
 
     #[tokio::test]

@@ -16,10 +16,11 @@ use stagedoor_runtime::{
     ApiError, ShutdownTrigger,
 };
 use tokio::net::TcpListener;
+use uuid::Uuid;
 
 use crate::{
     config::ConcertConfig,
-    grpc::{ConcertApi, ConcertState},
+    grpc::{ConcertApi, ConcertState, Reads},
     store::{self, HoldRequest, HoldRow},
 };
 
@@ -30,6 +31,52 @@ const HOLD_LIMITS: BatchLimits = BatchLimits {
     concurrent: 2,
     queue_depth: 20_000,
 };
+
+/// Reads: several batches at once, so one slow read does not hold back the next.
+const READ_LIMITS: BatchLimits = BatchLimits {
+    max_batch: 1_000,
+    concurrent: 4,
+    queue_depth: 20_000,
+};
+
+/// The shared reads of the public listings and of GetHold (see `ConcertState`).
+fn spawn_reads(pool: &PgPool) -> (Reads, Vec<tokio::task::JoinHandle<()>>) {
+    let (seat_maps, seat_worker) = Batcher::spawn_shared(READ_LIMITS, {
+        let pool = pool.clone();
+        move |schedule_id: String| {
+            let pool = pool.clone();
+            async move { store::seats(&pool, &schedule_id).await }
+        }
+    });
+    let (open_dates, date_worker) = Batcher::spawn_shared(READ_LIMITS, {
+        let pool = pool.clone();
+        move |concert_id: String| {
+            let pool = pool.clone();
+            async move { store::available_dates(&pool, &concert_id).await }
+        }
+    });
+    let (holds, hold_worker) = Batcher::spawn(READ_LIMITS, {
+        let pool = pool.clone();
+        move |hold_ids: Vec<Uuid>| {
+            let pool = pool.clone();
+            Box::pin(async move {
+                match store::holds(&pool, &hold_ids).await {
+                    Ok(rows) => hold_ids
+                        .iter()
+                        .map(|id| Ok(rows.iter().find(|row| row.hold_id == *id).cloned()))
+                        .collect(),
+                    Err(error) => batch::fail_all(hold_ids.len(), error),
+                }
+            }) as BatchFuture<Option<HoldRow>>
+        }
+    });
+    let reads = Reads {
+        seat_maps,
+        open_dates,
+        holds,
+    };
+    (reads, vec![seat_worker, date_worker, hold_worker])
+}
 
 /// Starts the worker that makes holds in batches (store::hold_batch).
 fn spawn_holds(
@@ -71,11 +118,14 @@ pub async fn start(
 
     let (trigger, shutdown) = ShutdownTrigger::new();
     let (holds, hold_worker) = spawn_holds(pool.clone(), config.hold_ttl);
+    let (reads, mut background) = spawn_reads(&pool);
+    background.push(hold_worker);
     let api = ConcertApi::new(ConcertState {
         pool,
         dates: Default::default(),
         tokens,
         holds,
+        reads,
     });
     let local_addr = listener
         .local_addr()
@@ -86,10 +136,5 @@ pub async fn start(
         .add_service(ConcertAdminServiceServer::new(api));
     let server = tokio::spawn(server.serve(listener, shutdown));
     tracing::info!(%local_addr, queue = %config.queue_url, hold_ttl = ?config.hold_ttl, "concert service started");
-    Ok(ServiceHandle::new(
-        local_addr,
-        trigger,
-        server,
-        vec![hold_worker],
-    ))
+    Ok(ServiceHandle::new(local_addr, trigger, server, background))
 }

@@ -30,6 +30,19 @@ pub struct ConcertState {
     pub tokens: TokenValidator,
     /// HoldSeats' batching worker (see `app::spawn_holds`).
     pub holds: Batcher<store::HoldRequest, HoldRow>,
+    pub reads: Reads,
+}
+
+/// The reads a rush repeats, coalesced: fans browsing one date at the same moment share one
+/// read of its seats (each read starts after the calls it answers arrived, so no answer is
+/// older than its call), and GetHolds that arrive together are one `hold_id = ANY($1)`.
+pub struct Reads {
+    /// A date's seat map with each seat's status, by schedule id.
+    pub seat_maps: Batcher<String, Arc<Vec<store::SeatRow>>>,
+    /// A concert's dates that still have a free seat, by concert id.
+    pub open_dates: Batcher<String, Arc<Vec<store::DateWithSeats>>>,
+    /// Holds by id.
+    pub holds: Batcher<Uuid, Option<HoldRow>>,
 }
 
 /// Implements the three concert services over one shared state.
@@ -209,9 +222,12 @@ impl ConcertService for ConcertApi {
             }
             .into());
         }
-        let schedules = store::available_dates(&self.state.pool, concert_id)
-            .await
-            .map_err(ApiError::from)?;
+        let schedules = self
+            .state
+            .reads
+            .open_dates
+            .call(concert_id.to_owned())
+            .await?;
         Ok(Response::new(pb::ListAvailableDatesResponse {
             schedules: schedules
                 .iter()
@@ -228,9 +244,12 @@ impl ConcertService for ConcertApi {
         let schedule = self
             .schedule_for(&fan, &request.get_ref().schedule_id)
             .await?;
-        let seats = store::seats(&self.state.pool, &schedule.schedule_id)
-            .await
-            .map_err(ApiError::from)?;
+        let seats = self
+            .state
+            .reads
+            .seat_maps
+            .call(schedule.schedule_id.clone())
+            .await?;
         let available = seats
             .iter()
             .filter(|seat| seat.status == "AVAILABLE")
@@ -238,7 +257,7 @@ impl ConcertService for ConcertApi {
         Ok(Response::new(pb::ListAvailableSeatsResponse {
             schedule: Some(schedule_to_proto(&schedule, available)),
             seats: seats
-                .into_iter()
+                .iter()
                 .map(|seat| {
                     let status = match seat.status.as_str() {
                         "SOLD" => pb::SeatStatus::Sold,
@@ -249,7 +268,7 @@ impl ConcertService for ConcertApi {
                         seat_number: seat.seat_number,
                         status: status as i32,
                         price: seat.price,
-                        section: seat.section,
+                        section: seat.section.clone(),
                     }
                 })
                 .collect(),
@@ -303,9 +322,12 @@ impl ConcertInternalService for ConcertApi {
         request: Request<pb::GetHoldRequest>,
     ) -> Result<Response<pb::GetHoldResponse>, Status> {
         let hold_id = parse_hold_id(&request.get_ref().hold_id)?;
-        let hold = store::hold(&self.state.pool, hold_id)
-            .await
-            .map_err(ApiError::from)?
+        let hold = self
+            .state
+            .reads
+            .holds
+            .call(hold_id)
+            .await?
             .ok_or_else(|| ConcertError::HoldNotFound(hold_id.to_string()))?;
         Ok(Response::new(pb::GetHoldResponse {
             hold: Some(hold_to_proto(&hold)),

@@ -263,14 +263,6 @@ pub struct HoldRequest {
     pub request_id: String,
 }
 
-/// Reads a hold (any fan's).
-pub async fn hold(pool: &PgPool, hold_id: Uuid) -> Result<Option<HoldRow>, sqlx::Error> {
-    sqlx::query_as(&format!("{HOLD_SELECT} WHERE h.hold_id = $1"))
-        .bind(hold_id)
-        .fetch_optional(pool)
-        .await
-}
-
 /// Makes the holds of a batch of requests that arrived together, in one transaction. Each
 /// request gets all its seats or none, and its own answer, in the order of `requests`.
 ///
@@ -482,6 +474,14 @@ pub async fn hold_batch(
         });
     }
     Ok(answered)
+}
+
+/// Reads holds by id (any fan's); unknown ids are absent from the answer.
+pub async fn holds(pool: &PgPool, hold_ids: &[Uuid]) -> Result<Vec<HoldRow>, sqlx::Error> {
+    sqlx::query_as(&format!("{HOLD_SELECT} WHERE h.hold_id = ANY($1)"))
+        .bind(hold_ids)
+        .fetch_all(pool)
+        .await
 }
 
 async fn hold_by_request(
