@@ -31,6 +31,16 @@ pub struct BatchLimits {
     pub queue_depth: usize,
 }
 
+impl BatchLimits {
+    /// For lookups that take no lock: big batches, several at once, so one slow read does not
+    /// hold back the next.
+    pub const READS: BatchLimits = BatchLimits {
+        max_batch: 1_000,
+        concurrent: 4,
+        queue_depth: 20_000,
+    };
+}
+
 /// The work of one batch: an answer per input, in the order of the inputs.
 pub type BatchFuture<O> = Pin<Box<dyn Future<Output = Vec<Result<O, ApiError>>> + Send>>;
 

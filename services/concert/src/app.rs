@@ -32,30 +32,23 @@ const HOLD_LIMITS: BatchLimits = BatchLimits {
     queue_depth: 20_000,
 };
 
-/// Reads: several batches at once, so one slow read does not hold back the next.
-const READ_LIMITS: BatchLimits = BatchLimits {
-    max_batch: 1_000,
-    concurrent: 4,
-    queue_depth: 20_000,
-};
-
 /// The shared reads of the public listings and of GetHold (see `ConcertState`).
 fn spawn_reads(pool: &PgPool) -> (Reads, Vec<tokio::task::JoinHandle<()>>) {
-    let (seat_maps, seat_worker) = Batcher::spawn_shared(READ_LIMITS, {
+    let (seat_maps, seat_worker) = Batcher::spawn_shared(BatchLimits::READS, {
         let pool = pool.clone();
         move |schedule_id: String| {
             let pool = pool.clone();
             async move { store::seats(&pool, &schedule_id).await }
         }
     });
-    let (open_dates, date_worker) = Batcher::spawn_shared(READ_LIMITS, {
+    let (open_dates, date_worker) = Batcher::spawn_shared(BatchLimits::READS, {
         let pool = pool.clone();
         move |concert_id: String| {
             let pool = pool.clone();
             async move { store::available_dates(&pool, &concert_id).await }
         }
     });
-    let (holds, hold_worker) = Batcher::spawn(READ_LIMITS, {
+    let (holds, hold_worker) = Batcher::spawn(BatchLimits::READS, {
         let pool = pool.clone();
         move |hold_ids: Vec<Uuid>| {
             let pool = pool.clone();

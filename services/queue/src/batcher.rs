@@ -33,14 +33,6 @@ const LINE_LIMITS: BatchLimits = BatchLimits {
     queue_depth: 20_000,
 };
 
-/// Token reads take no lock: several batches may run at once, so one slow read does not
-/// hold back the next.
-const READ_LIMITS: BatchLimits = BatchLimits {
-    max_batch: 1_000,
-    concurrent: 4,
-    queue_depth: 20_000,
-};
-
 /// A batcher whose calls each belong to one concert's line.
 pub struct LineBatcher<I, O> {
     calls: Batcher<(String, I), O>,
@@ -178,7 +170,7 @@ pub struct TicketReader {
 
 impl TicketReader {
     pub fn spawn(pool: PgPool, policy: AdmissionPolicy) -> (Self, tokio::task::JoinHandle<()>) {
-        let (reads, worker) = Batcher::spawn(READ_LIMITS, move |tokens: Vec<Uuid>| {
+        let (reads, worker) = Batcher::spawn(BatchLimits::READS, move |tokens: Vec<Uuid>| {
             let (pool, policy) = (pool.clone(), policy.clone());
             Box::pin(async move {
                 match store::read_tickets(&pool, &policy, &tokens).await {
