@@ -173,6 +173,31 @@ where
     }
 }
 
+/// The answers of a batched lookup by key (`WHERE id = ANY($1)`): for each key asked, in
+/// order, the row with that key or `None`; a key asked twice gets the row twice. A failed
+/// lookup fails every call.
+pub fn rows_by_key<K, R, E>(
+    keys: &[K],
+    rows: Result<Vec<R>, E>,
+    key_of: impl Fn(&R) -> K,
+) -> Vec<Result<Option<R>, ApiError>>
+where
+    K: Eq + std::hash::Hash,
+    R: Clone,
+    E: Into<ApiError>,
+{
+    match rows {
+        Ok(rows) => {
+            let by_key: std::collections::HashMap<K, R> =
+                rows.into_iter().map(|row| (key_of(&row), row)).collect();
+            keys.iter()
+                .map(|key| Ok(by_key.get(key).cloned()))
+                .collect()
+        }
+        Err(error) => fail_all(keys.len(), error),
+    }
+}
+
 /// The same error for every call of a batch whose shared work failed (a lost connection, say).
 pub fn fail_all<O>(count: usize, error: impl Into<ApiError>) -> Vec<Result<O, ApiError>> {
     let error = error.into();
@@ -254,6 +279,24 @@ mod tests {
             reads < 300,
             "300 calls for 3 keys were never shared: {reads} reads"
         );
+    }
+
+    #[test]
+    fn rows_by_key_answers_each_key_asked_in_order() {
+        let rows = Ok::<_, ApiError>(vec![(2, "two"), (1, "one")]);
+        let answers = rows_by_key(&[1, 3, 2, 1], rows, |row| row.0);
+        let answers: Vec<_> = answers
+            .into_iter()
+            .map(|a| a.unwrap().map(|r| r.1))
+            .collect();
+        assert_eq!(answers, [Some("one"), None, Some("two"), Some("one")]);
+
+        let failed = rows_by_key(
+            &[1, 2],
+            Err::<Vec<(u32, u32)>, _>(ApiError::internal("gone")),
+            |r| r.0,
+        );
+        assert!(failed.iter().all(|answer| answer.is_err()));
     }
 
     #[tokio::test]

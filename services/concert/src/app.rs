@@ -53,13 +53,8 @@ fn spawn_reads(pool: &PgPool) -> (Reads, Vec<tokio::task::JoinHandle<()>>) {
         move |hold_ids: Vec<Uuid>| {
             let pool = pool.clone();
             Box::pin(async move {
-                match store::holds(&pool, &hold_ids).await {
-                    Ok(rows) => hold_ids
-                        .iter()
-                        .map(|id| Ok(rows.iter().find(|row| row.hold_id == *id).cloned()))
-                        .collect(),
-                    Err(error) => batch::fail_all(hold_ids.len(), error),
-                }
+                let holds = store::holds(&pool, &hold_ids).await;
+                batch::rows_by_key(&hold_ids, holds, |hold: &HoldRow| hold.hold_id)
             }) as BatchFuture<Option<HoldRow>>
         }
     });

@@ -5,7 +5,10 @@
 //! same order queue behind each other instead of deadlocking, which is what lets hundreds of
 //! overlapping multi-seat holds race without a deadlock error ever reaching a client.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -369,16 +372,14 @@ pub async fn hold_batch(
 
     // Decide in arrival order. A winner's seats stop being free for the requests after it.
     let mut winners: Vec<(usize, Uuid, i64)> = Vec::new();
-    let mut keys_in_batch: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut keys_in_batch: HashSet<(&str, &str)> = HashSet::new();
     for (index, request) in requests.iter().enumerate() {
         if answers[index].is_some() {
             continue;
         }
-        let key = (request.user_id.as_str(), request.request_id.as_str());
-        if keys_in_batch.contains_key(&key) {
+        if !keys_in_batch.insert((request.user_id.as_str(), request.request_id.as_str())) {
             continue; // the same request twice in one batch: answered after the first
         }
-        keys_in_batch.insert(key, index);
         let date = request.schedule_id.as_str();
         let taken: Vec<i32> = request
             .seat_numbers
@@ -455,9 +456,13 @@ pub async fn hold_batch(
     .await?;
     tx.commit().await?;
 
+    let mut written: HashMap<Uuid, HoldRow> = written
+        .into_iter()
+        .map(|hold| (hold.hold_id, hold))
+        .collect();
     for (index, hold_id, _) in &winners {
-        if let Some(hold) = written.iter().find(|h| h.hold_id == *hold_id) {
-            answers[*index] = Some(Ok(hold.clone()));
+        if let Some(hold) = written.remove(hold_id) {
+            answers[*index] = Some(Ok(hold));
         }
     }
     // Whatever is still unanswered repeated a key of this batch (or, in theory, lost its

@@ -173,18 +173,8 @@ impl TicketReader {
         let (reads, worker) = Batcher::spawn(BatchLimits::READS, move |tokens: Vec<Uuid>| {
             let (pool, policy) = (pool.clone(), policy.clone());
             Box::pin(async move {
-                match store::read_tickets(&pool, &policy, &tokens).await {
-                    Ok(tickets) => {
-                        let by_token: std::collections::HashMap<Uuid, Ticket> =
-                            tickets.into_iter().map(|t| (t.token, t)).collect();
-                        // A token asked twice in one batch gets the row both times.
-                        tokens
-                            .iter()
-                            .map(|token| Ok(by_token.get(token).cloned()))
-                            .collect()
-                    }
-                    Err(error) => batch::fail_all(tokens.len(), error),
-                }
+                let tickets = store::read_tickets(&pool, &policy, &tokens).await;
+                batch::rows_by_key(&tokens, tickets, |ticket: &Ticket| ticket.token)
             }) as BatchFuture<Option<Ticket>>
         });
         (Self { reads }, worker)
