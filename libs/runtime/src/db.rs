@@ -243,6 +243,14 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// An `int4[]` as Postgres's text literal (`{1,2,3}`). Batched statements pass one array per
+/// row this way, as a `text[]` element cast back with `::int4[]`, because `unnest` cannot
+/// take an array of arrays whose lengths differ.
+pub fn int4_array_literal(numbers: &[i32]) -> String {
+    let numbers: Vec<String> = numbers.iter().map(i32::to_string).collect();
+    format!("{{{}}}", numbers.join(","))
+}
+
 /// A database URL without its password, for messages and logs.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -268,6 +276,13 @@ mod tests {
             "postgres://u:***@h:5432/d"
         );
         assert_eq!(redact("postgres://u@h/d"), "postgres://u@h/d");
+    }
+
+    #[test]
+    fn writes_int_array_literals() {
+        assert_eq!(int4_array_literal(&[]), "{}");
+        assert_eq!(int4_array_literal(&[7]), "{7}");
+        assert_eq!(int4_array_literal(&[1, -2, 30]), "{1,-2,30}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Wiring: pool, migrations, the queue client and the gRPC server of one concert process.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use sqlx::PgPool;
 use stagedoor_proto::concert::v1::{
@@ -20,8 +20,9 @@ use uuid::Uuid;
 
 use crate::{
     config::ConcertConfig,
+    domain::ConcertError,
     grpc::{ConcertApi, ConcertState, Reads},
-    store::{self, HoldRequest, HoldRow},
+    store::{self, HoldRow},
 };
 
 /// HoldSeats batches: up to 500 holds per transaction, two transactions at once per replica
@@ -66,20 +67,32 @@ fn spawn_reads(pool: &PgPool) -> (Reads, Vec<tokio::task::JoinHandle<()>>) {
     (reads, vec![seat_worker, date_worker, hold_worker])
 }
 
-/// Starts the worker that makes holds in batches (store::hold_batch).
-fn spawn_holds(
+/// ConfirmHold batches: the payments that confirm together share one transaction
+/// (`store::confirm_batch`).
+const CONFIRM_LIMITS: BatchLimits = HOLD_LIMITS;
+
+/// Starts a worker that runs a batch of hold writes as one transaction (`work`, one of
+/// `store::hold_batch` and `store::confirm_batch`), each call getting its own answer.
+fn spawn_hold_writes<I, F, Fut>(
+    limits: BatchLimits,
     pool: PgPool,
-    ttl: Duration,
-) -> (Batcher<HoldRequest, HoldRow>, tokio::task::JoinHandle<()>) {
-    Batcher::spawn(HOLD_LIMITS, move |requests: Vec<HoldRequest>| {
-        let pool = pool.clone();
+    work: F,
+) -> (Batcher<I, HoldRow>, tokio::task::JoinHandle<()>)
+where
+    I: Send + 'static,
+    F: Fn(PgPool, Vec<I>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<Result<HoldRow, ConcertError>>, sqlx::Error>> + Send + 'static,
+{
+    Batcher::spawn(limits, move |requests: Vec<I>| {
+        let count = requests.len();
+        let transaction = work(pool.clone(), requests);
         Box::pin(async move {
-            match store::hold_batch(&pool, ttl, &requests).await {
+            match transaction.await {
                 Ok(answers) => answers
                     .into_iter()
                     .map(|answer| answer.map_err(ApiError::from))
                     .collect(),
-                Err(error) => batch::fail_all(requests.len(), error),
+                Err(error) => batch::fail_all(count, error),
             }
         }) as BatchFuture<HoldRow>
     })
@@ -105,14 +118,24 @@ pub async fn start(
     db::migrate(&pool, db::CONCERT.schema, &MIGRATOR).await?;
 
     let (trigger, shutdown) = ShutdownTrigger::new();
-    let (holds, hold_worker) = spawn_holds(pool.clone(), config.hold_ttl);
+    let ttl = config.hold_ttl;
+    let (holds, hold_worker) = spawn_hold_writes(
+        HOLD_LIMITS,
+        pool.clone(),
+        move |pool, requests| async move { store::hold_batch(&pool, ttl, &requests).await },
+    );
+    let (confirms, confirm_worker) =
+        spawn_hold_writes(CONFIRM_LIMITS, pool.clone(), |pool, requests| async move {
+            store::confirm_batch(&pool, &requests).await
+        });
     let (reads, mut background) = spawn_reads(&pool);
-    background.push(hold_worker);
+    background.extend([hold_worker, confirm_worker]);
     let api = ConcertApi::new(ConcertState {
         pool,
         dates: Default::default(),
         tokens,
         holds,
+        confirms,
         reads,
     });
     let local_addr = listener

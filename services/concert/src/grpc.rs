@@ -30,6 +30,8 @@ pub struct ConcertState {
     pub tokens: TokenValidator,
     /// HoldSeats' batching worker (see `app::spawn_holds`).
     pub holds: Batcher<store::HoldRequest, HoldRow>,
+    /// ConfirmHold's batching worker.
+    pub confirms: Batcher<store::ConfirmRequest, HoldRow>,
     pub reads: Reads,
 }
 
@@ -341,7 +343,14 @@ impl ConcertInternalService for ConcertApi {
         let request = request.into_inner();
         let hold_id = parse_hold_id(&request.hold_id)?;
         let payment_id = validate::id("payment_id", &request.payment_id)?;
-        let hold = store::confirm(&self.state.pool, hold_id, payment_id).await?;
+        let hold = self
+            .state
+            .confirms
+            .call(store::ConfirmRequest {
+                hold_id,
+                payment_id: payment_id.to_owned(),
+            })
+            .await?;
         Ok(Response::new(pb::ConfirmHoldResponse {
             hold: Some(hold_to_proto(&hold)),
         }))

@@ -1,7 +1,7 @@
 //! Every SQL statement of the concert service.
 //!
-//! Lock order, everywhere: a hold's row before seat rows, and seat rows in seat-number
-//! order (`ORDER BY seat_number FOR UPDATE`). Transactions that take the same locks in the
+//! Lock order, everywhere: a fan's advisory lock (HoldSeats), then hold rows (sorted by id),
+//! then seat rows in seat order (`ORDER BY schedule_id, seat_number FOR UPDATE`). Transactions that take the same locks in the
 //! same order queue behind each other instead of deadlocking, which is what lets hundreds of
 //! overlapping multi-seat holds race without a deadlock error ever reaching a client.
 
@@ -12,6 +12,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use stagedoor_runtime::db;
 use uuid::Uuid;
 
 use crate::domain::{ConcertError, MAX_SEATS_PER_FAN};
@@ -444,10 +445,7 @@ pub async fn hold_batch(
     .bind(column(|r| r.schedule_id.clone()))
     .bind(column(|r| r.concert_id.clone()))
     .bind(column(|r| r.user_id.clone()))
-    .bind(column(|r| {
-        let numbers: Vec<String> = r.seat_numbers.iter().map(i32::to_string).collect();
-        format!("{{{}}}", numbers.join(","))
-    }))
+    .bind(column(|r| db::int4_array_literal(&r.seat_numbers)))
     .bind(winners.iter().map(|w| w.2).collect::<Vec<i64>>())
     .bind(column(|r| r.request_id.clone()))
     .bind(ttl.as_secs_f64())
@@ -550,9 +548,14 @@ pub async fn release(pool: &PgPool, hold_id: Uuid, user_id: &str) -> Result<Hold
                 .execute(&mut *tx)
                 .await?;
             // Only seats this hold still has: after expiry they may belong to someone else.
+            // Locked in seat order first, like every other transaction here takes seats.
             sqlx::query(
                 "UPDATE seats SET held_by = NULL, held_until = NULL
-                  WHERE held_by = $1 AND sold_to_payment IS NULL",
+                  WHERE (schedule_id, seat_number) IN (
+                        SELECT schedule_id, seat_number FROM seats
+                         WHERE held_by = $1 AND sold_to_payment IS NULL
+                         ORDER BY schedule_id, seat_number
+                           FOR UPDATE)",
             )
             .bind(hold_id)
             .execute(&mut *tx)
@@ -562,64 +565,149 @@ pub async fn release(pool: &PgPool, hold_id: Uuid, user_id: &str) -> Result<Hold
     read_and_commit(tx, hold_id).await
 }
 
-/// Sells a hold's seats to a payment. Idempotent per payment; see the proto for the
-/// paid-after-expiry rule.
-pub async fn confirm(
-    pool: &PgPool,
+/// A ConfirmHold call, checked.
+#[derive(Debug, Clone)]
+pub struct ConfirmRequest {
+    pub hold_id: Uuid,
+    pub payment_id: String,
+}
+
+/// A hold's row as ConfirmHold sees it under its lock (the raw status: HELD, CONFIRMED or
+/// RELEASED).
+#[derive(Debug, sqlx::FromRow)]
+struct LockedHold {
     hold_id: Uuid,
-    payment_id: &str,
-) -> Result<HoldRow, ConcertError> {
+    status: String,
+    payment_id: Option<String>,
+    schedule_id: String,
+    seat_numbers: Vec<i32>,
+}
+
+/// Sells the seats of a batch of holds, each to its payment, in one transaction; each call
+/// gets its own answer, in the order of `requests`. Idempotent per payment: a hold already
+/// sold to the same payment answers as sold. See the proto for the paid-after-expiry rule.
+///
+/// Locks in the module's order: every hold row of the batch (sorted by id), then every seat
+/// (sorted by date and number). ReleaseHold takes a hold before its seats and HoldSeats takes
+/// no existing hold at all, so no two transactions wait on each other in a circle.
+pub async fn confirm_batch(
+    pool: &PgPool,
+    requests: &[ConfirmRequest],
+) -> Result<Vec<Result<HoldRow, ConcertError>>, sqlx::Error> {
+    let hold_ids: Vec<Uuid> = requests.iter().map(|r| r.hold_id).collect();
+    let mut answers: Vec<Option<Result<(), ConcertError>>> =
+        requests.iter().map(|_| None).collect();
+
     let mut tx = pool.begin().await?;
-    let current: Option<(String, Option<String>, String, Vec<i32>)> = sqlx::query_as(
-        "SELECT status, payment_id, schedule_id, seat_numbers FROM holds WHERE hold_id = $1 FOR UPDATE",
+    let locked: Vec<LockedHold> = sqlx::query_as(
+        "SELECT hold_id, status, payment_id, schedule_id, seat_numbers
+           FROM holds
+          WHERE hold_id = ANY($1)
+          ORDER BY hold_id
+            FOR UPDATE",
     )
-    .bind(hold_id)
-    .fetch_optional(&mut *tx)
+    .bind(&hold_ids)
+    .persistent(false)
+    .fetch_all(&mut *tx)
     .await?;
-    let Some((status, paid_by, schedule_id, seat_numbers)) = current else {
-        return Err(ConcertError::HoldNotFound(hold_id.to_string()));
-    };
-    match status.as_str() {
-        "CONFIRMED" if paid_by.as_deref() == Some(payment_id) => {} // a retry: same answer
-        "CONFIRMED" => return Err(ConcertError::HoldNotHeld("CONFIRMED")),
-        "RELEASED" => return Err(ConcertError::HoldNotHeld("RELEASED")),
-        _ => {
-            // Still ours? Lock the seats in order and check that each is held by this hold
-            // (whether or not its time has passed) and unsold. A seat re-held by anyone
-            // since the hold expired names another hold: then nothing is sold at all.
-            let ours: i64 = sqlx::query_scalar(
-                "WITH locked AS (
-                     SELECT held_by, sold_to_payment FROM seats
-                      WHERE schedule_id = $1 AND seat_number = ANY($2)
-                      ORDER BY seat_number
-                        FOR UPDATE)
-                 SELECT count(*) FROM locked WHERE held_by = $3 AND sold_to_payment IS NULL",
-            )
-            .bind(&schedule_id)
-            .bind(&seat_numbers)
-            .bind(hold_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            if ours != seat_numbers.len() as i64 {
-                return Err(ConcertError::HoldExpired);
+    // Status and buyer are updated below as this batch decides.
+    let mut holds: HashMap<Uuid, LockedHold> = locked.into_iter().map(|h| (h.hold_id, h)).collect();
+
+    // Lock the seats of every hold that may be sold, in seat order, and look at them.
+    let (seat_dates, seat_numbers): (Vec<&str>, Vec<i32>) = holds
+        .values()
+        .filter(|hold| hold.status == "HELD")
+        .flat_map(|hold| {
+            let date = hold.schedule_id.as_str();
+            hold.seat_numbers.iter().map(move |n| (date, *n))
+        })
+        .unzip();
+    let seats: Vec<(String, i32, Option<Uuid>, bool)> = sqlx::query_as(
+        "SELECT schedule_id, seat_number, held_by, sold_to_payment IS NULL AS unsold
+           FROM seats
+          WHERE (schedule_id, seat_number) IN (SELECT * FROM unnest($1::text[], $2::int4[]))
+          ORDER BY schedule_id, seat_number
+            FOR UPDATE",
+    )
+    .bind(&seat_dates)
+    .bind(&seat_numbers)
+    .persistent(false)
+    .fetch_all(&mut *tx)
+    .await?;
+    // A seat still belongs to a hold when the hold's id is on it and it is unsold, whether
+    // or not the hold's time has passed. A seat re-held by anyone since the hold expired
+    // names another hold.
+    let still_held: HashSet<(&str, i32, Uuid)> = seats
+        .iter()
+        .filter_map(|(date, number, held_by, unsold)| {
+            held_by
+                .filter(|_| *unsold)
+                .map(|hold| (date.as_str(), *number, hold))
+        })
+        .collect();
+
+    // Decide in arrival order; a hold sold here answers its later copies as CONFIRMED.
+    let mut sold: Vec<(Uuid, String)> = Vec::new();
+    for (answer, request) in answers.iter_mut().zip(requests) {
+        let Some(hold) = holds.get_mut(&request.hold_id) else {
+            *answer = Some(Err(ConcertError::HoldNotFound(request.hold_id.to_string())));
+            continue;
+        };
+        *answer = Some(match hold.status.as_str() {
+            "CONFIRMED" if hold.payment_id.as_deref() == Some(request.payment_id.as_str()) => {
+                Ok(())
             }
-            sqlx::query(
-                "UPDATE seats SET sold_to_payment = $3, held_by = NULL, held_until = NULL
-                  WHERE schedule_id = $1 AND seat_number = ANY($2)",
-            )
-            .bind(&schedule_id)
-            .bind(&seat_numbers)
-            .bind(payment_id)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "UPDATE holds SET status = 'CONFIRMED', payment_id = $2 WHERE hold_id = $1",
-            )
-            .bind(hold_id)
-            .bind(payment_id)
-            .execute(&mut *tx)
-            .await?;
-        }
+            "CONFIRMED" => Err(ConcertError::HoldNotHeld("CONFIRMED")),
+            "RELEASED" => Err(ConcertError::HoldNotHeld("RELEASED")),
+            _ if hold.seat_numbers.iter().all(|n| {
+                still_held.contains(&(hold.schedule_id.as_str(), *n, request.hold_id))
+            }) =>
+            {
+                hold.status = "CONFIRMED".to_owned();
+                hold.payment_id = Some(request.payment_id.clone());
+                sold.push((request.hold_id, request.payment_id.clone()));
+                Ok(())
+            }
+            // Some seat was taken since the hold expired: nothing of it is sold.
+            _ => Err(ConcertError::HoldExpired),
+        });
     }
-    read_and_commit(tx, hold_id).await
+
+    // The sold holds and their seats, in one statement.
+    let (sold_holds, buyers): (Vec<Uuid>, Vec<String>) = sold.into_iter().unzip();
+    if !sold_holds.is_empty() {
+        sqlx::query(
+            "WITH sale AS (
+             UPDATE holds SET status = 'CONFIRMED', payment_id = s.payment_id
+               FROM unnest($1::uuid[], $2::text[]) AS s (hold_id, payment_id)
+              WHERE holds.hold_id = s.hold_id
+             RETURNING holds.hold_id, holds.schedule_id, holds.seat_numbers, holds.payment_id)
+         UPDATE seats SET sold_to_payment = sale.payment_id, held_by = NULL, held_until = NULL
+           FROM sale
+          WHERE seats.schedule_id = sale.schedule_id
+            AND seats.seat_number = ANY(sale.seat_numbers)",
+        )
+        .bind(&sold_holds)
+        .bind(&buyers)
+        .persistent(false)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let answered: Vec<HoldRow> =
+        sqlx::query_as(&format!("{HOLD_SELECT} WHERE h.hold_id = ANY($1)"))
+            .bind(&hold_ids)
+            .persistent(false)
+            .fetch_all(&mut *tx)
+            .await?;
+    tx.commit().await?;
+
+    let answered: HashMap<Uuid, HoldRow> = answered.into_iter().map(|h| (h.hold_id, h)).collect();
+    Ok(answers
+        .into_iter()
+        .zip(requests)
+        .map(|(answer, request)| {
+            answer.expect("every request is decided above")?;
+            Ok(answered[&request.hold_id].clone())
+        })
+        .collect())
 }

@@ -200,10 +200,11 @@ impl Mesh {
 
     pub async fn confirm(
         &self,
+        replica: usize,
         hold_id: &str,
         payment_id: &str,
     ) -> Result<pb::Hold, tonic::Status> {
-        self.concerts[0]
+        self.concerts[replica]
             .internal
             .clone()
             .confirm_hold(pb::ConfirmHoldRequest {

@@ -1,5 +1,8 @@
 use std::{collections::HashSet, sync::Arc};
 
+use stagedoor_concert::store;
+use stagedoor_proto::concert::v1 as pb;
+use stagedoor_runtime::{db, ApiError};
 use tonic::Code;
 
 use crate::{mesh, reason};
@@ -190,4 +193,157 @@ async fn one_fans_concurrent_holds_keep_the_limit_and_one_key_makes_one_hold() {
     }
     assert_eq!(holds.len(), 1, "one key, one hold");
     assert_eq!(mesh.hold_rows().await, 5);
+}
+
+/// 20 holds, each confirmed by forty concurrent ConfirmHold calls over two replicas (800
+/// released at once): twenty retries of one payment and twenty other payments. Per hold exactly one payment
+/// buys it, every call of that payment is answered with the sale, every other payment is
+/// refused, and each seat is sold to its hold's buyer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_confirms_sell_each_hold_to_exactly_one_payment() {
+    let mesh = Arc::new(mesh(2, |_, _| {}).await);
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let mut holds = Vec::new();
+    for fan in 0..20 {
+        let token = mesh.active_token(&concert_id, &format!("fan-{fan}")).await;
+        let hold = mesh
+            .hold(fan % 2, &token, &schedule_id, &[fan as i32 + 1], "r")
+            .await
+            .unwrap();
+        holds.push(hold.hold_id);
+    }
+
+    let attempts = 40;
+    let start = Arc::new(tokio::sync::Barrier::new(holds.len() * attempts));
+    let mut calls = Vec::new();
+    for (index, hold_id) in holds.iter().enumerate() {
+        for attempt in 0..attempts {
+            let payment_id = if attempt % 2 == 0 {
+                format!("pay-{index}")
+            } else {
+                format!("other-{index}-{attempt}")
+            };
+            let (mesh, hold_id, start) = (mesh.clone(), hold_id.clone(), start.clone());
+            calls.push(tokio::spawn(async move {
+                start.wait().await;
+                let answer = mesh.confirm(attempt % 2, &hold_id, &payment_id).await;
+                (hold_id, payment_id, answer)
+            }));
+        }
+    }
+    let mut buyers: std::collections::HashMap<String, HashSet<String>> = Default::default();
+    let mut refused: std::collections::HashMap<String, HashSet<String>> = Default::default();
+    for call in calls {
+        let (hold_id, payment_id, answer) = call.await.unwrap();
+        match answer {
+            Ok(hold) => {
+                assert_eq!(
+                    hold.payment_id, payment_id,
+                    "a sale answers its own payment"
+                );
+                buyers.entry(hold_id).or_default().insert(payment_id);
+            }
+            Err(status) => {
+                assert_eq!(
+                    (status.code(), reason(&status).as_str()),
+                    (Code::FailedPrecondition, "HOLD_NOT_HELD"),
+                    "{status:?}"
+                );
+                refused.entry(hold_id).or_default().insert(payment_id);
+            }
+        }
+    }
+    assert_eq!(buyers.len(), holds.len(), "every hold was sold");
+    let admin = mesh.database.admin().await;
+    for (hold_id, payments) in &buyers {
+        assert_eq!(
+            payments.len(),
+            1,
+            "one buyer for hold {hold_id}: {payments:?}"
+        );
+        let buyer = payments.iter().next().unwrap();
+        assert!(
+            !refused.get(hold_id).is_some_and(|r| r.contains(buyer)),
+            "the buyer's retries are never refused"
+        );
+        let sold_to: Vec<Option<String>> = sqlx::query_scalar(
+            "SELECT s.sold_to_payment FROM concert.seats s
+               JOIN concert.holds h ON s.schedule_id = h.schedule_id
+                                   AND s.seat_number = ANY(h.seat_numbers)
+              WHERE h.hold_id = $1::uuid",
+        )
+        .bind(hold_id)
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+        assert_eq!(sold_to, vec![Some(buyer.clone())]);
+    }
+    let sold: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM concert.seats WHERE sold_to_payment IS NOT NULL")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    admin.close().await;
+    assert_eq!(sold, 20, "no other seat was sold");
+}
+
+/// The same rule inside one batch, where the race above only sometimes lands: a batch that
+/// holds two payments of one hold, a retry of the winner, and an unknown hold answers each
+/// call on its own, in arrival order.
+#[tokio::test]
+async fn one_confirm_batch_sells_a_hold_once_and_answers_each_call() {
+    let mesh = mesh(1, |_, _| {}).await;
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let token = mesh.active_token(&concert_id, "fan").await;
+    let hold = mesh
+        .hold(0, &token, &schedule_id, &[3, 4], "r")
+        .await
+        .unwrap();
+    let hold_id: uuid::Uuid = hold.hold_id.parse().unwrap();
+    let pool = db::connect(&db::PoolConfig {
+        url: mesh.database.url(db::CONCERT),
+        schema: db::CONCERT.schema,
+        max_connections: 1,
+        acquire_timeout: std::time::Duration::from_secs(5),
+    })
+    .await
+    .unwrap();
+    let call = |hold_id, payment_id: &str| store::ConfirmRequest {
+        hold_id,
+        payment_id: payment_id.into(),
+    };
+    let answers = store::confirm_batch(
+        &pool,
+        &[
+            call(hold_id, "pay-a"),
+            call(hold_id, "pay-b"),
+            call(hold_id, "pay-a"),
+            call(uuid::Uuid::new_v4(), "pay-c"),
+        ],
+    )
+    .await
+    .unwrap();
+    pool.close().await;
+    let outcome: Vec<Result<String, String>> = answers
+        .into_iter()
+        .map(|answer| match answer {
+            Ok(hold) => Ok(format!("{} {:?}", hold.status, hold.payment_id)),
+            Err(error) => Err(ApiError::from(error).reason().to_owned()),
+        })
+        .collect();
+    assert_eq!(outcome[0], Ok("CONFIRMED Some(\"pay-a\")".to_owned()));
+    assert_eq!(
+        outcome[1],
+        Err("HOLD_NOT_HELD".to_owned()),
+        "another payment"
+    );
+    assert_eq!(outcome[2], outcome[0], "the retry gets the sale");
+    assert_eq!(outcome[3], Err("HOLD_NOT_FOUND".to_owned()));
+    let seats = mesh.seats(&token, &schedule_id).await;
+    let sold: Vec<i32> = seats
+        .iter()
+        .filter(|seat| seat.status() == pb::SeatStatus::Sold)
+        .map(|seat| seat.seat_number)
+        .collect();
+    assert_eq!(sold, vec![3, 4]);
 }

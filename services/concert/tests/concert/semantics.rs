@@ -49,7 +49,10 @@ async fn an_expired_hold_frees_its_seats_at_once() {
         .expect("held by another fan at once");
 
     // Paying the old hold now: seat 2 was taken since, so nothing is sold.
-    let expired = mesh.confirm(&late.hold_id, "pay-late").await.unwrap_err();
+    let expired = mesh
+        .confirm(0, &late.hold_id, "pay-late")
+        .await
+        .unwrap_err();
     assert_eq!(expired.code(), Code::FailedPrecondition);
     assert_eq!(reason(&expired), "HOLD_EXPIRED");
     let seats = mesh.seats(&bob, &schedule_id).await;
@@ -75,7 +78,7 @@ async fn an_expired_hold_frees_its_seats_at_once() {
 
     // An expired hold whose seat nobody took since is still sold when paid.
     let sold = mesh
-        .confirm(&untouched.hold_id, "pay-untouched")
+        .confirm(0, &untouched.hold_id, "pay-untouched")
         .await
         .unwrap();
     assert_eq!(sold.status(), pb::HoldStatus::Confirmed);
@@ -95,17 +98,17 @@ async fn confirm_is_idempotent_per_payment_and_sells_once() {
         .await
         .unwrap();
 
-    let first = mesh.confirm(&hold.hold_id, "pay-1").await.unwrap();
+    let first = mesh.confirm(0, &hold.hold_id, "pay-1").await.unwrap();
     assert_eq!(
         (first.status(), first.payment_id.as_str()),
         (pb::HoldStatus::Confirmed, "pay-1")
     );
     assert_eq!(
-        mesh.confirm(&hold.hold_id, "pay-1").await.unwrap(),
+        mesh.confirm(0, &hold.hold_id, "pay-1").await.unwrap(),
         first,
         "the retry is answered the same"
     );
-    let other = mesh.confirm(&hold.hold_id, "pay-2").await.unwrap_err();
+    let other = mesh.confirm(0, &hold.hold_id, "pay-2").await.unwrap_err();
     assert_eq!(other.code(), Code::FailedPrecondition);
     assert_eq!(reason(&other), "HOLD_NOT_HELD");
 
@@ -375,7 +378,7 @@ async fn a_sold_out_date_drops_out_of_the_list() {
         .await
         .unwrap();
     assert!(dates().await.is_empty(), "held seats are not free");
-    mesh.confirm(&hold.hold_id, "pay-1").await.unwrap();
+    mesh.confirm(0, &hold.hold_id, "pay-1").await.unwrap();
     assert!(dates().await.is_empty(), "sold out");
 }
 
