@@ -19,6 +19,7 @@ use crate::{
     peers::Peers,
     recovery,
     saga::{Saga, SagaSettings},
+    writes::PaymentWrites,
 };
 
 /// The payment service's migrations, embedded in the binary.
@@ -52,8 +53,10 @@ pub async fn start(
     let (trigger, shutdown) = ShutdownTrigger::new();
     // Each process is its own lease owner, so two replicas never drive one payment at once.
     let owner = Uuid::new_v4();
+    let (writes, mut background) = PaymentWrites::spawn(pool.clone(), owner, config.lease);
     let saga = Arc::new(Saga {
         pool: pool.clone(),
+        writes,
         peers,
         owner,
         settings: SagaSettings {
@@ -63,11 +66,11 @@ pub async fn start(
             fault: config.fault,
         },
     });
-    let worker = tokio::spawn(recovery::run(
+    background.push(tokio::spawn(recovery::run(
         saga.clone(),
         config.recovery_interval,
         trigger.subscribe(),
-    ));
+    )));
     let api = PaymentApi::new(PaymentState {
         pool,
         saga,
@@ -81,10 +84,5 @@ pub async fn start(
     let server = tokio::spawn(server.serve(listener, shutdown));
     tracing::info!(%local_addr, %owner, queue = %config.queue_url, concert = %config.concert_url,
         point = %config.point_url, fault = ?config.fault, "payment service started");
-    Ok(ServiceHandle::new(
-        local_addr,
-        trigger,
-        server,
-        vec![worker],
-    ))
+    Ok(ServiceHandle::new(local_addr, trigger, server, background))
 }

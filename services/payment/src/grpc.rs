@@ -8,11 +8,11 @@ use std::{
 
 use sqlx::PgPool;
 use stagedoor_proto::{
-    concert::v1::HoldStatus,
+    concert::v1::{Hold, HoldStatus},
     payment::v1::{self as pb, payment_service_server::PaymentService},
 };
 use stagedoor_runtime::{
-    auth::{bearer_token, TokenValidator},
+    auth::{bearer_token, Fan, TokenValidator},
     time, validate, ApiError,
 };
 use tonic::{Request, Response, Status};
@@ -88,22 +88,25 @@ impl PaymentApi {
         let hold_id = parse_uuid("hold_id", &request.get_ref().hold_id)?;
         let request_id = validate::id("request_id", &request.get_ref().request_id)?;
 
-        // A replay presenting the token that paid: that token may well be DONE now, so the
-        // queue would refuse it; holding it is proof enough that this is the same fan.
-        if let Some(existing) =
-            store::by_request_and_token(&self.state.pool, request_id, &token).await?
-        {
-            return self.replay(existing, hold_id).await;
-        }
-
-        // A fresh Pay: the token must be ACTIVE right now (asked, never cached).
+        // The token must be ACTIVE right now (asked, never cached), and the hold is needed
+        // next: neither answer depends on the other, so both are asked at once. A refused
+        // token makes the hold's answer moot.
+        let hold_key = hold_id.to_string();
         let started = Instant::now();
-        let fan = self.state.tokens.fan(request.metadata()).await;
-        HOPS.record(Hop::ValidateToken, started);
+        let (fan, hold) = tokio::join!(
+            async {
+                let fan = self.state.tokens.fan(request.metadata()).await;
+                HOPS.record(Hop::ValidateToken, started);
+                fan
+            },
+            self.state.saga.peers.get_hold(&hold_key),
+        );
         let fan = match fan {
             Ok(fan) => fan,
-            // A double click: the twin call may have paid with this token (and completed
-            // it) between our first look and the queue's answer. Its payment is our answer.
+            // A replay presenting the token that paid: that token is DONE by now, so the
+            // queue refuses it; holding it is proof enough that this is the same fan. (A
+            // double click also lands here when its twin paid and completed the token
+            // between our call and the queue's answer.)
             Err(refused) => {
                 return match store::by_request_and_token(&self.state.pool, request_id, &token)
                     .await?
@@ -113,13 +116,73 @@ impl PaymentApi {
                 }
             }
         };
-        if let Some(existing) =
-            store::by_user_request(&self.state.pool, &fan.user_id, request_id).await?
-        {
-            return self.replay(existing, hold_id).await;
-        }
 
-        let hold = match self.state.saga.peers.get_hold(&hold_id.to_string()).await {
+        let new = match self.new_payment(&fan, hold, hold_id, request_id, &token) {
+            Ok(new) => new,
+            Err(refused) => return self.replay_or(refused, &fan, request_id, hold_id).await,
+        };
+        let started = Instant::now();
+        let inserted = self.state.saga.writes.insert(new).await;
+        HOPS.record(Hop::Record, started);
+        let payment = match inserted? {
+            Ok(payment) => payment,
+            // The request id was used before (an earlier Pay, or its twin a moment ago):
+            // answer as its replay.
+            Err(InsertRefused::RequestUsed) => {
+                let refused = ApiError::internal("request id conflict without a payment");
+                return self
+                    .replay_or(refused.into(), &fan, request_id, hold_id)
+                    .await;
+            }
+            // Another request id already pays this hold: only one payment of a hold may
+            // charge. (Postgres may name this rule first even when the request id was used
+            // too, hence `replay_or`.)
+            Err(InsertRefused::HoldTaken) => {
+                let payment_id = store::live_for_hold(&self.state.pool, hold_id)
+                    .await?
+                    .map(|id| id.to_string())
+                    .unwrap_or_default();
+                let refused = PaymentError::HoldAlreadyPaying {
+                    hold_id: hold_id.to_string(),
+                    payment_id,
+                };
+                return self.replay_or(refused, &fan, request_id, hold_id).await;
+            }
+        };
+
+        // The saga runs on its own task: a client that hangs up drops this handler, not the
+        // saga, which must never stop half-way because nobody is listening any more.
+        let payment_id = payment.payment_id;
+        let saga = self.state.saga.clone();
+        let patience = self.state.patience;
+        let driven = tokio::spawn(async move { saga.drive(payment, patience).await })
+            .await
+            .map_err(ApiError::internal)??;
+        match driven {
+            Driven::Settled(payment) => answer(payment),
+            Driven::Deferred(_) | Driven::Crashed => {
+                Err(PaymentError::InProgress(payment_id.to_string()))
+            }
+            Driven::Elsewhere => {
+                let payment = store::by_id(&self.state.pool, payment_id)
+                    .await?
+                    .ok_or_else(|| PaymentError::PaymentNotFound(payment_id.to_string()))?;
+                self.answer_when_settled(payment).await
+            }
+        }
+    }
+
+    /// The payment to record for `fan`'s Pay of the hold GetHold described, or why the
+    /// hold cannot be paid by this fan now.
+    fn new_payment(
+        &self,
+        fan: &Fan,
+        hold: Result<Hold, Failure>,
+        hold_id: Uuid,
+        request_id: &str,
+        token: &str,
+    ) -> Result<NewPayment, PaymentError> {
+        let hold = match hold {
             Ok(hold) => hold,
             Err(Failure::Refused { reason, .. }) if reason == "HOLD_NOT_FOUND" => {
                 return Err(PaymentError::HoldNotFound(hold_id.to_string()))
@@ -140,7 +203,7 @@ impl PaymentApi {
         }
         if hold.concert_id != fan.concert_id {
             return Err(PaymentError::WrongConcert {
-                token_concert: fan.concert_id,
+                token_concert: fan.concert_id.clone(),
                 concert: hold.concert_id,
             });
         }
@@ -163,69 +226,34 @@ impl PaymentApi {
             .as_ref()
             .and_then(time::from_timestamp)
             .ok_or_else(|| ApiError::internal("GetHold answered without a start time"))?;
-
-        let new = NewPayment {
-            user_id: &fan.user_id,
-            request_id,
+        Ok(NewPayment {
+            payment_id: Uuid::new_v4(),
+            user_id: fan.user_id.clone(),
+            request_id: request_id.to_owned(),
             hold_id,
-            concert_id: &hold.concert_id,
-            schedule_id: &hold.schedule_id,
-            seat_numbers: &hold.seat_numbers,
+            concert_id: hold.concert_id,
+            schedule_id: hold.schedule_id,
+            seat_numbers: hold.seat_numbers,
             amount: hold.total_price,
             start_time,
-            token: &token,
-        };
-        let started = Instant::now();
-        let inserted = store::insert(
-            &self.state.pool,
-            &new,
-            self.state.saga.owner,
-            self.state.saga.settings.lease,
-        )
-        .await;
-        HOPS.record(Hop::Record, started);
-        let payment = match inserted {
-            Ok(payment) => payment,
-            // The same request id raced in a moment before: answer as its replay.
-            Err(InsertRefused::RequestUsed) => {
-                let existing = store::by_user_request(&self.state.pool, &fan.user_id, request_id)
-                    .await?
-                    .ok_or_else(|| ApiError::internal("request id conflict without a payment"))?;
-                return self.replay(existing, hold_id).await;
-            }
-            // Another request id already pays this hold: only one payment of a hold may charge.
-            Err(InsertRefused::HoldTaken) => {
-                let payment_id = store::live_for_hold(&self.state.pool, hold_id)
-                    .await?
-                    .map(|id| id.to_string())
-                    .unwrap_or_default();
-                return Err(PaymentError::HoldAlreadyPaying {
-                    hold_id: hold_id.to_string(),
-                    payment_id,
-                });
-            }
-            Err(InsertRefused::Database(error)) => return Err(error.into()),
-        };
+            token: token.to_owned(),
+        })
+    }
 
-        // The saga runs on its own task: a client that hangs up drops this handler, not the
-        // saga, which must never stop half-way because nobody is listening any more.
-        let payment_id = payment.payment_id;
-        let saga = self.state.saga.clone();
-        let patience = self.state.patience;
-        let driven = tokio::spawn(async move { saga.drive(payment, patience).await })
-            .await
-            .map_err(ApiError::internal)??;
-        match driven {
-            Driven::Settled(payment) => answer(payment),
-            Driven::Deferred(_) | Driven::Crashed => {
-                Err(PaymentError::InProgress(payment_id.to_string()))
-            }
-            Driven::Elsewhere => {
-                let payment = store::by_id(&self.state.pool, payment_id)
-                    .await?
-                    .ok_or_else(|| PaymentError::PaymentNotFound(payment_id.to_string()))?;
-                self.answer_when_settled(payment).await
-            }
+    /// A fresh Pay was refused; but if this fan used this request id before, the answer is
+    /// that payment's, whatever the hold looks like now (a replay of a paid hold finds it
+    /// SOLD, and must still get its receipt). Only refusals pay for this read: a smooth Pay
+    /// learns of an earlier use of its request id from its INSERT.
+    async fn replay_or(
+        &self,
+        refused: PaymentError,
+        fan: &Fan,
+        request_id: &str,
+        hold_id: Uuid,
+    ) -> Result<pb::PayResponse, PaymentError> {
+        match store::by_user_request(&self.state.pool, &fan.user_id, request_id).await? {
+            Some(existing) => self.replay(existing, hold_id).await,
+            None => Err(refused),
         }
     }
 }

@@ -9,6 +9,7 @@
 //!
 //! - [`saga`]: the driver and its rules. [`store`]: the SQL (leases, conditional steps).
 //! - [`peers`]: the calls to queue, concert and point, and what their failures mean.
+//! - [`writes`]: the payment row's inserts and step records, batched.
 //! - [`recovery`]: the worker. [`grpc`]: the API. [`app`]: wiring.
 
 pub mod app;
@@ -20,6 +21,7 @@ pub mod peers;
 pub mod recovery;
 pub mod saga;
 pub mod store;
+pub mod writes;
 
 pub use app::start;
 pub use config::PaymentConfig;

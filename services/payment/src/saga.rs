@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use stagedoor_proto::queue::v1::TokenStatus;
+use stagedoor_runtime::ApiError;
 use uuid::Uuid;
 
 use crate::{
@@ -29,6 +30,7 @@ use crate::{
     hops::{Hop, HOPS},
     peers::{Failure, Peers},
     store::{self, Advance, PaymentRow},
+    writes::PaymentWrites,
 };
 
 /// First pause before asking a peer again within one drive; doubles up to [`MAX_PAUSE`].
@@ -51,6 +53,8 @@ pub struct SagaSettings {
 /// Drives payments on behalf of one replica (`owner`).
 pub struct Saga {
     pub pool: PgPool,
+    /// The payment row's inserts and step records, batched.
+    pub writes: PaymentWrites,
     pub peers: Peers,
     /// This replica's identity in `payments.lease_owner`.
     pub owner: Uuid,
@@ -82,7 +86,7 @@ impl Saga {
         &self,
         mut payment: PaymentRow,
         patience: Duration,
-    ) -> Result<Driven, sqlx::Error> {
+    ) -> Result<Driven, ApiError> {
         let give_up_at = Instant::now() + patience;
         let mut pause = FIRST_PAUSE;
         // The step the row says. `payment.step` runs ahead of it while successful steps are
@@ -103,7 +107,7 @@ impl Saga {
                     pause = FIRST_PAUSE;
                 }
                 Next::Record(change) => {
-                    match self.record(&payment, recorded, &change).await? {
+                    match self.record(&payment, recorded, change).await? {
                         Some(next) => payment = next,
                         None => return Ok(Driven::Elsewhere),
                     }
@@ -116,7 +120,7 @@ impl Saga {
                     // carries on starts from there (and replays nothing it need not).
                     if step != recorded {
                         let progress = Advance::progress(&payment);
-                        match self.record(&payment, recorded, &progress).await? {
+                        match self.record(&payment, recorded, progress).await? {
                             Some(next) => payment = next,
                             None => return Ok(Driven::Elsewhere),
                         }
@@ -161,18 +165,13 @@ impl Saga {
         &self,
         payment: &PaymentRow,
         recorded: Step,
-        change: &Advance,
-    ) -> Result<Option<PaymentRow>, sqlx::Error> {
+        change: Advance,
+    ) -> Result<Option<PaymentRow>, ApiError> {
         let started = Instant::now();
-        let written = store::advance(
-            &self.pool,
-            payment.payment_id,
-            self.owner,
-            recorded,
-            change,
-            self.settings.lease,
-        )
-        .await;
+        let written = self
+            .writes
+            .advance(payment.payment_id, recorded, change)
+            .await;
         HOPS.record(Hop::Record, started);
         written
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
-use stagedoor_runtime::error::is_unique_violation;
+use stagedoor_runtime::{db, error::is_unique_violation};
 use uuid::Uuid;
 
 use crate::domain::{Status, Step};
@@ -45,17 +45,20 @@ impl PaymentRow {
     }
 }
 
-/// What a new payment is for; the rest starts at its defaults (step SPEND, PENDING).
-pub struct NewPayment<'a> {
-    pub user_id: &'a str,
-    pub request_id: &'a str,
+/// What a new payment is for; the rest starts at its defaults (step SPEND, PENDING). The
+/// payment id is chosen by the caller, so that a batched insert can tell whose row is whose.
+#[derive(Debug, Clone)]
+pub struct NewPayment {
+    pub payment_id: Uuid,
+    pub user_id: String,
+    pub request_id: String,
     pub hold_id: Uuid,
-    pub concert_id: &'a str,
-    pub schedule_id: &'a str,
-    pub seat_numbers: &'a [i32],
+    pub concert_id: String,
+    pub schedule_id: String,
+    pub seat_numbers: Vec<i32>,
     pub amount: i64,
     pub start_time: DateTime<Utc>,
-    pub token: &'a str,
+    pub token: String,
 }
 
 /// Why a payment was not recorded.
@@ -65,18 +68,61 @@ pub enum InsertRefused {
     RequestUsed,
     /// The hold already has a payment that is not FAILED.
     HoldTaken,
-    Database(sqlx::Error),
 }
 
-/// Records a payment at step SPEND, leased to `owner` for `lease`: from here on the payment
-/// exists whatever happens to this process.
-pub async fn insert(
+/// Records payments at step SPEND, leased to `owner` for `lease`, in one statement: from
+/// here on each payment exists whatever happens to this process. Returns the rows written;
+/// a payment missing from them collided with a unique constraint (its request id was used,
+/// or its hold has a live payment), possibly with another row of the same batch, which
+/// `ON CONFLICT DO NOTHING` settles in arrival order. [`insert`] tells which constraint.
+pub async fn insert_batch(
     pool: &PgPool,
-    new: &NewPayment<'_>,
+    payments: &[NewPayment],
     owner: Uuid,
     lease: Duration,
-) -> Result<PaymentRow, InsertRefused> {
+) -> Result<Vec<PaymentRow>, sqlx::Error> {
+    let column =
+        |pick: fn(&NewPayment) -> String| -> Vec<String> { payments.iter().map(pick).collect() };
     sqlx::query_as(
+        "INSERT INTO payments (payment_id, user_id, request_id, hold_id, concert_id, schedule_id,
+                               seat_numbers, amount, start_time, token, step, status,
+                               lease_owner, lease_until)
+         SELECT p.payment_id, p.user_id, p.request_id, p.hold_id, p.concert_id, p.schedule_id,
+                p.seats::int4[], p.amount, p.start_time, p.token, 'SPEND', 'PENDING',
+                $11, now() + make_interval(secs => $12)
+           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[],
+                       $7::text[], $8::int8[], $9::timestamptz[], $10::text[])
+                AS p (payment_id, user_id, request_id, hold_id, concert_id, schedule_id, seats,
+                      amount, start_time, token)
+         ON CONFLICT DO NOTHING
+         RETURNING *",
+    )
+    .bind(payments.iter().map(|p| p.payment_id).collect::<Vec<_>>())
+    .bind(column(|p| p.user_id.clone()))
+    .bind(column(|p| p.request_id.clone()))
+    .bind(payments.iter().map(|p| p.hold_id).collect::<Vec<_>>())
+    .bind(column(|p| p.concert_id.clone()))
+    .bind(column(|p| p.schedule_id.clone()))
+    .bind(column(|p| db::int4_array_literal(&p.seat_numbers)))
+    .bind(payments.iter().map(|p| p.amount).collect::<Vec<_>>())
+    .bind(payments.iter().map(|p| p.start_time).collect::<Vec<_>>())
+    .bind(column(|p| p.token.clone()))
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    // Unprepared: a plan cached for one batch size and table size is no good for the next.
+    .persistent(false)
+    .fetch_all(pool)
+    .await
+}
+
+/// Records one payment like [`insert_batch`], naming the constraint that refuses it.
+pub async fn insert(
+    pool: &PgPool,
+    new: &NewPayment,
+    owner: Uuid,
+    lease: Duration,
+) -> Result<Result<PaymentRow, InsertRefused>, sqlx::Error> {
+    let inserted = sqlx::query_as(
         "INSERT INTO payments (payment_id, user_id, request_id, hold_id, concert_id, schedule_id,
                                seat_numbers, amount, start_time, token, step, status,
                                lease_owner, lease_until)
@@ -84,29 +130,30 @@ pub async fn insert(
                  $11, now() + make_interval(secs => $12))
          RETURNING *",
     )
-    .bind(Uuid::new_v4())
-    .bind(new.user_id)
-    .bind(new.request_id)
+    .bind(new.payment_id)
+    .bind(&new.user_id)
+    .bind(&new.request_id)
     .bind(new.hold_id)
-    .bind(new.concert_id)
-    .bind(new.schedule_id)
-    .bind(new.seat_numbers)
+    .bind(&new.concert_id)
+    .bind(&new.schedule_id)
+    .bind(&new.seat_numbers)
     .bind(new.amount)
     .bind(new.start_time)
-    .bind(new.token)
+    .bind(&new.token)
     .bind(owner)
     .bind(lease.as_secs_f64())
     .fetch_one(pool)
-    .await
-    .map_err(|error| {
-        if is_unique_violation(&error, Some("payments_request_once")) {
-            InsertRefused::RequestUsed
-        } else if is_unique_violation(&error, Some("payments_one_live_per_hold")) {
-            InsertRefused::HoldTaken
-        } else {
-            InsertRefused::Database(error)
+    .await;
+    match inserted {
+        Ok(row) => Ok(Ok(row)),
+        Err(error) if is_unique_violation(&error, Some("payments_request_once")) => {
+            Ok(Err(InsertRefused::RequestUsed))
         }
-    })
+        Err(error) if is_unique_violation(&error, Some("payments_one_live_per_hold")) => {
+            Ok(Err(InsertRefused::HoldTaken))
+        }
+        Err(error) => Err(error),
+    }
 }
 
 pub async fn by_id(pool: &PgPool, payment_id: Uuid) -> Result<Option<PaymentRow>, sqlx::Error> {
@@ -182,47 +229,76 @@ pub struct Advance {
     pub failure: Option<(String, String)>,
 }
 
-/// Records that step `from` is done and the saga moves on, renewing the lease (or ending it
-/// at DONE). `None` when `owner` no longer drives this payment at step `from`: someone else
-/// took over, and this driver must stop.
+/// One step's outcome of one payment, to record with [`advance`].
+pub struct AdvanceCall {
+    pub payment_id: Uuid,
+    /// The step the row must still be at.
+    pub from: Step,
+    pub change: Advance,
+}
+
+/// Records, for each call, that step `from` is done and the saga moves on, renewing the
+/// lease (or ending it at DONE), in one statement. A payment is updated only while `owner`
+/// drives it at step `from`; the rows returned are those updated, and a payment missing from
+/// them has another driver now, which this one must leave it to. Each payment at most once
+/// per call (a payment named twice would be updated once, with either change).
 pub async fn advance(
     pool: &PgPool,
-    payment_id: Uuid,
+    calls: &[AdvanceCall],
     owner: Uuid,
-    from: Step,
-    change: &Advance,
     lease: Duration,
-) -> Result<Option<PaymentRow>, sqlx::Error> {
-    let (reason, message) = match &change.failure {
-        Some((reason, message)) => (Some(reason.as_str()), Some(message.as_str())),
-        None => (None, None),
+) -> Result<Vec<PaymentRow>, sqlx::Error> {
+    let failure = |pick: fn(&(String, String)) -> &String| -> Vec<Option<String>> {
+        calls
+            .iter()
+            .map(|call| call.change.failure.as_ref().map(|f| pick(f).clone()))
+            .collect()
     };
     sqlx::query_as(
-        "UPDATE payments
-            SET step = $4,
-                status = $5,
-                balance_after = coalesce($6, balance_after),
-                failure_reason = coalesce($7, failure_reason),
-                failure_message = coalesce($8, failure_message),
-                complete_time = CASE WHEN $5 = 'PENDING' THEN NULL
-                                     ELSE coalesce(complete_time, now()) END,
-                lease_owner = CASE WHEN $4 = 'DONE' THEN NULL ELSE lease_owner END,
-                lease_until = CASE WHEN $4 = 'DONE' THEN NULL
+        "UPDATE payments p
+            SET step = a.to_step,
+                status = a.status,
+                balance_after = coalesce(a.balance_after, p.balance_after),
+                failure_reason = coalesce(a.reason, p.failure_reason),
+                failure_message = coalesce(a.message, p.failure_message),
+                complete_time = CASE WHEN a.status = 'PENDING' THEN NULL
+                                     ELSE coalesce(p.complete_time, now()) END,
+                lease_owner = CASE WHEN a.to_step = 'DONE' THEN NULL ELSE p.lease_owner END,
+                lease_until = CASE WHEN a.to_step = 'DONE' THEN NULL
                                    ELSE now() + make_interval(secs => $9) END,
                 attempts = 0
-          WHERE payment_id = $1 AND step = $2 AND lease_owner = $3
-         RETURNING *",
+           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[],
+                       $7::text[])
+                AS a (payment_id, from_step, to_step, status, balance_after, reason, message)
+          WHERE p.payment_id = a.payment_id AND p.step = a.from_step AND p.lease_owner = $8
+         RETURNING p.*",
     )
-    .bind(payment_id)
-    .bind(from.as_db())
+    .bind(calls.iter().map(|c| c.payment_id).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.from.as_db()).collect::<Vec<_>>())
+    .bind(
+        calls
+            .iter()
+            .map(|c| c.change.to.as_db())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        calls
+            .iter()
+            .map(|c| c.change.status.as_db())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        calls
+            .iter()
+            .map(|c| c.change.balance_after)
+            .collect::<Vec<_>>(),
+    )
+    .bind(failure(|(reason, _)| reason))
+    .bind(failure(|(_, message)| message))
     .bind(owner)
-    .bind(change.to.as_db())
-    .bind(change.status.as_db())
-    .bind(change.balance_after)
-    .bind(reason)
-    .bind(message)
     .bind(lease.as_secs_f64())
-    .fetch_optional(pool)
+    .persistent(false)
+    .fetch_all(pool)
     .await
 }
 
