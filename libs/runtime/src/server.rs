@@ -11,6 +11,18 @@ use tonic_health::ServingStatus;
 
 use crate::Shutdown;
 
+/// HTTP/2 connection-level flow-control window of every server: how much request data one
+/// connection may have sent that handlers have not read yet.
+///
+/// It also sets how many calls one connection may have waiting: h2 closes a connection with
+/// ENHANCE_YOUR_CALM (`too_many_data_frames`) once its small unread DATA frames cost more
+/// than half this window, about 200 bytes each. A unary call's request is one such frame, so
+/// hyper's default 1 MiB window broke a connection carrying ~2,500 waiting calls, and every
+/// call on it failed at once: a concert replica checking a rush's tokens with the queue did
+/// that (`libs/runtime/tests/server.rs`). 16 MiB lets ~40,000 calls wait on one connection;
+/// the memory it allows a client to park is the same 16 MiB of request bytes.
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
 /// The gRPC services of one process, built up before [`GrpcServer::serve`].
 #[derive(Default)]
 pub struct GrpcServer {
@@ -114,6 +126,7 @@ impl GrpcServer {
                 .await;
         };
         Server::builder()
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping)
             .await
