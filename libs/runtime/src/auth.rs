@@ -3,12 +3,16 @@
 use std::time::Duration;
 
 use stagedoor_proto::queue::v1::{
-    queue_internal_service_client::QueueInternalServiceClient, ValidateTokenRequest,
+    queue_internal_service_client::QueueInternalServiceClient, token_validation,
+    ValidateTokenResponse, ValidateTokensRequest,
 };
 use tonic::{metadata::MetadataMap, transport::Channel, Code};
 use tonic_types::StatusExt;
 
-use crate::ApiError;
+use crate::{
+    batch::{self, BatchFuture, BatchLimits, Batcher},
+    ApiError,
+};
 
 /// Reads the bearer token of a call. UNAUTHENTICATED / MISSING_TOKEN when there is none,
 /// INVALID_ARGUMENT / MALFORMED_TOKEN when the header is not `Bearer <token>`. Whether the
@@ -62,16 +66,22 @@ pub struct Fan {
     pub token: String,
 }
 
-/// Checks queue tokens by calling the queue's ValidateToken over gRPC (no service reads
-/// another's tables). Cheap to clone: one HTTP/2 connection, multiplexed.
+/// Checks queue tokens by asking the queue over gRPC (no service reads another's tables).
+/// Cheap to clone: one HTTP/2 connection, multiplexed.
+///
+/// Tokens this replica must ask about at the same moment (a sale opening: a thousand fans'
+/// first calls) go to the queue together, as one ValidateTokens call per batch
+/// (`runtime::batch`) instead of one ValidateToken each. Every ask starts after the call
+/// that needs it arrived, so batching never answers from an older read.
 #[derive(Clone)]
 pub struct TokenValidator {
-    queue: QueueInternalServiceClient<Channel>,
+    /// The queue's answers: the fan, and how long its token's active window has left.
+    checks: Batcher<String, (Fan, Duration)>,
     recent: std::sync::Arc<RecentTokens>,
 }
 
 /// Tokens the queue vouched for moments ago, so a fan's burst of calls (list dates, list
-/// seats, hold) costs one ValidateToken rather than one each. An entry lives at most the
+/// seats, hold) costs one check at the queue rather than one each. An entry lives at most the
 /// configured TTL and never past the token's own `expire_time`; a token completed or
 /// expired meanwhile is therefore accepted for at most that TTL by this service. Callers
 /// whose step must not tolerate that (the payment saga) use a TTL of zero.
@@ -83,7 +93,7 @@ struct RecentTokens {
 /// Entries kept at most before the cache starts over.
 const RECENT_TOKENS_MAX: usize = 100_000;
 
-/// Deadline of one ValidateToken call.
+/// Deadline of one ValidateTokens call.
 ///
 /// Generous on purpose: when a sale opens, a thousand fans may hit the same seat at once and
 /// their token checks queue up at the queue service. A fan waiting up to ten seconds for an
@@ -93,15 +103,22 @@ const VALIDATE_DEADLINE: Duration = Duration::from_secs(10);
 
 impl TokenValidator {
     /// A validator for the queue at `queue_url` (`http://host:port`). The connection is made
-    /// on first use and re-made after failures, so services may start in any order.
+    /// on first use and re-made after failures, so services may start in any order. Starts
+    /// the batching worker, so it must be called inside a Tokio runtime; the worker stops
+    /// when the last clone is dropped.
     pub fn new(queue_url: &str, cache_ttl: Duration) -> Result<Self, String> {
         let channel = Channel::from_shared(queue_url.to_owned())
             .map_err(|error| format!("invalid QUEUE_URL `{queue_url}`: {error}"))?
             .connect_timeout(Duration::from_secs(1))
             .timeout(VALIDATE_DEADLINE)
             .connect_lazy();
+        let queue = QueueInternalServiceClient::new(channel);
+        let (checks, _worker) = Batcher::spawn(VALIDATE_LIMITS, move |tokens: Vec<String>| {
+            let queue = queue.clone();
+            Box::pin(ask_queue(queue, tokens)) as BatchFuture<(Fan, Duration)>
+        });
         Ok(Self {
-            queue: QueueInternalServiceClient::new(channel),
+            checks,
             recent: std::sync::Arc::new(RecentTokens {
                 ttl: cache_ttl,
                 entries: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -116,30 +133,66 @@ impl TokenValidator {
         if let Some(fan) = self.recent.get(&token) {
             return Ok(fan);
         }
-        let mut request = tonic::Request::new(ValidateTokenRequest {
-            token: token.clone(),
-        });
-        request.set_timeout(VALIDATE_DEADLINE);
-        match self.queue.clone().validate_token(request).await {
-            Ok(response) => {
-                let valid = response.into_inner();
-                let fan = Fan {
-                    user_id: valid.user_id,
-                    concert_id: valid.concert_id,
-                    token,
-                };
-                let window_left = valid
-                    .expire_time
-                    .as_ref()
-                    .and_then(crate::time::from_timestamp)
-                    .and_then(|end| (end - chrono::Utc::now()).to_std().ok())
-                    .unwrap_or(Duration::ZERO);
-                self.recent.put(&fan, window_left);
-                Ok(fan)
-            }
-            Err(status) => Err(queue_refusal(&status)),
-        }
+        let (fan, window_left) = self.checks.call(token).await?;
+        self.recent.put(&fan, window_left);
+        Ok(fan)
     }
+}
+
+/// Tokens per ValidateTokens call: the queue's limit. Up to 16 calls at once: a token check
+/// stands before every first call of a fan, so a batch must not wait long for a free slot
+/// (with 4, hold-spread's p50 rose by a fifth; see BENCHMARKS.md).
+const VALIDATE_LIMITS: BatchLimits = BatchLimits {
+    concurrent: 16,
+    ..BatchLimits::READS
+};
+
+/// One batch: a ValidateTokens call for every token in it, each answered on its own.
+async fn ask_queue(
+    mut queue: QueueInternalServiceClient<Channel>,
+    tokens: Vec<String>,
+) -> Vec<Result<(Fan, Duration), ApiError>> {
+    let mut request = tonic::Request::new(ValidateTokensRequest {
+        tokens: tokens.clone(),
+    });
+    request.set_timeout(VALIDATE_DEADLINE);
+    let validations = match queue.validate_tokens(request).await {
+        Ok(response) => response.into_inner().validations,
+        Err(status) => {
+            let info = status.get_details_error_info();
+            let refused = queue_refusal(
+                status.code(),
+                info.as_ref().map(|info| info.reason.as_str()),
+                status.message(),
+                info.as_ref().and_then(|info| info.metadata.get("status")),
+            );
+            return batch::fail_all(tokens.len(), refused);
+        }
+    };
+    if validations.len() != tokens.len() {
+        let error = ApiError::internal(format!(
+            "ValidateTokens answered {} of {} tokens",
+            validations.len(),
+            tokens.len()
+        ));
+        return batch::fail_all(tokens.len(), error);
+    }
+    tokens
+        .into_iter()
+        .zip(validations)
+        .map(|(token, validation)| match validation.result {
+            Some(token_validation::Result::Valid(valid)) => Ok(vouched(token, valid)),
+            Some(token_validation::Result::Refused(refused)) => Err(queue_refusal(
+                Code::from_i32(refused.code),
+                Some(refused.reason.as_str()),
+                &refused.message,
+                refused.metadata.get("status"),
+            )),
+            None => Err(ApiError::internal(
+                "ValidateTokens answered a token with nothing",
+            )),
+        })
+        .collect()
 }
 
 impl RecentTokens {
@@ -171,30 +224,58 @@ impl RecentTokens {
     }
 }
 
-/// The queue's answer to a token, as the caller of this service should see it.
-fn queue_refusal(status: &tonic::Status) -> ApiError {
-    let info = status.get_details_error_info();
-    let reason = info.as_ref().map(|info| info.reason.as_str());
+/// The fan the queue vouched for, and how long the token's active window has left.
+fn vouched(token: String, valid: ValidateTokenResponse) -> (Fan, Duration) {
+    let window_left = valid
+        .expire_time
+        .as_ref()
+        .and_then(crate::time::from_timestamp)
+        .and_then(|end| (end - chrono::Utc::now()).to_std().ok())
+        .unwrap_or(Duration::ZERO);
+    let fan = Fan {
+        user_id: valid.user_id,
+        concert_id: valid.concert_id,
+        token,
+    };
+    (fan, window_left)
+}
+
+/// The queue's refusal of a token (`code`, ErrorInfo `reason` and `status` metadata), as the
+/// caller of this service should see it: the token reasons pass through, an unreachable
+/// queue is UNAVAILABLE, anything else is this service's internal error.
+fn queue_refusal(
+    code: Code,
+    reason: Option<&str>,
+    message: &str,
+    token_status: Option<&String>,
+) -> ApiError {
     let known = match reason {
         Some("TOKEN_NOT_FOUND") => Some("TOKEN_NOT_FOUND"),
         Some("TOKEN_NOT_ACTIVE") => Some("TOKEN_NOT_ACTIVE"),
         Some("MALFORMED_TOKEN") => Some("MALFORMED_TOKEN"),
         _ => None,
     };
-    match (known, status.code()) {
+    match (known, code) {
         (Some(reason), code) => {
-            let mut error = ApiError::new(code, reason, status.message());
-            if let Some(token_status) = info.as_ref().and_then(|info| info.metadata.get("status")) {
+            let mut error = ApiError::new(code, reason, message);
+            if let Some(token_status) = token_status {
                 error = error.with_metadata("status", token_status.clone());
             }
             error
         }
-        (None, Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled) => ApiError::new(
-            Code::Unavailable,
-            "QUEUE_UNAVAILABLE",
-            "the queue service cannot check the token right now; retry",
-        ),
-        (None, _) => ApiError::internal(format!("ValidateToken failed: {status:?}")),
+        // UNKNOWN without a reason is tonic's word for a broken connection (the queue never
+        // answers UNKNOWN itself): as retryable as a queue that is down.
+        (None, Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown) => {
+            ApiError::new(
+                Code::Unavailable,
+                "QUEUE_UNAVAILABLE",
+                "the queue service cannot check the token right now; retry",
+            )
+        }
+        (None, code) => ApiError::internal(format!(
+            "ValidateTokens failed: {code:?} {}: {message}",
+            reason.unwrap_or("(no reason)")
+        )),
     }
 }
 

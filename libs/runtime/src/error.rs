@@ -80,6 +80,11 @@ impl ApiError {
     pub fn message(&self) -> &str {
         &self.message
     }
+
+    /// The ErrorInfo metadata entries.
+    pub fn metadata(&self) -> &[(&'static str, String)] {
+        &self.metadata
+    }
 }
 
 impl std::fmt::Display for ApiError {

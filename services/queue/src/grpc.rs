@@ -8,7 +8,7 @@ use stagedoor_proto::queue::v1::{
     self as pb, queue_internal_service_server::QueueInternalService,
     queue_service_server::QueueService,
 };
-use stagedoor_runtime::{time, validate, Shutdown};
+use stagedoor_runtime::{time, validate, ApiError, Shutdown};
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status};
@@ -253,6 +253,22 @@ fn window_end(ticket: &Ticket) -> Duration {
     }
 }
 
+/// Most tokens one ValidateTokens call may ask about.
+const MAX_TOKENS_PER_VALIDATION: usize = 1_000;
+
+/// ValidateToken's answer for a token's row (`None`: never issued).
+fn validation(ticket: Option<Ticket>) -> Result<pb::ValidateTokenResponse, QueueError> {
+    let ticket = ticket.ok_or(QueueError::TokenNotFound)?;
+    if ticket.status != TokenStatus::Active {
+        return Err(QueueError::TokenNotActive(ticket.status));
+    }
+    Ok(pb::ValidateTokenResponse {
+        user_id: ticket.user_id,
+        concert_id: ticket.concert_id,
+        expire_time: ticket.expire_time.map(time::timestamp),
+    })
+}
+
 #[tonic::async_trait]
 impl QueueInternalService for QueueApi {
     async fn validate_token(
@@ -260,14 +276,58 @@ impl QueueInternalService for QueueApi {
         request: Request<pb::ValidateTokenRequest>,
     ) -> Result<Response<pb::ValidateTokenResponse>, Status> {
         let ticket = self.ticket(&request.into_inner().token).await?;
-        if ticket.status != TokenStatus::Active {
-            return Err(QueueError::TokenNotActive(ticket.status).into());
+        Ok(Response::new(validation(Some(ticket))?))
+    }
+
+    async fn validate_tokens(
+        &self,
+        request: Request<pb::ValidateTokensRequest>,
+    ) -> Result<Response<pb::ValidateTokensResponse>, Status> {
+        let tokens = request.into_inner().tokens;
+        if tokens.is_empty() || tokens.len() > MAX_TOKENS_PER_VALIDATION {
+            return Err(ApiError::invalid_field(
+                "tokens",
+                format!("tokens must hold 1 to {MAX_TOKENS_PER_VALIDATION} tokens"),
+            )
+            .into());
         }
-        Ok(Response::new(pb::ValidateTokenResponse {
-            user_id: ticket.user_id,
-            concert_id: ticket.concert_id,
-            expire_time: ticket.expire_time.map(time::timestamp),
-        }))
+        let parsed: Vec<Result<Uuid, QueueError>> =
+            tokens.iter().map(|token| parse_token(token)).collect();
+        let ids: Vec<Uuid> = parsed
+            .iter()
+            .filter_map(|id| id.as_ref().ok())
+            .copied()
+            .collect();
+        // Fresh reads, like ValidateToken's: one statement for the whole call.
+        let mut tickets = self.state.reader.read_many(&ids).await?.into_iter();
+        let validations = parsed
+            .into_iter()
+            .map(|id| {
+                let checked = id.and_then(|_| {
+                    validation(tickets.next().expect("one ticket read per parsed token"))
+                });
+                let result = match checked {
+                    Ok(valid) => pb::token_validation::Result::Valid(valid),
+                    Err(refused) => {
+                        let refused = ApiError::from(refused);
+                        pb::token_validation::Result::Refused(pb::TokenRefusal {
+                            code: refused.code() as i32,
+                            reason: refused.reason().to_owned(),
+                            message: refused.message().to_owned(),
+                            metadata: refused
+                                .metadata()
+                                .iter()
+                                .map(|(key, value)| (key.to_string(), value.clone()))
+                                .collect(),
+                        })
+                    }
+                };
+                pb::TokenValidation {
+                    result: Some(result),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ValidateTokensResponse { validations }))
     }
 
     async fn complete_token(

@@ -1,9 +1,10 @@
 use std::{collections::HashSet, sync::Arc};
 
 use stagedoor_concert::store;
-use stagedoor_proto::concert::v1 as pb;
+use stagedoor_proto::{concert::v1 as pb, queue::v1 as queue_pb};
 use stagedoor_runtime::{db, ApiError};
 use tonic::Code;
+use tonic_types::StatusExt;
 
 use crate::{mesh, reason};
 
@@ -346,4 +347,64 @@ async fn one_confirm_batch_sells_a_hold_once_and_answers_each_call() {
         .map(|seat| seat.seat_number)
         .collect();
     assert_eq!(sold, vec![3, 4]);
+}
+
+/// A replica checks the tokens of fans who arrive together in shared ValidateTokens calls:
+/// 400 first calls at once, mixing ACTIVE, WAITING, never-issued and malformed tokens, each
+/// get their own token's answer, never a neighbour's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fans_checked_together_each_get_their_own_tokens_answer() {
+    let mesh = Arc::new(
+        mesh(2, |queue, concert| {
+            queue.max_active = 100;
+            concert.token_cache_ttl = std::time::Duration::ZERO;
+        })
+        .await,
+    );
+    let (concert_id, schedule_id) = mesh.catalog(400).await;
+    let mut fans = Vec::new();
+    for fan in 0..200 {
+        let (token, status) = mesh.token(&concert_id, &format!("fan-{fan}")).await;
+        let expected = match status {
+            queue_pb::TokenStatus::Active => format!("OK fan-{fan}"),
+            _ => "TOKEN_NOT_ACTIVE WAITING".to_owned(),
+        };
+        fans.push((token, expected));
+    }
+    for fan in 0..100 {
+        fans.push((uuid::Uuid::new_v4().to_string(), "TOKEN_NOT_FOUND".into()));
+        fans.push((format!("forged-{fan}"), "MALFORMED_TOKEN".into()));
+    }
+    let active = fans.iter().filter(|(_, e)| e.starts_with("OK")).count();
+    assert_eq!(active, 100, "the queue admitted its cap, the rest wait");
+
+    let start = Arc::new(tokio::sync::Barrier::new(fans.len()));
+    let calls: Vec<_> = fans
+        .into_iter()
+        .enumerate()
+        .map(|(index, (token, expected))| {
+            let (mesh, schedule_id, start) = (mesh.clone(), schedule_id.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                // Each fan holds a seat of their own: the hold names whose token it was.
+                let seat = index as i32 + 1;
+                let answer = mesh
+                    .hold(index % 2, &token, &schedule_id, &[seat], "r")
+                    .await;
+                let got = match answer {
+                    Ok(hold) => format!("OK {}", hold.user_id),
+                    Err(status) => {
+                        let info = status.get_details_error_info().unwrap();
+                        let detail = info.metadata.get("status").cloned().unwrap_or_default();
+                        format!("{} {detail}", info.reason).trim().to_owned()
+                    }
+                };
+                (expected, got)
+            })
+        })
+        .collect();
+    for call in calls {
+        let (expected, got) = call.await.unwrap();
+        assert_eq!(got, expected);
+    }
 }

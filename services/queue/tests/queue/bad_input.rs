@@ -123,3 +123,84 @@ async fn validate_token_says_who_and_why_not() {
     assert_eq!(unknown.code(), Code::Unauthenticated);
     assert_eq!(reason(&unknown), "TOKEN_NOT_FOUND");
 }
+
+/// ValidateTokens answers every token, in order, exactly as ValidateToken answers it alone:
+/// ACTIVE, WAITING, DONE, never issued, malformed, and a token asked twice.
+#[tokio::test]
+async fn validate_tokens_answers_each_token_as_validate_token_would() {
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.max_active = 2;
+    let queue = start(settings).await;
+    let alice = queue.issue("concert-7", "alice").await;
+    let carol = queue.issue("concert-7", "carol").await;
+    queue.complete(&carol.token).await.unwrap();
+    // Dave takes the place Carol freed; Bob waits behind Alice and Dave.
+    queue.issue("concert-7", "dave").await;
+    let bob = queue.issue("concert-7", "bob").await;
+    let tokens = vec![
+        alice.token.clone(),
+        bob.token.clone(),
+        carol.token.clone(),
+        uuid::Uuid::new_v4().to_string(),
+        "not-a-token".to_owned(),
+        alice.token.clone(),
+    ];
+
+    let validations = queue
+        .internal
+        .clone()
+        .validate_tokens(pb::ValidateTokensRequest {
+            tokens: tokens.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .validations;
+    assert_eq!(validations.len(), tokens.len());
+    let mut reasons = Vec::new();
+    for (token, validation) in tokens.iter().zip(validations) {
+        let alone = queue.validate(token).await;
+        match (validation.result.unwrap(), alone) {
+            (pb::token_validation::Result::Valid(together), Ok(alone)) => {
+                assert_eq!(together, alone, "{token}");
+                reasons.push(format!("ACTIVE {}", together.user_id));
+            }
+            (pb::token_validation::Result::Refused(together), Err(alone)) => {
+                let info = alone.get_details_error_info().unwrap();
+                assert_eq!(together.code, alone.code() as i32, "{token}");
+                assert_eq!(together.reason, info.reason, "{token}");
+                assert_eq!(together.message, alone.message(), "{token}");
+                assert_eq!(together.metadata, info.metadata, "{token}");
+                let status = together.metadata.get("status").cloned().unwrap_or_default();
+                reasons.push(format!("{} {status}", together.reason).trim().to_owned());
+            }
+            (together, alone) => panic!("{token}: together {together:?}, alone {alone:?}"),
+        }
+    }
+    assert_eq!(
+        reasons,
+        [
+            "ACTIVE alice",
+            "TOKEN_NOT_ACTIVE WAITING",
+            "TOKEN_NOT_ACTIVE DONE",
+            "TOKEN_NOT_FOUND",
+            "MALFORMED_TOKEN",
+            "ACTIVE alice",
+        ]
+    );
+
+    // The call itself: 1 to 1,000 tokens.
+    for count in [0, 1_001] {
+        let refused = queue
+            .internal
+            .clone()
+            .validate_tokens(pb::ValidateTokensRequest {
+                tokens: vec![alice.token.clone(); count],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{count} tokens");
+        assert_eq!(reason(&refused), "INVALID_FIELD");
+    }
+}
