@@ -119,7 +119,7 @@ impl PaymentApi {
 
         let new = match self.new_payment(&fan, hold, hold_id, request_id, &token) {
             Ok(new) => new,
-            Err(refused) => return self.replay_or(refused, &fan, request_id, hold_id).await,
+            Err(refused) => return self.replay_or(|| refused, &fan, request_id, hold_id).await,
         };
         let started = Instant::now();
         let inserted = self.state.saga.writes.insert(new).await;
@@ -129,10 +129,8 @@ impl PaymentApi {
             // The request id was used before (an earlier Pay, or its twin a moment ago):
             // answer as its replay.
             Err(InsertRefused::RequestUsed) => {
-                let refused = ApiError::internal("request id conflict without a payment");
-                return self
-                    .replay_or(refused.into(), &fan, request_id, hold_id)
-                    .await;
+                let refused = || ApiError::internal("request id conflict without a payment").into();
+                return self.replay_or(refused, &fan, request_id, hold_id).await;
             }
             // Another request id already pays this hold: only one payment of a hold may
             // charge. (Postgres may name this rule first even when the request id was used
@@ -146,7 +144,7 @@ impl PaymentApi {
                     hold_id: hold_id.to_string(),
                     payment_id,
                 };
-                return self.replay_or(refused, &fan, request_id, hold_id).await;
+                return self.replay_or(|| refused, &fan, request_id, hold_id).await;
             }
         };
 
@@ -243,17 +241,18 @@ impl PaymentApi {
     /// A fresh Pay was refused; but if this fan used this request id before, the answer is
     /// that payment's, whatever the hold looks like now (a replay of a paid hold finds it
     /// SOLD, and must still get its receipt). Only refusals pay for this read: a smooth Pay
-    /// learns of an earlier use of its request id from its INSERT.
+    /// learns of an earlier use of its request id from its INSERT. `refused` is made only
+    /// when there is no such payment (an internal error logs itself when made).
     async fn replay_or(
         &self,
-        refused: PaymentError,
+        refused: impl FnOnce() -> PaymentError,
         fan: &Fan,
         request_id: &str,
         hold_id: Uuid,
     ) -> Result<pb::PayResponse, PaymentError> {
         match store::by_user_request(&self.state.pool, &fan.user_id, request_id).await? {
             Some(existing) => self.replay(existing, hold_id).await,
-            None => Err(refused),
+            None => Err(refused()),
         }
     }
 }
