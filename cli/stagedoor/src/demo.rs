@@ -171,6 +171,8 @@ struct Sale {
     payments: Vec<PaymentServiceClient<Channel>>,
     concert_id: String,
     total_seats: i64,
+    /// How long an admitted fan keeps looking while every seat is held or taken.
+    patience: Duration,
     live: Live,
     rpcs: Mutex<HashMap<&'static str, RpcTimes>>,
     /// Receipts: `(schedule_id, seat, payment_id)` of every seat a fan was told is theirs.
@@ -296,6 +298,9 @@ async fn sale(
             .collect(),
         concert_id,
         total_seats: i64::from(args.seats),
+        // Seats held when a fan starts looking are back within one hold TTL; a fan who
+        // looks for two sees them come back, as a fan refreshing the page would.
+        patience: args.hold_ttl * 2,
         live: Live::default(),
         rpcs: Mutex::new(HashMap::new()),
         receipts: Mutex::new(Vec::new()),
@@ -437,6 +442,9 @@ async fn catalog(
     Ok((created.concert_id, dates))
 }
 
+/// A fan's pause before looking again when nothing was free.
+const LOOK_AGAIN: Duration = Duration::from_millis(200);
+
 /// What a fan does with their visit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Persona {
@@ -527,9 +535,13 @@ async fn wait_for_admission(
 /// An admitted fan: browse, hold, (charge,) pay.
 async fn shop(sale: &Sale, rng: &mut Rng, user_id: &str, token: &str, persona: Persona) {
     let mut concert = sale.concerts[rng.below(sale.concerts.len() as u64) as usize].clone();
-    // A fan who finds nothing free looks again a few times before giving up.
-    for _attempt in 0..20 {
-        if sale.stopped() {
+    // A fan who finds nothing free looks again, pausing like a person refreshing the page,
+    // until their patience runs out. (Counting looks instead of time made fans give up
+    // faster the faster the services answered: the last seats then came back from expired
+    // holds after every admitted fan had left, and waited for tokens to time out.)
+    let give_up_at = Instant::now() + sale.patience;
+    loop {
+        if sale.stopped() || Instant::now() >= give_up_at {
             return;
         }
         let Ok(dates) = sale
@@ -548,7 +560,7 @@ async fn shop(sale: &Sale, rng: &mut Rng, user_id: &str, token: &str, persona: P
         };
         if dates.schedules.is_empty() {
             // Every seat SOLD or held: held ones may come back when their hold expires.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(LOOK_AGAIN).await;
             continue;
         }
         let date = &dates.schedules[rng.below(dates.schedules.len() as u64) as usize];
@@ -573,6 +585,7 @@ async fn shop(sale: &Sale, rng: &mut Rng, user_id: &str, token: &str, persona: P
             .map(|seat| (seat.seat_number, seat.price))
             .collect();
         if free.is_empty() {
+            tokio::time::sleep(LOOK_AGAIN).await;
             continue;
         }
         if persona == Persona::Abandons {
