@@ -352,23 +352,15 @@ pub async fn hold_batch(
         .iter()
         .flat_map(|r| r.seat_numbers.iter().map(|n| (r.schedule_id.as_str(), *n)))
         .unzip();
-    let locked: Vec<(String, i32, bool, i64)> = sqlx::query_as(
-        "SELECT schedule_id, seat_number,
-                sold_to_payment IS NULL AND (held_until IS NULL OR held_until <= now()) AS free,
-                price
-           FROM seats
-          WHERE (schedule_id, seat_number) IN (SELECT * FROM unnest($1::text[], $2::int4[]))
-          ORDER BY schedule_id, seat_number
-            FOR UPDATE",
-    )
-    .bind(&seat_dates)
-    .bind(&seat_numbers)
-    .persistent(false)
-    .fetch_all(&mut *tx)
-    .await?;
+    let locked = lock_seats(&mut tx, &seat_dates, &seat_numbers).await?;
     let mut seats: HashMap<(&str, i32), (bool, i64)> = locked
         .iter()
-        .map(|(date, number, free, price)| ((date.as_str(), *number), (*free, *price)))
+        .map(|seat| {
+            (
+                (seat.schedule_id.as_str(), seat.seat_number),
+                (seat.free, seat.price),
+            )
+        })
         .collect();
 
     // Decide in arrival order. A winner's seats stop being free for the requests after it.
@@ -477,6 +469,42 @@ pub async fn hold_batch(
         });
     }
     Ok(answered)
+}
+
+/// A seat's row as a transaction sees it under its lock.
+#[derive(Debug, sqlx::FromRow)]
+struct LockedSeat {
+    schedule_id: String,
+    seat_number: i32,
+    held_by: Option<Uuid>,
+    /// Not sold, and any hold on it has passed its time.
+    free: bool,
+    unsold: bool,
+    price: i64,
+}
+
+/// Locks the seats `(dates[i], numbers[i])` in the module's seat order (date, then number),
+/// the one order every transaction here takes seats in, and reads them under the lock.
+async fn lock_seats(
+    tx: &mut sqlx::PgConnection,
+    dates: &[&str],
+    numbers: &[i32],
+) -> Result<Vec<LockedSeat>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT schedule_id, seat_number, held_by,
+                sold_to_payment IS NULL AND (held_until IS NULL OR held_until <= now()) AS free,
+                sold_to_payment IS NULL AS unsold,
+                price
+           FROM seats
+          WHERE (schedule_id, seat_number) IN (SELECT * FROM unnest($1::text[], $2::int4[]))
+          ORDER BY schedule_id, seat_number
+            FOR UPDATE",
+    )
+    .bind(dates)
+    .bind(numbers)
+    .persistent(false)
+    .fetch_all(tx)
+    .await
 }
 
 /// Reads holds by id (any fan's); unknown ids are absent from the answer.
@@ -622,27 +650,16 @@ pub async fn confirm_batch(
             hold.seat_numbers.iter().map(move |n| (date, *n))
         })
         .unzip();
-    let seats: Vec<(String, i32, Option<Uuid>, bool)> = sqlx::query_as(
-        "SELECT schedule_id, seat_number, held_by, sold_to_payment IS NULL AS unsold
-           FROM seats
-          WHERE (schedule_id, seat_number) IN (SELECT * FROM unnest($1::text[], $2::int4[]))
-          ORDER BY schedule_id, seat_number
-            FOR UPDATE",
-    )
-    .bind(&seat_dates)
-    .bind(&seat_numbers)
-    .persistent(false)
-    .fetch_all(&mut *tx)
-    .await?;
+    let seats = lock_seats(&mut tx, &seat_dates, &seat_numbers).await?;
     // A seat still belongs to a hold when the hold's id is on it and it is unsold, whether
     // or not the hold's time has passed. A seat re-held by anyone since the hold expired
     // names another hold.
     let still_held: HashSet<(&str, i32, Uuid)> = seats
         .iter()
-        .filter_map(|(date, number, held_by, unsold)| {
-            held_by
-                .filter(|_| *unsold)
-                .map(|hold| (date.as_str(), *number, hold))
+        .filter_map(|seat| {
+            seat.held_by
+                .filter(|_| seat.unsold)
+                .map(|hold| (seat.schedule_id.as_str(), seat.seat_number, hold))
         })
         .collect();
 
