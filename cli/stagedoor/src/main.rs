@@ -14,6 +14,9 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 use stagedoor_runtime::{config::parse_duration, telemetry};
 
+#[global_allocator]
+static ALLOCATOR: stagedoor_runtime::Allocator = stagedoor_runtime::Allocator;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "stagedoor",

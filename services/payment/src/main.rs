@@ -6,6 +6,9 @@ use clap::Parser;
 use stagedoor_payment::PaymentConfig;
 use stagedoor_runtime::{server, telemetry};
 
+#[global_allocator]
+static ALLOCATOR: stagedoor_runtime::Allocator = stagedoor_runtime::Allocator;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     telemetry::init();
