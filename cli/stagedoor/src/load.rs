@@ -61,9 +61,10 @@ pub struct LoadArgs {
     /// Load a running payment service (its peers must be the other URLs given).
     #[arg(long)]
     pub payment_url: Option<String>,
-    /// Admin connection for the throwaway database of an in-process run.
-    #[arg(long, env = "ADMIN_DATABASE_URL", default_value = mesh::DEFAULT_ADMIN_URL)]
-    pub admin_url: String,
+    /// A Postgres superuser URL for the throwaway database of an in-process run. Unset: the
+    /// server on 127.0.0.1:5432, or a throwaway cluster under target/ (as `up` and `demo`).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
     /// QUEUE_MAX_ACTIVE of an in-process queue.
     #[arg(long, default_value_t = 1000)]
     pub max_active: u32,
@@ -798,7 +799,9 @@ enum Service {
 struct Target {
     urls: Vec<(Service, String)>,
     running: Vec<stagedoor_runtime::server::ServiceHandle>,
-    database: Option<mesh::Database>,
+    /// The throwaway database of an in-process run, and the Postgres it lives in (kept
+    /// until the end: a throwaway cluster is removed when it is dropped).
+    database: Option<(mesh::Database, crate::pg::Postgres)>,
 }
 
 impl Target {
@@ -824,7 +827,7 @@ impl Target {
             });
         }
         let name = format!("stagedoor_load_{}", uuid::Uuid::new_v4().simple());
-        let database = mesh::Database::provision(&load.admin_url, &name).await?;
+        let (postgres, database) = crate::database(load.database_url.as_deref(), &name).await?;
         let local: std::net::SocketAddr = "127.0.0.1:0".parse()?;
         let mut target = Self {
             urls: Vec::new(),
@@ -869,7 +872,7 @@ impl Target {
             target.urls.push((*service, handle.url()));
             target.running.push(handle);
         }
-        target.database = Some(database);
+        target.database = Some((database, postgres));
         Ok(target)
     }
 
@@ -907,10 +910,11 @@ impl Target {
         for service in self.running.into_iter().rev() {
             let _ = service.shutdown().await;
         }
-        if let Some(database) = self.database {
+        if let Some((database, postgres)) = self.database {
             if let Err(error) = database.drop_database().await {
                 eprintln!("warning: the throwaway database was not dropped: {error}");
             }
+            drop(postgres);
         }
     }
 }

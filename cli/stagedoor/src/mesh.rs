@@ -14,9 +14,6 @@ use stagedoor_runtime::{
     server::{self, ServiceHandle},
 };
 
-/// Where the admin connection goes when `ADMIN_DATABASE_URL` is not set.
-pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
 /// A provisioned database: every service's role and schema exist in it.
 pub struct Database {
     pub admin_url: String,
