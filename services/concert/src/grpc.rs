@@ -28,9 +28,9 @@ pub struct ConcertState {
     /// Dates never change once added: each replica keeps those it has read.
     pub dates: std::sync::Mutex<std::collections::HashMap<String, ScheduleRow>>,
     pub tokens: TokenValidator,
-    /// HoldSeats' batching worker (see `app::spawn_holds`).
+    /// HoldSeats' batching worker (see `app::spawn_hold_writes`).
     pub holds: Batcher<store::HoldRequest, HoldRow>,
-    /// ConfirmHold's batching worker.
+    /// ConfirmHold's batching worker (the same).
     pub confirms: Batcher<store::ConfirmRequest, HoldRow>,
     pub reads: Reads,
 }

@@ -507,11 +507,15 @@ async fn lock_seats(
     .await
 }
 
-/// Reads holds by id (any fan's); unknown ids are absent from the answer.
-pub async fn holds(pool: &PgPool, hold_ids: &[Uuid]) -> Result<Vec<HoldRow>, sqlx::Error> {
+/// Reads holds by id (any fan's), from the pool or inside a transaction; unknown ids are
+/// absent from the answer.
+pub async fn holds<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    hold_ids: &[Uuid],
+) -> Result<Vec<HoldRow>, sqlx::Error> {
     sqlx::query_as(&format!("{HOLD_SELECT} WHERE h.hold_id = ANY($1)"))
         .bind(hold_ids)
-        .fetch_all(pool)
+        .fetch_all(db)
         .await
 }
 
@@ -623,8 +627,6 @@ pub async fn confirm_batch(
     requests: &[ConfirmRequest],
 ) -> Result<Vec<Result<HoldRow, ConcertError>>, sqlx::Error> {
     let hold_ids: Vec<Uuid> = requests.iter().map(|r| r.hold_id).collect();
-    let mut answers: Vec<Option<Result<(), ConcertError>>> =
-        requests.iter().map(|_| None).collect();
 
     let mut tx = pool.begin().await?;
     let locked: Vec<LockedHold> = sqlx::query_as(
@@ -639,10 +641,11 @@ pub async fn confirm_batch(
     .fetch_all(&mut *tx)
     .await?;
     // Status and buyer are updated below as this batch decides.
-    let mut holds: HashMap<Uuid, LockedHold> = locked.into_iter().map(|h| (h.hold_id, h)).collect();
+    let mut locked_holds: HashMap<Uuid, LockedHold> =
+        locked.into_iter().map(|h| (h.hold_id, h)).collect();
 
     // Lock the seats of every hold that may be sold, in seat order, and look at them.
-    let (seat_dates, seat_numbers): (Vec<&str>, Vec<i32>) = holds
+    let (seat_dates, seat_numbers): (Vec<&str>, Vec<i32>) = locked_holds
         .values()
         .filter(|hold| hold.status == "HELD")
         .flat_map(|hold| {
@@ -665,30 +668,32 @@ pub async fn confirm_batch(
 
     // Decide in arrival order; a hold sold here answers its later copies as CONFIRMED.
     let mut sold: Vec<(Uuid, String)> = Vec::new();
-    for (answer, request) in answers.iter_mut().zip(requests) {
-        let Some(hold) = holds.get_mut(&request.hold_id) else {
-            *answer = Some(Err(ConcertError::HoldNotFound(request.hold_id.to_string())));
-            continue;
-        };
-        *answer = Some(match hold.status.as_str() {
-            "CONFIRMED" if hold.payment_id.as_deref() == Some(request.payment_id.as_str()) => {
-                Ok(())
+    let decisions: Vec<Result<(), ConcertError>> = requests
+        .iter()
+        .map(|request| {
+            let Some(hold) = locked_holds.get_mut(&request.hold_id) else {
+                return Err(ConcertError::HoldNotFound(request.hold_id.to_string()));
+            };
+            match hold.status.as_str() {
+                "CONFIRMED" if hold.payment_id.as_deref() == Some(request.payment_id.as_str()) => {
+                    Ok(())
+                }
+                "CONFIRMED" => Err(ConcertError::HoldNotHeld("CONFIRMED")),
+                "RELEASED" => Err(ConcertError::HoldNotHeld("RELEASED")),
+                _ if hold.seat_numbers.iter().all(|n| {
+                    still_held.contains(&(hold.schedule_id.as_str(), *n, request.hold_id))
+                }) =>
+                {
+                    hold.status = "CONFIRMED".to_owned();
+                    hold.payment_id = Some(request.payment_id.clone());
+                    sold.push((request.hold_id, request.payment_id.clone()));
+                    Ok(())
+                }
+                // Some seat was taken since the hold expired: nothing of it is sold.
+                _ => Err(ConcertError::HoldExpired),
             }
-            "CONFIRMED" => Err(ConcertError::HoldNotHeld("CONFIRMED")),
-            "RELEASED" => Err(ConcertError::HoldNotHeld("RELEASED")),
-            _ if hold.seat_numbers.iter().all(|n| {
-                still_held.contains(&(hold.schedule_id.as_str(), *n, request.hold_id))
-            }) =>
-            {
-                hold.status = "CONFIRMED".to_owned();
-                hold.payment_id = Some(request.payment_id.clone());
-                sold.push((request.hold_id, request.payment_id.clone()));
-                Ok(())
-            }
-            // Some seat was taken since the hold expired: nothing of it is sold.
-            _ => Err(ConcertError::HoldExpired),
-        });
-    }
+        })
+        .collect();
 
     // The sold holds and their seats, in one statement.
     let (sold_holds, buyers): (Vec<Uuid>, Vec<String>) = sold.into_iter().unzip();
@@ -710,21 +715,14 @@ pub async fn confirm_batch(
         .execute(&mut *tx)
         .await?;
     }
-    let answered: Vec<HoldRow> =
-        sqlx::query_as(&format!("{HOLD_SELECT} WHERE h.hold_id = ANY($1)"))
-            .bind(&hold_ids)
-            .persistent(false)
-            .fetch_all(&mut *tx)
-            .await?;
+    // Every hold as this transaction leaves it, read before the commit.
+    let answered = holds(&mut *tx, &hold_ids).await?;
     tx.commit().await?;
 
     let answered: HashMap<Uuid, HoldRow> = answered.into_iter().map(|h| (h.hold_id, h)).collect();
-    Ok(answers
+    Ok(decisions
         .into_iter()
         .zip(requests)
-        .map(|(answer, request)| {
-            answer.expect("every request is decided above")?;
-            Ok(answered[&request.hold_id].clone())
-        })
+        .map(|(decision, request)| decision.map(|()| answered[&request.hold_id].clone()))
         .collect())
 }
