@@ -117,7 +117,7 @@ impl PaymentApi {
             }
         };
 
-        let new = match self.new_payment(&fan, hold, hold_id, request_id, &token) {
+        let new = match new_payment(&fan, hold, hold_id, request_id, &token) {
             Ok(new) => new,
             Err(refused) => return self.replay_or(|| refused, &fan, request_id, hold_id).await,
         };
@@ -170,74 +170,6 @@ impl PaymentApi {
         }
     }
 
-    /// The payment to record for `fan`'s Pay of the hold GetHold described, or why the
-    /// hold cannot be paid by this fan now.
-    fn new_payment(
-        &self,
-        fan: &Fan,
-        hold: Result<Hold, Failure>,
-        hold_id: Uuid,
-        request_id: &str,
-        token: &str,
-    ) -> Result<NewPayment, PaymentError> {
-        let hold = match hold {
-            Ok(hold) => hold,
-            Err(Failure::Refused { reason, .. }) if reason == "HOLD_NOT_FOUND" => {
-                return Err(PaymentError::HoldNotFound(hold_id.to_string()))
-            }
-            Err(Failure::Refused { reason, message }) => {
-                return Err(
-                    ApiError::internal(format!("GetHold refused: {reason}: {message}")).into(),
-                )
-            }
-            Err(Failure::Unknown(cause)) => {
-                tracing::warn!(%cause, "GetHold failed");
-                return Err(PaymentError::ConcertUnavailable);
-            }
-        };
-        // A hold of another fan is NOT_FOUND to this one, as in the concert service.
-        if hold.user_id != fan.user_id {
-            return Err(PaymentError::HoldNotFound(hold_id.to_string()));
-        }
-        if hold.concert_id != fan.concert_id {
-            return Err(PaymentError::WrongConcert {
-                token_concert: fan.concert_id.clone(),
-                concert: hold.concert_id,
-            });
-        }
-        match hold.status() {
-            // An expired hold may still be paid: ConfirmHold sells it if no seat of it was
-            // taken since, and otherwise the saga refunds (the rule documented in the proto).
-            HoldStatus::Held | HoldStatus::Expired => {}
-            other => {
-                return Err(PaymentError::HoldNotHeld {
-                    hold_id: hold.hold_id,
-                    status: other
-                        .as_str_name()
-                        .trim_start_matches("HOLD_STATUS_")
-                        .to_owned(),
-                })
-            }
-        }
-        let start_time = hold
-            .start_time
-            .as_ref()
-            .and_then(time::from_timestamp)
-            .ok_or_else(|| ApiError::internal("GetHold answered without a start time"))?;
-        Ok(NewPayment {
-            payment_id: Uuid::new_v4(),
-            user_id: fan.user_id.clone(),
-            request_id: request_id.to_owned(),
-            hold_id,
-            concert_id: hold.concert_id,
-            schedule_id: hold.schedule_id,
-            seat_numbers: hold.seat_numbers,
-            amount: hold.total_price,
-            start_time,
-            token: token.to_owned(),
-        })
-    }
-
     /// A fresh Pay was refused; but if this fan used this request id before, the answer is
     /// that payment's, whatever the hold looks like now (a replay of a paid hold finds it
     /// SOLD, and must still get its receipt). Only refusals pay for this read: a smooth Pay
@@ -255,6 +187,71 @@ impl PaymentApi {
             None => Err(refused()),
         }
     }
+}
+
+/// The payment to record for `fan`'s Pay of the hold GetHold described, or why the
+/// hold cannot be paid by this fan now.
+fn new_payment(
+    fan: &Fan,
+    hold: Result<Hold, Failure>,
+    hold_id: Uuid,
+    request_id: &str,
+    token: &str,
+) -> Result<NewPayment, PaymentError> {
+    let hold = match hold {
+        Ok(hold) => hold,
+        Err(Failure::Refused { reason, .. }) if reason == "HOLD_NOT_FOUND" => {
+            return Err(PaymentError::HoldNotFound(hold_id.to_string()))
+        }
+        Err(Failure::Refused { reason, message }) => {
+            return Err(ApiError::internal(format!("GetHold refused: {reason}: {message}")).into())
+        }
+        Err(Failure::Unknown(cause)) => {
+            tracing::warn!(%cause, "GetHold failed");
+            return Err(PaymentError::ConcertUnavailable);
+        }
+    };
+    // A hold of another fan is NOT_FOUND to this one, as in the concert service.
+    if hold.user_id != fan.user_id {
+        return Err(PaymentError::HoldNotFound(hold_id.to_string()));
+    }
+    if hold.concert_id != fan.concert_id {
+        return Err(PaymentError::WrongConcert {
+            token_concert: fan.concert_id.clone(),
+            concert: hold.concert_id,
+        });
+    }
+    match hold.status() {
+        // An expired hold may still be paid: ConfirmHold sells it if no seat of it was
+        // taken since, and otherwise the saga refunds (the rule documented in the proto).
+        HoldStatus::Held | HoldStatus::Expired => {}
+        other => {
+            return Err(PaymentError::HoldNotHeld {
+                hold_id: hold.hold_id,
+                status: other
+                    .as_str_name()
+                    .trim_start_matches("HOLD_STATUS_")
+                    .to_owned(),
+            })
+        }
+    }
+    let start_time = hold
+        .start_time
+        .as_ref()
+        .and_then(time::from_timestamp)
+        .ok_or_else(|| ApiError::internal("GetHold answered without a start time"))?;
+    Ok(NewPayment {
+        payment_id: Uuid::new_v4(),
+        user_id: fan.user_id.clone(),
+        request_id: request_id.to_owned(),
+        hold_id,
+        concert_id: hold.concert_id,
+        schedule_id: hold.schedule_id,
+        seat_numbers: hold.seat_numbers,
+        amount: hold.total_price,
+        start_time,
+        token: token.to_owned(),
+    })
 }
 
 /// What Pay says about a payment: the receipt, the failure, or "still in progress".
