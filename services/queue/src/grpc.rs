@@ -176,6 +176,12 @@ async fn watch(
 ) {
     let mut line = state.board.subscribe(&ticket.concert_id);
     let mut sent: Option<(TokenStatus, i64)> = None;
+    // An open stream is a fan still waiting, but it is noted for the heartbeat by the same
+    // coarse rule as a poll: when the row says it is due, then once per `heartbeat_every`
+    // while the stream stays open. Noting every watcher on every wake wrote every waiting
+    // row at every flush (10,000 watchers: 10,000 row writes every 2 s in the demo, each
+    // locking rows that admission then waited for).
+    let mut noted_at = tokio::time::Instant::now();
     let stopped = state.shutdown.clone().wait();
     tokio::pin!(stopped);
     loop {
@@ -192,9 +198,12 @@ async fn watch(
         if ticket.status.is_final() {
             return; // ends the stream cleanly after the terminal status
         }
-        if ticket.status == TokenStatus::Waiting {
-            // An open stream is a fan still waiting.
+        if ticket.status == TokenStatus::Waiting
+            && (ticket.heartbeat_due || noted_at.elapsed() >= state.policy.heartbeat_every)
+        {
             state.heartbeats.seen(ticket.token);
+            noted_at = tokio::time::Instant::now();
+            ticket.heartbeat_due = false;
         }
 
         // Wait for something that can change the ticket. A WAITING ticket moves with its

@@ -56,6 +56,55 @@ async fn a_watcher_hears_of_its_admission_without_polling() {
     );
 }
 
+/// An open stream keeps its fan in line (it is noted for the heartbeat like a poll, though
+/// not on every wake), while a fan who neither polls nor watches is expired as a ghost.
+#[tokio::test]
+async fn a_watcher_stays_in_line_while_a_ghost_expires() {
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.max_active = 1;
+    settings.idle_ttl = Duration::from_millis(600);
+    let queue = start(settings).await;
+
+    queue.issue("c", "holder").await; // ACTIVE: holds the only slot, nobody moves
+    let ghost = queue.issue("c", "ghost").await;
+    let watcher = queue.issue("c", "watcher").await;
+    let mut stream = queue
+        .public
+        .clone()
+        .watch_queue_status(pb::WatchQueueStatusRequest {
+            token: watcher.token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        next(&mut stream).await.unwrap().status(),
+        pb::TokenStatus::Waiting
+    );
+
+    // Over three idle TTLs the ghost goes; the watcher, who never polls, stays. Statuses
+    // are read from the rows, not asked for: a poll would itself keep a fan alive.
+    let admin = database.admin().await;
+    let status_of = |token: String| {
+        let admin = admin.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT status FROM queue.tokens WHERE token = $1::uuid",
+            )
+            .bind(token)
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(1_800)).await;
+    assert_eq!(status_of(ghost.token.clone()).await, "EXPIRED");
+    assert_eq!(status_of(watcher.token.clone()).await, "WAITING");
+    drop(stream);
+    admin.close().await;
+}
+
 #[tokio::test]
 async fn watching_an_unknown_token_fails_the_call() {
     let database = TestDatabase::create().await;
