@@ -57,6 +57,28 @@ impl Shutdown {
         // An error means the trigger is gone, which counts as fired.
         let _ = self.receiver.wait_for(|fired| *fired).await;
     }
+
+    /// Runs `work` every `period` until the signal fires: the background loops of the
+    /// services (admission ticks, board refreshes, the hold sweeper). A run that overruns
+    /// its period delays the next one rather than bunching runs up, and the signal is only
+    /// looked at between runs, so a run in progress finishes.
+    pub async fn every<F, Fut>(self, period: std::time::Duration, mut work: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let stopped = self.wait();
+        tokio::pin!(stopped);
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = &mut stopped => return,
+            }
+            work().await;
+        }
+    }
 }
 
 /// Resolves on the first SIGINT (Ctrl-C) or SIGTERM, the signals an operator or an

@@ -103,28 +103,22 @@ pub async fn start(
 /// Background admission and expiry: every tick, each busy line is swept and admitted. Any
 /// number of replicas may run this: a line locked by one is skipped by the others.
 async fn run_admitter(pool: PgPool, policy: AdmissionPolicy, tick: Duration, shutdown: Shutdown) {
-    let stopped = shutdown.wait();
-    tokio::pin!(stopped);
-    let mut ticker = tokio::time::interval(tick);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = &mut stopped => break,
-        }
-        let lines = match store::busy_lines(&pool).await {
-            Ok(lines) => lines,
-            Err(error) => {
-                tracing::warn!(%error, "cannot list busy lines");
-                continue;
+    shutdown
+        .every(tick, || async {
+            let lines = match store::busy_lines(&pool).await {
+                Ok(lines) => lines,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot list busy lines");
+                    return;
+                }
+            };
+            for concert_id in lines {
+                match store::sweep_and_admit(&pool, &policy, &concert_id).await {
+                    Ok(0) => {}
+                    Ok(admitted) => tracing::debug!(%concert_id, admitted, "admitted"),
+                    Err(error) => tracing::warn!(%concert_id, %error, "admission tick failed"),
+                }
             }
-        };
-        for concert_id in lines {
-            match store::sweep_and_admit(&pool, &policy, &concert_id).await {
-                Ok(0) => {}
-                Ok(admitted) => tracing::debug!(%concert_id, admitted, "admitted"),
-                Err(error) => tracing::warn!(%concert_id, %error, "admission tick failed"),
-            }
-        }
-    }
+        })
+        .await
 }

@@ -122,20 +122,14 @@ impl LineBoard {
 
     /// Refreshes the board every `period` until shutdown.
     pub async fn run_refresher(&self, pool: PgPool, period: Duration, shutdown: Shutdown) {
-        let stopped = shutdown.wait();
-        tokio::pin!(stopped);
-        let mut ticker = tokio::time::interval(period);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = &mut stopped => break,
-            }
-            match store::line_counters(&pool, &self.watched()).await {
-                Ok(rows) => self.apply(Instant::now(), rows),
-                Err(error) => tracing::warn!(%error, "line board refresh failed"),
-            }
-        }
+        shutdown
+            .every(period, || async {
+                match store::line_counters(&pool, &self.watched()).await {
+                    Ok(rows) => self.apply(Instant::now(), rows),
+                    Err(error) => tracing::warn!(%error, "line board refresh failed"),
+                }
+            })
+            .await
     }
 }
 
