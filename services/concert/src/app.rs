@@ -13,7 +13,7 @@ use stagedoor_runtime::{
     batch::{self, BatchFuture, BatchLimits, Batcher},
     db::{self, PoolConfig, StartupError},
     server::{GrpcServer, ServiceHandle},
-    ApiError, ShutdownTrigger,
+    ApiError, Shutdown, ShutdownTrigger,
 };
 use tokio::net::TcpListener;
 use uuid::Uuid;
@@ -130,6 +130,12 @@ pub async fn start(
         });
     let (reads, mut background) = spawn_reads(&pool);
     background.extend([hold_worker, confirm_worker]);
+    background.push(tokio::spawn(run_hold_sweeper(
+        pool.clone(),
+        config.hold_sweep_after,
+        config.hold_sweep_every,
+        trigger.subscribe(),
+    )));
     let api = ConcertApi::new(ConcertState {
         pool,
         dates: Default::default(),
@@ -146,6 +152,34 @@ pub async fn start(
         .add_service(ConcertInternalServiceServer::new(api.clone()))
         .add_service(ConcertAdminServiceServer::new(api));
     let server = tokio::spawn(server.serve(listener, shutdown));
-    tracing::info!(%local_addr, queue = %config.queue_url, hold_ttl = ?config.hold_ttl, "concert service started");
+    tracing::info!(%local_addr, queue = %config.queue_url, hold_ttl = ?config.hold_ttl,
+        hold_sweep_after = ?config.hold_sweep_after, "concert service started");
     Ok(ServiceHandle::new(local_addr, trigger, server, background))
+}
+
+/// Holds one sweeper pass retires at most (one transaction each).
+const SWEEP_CHUNK: i64 = 500;
+
+/// Every `every`, retires the holds that ran out more than `after` ago, a chunk per
+/// transaction until none is left. Every replica runs one; they skip each other's rows.
+async fn run_hold_sweeper(pool: PgPool, after: Duration, every: Duration, shutdown: Shutdown) {
+    shutdown
+        .every(every, || async {
+            loop {
+                match store::retire_expired_holds(&pool, after, SWEEP_CHUNK).await {
+                    Ok(retired) if retired < SWEEP_CHUNK as u64 => {
+                        if retired > 0 {
+                            tracing::debug!(retired, "expired holds retired");
+                        }
+                        break;
+                    }
+                    Ok(retired) => tracing::debug!(retired, "expired holds retired; more left"),
+                    Err(error) => {
+                        tracing::warn!(%error, "hold sweep failed; next pass retries");
+                        break;
+                    }
+                }
+            }
+        })
+        .await
 }

@@ -14,6 +14,8 @@ pub const DEFAULT_QUEUE_URL: &str = "http://127.0.0.1:50051";
 const DEFAULT_MAX_CONNECTIONS: u32 = 16;
 const DEFAULT_HOLD_TTL: &str = "5m";
 const DEFAULT_TOKEN_CACHE_TTL: &str = "1s";
+const DEFAULT_HOLD_SWEEP_AFTER: &str = "10m";
+const DEFAULT_HOLD_SWEEP_EVERY: &str = "30s";
 
 /// Settings of one concert service process.
 #[derive(Debug, Clone, clap::Parser)]
@@ -48,6 +50,17 @@ pub struct ConcertConfig {
     /// paying always asks the queue.
     #[arg(long, env = "CONCERT_TOKEN_CACHE_TTL", default_value = DEFAULT_TOKEN_CACHE_TTL, value_parser = parse_duration)]
     pub token_cache_ttl: Duration,
+
+    /// How long after its expiry an unpaid hold is retired by the sweeper (its row becomes
+    /// EXPIRED, its seats lose its mark). Until then a payment already under way may still
+    /// buy it if nobody took its seats (ConfirmHold's paid-after-expiry rule); after, it is
+    /// HOLD_EXPIRED. Fans see no difference: an expired hold's seats are free either way.
+    #[arg(long, env = "CONCERT_HOLD_SWEEP_AFTER", default_value = DEFAULT_HOLD_SWEEP_AFTER, value_parser = parse_duration)]
+    pub hold_sweep_after: Duration,
+
+    /// How often each replica looks for holds to retire.
+    #[arg(long, env = "CONCERT_HOLD_SWEEP_EVERY", default_value = DEFAULT_HOLD_SWEEP_EVERY, value_parser = parse_duration)]
+    pub hold_sweep_every: Duration,
 }
 
 impl ConcertConfig {
@@ -61,6 +74,8 @@ impl ConcertConfig {
             queue_url: queue_url.into(),
             hold_ttl: parse_duration(DEFAULT_HOLD_TTL).expect("default parses"),
             token_cache_ttl: parse_duration(DEFAULT_TOKEN_CACHE_TTL).expect("default parses"),
+            hold_sweep_after: parse_duration(DEFAULT_HOLD_SWEEP_AFTER).expect("default parses"),
+            hold_sweep_every: parse_duration(DEFAULT_HOLD_SWEEP_EVERY).expect("default parses"),
         }
     }
 
@@ -68,6 +83,9 @@ impl ConcertConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.hold_ttl.is_zero() {
             return Err("CONCERT_HOLD_TTL must be above zero".into());
+        }
+        if self.hold_sweep_every.is_zero() {
+            return Err("CONCERT_HOLD_SWEEP_EVERY must be above zero".into());
         }
         Ok(())
     }

@@ -126,6 +126,7 @@ fn hold_to_proto(hold: &HoldRow) -> pb::Hold {
         "HELD" => pb::HoldStatus::Held,
         "CONFIRMED" => pb::HoldStatus::Confirmed,
         "RELEASED" => pb::HoldStatus::Released,
+        // A HELD hold past its time (by the clock), or one the sweeper retired.
         _ => pb::HoldStatus::Expired,
     };
     pb::Hold {

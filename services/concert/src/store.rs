@@ -573,7 +573,8 @@ pub async fn release(pool: &PgPool, hold_id: Uuid, user_id: &str) -> Result<Hold
         Some((status, _)) if status == "CONFIRMED" => {
             return Err(ConcertError::HoldNotHeld("CONFIRMED"))
         }
-        Some((status, _)) if status == "RELEASED" => {}
+        // Released before, or retired by the sweeper: its seats are free already.
+        Some((status, _)) if status == "RELEASED" || status == "EXPIRED" => {}
         Some(_) => {
             sqlx::query("UPDATE holds SET status = 'RELEASED' WHERE hold_id = $1")
                 .bind(hold_id)
@@ -595,6 +596,72 @@ pub async fn release(pool: &PgPool, hold_id: Uuid, user_id: &str) -> Result<Hold
         }
     }
     read_and_commit(tx, hold_id).await
+}
+
+/// The hold sweeper's pass: retires up to `limit` unpaid holds whose time ran out more than
+/// `grace` ago. Each becomes EXPIRED in its row, and its seats lose its mark where they still
+/// carry it. Returns how many holds were retired (fewer than `limit`: nothing is left).
+///
+/// Nobody waits for this: a hold past its `expire_time` already reads as EXPIRED and its
+/// seats as AVAILABLE. The grace keeps the paid-after-expiry rule working for payments that
+/// were on their way when the hold ran out (ConfirmHold recognises an untaken seat by the
+/// hold's mark on it, which this removes). Any number of replicas may sweep at once.
+pub async fn retire_expired_holds(
+    pool: &PgPool,
+    grace: Duration,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // Holds first, then their seats: the module's lock order. SKIP LOCKED because a hold
+    // locked right now is being confirmed or released, and its owner will decide it; the
+    // sweeper takes it on a later pass if it is still unpaid then.
+    let retired: Vec<(Uuid, String, Vec<i32>)> = sqlx::query_as(
+        "UPDATE holds SET status = 'EXPIRED'
+          WHERE hold_id IN (
+                SELECT hold_id FROM holds
+                 WHERE status = 'HELD' AND expire_time <= now() - make_interval(secs => $1)
+                 ORDER BY hold_id
+                 LIMIT $2
+                   FOR UPDATE SKIP LOCKED)
+         RETURNING hold_id, schedule_id, seat_numbers",
+    )
+    .bind(grace.as_secs_f64())
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    if retired.is_empty() {
+        return Ok(0);
+    }
+    // Only seats that still carry a retired hold's mark: a seat taken by another fan since
+    // (or sold) belongs to them. Locked in seat order like everywhere else here, so the pass
+    // cannot deadlock with a batch of holds or confirms.
+    let (mut dates, mut numbers, mut marks) = (Vec::new(), Vec::new(), Vec::new());
+    for (hold_id, date, seats) in &retired {
+        for number in seats {
+            dates.push(date.as_str());
+            numbers.push(*number);
+            marks.push(*hold_id);
+        }
+    }
+    sqlx::query(
+        "UPDATE seats SET held_by = NULL, held_until = NULL
+          WHERE (schedule_id, seat_number) IN (
+                SELECT s.schedule_id, s.seat_number
+                  FROM seats s
+                  JOIN unnest($1::text[], $2::int4[], $3::uuid[]) AS r (schedule_id, seat_number, hold_id)
+                    ON s.schedule_id = r.schedule_id AND s.seat_number = r.seat_number
+                 WHERE s.held_by = r.hold_id AND s.sold_to_payment IS NULL
+                 ORDER BY s.schedule_id, s.seat_number
+                   FOR UPDATE OF s)",
+    )
+    .bind(&dates)
+    .bind(&numbers)
+    .bind(&marks)
+    .persistent(false)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(retired.len() as u64)
 }
 
 /// A ConfirmHold call, checked.
@@ -680,6 +747,8 @@ pub async fn confirm_batch(
                 }
                 "CONFIRMED" => Err(ConcertError::HoldNotHeld("CONFIRMED")),
                 "RELEASED" => Err(ConcertError::HoldNotHeld("RELEASED")),
+                // Retired by the sweeper, its seats unmarked: too late to pay.
+                "EXPIRED" => Err(ConcertError::HoldExpired),
                 _ if hold.seat_numbers.iter().all(|n| {
                     still_held.contains(&(hold.schedule_id.as_str(), *n, request.hold_id))
                 }) =>

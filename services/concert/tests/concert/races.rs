@@ -1,8 +1,8 @@
-use std::{collections::HashSet, sync::Arc};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use stagedoor_concert::store;
 use stagedoor_proto::{concert::v1 as pb, queue::v1 as queue_pb};
-use stagedoor_runtime::{db, ApiError};
+use stagedoor_runtime::{db, time::from_timestamp, ApiError};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -357,7 +357,7 @@ async fn fans_checked_together_each_get_their_own_tokens_answer() {
     let mesh = Arc::new(
         mesh(2, |queue, concert| {
             queue.max_active = 100;
-            concert.token_cache_ttl = std::time::Duration::ZERO;
+            concert.token_cache_ttl = Duration::ZERO;
         })
         .await,
     );
@@ -407,4 +407,110 @@ async fn fans_checked_together_each_get_their_own_tokens_answer() {
         let (expected, got) = call.await.unwrap();
         assert_eq!(got, expected);
     }
+}
+
+/// ConfirmHold racing the sweepers of two replicas: 200 holds expire, the sweepers (no
+/// grace, every 10 ms) retire them, and each hold's payment arrives on one of the replicas
+/// between 100 ms before and 100 ms after its hold's expiry. Every hold ends one way only:
+/// sold to its payment (the call said so, its seat is SOLD to it) or retired (the call said
+/// HOLD_EXPIRED, its seat unmarked and unsold). No other answer, and both happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn confirms_racing_the_sweepers_end_each_hold_sold_or_retired() {
+    let mesh = Arc::new(
+        mesh(2, |_, concert| {
+            concert.hold_ttl = Duration::from_secs(3);
+            concert.hold_sweep_after = Duration::ZERO;
+            concert.hold_sweep_every = Duration::from_millis(10);
+        })
+        .await,
+    );
+    let (concert_id, schedule_id) = mesh.catalog(200).await;
+    // 50 fans hold 4 seats each, all at once, so that every hold is made well inside the TTL.
+    let fans: Vec<_> = (0..50)
+        .map(|fan| {
+            let (mesh, concert_id, schedule_id) =
+                (mesh.clone(), concert_id.clone(), schedule_id.clone());
+            tokio::spawn(async move {
+                let token = mesh.active_token(&concert_id, &format!("fan-{fan}")).await;
+                let mut holds = Vec::new();
+                for seat in 0..4 {
+                    let number = fan * 4 + seat + 1;
+                    let hold = mesh
+                        .hold(0, &token, &schedule_id, &[number], &format!("r-{number}"))
+                        .await
+                        .unwrap();
+                    holds.push(hold);
+                }
+                holds
+            })
+        })
+        .collect();
+    let mut holds = Vec::new();
+    for fan in fans {
+        holds.extend(fan.await.unwrap());
+    }
+
+    let calls: Vec<_> = holds
+        .iter()
+        .enumerate()
+        .map(|(index, hold)| {
+            let (mesh, hold_id) = (mesh.clone(), hold.hold_id.clone());
+            let expiry = from_timestamp(hold.expire_time.as_ref().unwrap()).unwrap();
+            // From 100 ms before the hold's expiry to 100 ms after it.
+            let pay_at = expiry + chrono::Duration::milliseconds(index as i64 - 100);
+            tokio::spawn(async move {
+                let wait = (pay_at - chrono::Utc::now()).to_std().unwrap_or_default();
+                tokio::time::sleep(wait).await;
+                let payment_id = format!("pay-{index}");
+                let answer = mesh.confirm(index % 2, &hold_id, &payment_id).await;
+                (hold_id, payment_id, answer)
+            })
+        })
+        .collect();
+
+    let admin = mesh.database.admin().await;
+    let (mut sold, mut retired) = (0, 0);
+    for call in calls {
+        let (hold_id, payment_id, answer) = call.await.unwrap();
+        let (status, held_by, sold_to): (String, Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT h.status, s.held_by::text, s.sold_to_payment
+                   FROM concert.holds h
+                   JOIN concert.seats s ON s.schedule_id = h.schedule_id
+                                       AND s.seat_number = h.seat_numbers[1]
+                  WHERE h.hold_id = $1::uuid",
+        )
+        .bind(&hold_id)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        match answer {
+            Ok(hold) => {
+                assert_eq!(hold.status(), pb::HoldStatus::Confirmed);
+                assert_eq!(
+                    (status.as_str(), held_by, sold_to),
+                    ("CONFIRMED", None, Some(payment_id))
+                );
+                sold += 1;
+            }
+            Err(refusal) => {
+                assert_eq!(
+                    (refusal.code(), reason(&refusal).as_str()),
+                    (Code::FailedPrecondition, "HOLD_EXPIRED"),
+                    "{refusal:?}"
+                );
+                // Nobody takes seats here, so HOLD_EXPIRED can only mean the sweeper had
+                // retired the hold.
+                assert_eq!((status.as_str(), held_by, sold_to), ("EXPIRED", None, None));
+                retired += 1;
+            }
+        }
+    }
+    admin.close().await;
+    println!("{sold} holds sold, {retired} retired");
+    assert_eq!(sold + retired, 200);
+    assert!(
+        sold > 0 && retired > 0,
+        "payments before the expiry sell, those well after it find the hold retired: \
+         {sold} sold, {retired} retired"
+    );
 }

@@ -408,3 +408,107 @@ async fn a_vouched_token_is_trusted_no_longer_than_the_cache_ttl() {
     );
     assert_eq!(mesh.hold_rows().await, 0);
 }
+
+/// The sweeper retires unpaid holds some time after they expire and touches nothing else:
+/// not a paid hold, not a live one, not a seat another fan took after the expiry. A retired
+/// hold can no longer be paid, even though nobody took its seats.
+#[tokio::test]
+async fn the_sweeper_retires_unpaid_holds_and_nothing_else() {
+    let mesh = mesh(1, |_, concert| {
+        concert.hold_ttl = Duration::from_millis(1_000);
+        concert.hold_sweep_after = Duration::from_millis(300);
+        concert.hold_sweep_every = Duration::from_millis(50);
+    })
+    .await;
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let alice = mesh.active_token(&concert_id, "alice").await;
+    let bob = mesh.active_token(&concert_id, "bob").await;
+
+    let untaken = mesh
+        .hold(0, &alice, &schedule_id, &[1, 2], "a-1")
+        .await
+        .unwrap();
+    let retaken = mesh
+        .hold(0, &alice, &schedule_id, &[5], "a-2")
+        .await
+        .unwrap();
+    let paid = mesh
+        .hold(0, &alice, &schedule_id, &[3], "a-3")
+        .await
+        .unwrap();
+    mesh.confirm(0, &paid.hold_id, "pay-paid").await.unwrap();
+
+    // Past the expiry, inside the grace: bob takes seat 5.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let bobs = mesh.hold(0, &bob, &schedule_id, &[5], "b-1").await.unwrap();
+    // Past expiry + grace + a few sweeps.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    let admin = mesh.database.admin().await;
+    let row_status = |hold_id: String| {
+        let admin = admin.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT status FROM concert.holds WHERE hold_id = $1::uuid",
+            )
+            .bind(hold_id)
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(row_status(untaken.hold_id.clone()).await, "EXPIRED");
+    assert_eq!(row_status(retaken.hold_id.clone()).await, "EXPIRED");
+    assert_eq!(row_status(paid.hold_id.clone()).await, "CONFIRMED");
+    assert_eq!(
+        row_status(bobs.hold_id.clone()).await,
+        "HELD",
+        "a live hold stays"
+    );
+    let marks: Vec<(i32, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT seat_number, held_by::text, sold_to_payment FROM concert.seats
+          WHERE seat_number IN (1, 2, 3, 5) ORDER BY seat_number",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        marks,
+        vec![
+            (1, None, None),
+            (2, None, None),
+            (3, None, Some("pay-paid".to_owned())),
+            (5, Some(bobs.hold_id.clone()), None),
+        ],
+        "retired holds' seats unmarked; the sale and bob's hold untouched"
+    );
+
+    // Too late to pay for a retired hold, though its seats are still free; nothing changes.
+    let late = mesh
+        .confirm(0, &untaken.hold_id, "pay-late")
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&late), "HOLD_EXPIRED");
+    let seats = mesh.seats(&bob, &schedule_id).await;
+    assert_eq!(status_of(&seats, 1), pb::SeatStatus::Available);
+    assert_eq!(status_of(&seats, 5), pb::SeatStatus::Held);
+    // Releasing it is the no-op that releasing any expired hold is.
+    let released = mesh.concerts[0]
+        .public
+        .clone()
+        .release_hold(with_bearer(
+            pb::ReleaseHoldRequest {
+                hold_id: untaken.hold_id.clone(),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(released.status(), pb::HoldStatus::Expired);
+    assert_eq!(row_status(untaken.hold_id.clone()).await, "EXPIRED");
+    admin.close().await;
+}
