@@ -623,12 +623,7 @@ async fn charges(
 pub async fn connect(url: &str, count: usize) -> Result<Vec<Channel>, tonic::transport::Error> {
     let mut channels = Vec::with_capacity(count.max(1));
     for _ in 0..count.max(1) {
-        channels.push(
-            Channel::from_shared(url.to_owned())
-                .expect("service URL")
-                .connect()
-                .await?,
-        );
+        channels.push(stagedoor_runtime::client::endpoint(url)?.connect().await?);
     }
     Ok(channels)
 }

@@ -107,11 +107,7 @@ impl TokenValidator {
     /// the batching worker, so it must be called inside a Tokio runtime; the worker stops
     /// when the last clone is dropped.
     pub fn new(queue_url: &str, cache_ttl: Duration) -> Result<Self, String> {
-        let channel = Channel::from_shared(queue_url.to_owned())
-            .map_err(|error| format!("invalid QUEUE_URL `{queue_url}`: {error}"))?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(VALIDATE_DEADLINE)
-            .connect_lazy();
+        let channel = crate::client::peer_channel("QUEUE_URL", queue_url, VALIDATE_DEADLINE)?;
         let queue = QueueInternalServiceClient::new(channel);
         let (checks, _worker) = Batcher::spawn(VALIDATE_LIMITS, move |tokens: Vec<String>| {
             let queue = queue.clone();

@@ -21,7 +21,7 @@ use crate::Shutdown;
 /// call on it failed at once: a concert replica checking a rush's tokens with the queue did
 /// that (`libs/runtime/tests/server.rs`). 16 MiB lets ~40,000 calls wait on one connection;
 /// the memory it allows a client to park is the same 16 MiB of request bytes.
-const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub(crate) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// The gRPC services of one process, built up before [`GrpcServer::serve`].
 #[derive(Default)]

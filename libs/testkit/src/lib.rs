@@ -109,7 +109,7 @@ where
         .await
         .expect("a free loopback port");
     let handle = start(listener).await.expect("the service starts");
-    let channel = Channel::from_shared(handle.url())
+    let channel = stagedoor_runtime::client::endpoint(&handle.url())
         .expect("service URL")
         .connect()
         .await

@@ -15,6 +15,7 @@ use stagedoor_proto::{
     point::v1::{self as point_pb, point_internal_service_client::PointInternalServiceClient},
     queue::v1::{self as queue_pb, queue_internal_service_client::QueueInternalServiceClient},
 };
+use stagedoor_runtime::client::peer_channel;
 use tonic::{transport::Channel, Code};
 use tonic_types::StatusExt;
 
@@ -63,16 +64,6 @@ pub struct Peers {
     deadline: Duration,
 }
 
-/// A lazily connected channel whose every call carries `deadline` (sent to the callee as
-/// `grpc-timeout` and enforced here): a peer that hangs costs at most that long.
-fn channel(name: &str, url: &str, deadline: Duration) -> Result<Channel, String> {
-    Ok(Channel::from_shared(url.to_owned())
-        .map_err(|error| format!("invalid {name} `{url}`: {error}"))?
-        .connect_timeout(Duration::from_secs(1).min(deadline))
-        .timeout(deadline)
-        .connect_lazy())
-}
-
 impl Peers {
     pub fn new(
         queue_url: &str,
@@ -81,13 +72,13 @@ impl Peers {
         deadline: Duration,
     ) -> Result<Self, String> {
         Ok(Self {
-            queue: QueueInternalServiceClient::new(channel("QUEUE_URL", queue_url, deadline)?),
-            concert: ConcertInternalServiceClient::new(channel(
+            queue: QueueInternalServiceClient::new(peer_channel("QUEUE_URL", queue_url, deadline)?),
+            concert: ConcertInternalServiceClient::new(peer_channel(
                 "CONCERT_URL",
                 concert_url,
                 deadline,
             )?),
-            point: PointInternalServiceClient::new(channel("POINT_URL", point_url, deadline)?),
+            point: PointInternalServiceClient::new(peer_channel("POINT_URL", point_url, deadline)?),
             deadline,
         })
     }
