@@ -5,8 +5,12 @@
 use std::{convert::Infallible, net::SocketAddr};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::Server};
+use tonic::{
+    body::Body,
+    server::NamedService,
+    service::RoutesBuilder,
+    transport::{server::TcpIncoming, Server},
+};
 use tonic_health::ServingStatus;
 
 use crate::Shutdown;
@@ -22,6 +26,17 @@ use crate::Shutdown;
 /// that (`libs/runtime/tests/server.rs`). 16 MiB lets ~40,000 calls wait on one connection;
 /// the memory it allows a client to park is the same 16 MiB of request bytes.
 pub(crate) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// The connections `listener` accepts, with the socket options tonic's own `serve` would set
+/// (it ignores its `tcp_nodelay` setting for a listener passed in, as ours is, so that tests
+/// and `stagedoor up` can bind port 0 first). Without TCP_NODELAY, Nagle's algorithm holds
+/// a small response back while an earlier one is unacknowledged.
+fn accepted(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        // Finds clients that vanished without a FIN (a pulled cable, a killed NAT entry).
+        .with_keepalive(Some(std::time::Duration::from_secs(60)))
+}
 
 /// The gRPC services of one process, built up before [`GrpcServer::serve`].
 #[derive(Default)]
@@ -128,7 +143,7 @@ impl GrpcServer {
         Server::builder()
             .initial_connection_window_size(CONNECTION_WINDOW)
             .add_routes(routes.routes())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping)
+            .serve_with_incoming_shutdown(accepted(listener), stopping)
             .await
     }
 }
