@@ -10,7 +10,7 @@ use stagedoor_proto::concert::v1::{
 };
 use stagedoor_runtime::{
     auth::TokenValidator,
-    batch::{self, BatchFuture, BatchLimits, Batcher},
+    batch::{self, BatchFuture, BatchLimits, Batcher, SharedReads},
     db::{self, PoolConfig, StartupError},
     server::{GrpcServer, ServiceHandle},
     ApiError, Shutdown, ShutdownTrigger,
@@ -34,15 +34,15 @@ const HOLD_LIMITS: BatchLimits = BatchLimits {
 };
 
 /// The shared reads of the public listings and of GetHold (see `ConcertState`).
-fn spawn_reads(pool: &PgPool) -> (Reads, Vec<tokio::task::JoinHandle<()>>) {
-    let (seat_maps, seat_worker) = Batcher::spawn_shared(BatchLimits::READS, {
+fn spawn_reads(pool: &PgPool) -> (Reads, tokio::task::JoinHandle<()>) {
+    let seat_maps = SharedReads::new({
         let pool = pool.clone();
         move |schedule_id: String| {
             let pool = pool.clone();
             async move { store::seats(&pool, &schedule_id).await }
         }
     });
-    let (open_dates, date_worker) = Batcher::spawn_shared(BatchLimits::READS, {
+    let open_dates = SharedReads::new({
         let pool = pool.clone();
         move |concert_id: String| {
             let pool = pool.clone();
@@ -64,7 +64,7 @@ fn spawn_reads(pool: &PgPool) -> (Reads, Vec<tokio::task::JoinHandle<()>>) {
         open_dates,
         holds,
     };
-    (reads, vec![seat_worker, date_worker, hold_worker])
+    (reads, hold_worker)
 }
 
 /// ConfirmHold batches: the payments that confirm together share one transaction
@@ -128,8 +128,8 @@ pub async fn start(
         spawn_hold_writes(CONFIRM_LIMITS, pool.clone(), |pool, requests| async move {
             store::confirm_batch(&pool, &requests).await
         });
-    let (reads, mut background) = spawn_reads(&pool);
-    background.extend([hold_worker, confirm_worker]);
+    let (reads, read_worker) = spawn_reads(&pool);
+    let mut background = vec![read_worker, hold_worker, confirm_worker];
     background.push(tokio::spawn(run_hold_sweeper(
         pool.clone(),
         config.hold_sweep_after,

@@ -11,7 +11,7 @@ use stagedoor_proto::concert::v1::{
 };
 use stagedoor_runtime::{
     auth::{Fan, TokenValidator},
-    batch::Batcher,
+    batch::{Batcher, SharedReads},
     time, validate, ApiError,
 };
 use tonic::{Request, Response, Status};
@@ -36,13 +36,14 @@ pub struct ConcertState {
 }
 
 /// The reads a rush repeats, coalesced: fans browsing one date at the same moment share one
-/// read of its seats (each read starts after the calls it answers arrived, so no answer is
-/// older than its call), and GetHolds that arrive together are one `hold_id = ANY($1)`.
+/// read of its seats, one at a time per date (each read starts after the calls it answers
+/// arrived, so no answer is older than its call), and GetHolds that arrive together are one
+/// `hold_id = ANY($1)`.
 pub struct Reads {
     /// A date's seat map with each seat's status, by schedule id.
-    pub seat_maps: Batcher<String, Arc<Vec<store::SeatRow>>>,
+    pub seat_maps: SharedReads<String, Vec<store::SeatRow>>,
     /// A concert's dates that still have a free seat, by concert id.
-    pub open_dates: Batcher<String, Arc<Vec<store::DateWithSeats>>>,
+    pub open_dates: SharedReads<String, Vec<store::DateWithSeats>>,
     /// Holds by id.
     pub holds: Batcher<Uuid, Option<HoldRow>>,
 }
