@@ -1,10 +1,12 @@
-//! Serving GetQueueStatus for WAITING fans from memory.
+//! Serving GetQueueStatus (and the first message of WatchQueueStatus) for WAITING fans from
+//! memory.
 //!
 //! Polling is the bulk of the queue's traffic: 100,000 fans asking every few seconds. A
 //! WAITING token's fields never change while it waits (token, fan, place), and its position
 //! follows from the line's admission pointer, which the [`LineBoard`] already refreshes a few
-//! times a second. So once a replica has read a WAITING token from Postgres it answers polls
-//! for it from memory, as long as
+//! times a second. So once a replica has read a WAITING token from Postgres (or issued it:
+//! the issuing transaction read or wrote its row) it answers polls for it from memory, as
+//! long as
 //! - the entry was verified against Postgres within the trust window (a quarter of the idle
 //!   TTL: a fan back after a long silence is read again and finds out if it expired), and
 //! - the board is fresh and its admission pointer is still before the token's place (once the

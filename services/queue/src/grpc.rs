@@ -61,6 +61,23 @@ impl QueueApi {
             .ok_or(QueueError::TokenNotFound)
     }
 
+    /// A ticket as GetQueueStatus and WatchQueueStatus answer it: from this replica's memory
+    /// of WAITING tickets when the cache's rules allow (`cache.rs`), else from its row.
+    async fn current_ticket(&self, token: &str) -> Result<Ticket, QueueError> {
+        let token = parse_token(token)?;
+        let state = &self.state;
+        if let Some(ticket) = state.waiting.lookup(token, &state.board) {
+            return Ok(ticket);
+        }
+        let ticket = state
+            .reader
+            .read(token)
+            .await?
+            .ok_or(QueueError::TokenNotFound)?;
+        state.waiting.remember(&ticket);
+        Ok(ticket)
+    }
+
     /// Notes that the fan behind a WAITING ticket is still there, when it is time to.
     fn keep_alive(&self, ticket: &Ticket) {
         if ticket.heartbeat_due {
@@ -108,6 +125,9 @@ impl QueueService for QueueApi {
         // the line lock, so a refresh costs one slot in a shared transaction, not a query
         // of its own.
         let ticket = self.state.batcher.issue(concert_id, user_id).await?;
+        // The issuing transaction has just read or written the row: a fan who polls or
+        // watches next (every fan in a rush) is answered from memory, not by reading it again.
+        self.state.waiting.remember(&ticket);
         self.keep_alive(&ticket);
         Ok(Response::new(pb::IssueTokenResponse {
             ticket: Some(self.to_proto(&ticket)),
@@ -118,20 +138,7 @@ impl QueueService for QueueApi {
         &self,
         request: Request<pb::GetQueueStatusRequest>,
     ) -> Result<Response<pb::GetQueueStatusResponse>, Status> {
-        let token = parse_token(&request.into_inner().token)?;
-        let state = &self.state;
-        let ticket = match state.waiting.lookup(token, &state.board) {
-            Some(ticket) => ticket,
-            None => {
-                let ticket = state
-                    .reader
-                    .read(token)
-                    .await?
-                    .ok_or(QueueError::TokenNotFound)?;
-                state.waiting.remember(&ticket);
-                ticket
-            }
-        };
+        let ticket = self.current_ticket(&request.into_inner().token).await?;
         self.keep_alive(&ticket);
         Ok(Response::new(pb::GetQueueStatusResponse {
             ticket: Some(self.to_proto(&ticket)),
@@ -146,7 +153,7 @@ impl QueueService for QueueApi {
         request: Request<pb::WatchQueueStatusRequest>,
     ) -> Result<Response<Self::WatchQueueStatusStream>, Status> {
         // A bad or unknown token fails the call itself, before any message is streamed.
-        let ticket = self.ticket(&request.into_inner().token).await?;
+        let ticket = self.current_ticket(&request.into_inner().token).await?;
         let (sender, receiver) = mpsc::channel(4);
         tokio::spawn(watch(self.state.clone(), ticket, sender));
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
