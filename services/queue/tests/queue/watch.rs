@@ -4,7 +4,7 @@ use stagedoor_proto::queue::v1 as pb;
 use stagedoor_testkit::TestDatabase;
 use tokio::time::timeout;
 
-use crate::{config, reason, start};
+use crate::{config, reason, start, Queue};
 
 /// The next message of a watch stream, within 5 seconds; `None` when the stream ended.
 async fn next(
@@ -17,6 +17,19 @@ async fn next(
         .map(|message| message.ticket.unwrap())
 }
 
+/// Opens a watch stream for `token`; the call itself must succeed.
+async fn watch(queue: &Queue, token: &str) -> tonic::Streaming<pb::WatchQueueStatusResponse> {
+    queue
+        .public
+        .clone()
+        .watch_queue_status(pb::WatchQueueStatusRequest {
+            token: token.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 #[tokio::test]
 async fn a_watcher_hears_of_its_admission_without_polling() {
     let database = TestDatabase::create().await;
@@ -26,15 +39,7 @@ async fn a_watcher_hears_of_its_admission_without_polling() {
 
     let ahead = queue.issue("c", "ahead").await;
     let watcher = queue.issue("c", "watcher").await;
-    let mut stream = queue
-        .public
-        .clone()
-        .watch_queue_status(pb::WatchQueueStatusRequest {
-            token: watcher.token.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch(&queue, &watcher.token).await;
 
     let first = next(&mut stream).await.unwrap();
     assert_eq!(first.status(), pb::TokenStatus::Waiting);
@@ -69,15 +74,7 @@ async fn a_watcher_stays_in_line_while_a_ghost_expires() {
     queue.issue("c", "holder").await; // ACTIVE: holds the only slot, nobody moves
     let ghost = queue.issue("c", "ghost").await;
     let watcher = queue.issue("c", "watcher").await;
-    let mut stream = queue
-        .public
-        .clone()
-        .watch_queue_status(pb::WatchQueueStatusRequest {
-            token: watcher.token.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch(&queue, &watcher.token).await;
     assert_eq!(
         next(&mut stream).await.unwrap().status(),
         pb::TokenStatus::Waiting
@@ -129,15 +126,7 @@ async fn shutdown_ends_open_streams_and_completes() {
     let queue = start(settings).await;
     queue.issue("c", "ahead").await;
     let waiting = queue.issue("c", "waiting").await;
-    let mut stream = queue
-        .public
-        .clone()
-        .watch_queue_status(pb::WatchQueueStatusRequest {
-            token: waiting.token,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch(&queue, &waiting.token).await;
     stream.message().await.unwrap().unwrap();
 
     // Graceful shutdown must not hang on a stream whose client never hangs up.
