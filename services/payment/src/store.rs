@@ -24,7 +24,9 @@ pub struct PaymentRow {
     pub seat_numbers: Vec<i32>,
     pub amount: i64,
     pub start_time: DateTime<Utc>,
-    pub token: String,
+    /// The fan's queue token while the saga runs; `None` once it is DONE (the table keeps
+    /// only the token's digest then, see the migration `0002_token_only_while_running`).
+    pub token: Option<String>,
     pub step: String,
     pub status: String,
     pub failure_reason: String,
@@ -85,10 +87,11 @@ pub async fn insert_batch(
         |pick: fn(&NewPayment) -> String| -> Vec<String> { payments.iter().map(pick).collect() };
     sqlx::query_as(
         "INSERT INTO payments (payment_id, user_id, request_id, hold_id, concert_id, schedule_id,
-                               seat_numbers, amount, start_time, token, step, status,
-                               lease_owner, lease_until)
+                               seat_numbers, amount, start_time, token, token_sha256,
+                               step, status, lease_owner, lease_until)
          SELECT p.payment_id, p.user_id, p.request_id, p.hold_id, p.concert_id, p.schedule_id,
-                p.seats::int4[], p.amount, p.start_time, p.token, 'SPEND', 'PENDING',
+                p.seats::int4[], p.amount, p.start_time, p.token,
+                sha256(convert_to(p.token, 'UTF8')), 'SPEND', 'PENDING',
                 $11, now() + make_interval(secs => $12)
            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[],
                        $7::text[], $8::int8[], $9::timestamptz[], $10::text[])
@@ -124,10 +127,10 @@ pub async fn insert(
 ) -> Result<Result<PaymentRow, InsertRefused>, sqlx::Error> {
     let inserted = sqlx::query_as(
         "INSERT INTO payments (payment_id, user_id, request_id, hold_id, concert_id, schedule_id,
-                               seat_numbers, amount, start_time, token, step, status,
-                               lease_owner, lease_until)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'SPEND', 'PENDING',
-                 $11, now() + make_interval(secs => $12))
+                               seat_numbers, amount, start_time, token, token_sha256,
+                               step, status, lease_owner, lease_until)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, sha256(convert_to($10, 'UTF8')),
+                 'SPEND', 'PENDING', $11, now() + make_interval(secs => $12))
          RETURNING *",
     )
     .bind(new.payment_id)
@@ -164,17 +167,21 @@ pub async fn by_id(pool: &PgPool, payment_id: Uuid) -> Result<Option<PaymentRow>
 }
 
 /// The payment a replay is asking about when it presents the very token that paid: the
-/// token may be DONE by now, so possession of it is the proof of identity here.
+/// token may be DONE by now, so possession of it is the proof of identity here (checked
+/// against the token's digest, which is all a finished payment keeps).
 pub async fn by_request_and_token(
     pool: &PgPool,
     request_id: &str,
     token: &str,
 ) -> Result<Option<PaymentRow>, sqlx::Error> {
-    sqlx::query_as("SELECT * FROM payments WHERE request_id = $1 AND token = $2")
-        .bind(request_id)
-        .bind(token)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as(
+        "SELECT * FROM payments
+          WHERE request_id = $1 AND token_sha256 = sha256(convert_to($2, 'UTF8'))",
+    )
+    .bind(request_id)
+    .bind(token)
+    .fetch_optional(pool)
+    .await
 }
 
 pub async fn by_user_request(
@@ -264,6 +271,8 @@ pub async fn advance(
                 complete_time = CASE WHEN a.status = 'PENDING' THEN NULL
                                      ELSE coalesce(p.complete_time, now()) END,
                 lease_owner = CASE WHEN a.to_step = 'DONE' THEN NULL ELSE p.lease_owner END,
+                -- The bearer token goes with the saga's end; its digest stays for replays.
+                token = CASE WHEN a.to_step = 'DONE' THEN NULL ELSE p.token END,
                 lease_until = CASE WHEN a.to_step = 'DONE' THEN NULL
                                    ELSE now() + make_interval(secs => $9) END,
                 attempts = 0

@@ -83,7 +83,21 @@ async fn pay_spends_sells_completes_the_token_and_admits_the_next_fan() {
     );
     // Reads agree with the receipt.
     assert_eq!(mesh.payment(&receipt.payment_id).await, receipt);
-    // Pressing Pay again (the token is DONE now) gives the same receipt, charges nothing.
+    // The finished payment keeps no bearer token, only its digest...
+    let admin = mesh.database.admin().await;
+    let (kept, digest_matches): (Option<String>, bool) = sqlx::query_as(
+        "SELECT token, token_sha256 = sha256(convert_to($2, 'UTF8'))
+           FROM payment.payments WHERE payment_id = $1::uuid",
+    )
+    .bind(&receipt.payment_id)
+    .bind(&fan.token)
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    assert_eq!((kept, digest_matches), (None, true));
+    // ...which is enough: pressing Pay again (the token is DONE now) gives the same
+    // receipt, charges nothing.
     let again = mesh.pay(0, &fan, &hold.hold_id, "pay-1").await.unwrap();
     assert_eq!(again, receipt);
     assert_eq!(mesh.ledger("fan-1").await.len(), 2);
