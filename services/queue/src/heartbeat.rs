@@ -38,20 +38,8 @@ impl Heartbeats {
 
     /// Writes the noted tokens every `period` until shutdown, and once more on the way out.
     pub async fn run_flusher(&self, pool: PgPool, period: Duration, shutdown: Shutdown) {
-        let stopped = shutdown.wait();
-        tokio::pin!(stopped);
-        let mut ticker = tokio::time::interval(period);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let last = tokio::select! {
-                _ = ticker.tick() => false,
-                _ = &mut stopped => true,
-            };
-            self.flush(&pool).await;
-            if last {
-                break;
-            }
-        }
+        shutdown.every(period, || self.flush(&pool)).await;
+        self.flush(&pool).await;
     }
 
     async fn flush(&self, pool: &PgPool) {
