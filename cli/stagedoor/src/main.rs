@@ -204,7 +204,7 @@ async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
 async fn health(url: &str) -> ExitCode {
     use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
     let check = async {
-        let channel = tonic::transport::Channel::from_shared(url.to_owned())?
+        let channel = stagedoor_runtime::client::endpoint(url)?
             .connect_timeout(Duration::from_secs(1))
             .connect()
             .await?;
@@ -237,7 +237,7 @@ async fn health(url: &str) -> ExitCode {
 
 /// Seeds the demo catalog (idempotent) and prints it.
 async fn seed_and_show(concert_url: &str) -> Result<seed::Seeded, Box<dyn std::error::Error>> {
-    let channel = tonic::transport::Channel::from_shared(concert_url.to_owned())?
+    let channel = stagedoor_runtime::client::endpoint(concert_url)?
         .connect()
         .await
         .map_err(|error| format!("cannot reach the concert service at {concert_url}: {error}"))?;
