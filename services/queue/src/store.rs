@@ -5,7 +5,10 @@
 //! token rows. Lock order is always line, then tokens, so these transactions never deadlock,
 //! and `active_count` on the locked row is the truth about how many are ACTIVE.
 
-use std::time::Duration;
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
@@ -323,13 +326,17 @@ pub async fn issue_batch(
     .map(|row| row.into_ticket(policy.heartbeat_every))
     .collect();
 
-    let mut new_users: Vec<&str> = Vec::with_capacity(user_ids.len());
-    for user in user_ids {
-        let has_token = tickets.iter().any(|ticket| ticket.user_id == *user);
-        if !has_token && !new_users.contains(&user.as_str()) {
-            new_users.push(user);
-        }
-    }
+    // Everything from here to the commit runs under the line lock, so it stays linear in the
+    // batch (a batch is up to a thousand fans).
+    let mut seen: HashSet<&str> = tickets
+        .iter()
+        .map(|ticket| ticket.user_id.as_str())
+        .collect();
+    let new_users: Vec<&str> = user_ids
+        .iter()
+        .map(String::as_str)
+        .filter(|user| seen.insert(user))
+        .collect();
     if !new_users.is_empty() {
         let tokens: Vec<Uuid> = new_users.iter().map(|_| Uuid::new_v4()).collect();
         let places: Vec<i64> = (1..=new_users.len() as i64)
@@ -375,9 +382,10 @@ pub async fn issue_batch(
 
     // The batch's tickets as they stand after admission, built from what the statements
     // returned rather than read back.
+    let admitted: HashMap<Uuid, &Admitted> = admitted.iter().map(|fan| (fan.token, fan)).collect();
     for ticket in &mut tickets {
         ticket.admitted_through = line.admitted_through;
-        if let Some(fan) = admitted.iter().find(|fan| fan.token == ticket.token) {
+        if let Some(fan) = admitted.get(&ticket.token) {
             ticket.status = TokenStatus::Active;
             ticket.admit_time = Some(fan.admit_time);
             ticket.expire_time = Some(fan.expire_time);
