@@ -81,21 +81,22 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// the batch does the work all the same, and a retry sees it done.
     pub async fn call(&self, input: I) -> Result<O, ApiError> {
         let (reply, answer) = oneshot::channel();
-        let stopped = || {
-            ApiError::new(
-                tonic::Code::Unavailable,
-                "SHUTTING_DOWN",
-                "the service is shutting down; retry",
-            )
-        };
         self.calls
             .send(Call { input, reply })
             .await
-            .map_err(|_| stopped())?;
+            .map_err(|_| abandoned("the service is shutting down; retry"))?;
         // A dropped reply means the batch's task died (a panic): the work may or may not have
         // happened, which UNAVAILABLE tells a client (retry with the same key).
-        answer.await.map_err(|_| stopped())?
+        answer
+            .await
+            .map_err(|_| abandoned("the service is shutting down; retry"))?
     }
+}
+
+/// The answer to a call whose worker went away before answering (the service is stopping,
+/// or the work panicked): UNAVAILABLE, so that a client retries.
+fn abandoned(message: &str) -> ApiError {
+    ApiError::new(tonic::Code::Unavailable, "SHUTTING_DOWN", message)
 }
 
 async fn run<I, O, F>(mut receiver: mpsc::Receiver<Call<I, O>>, limits: BatchLimits, work: Arc<F>)
@@ -216,13 +217,9 @@ where
             // is waiting, on a task of its own so that its going away stops nothing.
             tokio::spawn(drive_key(self.inner.clone(), key, vec![reply]));
         }
-        answer.await.map_err(|_| {
-            ApiError::new(
-                tonic::Code::Unavailable,
-                "SHUTTING_DOWN",
-                "the read was abandoned; retry",
-            )
-        })?
+        answer
+            .await
+            .map_err(|_| abandoned("the read was abandoned; retry"))?
     }
 }
 
