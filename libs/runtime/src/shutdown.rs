@@ -59,9 +59,9 @@ impl Shutdown {
     }
 
     /// Runs `work` every `period` until the signal fires: the background loops of the
-    /// services (admission ticks, board refreshes, heartbeat flushes, the hold sweeper). A run that overruns
-    /// its period delays the next one rather than bunching runs up, and the signal is only
-    /// looked at between runs, so a run in progress finishes.
+    /// services (admission ticks, board refreshes, heartbeat flushes, the hold sweeper). A
+    /// run that overruns its period delays the next one rather than bunching runs up, and
+    /// the signal is only looked at between runs, so a run in progress finishes.
     pub async fn every<F, Fut>(self, period: std::time::Duration, mut work: F)
     where
         F: FnMut() -> Fut,

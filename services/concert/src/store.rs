@@ -1,9 +1,10 @@
 //! Every SQL statement of the concert service.
 //!
 //! Lock order, everywhere: a fan's advisory lock (HoldSeats), then hold rows (sorted by id),
-//! then seat rows in seat order (`ORDER BY schedule_id, seat_number FOR UPDATE`). Transactions that take the same locks in the
-//! same order queue behind each other instead of deadlocking, which is what lets hundreds of
-//! overlapping multi-seat holds race without a deadlock error ever reaching a client.
+//! then seat rows in seat order (`ORDER BY schedule_id, seat_number FOR UPDATE`).
+//! Transactions that take the same locks in the same order queue behind each other instead
+//! of deadlocking, which is what lets hundreds of overlapping multi-seat holds race without
+//! a deadlock error ever reaching a client.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -671,8 +672,8 @@ pub struct ConfirmRequest {
     pub payment_id: String,
 }
 
-/// A hold's row as ConfirmHold sees it under its lock (the raw status: HELD, CONFIRMED or
-/// RELEASED).
+/// A hold's row as ConfirmHold sees it under its lock (the raw status: HELD, CONFIRMED,
+/// RELEASED, or EXPIRED once the sweeper retired it).
 #[derive(Debug, sqlx::FromRow)]
 struct LockedHold {
     hold_id: Uuid,
