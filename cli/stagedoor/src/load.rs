@@ -48,6 +48,10 @@ pub struct LoadArgs {
     /// HTTP/2 connections the calls are spread over.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
+    /// Instances of each service started in this process, all on the one database (as
+    /// replicas behind a load balancer would be); the connections are spread over them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub replicas: u16,
     /// Load a running queue instead of starting one in this process (with the other URLs a
     /// scenario needs).
     #[arg(long)]
@@ -830,42 +834,48 @@ impl Target {
             database: None,
         };
         for service in needs {
-            let handle = match service {
-                Service::Queue => {
-                    let mut config = QueueConfig::for_database(database.url(db::QUEUE));
-                    config.max_active = load.max_active.max(active_fans);
-                    config.admit_rate = if active_fans > 0 {
-                        1_000_000
-                    } else {
-                        load.admit_rate
-                    };
-                    mesh::start_on(local, |listener| stagedoor_queue::start(config, listener))
-                        .await?
-                }
-                Service::Concert => {
-                    let config =
-                        ConcertConfig::new(database.url(db::CONCERT), target.url(Service::Queue));
-                    mesh::start_on(local, |listener| stagedoor_concert::start(config, listener))
-                        .await?
-                }
-                Service::Point => {
-                    let config = PointConfig::for_database(database.url(db::POINT));
-                    mesh::start_on(local, |listener| stagedoor_point::start(config, listener))
-                        .await?
-                }
-                Service::Payment => {
-                    let config = PaymentConfig::new(
-                        database.url(db::PAYMENT),
-                        target.url(Service::Queue),
-                        target.url(Service::Concert),
-                        target.url(Service::Point),
-                    );
-                    mesh::start_on(local, |listener| stagedoor_payment::start(config, listener))
-                        .await?
-                }
-            };
-            target.urls.push((*service, handle.url()));
-            target.running.push(handle);
+            // Replicas of one service share its database; each reaches its peers through
+            // their first instance.
+            for _ in 0..load.replicas {
+                let handle = match service {
+                    Service::Queue => {
+                        let mut config = QueueConfig::for_database(database.url(db::QUEUE));
+                        config.max_active = load.max_active.max(active_fans);
+                        config.admit_rate = if active_fans > 0 {
+                            1_000_000
+                        } else {
+                            load.admit_rate
+                        };
+                        mesh::start_on(local, |listener| stagedoor_queue::start(config, listener))
+                            .await?
+                    }
+                    Service::Concert => {
+                        let config = ConcertConfig::new(
+                            database.url(db::CONCERT),
+                            target.url(Service::Queue),
+                        );
+                        mesh::start_on(local, |listener| stagedoor_concert::start(config, listener))
+                            .await?
+                    }
+                    Service::Point => {
+                        let config = PointConfig::for_database(database.url(db::POINT));
+                        mesh::start_on(local, |listener| stagedoor_point::start(config, listener))
+                            .await?
+                    }
+                    Service::Payment => {
+                        let config = PaymentConfig::new(
+                            database.url(db::PAYMENT),
+                            target.url(Service::Queue),
+                            target.url(Service::Concert),
+                            target.url(Service::Point),
+                        );
+                        mesh::start_on(local, |listener| stagedoor_payment::start(config, listener))
+                            .await?
+                    }
+                };
+                target.urls.push((*service, handle.url()));
+                target.running.push(handle);
+            }
         }
         target.database = Some((database, postgres));
         Ok(target)
@@ -893,12 +903,24 @@ impl Target {
         format!("{} ({place})", services.join(", "))
     }
 
+    /// `connections` HTTP/2 connections to `service` (at least one per replica), dealt
+    /// round robin over its replicas, so that `clients[call % len]` alternates between them.
     async fn channels(
         &self,
         service: Service,
         connections: usize,
     ) -> Result<Vec<Channel>, tonic::transport::Error> {
-        connect(&self.url(service), connections).await
+        let urls: Vec<&str> = self
+            .urls
+            .iter()
+            .filter(|(s, _)| *s == service)
+            .map(|(_, url)| url.as_str())
+            .collect();
+        let mut channels = Vec::new();
+        for index in 0..connections.max(urls.len()) {
+            channels.append(&mut connect(urls[index % urls.len()], 1).await?);
+        }
+        Ok(channels)
     }
 
     async fn stop(self) {
