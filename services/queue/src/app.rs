@@ -87,6 +87,7 @@ pub async fn start(
         heartbeats,
         waiting,
         shutdown: shutdown.clone(),
+        watch_interval: config.watch_interval,
     });
     let local_addr = listener
         .local_addr()

@@ -4,16 +4,18 @@
 //! `estimated_wait` (sampled from `admitted_total` over the last half minute), and the
 //! change notifications that drive WatchQueueStatus streams (a WAITING watcher computes its
 //! position from the line's admission pointer and reads its own row only once it is passed).
+//! A watcher far back pauses seconds between updates; so that it still hears of its own
+//! admission at once, the board also wakes each watcher whose place the pointer reaches.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::Mutex,
     time::{Duration, Instant},
 };
 
 use sqlx::PgPool;
 use stagedoor_runtime::Shutdown;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::store::{self, LineCounters};
 
@@ -28,6 +30,49 @@ struct LineEntry {
     refreshed_at: Option<Instant>,
     /// (when, admitted_total) samples within RATE_WINDOW, oldest first.
     samples: VecDeque<(Instant, i64)>,
+    /// Watchers to wake when the admission pointer reaches their place, by place. Only the
+    /// places passed are woken, so a line that moves does not wake everyone behind.
+    reach_wakers: BTreeMap<i64, Vec<oneshot::Sender<()>>>,
+    /// How many senders `reach_wakers` holds, some of them perhaps of watchers gone.
+    reach_waker_count: usize,
+}
+
+impl LineEntry {
+    fn new(counters: LineCounters) -> Self {
+        Self {
+            counters: watch::channel(counters).0,
+            refreshed_at: None,
+            samples: VecDeque::new(),
+            reach_wakers: BTreeMap::new(),
+            reach_waker_count: 0,
+        }
+    }
+
+    /// Wakes the watchers whose place the admission pointer has reached.
+    fn wake_reached(&mut self) {
+        let through = self.counters.borrow().admitted_through;
+        let behind = self.reach_wakers.split_off(&(through + 1));
+        for wakers in std::mem::replace(&mut self.reach_wakers, behind).into_values() {
+            self.reach_waker_count -= wakers.len();
+            for waker in wakers {
+                let _ = waker.send(()); // a watcher that left has dropped its receiver
+            }
+        }
+    }
+
+    /// Drops the wakers of watchers that left before their place was reached (a fan who
+    /// reopens a stream leaves one behind each time), once they could outnumber the live
+    /// ones: each live watcher holds one receiver of `counters` and at most one waker.
+    fn forget_gone_watchers(&mut self) {
+        if self.reach_waker_count <= 2 * self.counters.receiver_count() + 1_024 {
+            return;
+        }
+        self.reach_wakers.retain(|_, wakers| {
+            wakers.retain(|waker| !waker.is_closed());
+            !wakers.is_empty()
+        });
+        self.reach_waker_count = self.reach_wakers.values().map(Vec::len).sum();
+    }
 }
 
 /// The busy lines as this replica last saw them.
@@ -42,13 +87,28 @@ impl LineBoard {
         let mut lines = self.lines.lock().expect("board poisoned");
         lines
             .entry(concert_id.to_owned())
-            .or_insert_with(|| LineEntry {
-                counters: watch::channel(LineCounters::default()).0,
-                refreshed_at: None,
-                samples: VecDeque::new(),
-            })
+            .or_insert_with(|| LineEntry::new(LineCounters::default()))
             .counters
             .subscribe()
+    }
+
+    /// Resolves once this replica sees the line's admission pointer at `place` or beyond:
+    /// the fan there was admitted, or skipped. Keep the receiver for the whole wait: each
+    /// call registers a waker, which stays until the pointer passes or it is pruned.
+    pub fn reached(&self, concert_id: &str, place: i64) -> oneshot::Receiver<()> {
+        let (waker, reached) = oneshot::channel();
+        let mut lines = self.lines.lock().expect("board poisoned");
+        let entry = lines
+            .entry(concert_id.to_owned())
+            .or_insert_with(|| LineEntry::new(LineCounters::default()));
+        if entry.counters.borrow().admitted_through >= place {
+            let _ = waker.send(());
+        } else {
+            entry.forget_gone_watchers();
+            entry.reach_wakers.entry(place).or_default().push(waker);
+            entry.reach_waker_count += 1;
+        }
+        reached
     }
 
     /// Fans admitted per second over the last half minute; `None` until at least a second of
@@ -93,17 +153,15 @@ impl LineBoard {
         for (concert_id, counters) in rows {
             let entry = lines
                 .entry(concert_id.clone())
-                .or_insert_with(|| LineEntry {
-                    counters: watch::channel(counters).0,
-                    refreshed_at: None,
-                    samples: VecDeque::new(),
-                });
+                .or_insert_with(|| LineEntry::new(counters));
             entry.refreshed_at = Some(now);
             entry.counters.send_if_modified(|current| {
                 let changed = *current != counters;
                 *current = counters;
                 changed
             });
+            // After the counters: a woken watcher reads the new pointer.
+            entry.wake_reached();
             entry.samples.push_back((now, counters.admitted_total));
             while entry
                 .samples
@@ -156,6 +214,50 @@ mod tests {
             vec![("c".into(), counters(100))],
         );
         assert_eq!(board.admission_rate("c"), Some(50.0));
+    }
+
+    #[test]
+    fn a_reach_waker_fires_when_the_pointer_passes_its_place_and_not_before() {
+        let board = LineBoard::default();
+        let _watching = board.subscribe("c");
+        let now = Instant::now();
+        board.apply(now, vec![("c".into(), counters(3))]);
+        let mut passed_already = board.reached("c", 3);
+        let mut next = board.reached("c", 5);
+        let mut far = board.reached("c", 900);
+        assert_eq!(passed_already.try_recv(), Ok(()));
+        assert!(next.try_recv().is_err() && far.try_recv().is_err());
+
+        board.apply(now, vec![("c".into(), counters(4))]);
+        assert!(next.try_recv().is_err(), "place 5 is not reached by 4");
+        board.apply(now, vec![("c".into(), counters(10))]);
+        assert_eq!(next.try_recv(), Ok(()));
+        assert!(
+            far.try_recv().is_err(),
+            "a move of the line wakes only the places passed"
+        );
+        assert_eq!(board.lines.lock().unwrap()["c"].reach_waker_count, 1);
+    }
+
+    #[test]
+    fn wakers_of_watchers_gone_are_pruned() {
+        let board = LineBoard::default();
+        let _watching = board.subscribe("c");
+        // A fan who reopens a stream again and again leaves a waker behind each time.
+        for _ in 0..5_000 {
+            drop(board.reached("c", 100));
+        }
+        let kept = board.reached("c", 100);
+        let count = board.lines.lock().unwrap()["c"].reach_waker_count;
+        // Pruned whenever they outnumber twice the live watchers (one here) plus 1,024.
+        assert!(count <= 2 + 1_024 + 1, "{count} wakers kept");
+        board.apply(Instant::now(), vec![("c".into(), counters(100))]);
+        assert_eq!(
+            kept.blocking_recv(),
+            Ok(()),
+            "the live watcher is still woken"
+        );
+        assert_eq!(board.lines.lock().unwrap()["c"].reach_waker_count, 0);
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct QueueState {
     pub heartbeats: Arc<Heartbeats>,
     pub waiting: WaitingCache,
     pub shutdown: Shutdown,
+    /// A watcher's pause between position updates when far back (see `update_interval`).
+    pub watch_interval: Duration,
 }
 
 /// Implements both queue services over one shared state.
@@ -160,9 +162,11 @@ impl QueueService for QueueApi {
     }
 }
 
-/// How long a watcher waits between two position updates. Fans near the head get quick
-/// updates; fans far back don't need ten a second, and 100,000 watchers must not wake on
-/// every admission.
+/// How long a watcher waits between two position updates, given `far`, the pause of a fan
+/// 1,000 or more places back (`QUEUE_WATCH_INTERVAL`, 2 s by default). Fans near the head get
+/// quicker updates; fans far back don't need ten a second, and 100,000 watchers must not wake
+/// on every admission. None of them waits out its pause to hear of its own admission: the
+/// board wakes a watcher when the line's pointer reaches its place.
 ///
 /// Every update is a message the service encodes and a client decodes, so the cadence is the
 /// waiting room's main cost while a line moves. In the demo's rush (9,500 fans watching a
@@ -171,11 +175,11 @@ impl QueueService for QueueApi {
 /// in 6 s, and the demo's process burns a fifth less CPU per second of sale. A fan 1,000
 /// places back waits seconds at least; an update every 2 s is still more than hosted waiting
 /// rooms give (they refresh every 20 to 30 s).
-fn update_interval(position: i64) -> Duration {
+fn update_interval(position: i64, far: Duration) -> Duration {
     match position {
-        0..=99 => Duration::from_millis(100),
-        100..=999 => Duration::from_millis(500),
-        _ => Duration::from_secs(2),
+        0..=99 => far / 20,
+        100..=999 => far / 4,
+        _ => far,
     }
 }
 
@@ -197,6 +201,10 @@ async fn watch(
     // row at every flush (10,000 watchers: 10,000 row writes every 2 s in the demo, each
     // locking rows that admission then waited for).
     let mut noted_at = tokio::time::Instant::now();
+    // Resolves when this replica's board sees the admission pointer reach the fan's place.
+    // Registered once per stream and kept across pauses; `None` once it has fired.
+    let mut reached = (ticket.status == TokenStatus::Waiting)
+        .then(|| state.board.reached(&ticket.concert_id, ticket.place));
     let stopped = state.shutdown.clone().wait();
     tokio::pin!(stopped);
     loop {
@@ -225,7 +233,7 @@ async fn watch(
         // line; an ACTIVE one ends at its window's end or when its fan pays, which a slow
         // re-read notices (ACTIVE watchers are few, and must not read on every admission).
         let waiting = ticket.status == TokenStatus::Waiting;
-        let pause = tokio::time::sleep(update_interval(ticket.position()));
+        let pause = tokio::time::sleep(update_interval(ticket.position(), state.watch_interval));
         let recheck = if waiting {
             state.policy.heartbeat_every
         } else {
@@ -241,6 +249,12 @@ async fn watch(
                 pause.await;
                 let _ = line.changed().await;
             }, if waiting => {}
+            // The fan's own admission (or skip) ends the pause at once.
+            _ = async {
+                if let Some(reached) = reached.as_mut() {
+                    let _ = reached.await;
+                }
+            }, if waiting && reached.is_some() => reached = None,
             _ = tokio::time::sleep(window_end(&ticket)) => {}
             _ = tokio::time::sleep(recheck) => {}
         }
