@@ -117,7 +117,7 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
             payment_addr: local,
             max_active: args.cap,
             admit_rate: args.rate,
-            active_ttl: Duration::from_secs(60),
+            active_ttl: ACTIVE_TTL,
             idle_ttl: Duration::from_secs(120),
             hold_ttl: args.hold_ttl,
         },
@@ -162,6 +162,11 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
 // ---------------------------------------------------------------------------------------
 // The sale.
 
+/// How long an admitted fan of the demo stays ACTIVE (QUEUE_ACTIVE_TTL of its queue). The
+/// queue sets an ACTIVE token's `expire_time` to admission + this, which is how a fan knows
+/// when it was admitted.
+const ACTIVE_TTL: Duration = Duration::from_secs(60);
+
 /// What every fan shares: clients, the sale's catalog, live counters and the stop signal.
 struct Sale {
     seed: u64,
@@ -185,6 +190,9 @@ struct Sale {
     stop: watch::Sender<bool>,
     opened: Instant,
     sold_out_after: Mutex<Option<Duration>>,
+    /// For each admitted fan who watched the line: how long after its admission the stream
+    /// told it (the waiting room's own latency, beside the RPCs').
+    admission_heard: Mutex<Vec<Duration>>,
 }
 
 /// Counters the progress bars and the summary read.
@@ -213,6 +221,24 @@ struct RpcTimes {
 }
 
 impl Sale {
+    /// Notes how late an ACTIVE ticket reached its fan: admission was `ACTIVE_TTL` before its
+    /// `expire_time` (the queue's clock and this one are the same machine's).
+    fn heard_of_admission(&self, ticket: &queue_pb::QueueTicket) {
+        let Some(expire_time) = ticket.expire_time else {
+            return;
+        };
+        let admitted_at = std::time::UNIX_EPOCH
+            + Duration::new(expire_time.seconds.max(0) as u64, expire_time.nanos.max(0) as u32)
+            - ACTIVE_TTL;
+        let heard = std::time::SystemTime::now()
+            .duration_since(admitted_at)
+            .unwrap_or_default();
+        self.admission_heard
+            .lock()
+            .expect("admission times")
+            .push(heard);
+    }
+
     /// Times one RPC and files it under `rpc`.
     async fn call<T>(
         &self,
@@ -309,6 +335,7 @@ async fn sale(
         stop,
         opened: Instant::now(),
         sold_out_after: Mutex::new(None),
+        admission_heard: Mutex::new(Vec::new()),
     });
 
     // The ACTIVE cap, watched from the database while the sale runs.
@@ -361,6 +388,12 @@ async fn sale(
     audit.close().await;
     let sold_out_after = *sale.sold_out_after.lock().expect("sold out time");
     let rpcs = std::mem::take(&mut *sale.rpcs.lock().expect("rpc stats"));
+    let admission_heard = Summary {
+        name: "admission heard".into(),
+        elapsed: sale_time,
+        latencies: std::mem::take(&mut *sale.admission_heard.lock().expect("admission times")),
+        errors: 0,
+    };
     Ok(Report {
         sale_time,
         sold_out_after,
@@ -376,6 +409,7 @@ async fn sale(
         went_home: sale.live.went_home.load(Ordering::Relaxed),
         max_active: max_active.load(Ordering::Relaxed),
         rpcs,
+        admission_heard,
         checks,
     })
 }
@@ -520,9 +554,12 @@ async fn wait_for_admission(
     loop {
         tokio::select! {
             update = updates.message() => match update {
-                Ok(Some(update)) => match update.ticket.map(|ticket| ticket.status()) {
-                    Some(TokenStatus::Active) => return true,
-                    Some(TokenStatus::Waiting) => {}
+                Ok(Some(update)) => match update.ticket {
+                    Some(ticket) if ticket.status() == TokenStatus::Active => {
+                        sale.heard_of_admission(&ticket);
+                        return true;
+                    }
+                    Some(ticket) if ticket.status() == TokenStatus::Waiting => {}
                     _ => return false,
                 },
                 _ => return false,
@@ -1023,6 +1060,8 @@ struct Report {
     went_home: usize,
     max_active: i64,
     rpcs: HashMap<&'static str, RpcTimes>,
+    /// How long after admission each watching fan heard of it.
+    admission_heard: Summary,
     checks: Vec<Check>,
 }
 
@@ -1081,13 +1120,19 @@ impl Report {
             self.went_home,
             self.max_active
         );
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "  admission heard on the watch stream: p50 {:.2} ms, p99 {:.2} ms after it happened ({} fans)",
+            ms(self.admission_heard.quantile(0.50)),
+            ms(self.admission_heard.quantile(0.99)),
+            self.admission_heard.latencies.len()
+        );
         println!();
         println!(
             "  {:<28} {:>7} {:>8} {:>6} {:>9} {:>10} {:>10}",
             "rpc", "calls", "refused", "failed", "per s", "p50 ms", "p99 ms"
         );
         for (name, summary, refused) in self.rpc_summaries() {
-            let ms = |d: Duration| d.as_secs_f64() * 1e3;
             println!(
                 "  {:<28} {:>7} {:>8} {:>6} {:>9.0} {:>10.2} {:>10.2}",
                 name,
@@ -1147,7 +1192,8 @@ impl Report {
             "{{\"verdict\":\"{}\",\"fans\":{},\"seats\":{},\"cap\":{},\"rate\":{},\"seed\":{seed},\
              \"sale_seconds\":{},\"sold_out_seconds\":{},\"seats_sold\":{},\"payments\":{},\
              \"payments_refused\":{},\"admitted\":{},\"abandoned\":{},\"holds_left_to_expire\":{},\
-             \"double_clicks\":{},\"max_active\":{},\"rpcs\":[{}],\"checks\":[{}]}}\n",
+             \"double_clicks\":{},\"max_active\":{},\"admission_heard_p50_ms\":{},\
+             \"admission_heard_p99_ms\":{},\"rpcs\":[{}],\"checks\":[{}]}}\n",
             if self.passed() { "PASS" } else { "FAIL" },
             self.fans,
             self.seats,
@@ -1165,6 +1211,8 @@ impl Report {
             self.holds_left_to_expire,
             self.double_clicks,
             self.max_active,
+            ms(self.admission_heard.quantile(0.50)),
+            ms(self.admission_heard.quantile(0.99)),
             rpcs.join(","),
             checks.join(",")
         )
