@@ -228,7 +228,10 @@ impl Sale {
             return;
         };
         let admitted_at = std::time::UNIX_EPOCH
-            + Duration::new(expire_time.seconds.max(0) as u64, expire_time.nanos.max(0) as u32)
+            + Duration::new(
+                expire_time.seconds.max(0) as u64,
+                expire_time.nanos.max(0) as u32,
+            )
             - ACTIVE_TTL;
         let heard = std::time::SystemTime::now()
             .duration_since(admitted_at)
