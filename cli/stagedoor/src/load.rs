@@ -217,7 +217,7 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
     let concert = format!("bench-{run_id}");
     println!(
         "stagedoor load: {} connection(s), {} calls in flight, {}",
-        load.connections,
+        channels.len(),
         load.concurrency,
         target.describe()
     );
@@ -816,6 +816,13 @@ impl Target {
             Service::Payment => load.payment_url.clone(),
         };
         if needs.iter().all(|service| given(*service).is_some()) {
+            if load.replicas > 1 {
+                return Err(
+                    "--replicas starts services in this process; the services given \
+                            by URL are loaded as they run (put them behind a balancer instead)"
+                        .into(),
+                );
+            }
             return Ok(Self {
                 urls: needs
                     .iter()
@@ -834,9 +841,10 @@ impl Target {
             database: None,
         };
         for service in needs {
-            // Replicas of one service share its database; each reaches its peers through
-            // their first instance.
-            for _ in 0..load.replicas {
+            // Replicas of one service share its database; replica i reaches replica i of
+            // each peer (the peers' own count wrapping), so service-to-service calls spread
+            // over the replicas as the load's own calls do.
+            for replica in 0..usize::from(load.replicas) {
                 let handle = match service {
                     Service::Queue => {
                         let mut config = QueueConfig::for_database(database.url(db::QUEUE));
@@ -852,7 +860,7 @@ impl Target {
                     Service::Concert => {
                         let config = ConcertConfig::new(
                             database.url(db::CONCERT),
-                            target.url(Service::Queue),
+                            target.url_of(Service::Queue, replica),
                         );
                         mesh::start_on(local, |listener| stagedoor_concert::start(config, listener))
                             .await?
@@ -865,9 +873,9 @@ impl Target {
                     Service::Payment => {
                         let config = PaymentConfig::new(
                             database.url(db::PAYMENT),
-                            target.url(Service::Queue),
-                            target.url(Service::Concert),
-                            target.url(Service::Point),
+                            target.url_of(Service::Queue, replica),
+                            target.url_of(Service::Concert, replica),
+                            target.url_of(Service::Point, replica),
                         );
                         mesh::start_on(local, |listener| stagedoor_payment::start(config, listener))
                             .await?
@@ -881,11 +889,20 @@ impl Target {
         Ok(target)
     }
 
-    fn url(&self, service: Service) -> String {
+    /// The URLs of `service`'s instances, in start order.
+    fn urls_of(&self, service: Service) -> Vec<&str> {
         self.urls
             .iter()
-            .find(|(s, _)| *s == service)
-            .map(|(_, url)| url.clone())
+            .filter(|(s, _)| *s == service)
+            .map(|(_, url)| url.as_str())
+            .collect()
+    }
+
+    /// The URL of `service`'s instance `replica`, wrapping over the instances started.
+    fn url_of(&self, service: Service, replica: usize) -> String {
+        let urls = self.urls_of(service);
+        urls.get(replica % urls.len().max(1))
+            .map(|url| url.to_string())
             .unwrap_or_default()
     }
 
@@ -909,13 +926,11 @@ impl Target {
         &self,
         service: Service,
         connections: usize,
-    ) -> Result<Vec<Channel>, tonic::transport::Error> {
-        let urls: Vec<&str> = self
-            .urls
-            .iter()
-            .filter(|(s, _)| *s == service)
-            .map(|(_, url)| url.as_str())
-            .collect();
+    ) -> Result<Vec<Channel>, Box<dyn std::error::Error>> {
+        let urls = self.urls_of(service);
+        if urls.is_empty() {
+            return Err(format!("no {service:?} service in this run").into());
+        }
         let mut channels = Vec::new();
         for index in 0..connections.max(urls.len()) {
             channels.append(&mut connect(urls[index % urls.len()], 1).await?);
