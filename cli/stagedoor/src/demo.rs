@@ -117,7 +117,7 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
             payment_addr: local,
             max_active: args.cap,
             admit_rate: args.rate,
-            active_ttl: ACTIVE_TTL,
+            active_ttl: Duration::from_secs(60),
             idle_ttl: Duration::from_secs(120),
             hold_ttl: args.hold_ttl,
         },
@@ -161,11 +161,6 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
 
 // ---------------------------------------------------------------------------------------
 // The sale.
-
-/// How long an admitted fan of the demo stays ACTIVE (QUEUE_ACTIVE_TTL of its queue). The
-/// queue sets an ACTIVE token's `expire_time` to admission + this, which is how a fan knows
-/// when it was admitted.
-const ACTIVE_TTL: Duration = Duration::from_secs(60);
 
 /// What every fan shares: clients, the sale's catalog, live counters and the stop signal.
 struct Sale {
@@ -221,18 +216,17 @@ struct RpcTimes {
 }
 
 impl Sale {
-    /// Notes how late an ACTIVE ticket reached its fan: admission was `ACTIVE_TTL` before its
-    /// `expire_time` (the queue's clock and this one are the same machine's).
+    /// Notes how late an ACTIVE ticket reached its fan, from its `admit_time` (the queue's
+    /// clock and this one are the same machine's).
     fn heard_of_admission(&self, ticket: &queue_pb::QueueTicket) {
-        let Some(expire_time) = ticket.expire_time else {
+        let Some(admit_time) = ticket.admit_time else {
             return;
         };
         let admitted_at = std::time::UNIX_EPOCH
             + Duration::new(
-                expire_time.seconds.max(0) as u64,
-                expire_time.nanos.max(0) as u32,
-            )
-            - ACTIVE_TTL;
+                admit_time.seconds.max(0) as u64,
+                admit_time.nanos.max(0) as u32,
+            );
         let heard = std::time::SystemTime::now()
             .duration_since(admitted_at)
             .unwrap_or_default();
