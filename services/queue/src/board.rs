@@ -62,7 +62,8 @@ impl LineEntry {
 
     /// Drops the wakers of watchers that left before their place was reached (a fan who
     /// reopens a stream leaves one behind each time), once they could outnumber the live
-    /// ones: each live watcher holds one receiver of `counters` and at most one waker.
+    /// ones: each live watcher holds one receiver of `counters` and at most one waker. Run
+    /// on every registration and refresh; the threshold keeps the cost per call constant.
     fn forget_gone_watchers(&mut self) {
         if self.reach_waker_count <= 2 * self.counters.receiver_count() + 1_024 {
             return;
@@ -162,6 +163,7 @@ impl LineBoard {
             });
             // After the counters: a woken watcher reads the new pointer.
             entry.wake_reached();
+            entry.forget_gone_watchers();
             entry.samples.push_back((now, counters.admitted_total));
             while entry
                 .samples
