@@ -561,39 +561,28 @@ async fn read_and_commit(
 pub async fn release(pool: &PgPool, hold_id: Uuid, user_id: &str) -> Result<HoldRow, ConcertError> {
     let mut tx = pool.begin().await?;
     // The hold's row first, then its seats (lock order).
-    let status: Option<(String, String)> =
-        sqlx::query_as("SELECT status, user_id FROM holds WHERE hold_id = $1 FOR UPDATE")
-            .bind(hold_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    match status {
-        Some((_, owner)) if owner != user_id => {
+    let current: Option<(String, String, String, Vec<i32>)> = sqlx::query_as(
+        "SELECT status, user_id, schedule_id, seat_numbers FROM holds WHERE hold_id = $1 FOR UPDATE",
+    )
+    .bind(hold_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    match current {
+        Some((_, owner, _, _)) if owner != user_id => {
             return Err(ConcertError::HoldNotFound(hold_id.to_string()))
         }
         None => return Err(ConcertError::HoldNotFound(hold_id.to_string())),
-        Some((status, _)) if status == "CONFIRMED" => {
+        Some((status, ..)) if status == "CONFIRMED" => {
             return Err(ConcertError::HoldNotHeld("CONFIRMED"))
         }
         // Released before, or retired by the sweeper: its seats are free already.
-        Some((status, _)) if status == "RELEASED" || status == "EXPIRED" => {}
-        Some(_) => {
+        Some((status, ..)) if status == "RELEASED" || status == "EXPIRED" => {}
+        Some((_, _, schedule_id, seat_numbers)) => {
             sqlx::query("UPDATE holds SET status = 'RELEASED' WHERE hold_id = $1")
                 .bind(hold_id)
                 .execute(&mut *tx)
                 .await?;
-            // Only seats this hold still has: after expiry they may belong to someone else.
-            // Locked in seat order first, like every other transaction here takes seats.
-            sqlx::query(
-                "UPDATE seats SET held_by = NULL, held_until = NULL
-                  WHERE (schedule_id, seat_number) IN (
-                        SELECT schedule_id, seat_number FROM seats
-                         WHERE held_by = $1 AND sold_to_payment IS NULL
-                         ORDER BY schedule_id, seat_number
-                           FOR UPDATE)",
-            )
-            .bind(hold_id)
-            .execute(&mut *tx)
-            .await?;
+            unmark_seats(&mut tx, &[(hold_id, schedule_id, seat_numbers)]).await?;
         }
     }
     read_and_commit(tx, hold_id).await
@@ -633,11 +622,21 @@ pub async fn retire_expired_holds(
     if retired.is_empty() {
         return Ok(0);
     }
-    // Only seats that still carry a retired hold's mark: a seat taken by another fan since
-    // (or sold) belongs to them. Locked in seat order like everywhere else here, so the pass
-    // cannot deadlock with a batch of holds or confirms.
+    unmark_seats(&mut tx, &retired).await?;
+    tx.commit().await?;
+    Ok(retired.len() as u64)
+}
+
+/// Takes each hold's mark off its seats `(hold_id, schedule_id, seat_numbers)`, where a seat
+/// still carries it: a seat taken by another fan since the hold expired (or sold) belongs to
+/// them. The seats are found by their key and locked in seat order like everywhere else
+/// here, so this cannot deadlock with a batch of holds or confirms.
+async fn unmark_seats(
+    tx: &mut sqlx::PgConnection,
+    holds: &[(Uuid, String, Vec<i32>)],
+) -> Result<(), sqlx::Error> {
     let (mut dates, mut numbers, mut marks) = (Vec::new(), Vec::new(), Vec::new());
-    for (hold_id, date, seats) in &retired {
+    for (hold_id, date, seats) in holds {
         for number in seats {
             dates.push(date.as_str());
             numbers.push(*number);
@@ -659,10 +658,9 @@ pub async fn retire_expired_holds(
     .bind(&numbers)
     .bind(&marks)
     .persistent(false)
-    .execute(&mut *tx)
+    .execute(tx)
     .await?;
-    tx.commit().await?;
-    Ok(retired.len() as u64)
+    Ok(())
 }
 
 /// A ConfirmHold call, checked.

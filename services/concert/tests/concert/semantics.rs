@@ -88,6 +88,67 @@ async fn an_expired_hold_frees_its_seats_at_once() {
     );
 }
 
+/// ReleaseHold frees a live hold's seats at once, and of an expired hold only the seats it
+/// still has: one taken by another fan since stays theirs.
+#[tokio::test]
+async fn release_frees_only_the_seats_a_hold_still_has() {
+    let mesh = mesh(1, |_, concert| {
+        concert.hold_ttl = Duration::from_millis(800)
+    })
+    .await;
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let alice = mesh.active_token(&concert_id, "alice").await;
+    let bob = mesh.active_token(&concert_id, "bob").await;
+    let release = |token: &str, hold_id: &str| {
+        let mut public = mesh.concerts[0].public.clone();
+        let request = with_bearer(
+            pb::ReleaseHoldRequest {
+                hold_id: hold_id.into(),
+            },
+            token,
+        );
+        async move {
+            public
+                .release_hold(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .hold
+                .unwrap()
+        }
+    };
+
+    let old = mesh
+        .hold(0, &alice, &schedule_id, &[1, 2], "a-1")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let bobs = mesh
+        .hold(0, &bob, &schedule_id, &[2, 3], "b-1")
+        .await
+        .unwrap();
+    // Alice lets go of her expired hold: seat 2 is bob's now and stays so.
+    assert_eq!(
+        release(&alice, &old.hold_id).await.status(),
+        pb::HoldStatus::Released
+    );
+    let seats = mesh.seats(&bob, &schedule_id).await;
+    assert_eq!(status_of(&seats, 1), pb::SeatStatus::Available);
+    assert_eq!(status_of(&seats, 2), pb::SeatStatus::Held);
+
+    // Bob lets go of his live hold: both seats are free at once, for anyone.
+    assert_eq!(
+        release(&bob, &bobs.hold_id).await.status(),
+        pb::HoldStatus::Released
+    );
+    let seats = mesh.seats(&alice, &schedule_id).await;
+    assert_eq!(status_of(&seats, 2), pb::SeatStatus::Available);
+    assert_eq!(status_of(&seats, 3), pb::SeatStatus::Available);
+    mesh.hold(0, &alice, &schedule_id, &[2, 3], "a-2")
+        .await
+        .expect("released seats can be held again");
+}
+
 #[tokio::test]
 async fn confirm_is_idempotent_per_payment_and_sells_once() {
     let mesh = mesh(1, |_, _| {}).await;
