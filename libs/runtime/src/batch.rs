@@ -81,15 +81,14 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// the batch does the work all the same, and a retry sees it done.
     pub async fn call(&self, input: I) -> Result<O, ApiError> {
         let (reply, answer) = oneshot::channel();
+        let stopped = || abandoned("the service is shutting down; retry");
         self.calls
             .send(Call { input, reply })
             .await
-            .map_err(|_| abandoned("the service is shutting down; retry"))?;
+            .map_err(|_| stopped())?;
         // A dropped reply means the batch's task died (a panic): the work may or may not have
         // happened, which UNAVAILABLE tells a client (retry with the same key).
-        answer
-            .await
-            .map_err(|_| abandoned("the service is shutting down; retry"))?
+        answer.await.map_err(|_| stopped())?
     }
 }
 
