@@ -80,15 +80,14 @@ pub enum Fault {
 }
 
 /// The reasons a FAILED payment may carry, as stable `'static` ErrorInfo reasons. A peer's
-/// refusal outside this list is reported as PAYMENT_FAILED with the peer's reason in the
-/// metadata (`cause`).
-const FAILURE_REASONS: [(&str, Code); 6] = [
+/// refusal outside this list is reported as PAYMENT_FAILED (FAILED_PRECONDITION) with the
+/// peer's reason in the metadata (`cause`). No peer's INVALID_ARGUMENT is passed on as such:
+/// Pay's own input was checked before the saga began, so the fan's request was not at fault.
+const FAILURE_REASONS: [(&str, Code); 4] = [
     ("INSUFFICIENT_BALANCE", Code::FailedPrecondition),
     ("HOLD_EXPIRED", Code::FailedPrecondition),
     ("HOLD_NOT_HELD", Code::FailedPrecondition),
     ("HOLD_NOT_FOUND", Code::NotFound),
-    ("AMOUNT_OUT_OF_RANGE", Code::InvalidArgument),
-    ("BALANCE_CAP_EXCEEDED", Code::InvalidArgument),
 ];
 
 /// What a Pay, GetPayment or ListPayments call can fail with.

@@ -27,7 +27,7 @@ pub struct PointConfig {
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub database_max_connections: u32,
 
-    /// Largest amount of one charge or spend, in won.
+    /// Largest amount of one charge, in won (a spend may take up to the balance cap).
     #[arg(long, env = "POINT_MAX_AMOUNT", default_value_t = DEFAULT_MAX_AMOUNT)]
     pub max_amount: i64,
 

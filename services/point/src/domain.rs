@@ -98,7 +98,9 @@ impl From<PointError> for ApiError {
                     .with_field("amount")
             }
             PointError::BalanceCapExceeded { cap } => {
-                ApiError::new(Code::InvalidArgument, "BALANCE_CAP_EXCEEDED", message)
+                // The amount is valid; the wallet's state refuses it (DESIGN.md: state is
+                // FAILED_PRECONDITION).
+                ApiError::new(Code::FailedPrecondition, "BALANCE_CAP_EXCEEDED", message)
                     .with_metadata("cap", cap.to_string())
             }
             PointError::IdempotencyKeyReused { key } => {

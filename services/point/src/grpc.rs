@@ -36,16 +36,24 @@ impl PointApi {
         }
     }
 
-    /// An amount between 1 and the configured maximum.
-    fn amount(&self, amount: i64) -> Result<i64, PointError> {
-        if (1..=self.state.max_amount).contains(&amount) {
-            Ok(amount)
-        } else {
-            Err(PointError::AmountOutOfRange {
-                amount,
-                max: self.state.max_amount,
-            })
-        }
+    /// A charge's amount: 1 to the configured maximum of one charge.
+    fn charge_amount(&self, amount: i64) -> Result<i64, PointError> {
+        amount_within(amount, self.state.max_amount)
+    }
+
+    /// A spend's amount: 1 to the balance cap. A spend pays a whole hold (up to four seats),
+    /// which may cost more than one charge may add, so the charge maximum does not apply;
+    /// no wallet can hold more than the cap, so a larger spend could never succeed.
+    fn spend_amount(&self, amount: i64) -> Result<i64, PointError> {
+        amount_within(amount, self.state.balance_cap)
+    }
+}
+
+fn amount_within(amount: i64, max: i64) -> Result<i64, PointError> {
+    if (1..=max).contains(&amount) {
+        Ok(amount)
+    } else {
+        Err(PointError::AmountOutOfRange { amount, max })
     }
 }
 
@@ -88,7 +96,7 @@ impl PointService for PointApi {
         let request = request.into_inner();
         let user_id = validate::id("user_id", &request.user_id)?;
         let request_id = validate::id("request_id", &request.request_id)?;
-        let amount = self.amount(request.amount)?;
+        let amount = self.charge_amount(request.amount)?;
         let entry = store::charge(
             &self.state.pool,
             user_id,
@@ -139,7 +147,7 @@ impl PointInternalService for PointApi {
         let request = request.into_inner();
         let user_id = validate::id("user_id", &request.user_id)?;
         let payment_id = validate::id("payment_id", &request.payment_id)?;
-        let amount = self.amount(request.amount)?;
+        let amount = self.spend_amount(request.amount)?;
         let entry = store::spend(&self.state.pool, user_id, amount, payment_id).await?;
         Ok(Response::new(pb::SpendPointsResponse {
             entry: Some(entry.to_proto()),

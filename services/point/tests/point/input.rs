@@ -33,12 +33,17 @@ async fn bad_amounts_and_ids_are_refused_and_write_nothing() {
             "{user_id:?} {amount} {request_id:?}"
         );
         assert_eq!(reason(&status), *expected);
+        // A spend's limit is the balance cap, not the charge maximum (below).
+        if *amount == 1_000_001 {
+            continue;
+        }
         let status = point.spend(user_id, *amount, request_id).await.unwrap_err();
         assert_eq!(
             status.code(),
             Code::InvalidArgument,
             "spend {user_id:?} {amount} {request_id:?}"
         );
+        assert_eq!(reason(&status), *expected, "spend");
     }
     let status = point.refund("").await.unwrap_err();
     assert_eq!(reason(&status), "INVALID_FIELD");
@@ -48,8 +53,17 @@ async fn bad_amounts_and_ids_are_refused_and_write_nothing() {
     point.charge("fan", 1_000_000, "a").await.unwrap();
     point.charge("fan", 1_000_000, "b").await.unwrap();
     let capped = point.charge("fan", 1, "c").await.unwrap_err();
-    assert_eq!(capped.code(), Code::InvalidArgument);
+    assert_eq!(capped.code(), Code::FailedPrecondition);
     assert_eq!(reason(&capped), "BALANCE_CAP_EXCEEDED");
     assert_eq!(point.balance("fan").await, 2_000_000);
     assert_eq!(audit(&database).await, 2);
+
+    // A spend pays a whole hold, which may cost more than one charge may add: anything up to
+    // the cap is a valid amount, and past it no wallet could ever pay.
+    let over_cap = point.spend("fan", 2_000_001, "pay-0").await.unwrap_err();
+    assert_eq!(over_cap.code(), Code::InvalidArgument);
+    assert_eq!(reason(&over_cap), "AMOUNT_OUT_OF_RANGE");
+    let spent = point.spend("fan", 1_500_000, "pay-1").await.unwrap();
+    assert_eq!(spent.balance_after, 500_000);
+    assert_eq!(audit(&database).await, 3);
 }
