@@ -105,6 +105,25 @@ async fn pay_spends_sells_completes_the_token_and_admits_the_next_fan() {
 }
 
 #[tokio::test]
+async fn a_hold_costing_more_than_one_charge_may_add_is_paid() {
+    // One charge adds at most 1.5 seats' price; the fan charges twice and holds four seats.
+    let mesh = mesh(50, |settings| {
+        settings.point.max_amount = SEAT_PRICE * 3 / 2
+    })
+    .await;
+    let fan = mesh.fan("big-spender", SEAT_PRICE * 3 / 2).await;
+    mesh.charge("big-spender", SEAT_PRICE * 3 / 2).await;
+    mesh.charge("big-spender", SEAT_PRICE).await;
+    let hold = mesh.hold(&fan, &[1, 2, 3, 4]).await;
+
+    let receipt = mesh.pay(0, &fan, &hold.hold_id, "pay-1").await.unwrap();
+    assert_eq!(receipt.status(), PaymentStatus::Completed);
+    assert_eq!(receipt.amount, 4 * SEAT_PRICE);
+    assert_eq!(mesh.balance("big-spender").await, 0);
+    mesh.audit().await;
+}
+
+#[tokio::test]
 async fn insufficient_balance_spends_nothing_and_keeps_the_hold() {
     let mesh = mesh(50, |_| {}).await;
     let fan = mesh.fan("short", SEAT_PRICE - 1).await;
