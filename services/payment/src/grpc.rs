@@ -121,11 +121,30 @@ impl PaymentApi {
             Ok(new) => new,
             Err(refused) => return self.replay_or(|| refused, &fan, request_id, hold_id).await,
         };
-        let started = Instant::now();
-        let inserted = self.state.saga.writes.insert(new).await;
-        HOPS.record(Hop::Record, started);
-        let payment = match inserted? {
-            Ok(payment) => payment,
+        // From the INSERT on, the work runs on its own task: a client that hangs up drops this
+        // handler, not the saga, which must never stop half-way because nobody is listening
+        // any more. Were the INSERT awaited here, a hang-up just after it committed would
+        // leave the payment recorded, leased to this replica and undriven until its lease ran
+        // out and recovery took it (PAYMENT_LEASE, 30 s by default).
+        let saga = self.state.saga.clone();
+        let patience = self.state.patience;
+        let recorded = tokio::spawn(async move {
+            let started = Instant::now();
+            let inserted = saga.writes.insert(new).await;
+            HOPS.record(Hop::Record, started);
+            let driven: Result<Result<(Uuid, Driven), InsertRefused>, ApiError> = match inserted? {
+                Ok(payment) => {
+                    let payment_id = payment.payment_id;
+                    Ok(Ok((payment_id, saga.drive(payment, patience).await?)))
+                }
+                Err(refused) => Ok(Err(refused)),
+            };
+            driven
+        })
+        .await
+        .map_err(ApiError::internal)?;
+        let (payment_id, driven) = match recorded? {
+            Ok(driven) => driven,
             // The request id was used before (an earlier Pay, or its twin a moment ago):
             // answer as its replay.
             Err(InsertRefused::RequestUsed) => {
@@ -147,15 +166,6 @@ impl PaymentApi {
                 return self.replay_or(|| refused, &fan, request_id, hold_id).await;
             }
         };
-
-        // The saga runs on its own task: a client that hangs up drops this handler, not the
-        // saga, which must never stop half-way because nobody is listening any more.
-        let payment_id = payment.payment_id;
-        let saga = self.state.saga.clone();
-        let patience = self.state.patience;
-        let driven = tokio::spawn(async move { saga.drive(payment, patience).await })
-            .await
-            .map_err(ApiError::internal)??;
         match driven {
             Driven::Settled(payment) => answer(payment),
             Driven::Deferred(_) | Driven::Crashed => {

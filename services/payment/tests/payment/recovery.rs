@@ -205,3 +205,45 @@ async fn a_client_that_hangs_up_does_not_stop_the_saga() {
     assert_eq!(mesh.balance("gone").await, 0);
     mesh.audit().await;
 }
+
+#[tokio::test]
+async fn a_hang_up_at_any_moment_leaves_no_payment_undriven() {
+    // An hour's lease and a slow recovery worker: only the call's own task can settle a
+    // payment within this test. Forty callers hang up after 0, 1, 2, ... ms, so some do so
+    // between the payment's INSERT and the start of its saga; each payment recorded must
+    // still settle at once.
+    let mesh = mesh(50, |settings| {
+        settings.payment.lease = Duration::from_secs(3_600);
+        settings.payment.recovery_interval = Duration::from_secs(60);
+        settings.payment.retry_max = Duration::from_secs(60);
+    })
+    .await;
+    for index in 0..40 {
+        let fan = mesh.fan(&format!("impatient-{index}"), SEAT_PRICE).await;
+        let hold = mesh.hold(&fan, &[index + 1]).await;
+        let _ = tokio::time::timeout(
+            Duration::from_millis(index as u64),
+            mesh.pay(0, &fan, &hold.hold_id, "pay"),
+        )
+        .await;
+    }
+    let mut pending = Vec::new();
+    for _ in 0..100 {
+        pending = mesh
+            .payment_rows()
+            .await
+            .into_iter()
+            .filter(|(_, status, _)| status == "PENDING")
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(pending.is_empty(), "left undriven: {pending:?}");
+    assert!(
+        !mesh.payment_rows().await.is_empty(),
+        "some calls got as far as a payment"
+    );
+    mesh.audit().await;
+}
