@@ -61,6 +61,7 @@ pub async fn start(
         owner,
         settings: SagaSettings {
             lease: config.lease,
+            call_deadline: config.call_deadline,
             retry_base: config.recovery_interval,
             retry_max: config.retry_max,
             fault: config.fault,

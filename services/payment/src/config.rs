@@ -110,8 +110,9 @@ impl PaymentConfig {
 
     /// Checks the settings that clap's types do not.
     pub fn validate(&self) -> Result<(), String> {
-        // A driver renews its lease before every call: the call must end (its deadline)
-        // well before the lease does, or another replica could take over mid-call.
+        // A driver renews its lease before a call whenever less than two call deadlines are
+        // left of it (saga.rs, `drive`): so a lease must last at least that long, or another
+        // replica could take over mid-call.
         if self.lease < self.call_deadline * 2 {
             return Err("PAYMENT_LEASE must be at least twice PAYMENT_CALL_DEADLINE".into());
         }

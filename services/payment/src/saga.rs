@@ -42,6 +42,9 @@ const MAX_PAUSE: Duration = Duration::from_secs(1);
 pub struct SagaSettings {
     /// How long a driver owns a payment without recording progress or renewing.
     pub lease: Duration,
+    /// Deadline of every call to a peer: the lease is renewed while it has less than two of
+    /// these left.
+    pub call_deadline: Duration,
     /// First backoff of a payment released for later; doubles per failed round.
     pub retry_base: Duration,
     /// Longest backoff.
@@ -92,8 +95,34 @@ impl Saga {
         // The step the row says. `payment.step` runs ahead of it while successful steps are
         // carried in memory (see `Next::Proceed`).
         let mut recorded = payment.step();
+        // When this driver's lease was last set (the INSERT or the claim just before this
+        // call, then every record and renewal). A step carried in memory (`Next::Proceed`)
+        // writes nothing, so without a check here two slow calls in a row could outlast the
+        // lease and let recovery drive the same payment alongside.
+        let mut leased_at = Instant::now();
         loop {
             let step = payment.step();
+            // The lease must outlast the call about to be made, with one more call's deadline
+            // to spare (for the time between the lease's start and `leased_at`): renew it
+            // when less is left. With the default 30 s lease and 5 s deadline this never
+            // happens on a smooth payment; at the smallest lease allowed (two deadlines) it
+            // happens before every call.
+            if step != Step::Done
+                && leased_at.elapsed() + self.settings.call_deadline * 2 > self.settings.lease
+            {
+                let still_ours = store::renew(
+                    &self.pool,
+                    payment.payment_id,
+                    self.owner,
+                    recorded,
+                    self.settings.lease,
+                )
+                .await?;
+                if !still_ours {
+                    return Ok(Driven::Elsewhere);
+                }
+                leased_at = Instant::now();
+            }
             let next = match step {
                 Step::Done => return Ok(Driven::Settled(payment)),
                 Step::Spend => self.spend(&payment).await,
@@ -111,6 +140,7 @@ impl Saga {
                         Some(next) => payment = next,
                         None => return Ok(Driven::Elsewhere),
                     }
+                    leased_at = Instant::now();
                     recorded = payment.step();
                     pause = FIRST_PAUSE;
                 }
@@ -154,6 +184,7 @@ impl Saga {
                     if !still_ours {
                         return Ok(Driven::Elsewhere);
                     }
+                    leased_at = Instant::now();
                 }
             }
         }
