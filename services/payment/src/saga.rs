@@ -265,7 +265,9 @@ impl Saga {
                 Next::Record(Advance {
                     to: Step::Refund,
                     status: Status::Pending,
-                    balance_after: None,
+                    // The spend's, carried in memory so far: written now, or the receipt of
+                    // the failed payment would say 0.
+                    balance_after: Some(payment.balance_after),
                     failure: Some((reason, message)),
                 })
             }

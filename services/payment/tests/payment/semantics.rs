@@ -214,6 +214,8 @@ async fn expired_hold_whose_seat_was_retaken_is_refunded() {
     let payment = mesh.payment(&rows[0].0.to_string()).await;
     assert_eq!(payment.status(), PaymentStatus::Failed);
     assert_eq!(payment.failure_reason, "HOLD_EXPIRED");
+    // The record says what the spend left, as the proto promises once points were spent.
+    assert_eq!(payment.balance_after, 300_000 - 2 * SEAT_PRICE);
     // The points went out and came back.
     let ledger = mesh.ledger("late").await;
     let kinds: Vec<_> = ledger
