@@ -15,7 +15,8 @@ use crate::{
 };
 
 /// Reads the bearer token of a call. UNAUTHENTICATED / MISSING_TOKEN when there is none,
-/// INVALID_ARGUMENT / MALFORMED_TOKEN when the header is not `Bearer <token>`. Whether the
+/// UNAUTHENTICATED / MALFORMED_TOKEN when the header is not `Bearer <token>`: a credential
+/// problem, not bad input, so a gateway answers 401 as for an unknown token. Whether the
 /// token is real is the queue service's to say (its ValidateToken).
 pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, ApiError> {
     let Some(value) = metadata.get("authorization") else {
@@ -27,7 +28,7 @@ pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, ApiError> {
     };
     let malformed = || {
         ApiError::new(
-            tonic::Code::InvalidArgument,
+            tonic::Code::Unauthenticated,
             "MALFORMED_TOKEN",
             "the authorization metadata must be `Bearer <token>`",
         )
@@ -252,6 +253,11 @@ fn queue_refusal(
         _ => None,
     };
     match (known, code) {
+        // The queue says INVALID_ARGUMENT: to it the token is a request field. To our caller
+        // it is the bearer credential, and a credential that is no token is UNAUTHENTICATED.
+        (Some(reason @ "MALFORMED_TOKEN"), _) => {
+            ApiError::new(Code::Unauthenticated, reason, message)
+        }
         (Some(reason), code) => {
             let mut error = ApiError::new(code, reason, message);
             if let Some(token_status) = token_status {

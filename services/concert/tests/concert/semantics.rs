@@ -238,7 +238,7 @@ async fn tokens_decide_who_may_call_and_as_whom() {
     let malformed = dates(Some("not-a-token"), &concert_id).await.unwrap_err();
     assert_eq!(
         (malformed.code(), reason(&malformed).as_str()),
-        (Code::InvalidArgument, "MALFORMED_TOKEN")
+        (Code::Unauthenticated, "MALFORMED_TOKEN")
     );
     let unknown = dates(Some(&uuid::Uuid::new_v4().to_string()), &concert_id)
         .await

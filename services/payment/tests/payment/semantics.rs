@@ -282,7 +282,10 @@ async fn bad_calls_get_a_clear_status_and_change_nothing() {
         .metadata_mut()
         .insert("authorization", "Basic abc".parse().unwrap());
     let malformed = client.pay(malformed).await.unwrap_err();
-    assert_eq!(reason(&malformed), "MALFORMED_TOKEN");
+    assert_eq!(
+        (malformed.code(), reason(&malformed).as_str()),
+        (Code::Unauthenticated, "MALFORMED_TOKEN")
+    );
     let unknown_token = client
         .pay(with_bearer(
             pay_request(&hold.hold_id, "r1"),
@@ -294,6 +297,7 @@ async fn bad_calls_get_a_clear_status_and_change_nothing() {
         ["TOKEN_NOT_FOUND", "MALFORMED_TOKEN"].contains(&reason(&unknown_token).as_str()),
         "{unknown_token:?}"
     );
+    assert_eq!(unknown_token.code(), Code::Unauthenticated);
     let not_active = client
         .pay(with_bearer(
             pay_request(&hold.hold_id, "r1"),
