@@ -288,6 +288,11 @@ pub async fn hold_batch(
     let mut answers: Vec<Option<Result<HoldRow, ConcertError>>> =
         requests.iter().map(|_| None).collect();
 
+    // The clock of every statement below is `statement_timestamp()`, not `now()`: `now()` is
+    // when the transaction began, and a batch may wait long on the locks behind another
+    // replica's batch. A hold that expired meanwhile must count as gone, and a new hold must
+    // get its full time from when it is written.
+    //
     // Every statement below is sent unprepared: they join batches against tables that fill
     // up during a rush, and a plan cached while `holds` was empty (a scan) would be kept as
     // it grows (see the plan note in libs/runtime/src/db.rs). Planning once per batch is cheap.
@@ -329,37 +334,48 @@ pub async fn hold_batch(
         }
     }
 
-    // Seats each fan already holds on each date (live holds only), under the fans' locks.
-    let fan_holds: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT user_id, schedule_id, sum(cardinality(seat_numbers))::int8
-           FROM holds
-          WHERE (user_id, schedule_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-            AND status = 'HELD' AND expire_time > now()
-          GROUP BY user_id, schedule_id",
-    )
-    .bind(&users)
-    .bind(&dates)
-    .persistent(false)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut held: HashMap<(&str, &str), i64> = fan_holds
-        .iter()
-        .map(|(user, date, count)| ((user.as_str(), date.as_str()), *count))
-        .collect();
-
-    // Lock every seat of the batch in seat order and look at it under the lock: a seat is
-    // free when it is not sold and any hold on it has passed its time.
+    // Lock every seat of the batch in seat order and read it under the lock.
     let (seat_dates, seat_numbers): (Vec<&str>, Vec<i32>) = requests
         .iter()
         .flat_map(|r| r.seat_numbers.iter().map(|n| (r.schedule_id.as_str(), *n)))
         .unzip();
     let locked = lock_seats(&mut tx, &seat_dates, &seat_numbers).await?;
+
+    // Seats each fan already holds on each date (live holds only), under the fans' locks,
+    // and the clock every decision of this batch is made by. This statement runs after the
+    // seat locks were granted, however long that took: a hold that expired while this batch
+    // waited behind another replica's counts as gone, for its seats and for its fan's limit.
+    // (One row always, so the clock comes back when nobody holds anything.)
+    let (clock, fan_users, fan_dates, fan_counts): FanHolds = sqlx::query_as(
+        "SELECT statement_timestamp(), array_agg(user_id), array_agg(schedule_id),
+                array_agg(seats)
+           FROM (SELECT user_id, schedule_id, sum(cardinality(seat_numbers))::int8 AS seats
+                   FROM holds
+                  WHERE (user_id, schedule_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+                    AND status = 'HELD' AND expire_time > statement_timestamp()
+                  GROUP BY user_id, schedule_id) AS fan",
+    )
+    .bind(&users)
+    .bind(&dates)
+    .persistent(false)
+    .fetch_one(&mut *tx)
+    .await?;
+    let (fan_users, fan_dates) = (fan_users.unwrap_or_default(), fan_dates.unwrap_or_default());
+    let mut held: HashMap<(&str, &str), i64> = fan_users
+        .iter()
+        .zip(&fan_dates)
+        .zip(fan_counts.unwrap_or_default())
+        .map(|((user, date), count)| ((user.as_str(), date.as_str()), count))
+        .collect();
+
+    // A seat is free when it is not sold and any hold on it has passed its time.
     let mut seats: HashMap<(&str, i32), (bool, i64)> = locked
         .iter()
         .map(|seat| {
+            let free = seat.unsold && seat.held_until.is_none_or(|until| until <= clock);
             (
                 (seat.schedule_id.as_str(), seat.seat_number),
-                (seat.free, seat.price),
+                (free, seat.price),
             )
         })
         .collect();
@@ -417,7 +433,8 @@ pub async fn hold_batch(
              INSERT INTO holds (hold_id, schedule_id, concert_id, user_id, seat_numbers,
                                 total_price, status, expire_time, request_id)
              SELECT w.hold_id, w.schedule_id, w.concert_id, w.user_id, w.seats::int4[],
-                    w.total_price, 'HELD', now() + make_interval(secs => $8), w.request_id
+                    w.total_price, 'HELD', statement_timestamp() + make_interval(secs => $8),
+                    w.request_id
                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
                            $6::int8[], $7::text[])
                     AS w (hold_id, schedule_id, concert_id, user_id, seats, total_price,
@@ -472,14 +489,23 @@ pub async fn hold_batch(
     Ok(answered)
 }
 
+/// The batch's clock, then the seats each of its fans holds per date (three parallel arrays,
+/// NULL when nobody holds anything).
+type FanHolds = (
+    DateTime<Utc>,
+    Option<Vec<String>>,
+    Option<Vec<String>>,
+    Option<Vec<i64>>,
+);
+
 /// A seat's row as a transaction sees it under its lock.
 #[derive(Debug, sqlx::FromRow)]
 struct LockedSeat {
     schedule_id: String,
     seat_number: i32,
     held_by: Option<Uuid>,
-    /// Not sold, and any hold on it has passed its time.
-    free: bool,
+    /// Until when its hold keeps it, if it has one (which may have passed).
+    held_until: Option<DateTime<Utc>>,
     unsold: bool,
     price: i64,
 }
@@ -492,8 +518,7 @@ async fn lock_seats(
     numbers: &[i32],
 ) -> Result<Vec<LockedSeat>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT schedule_id, seat_number, held_by,
-                sold_to_payment IS NULL AND (held_until IS NULL OR held_until <= now()) AS free,
+        "SELECT schedule_id, seat_number, held_by, held_until,
                 sold_to_payment IS NULL AS unsold,
                 price
            FROM seats

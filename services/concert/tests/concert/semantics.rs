@@ -88,6 +88,63 @@ async fn an_expired_hold_frees_its_seats_at_once() {
     );
 }
 
+/// A hold that expires while another fan's HoldSeats waits for the seat's lock is gone by
+/// the time that fan's batch decides: expiry is exact however long the lock took.
+#[tokio::test]
+async fn a_hold_that_expires_during_a_lock_wait_no_longer_counts() {
+    let mesh = mesh(1, |_, concert| {
+        concert.hold_ttl = Duration::from_millis(600)
+    })
+    .await;
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let alice = mesh.active_token(&concert_id, "alice").await;
+    let bob = mesh.active_token(&concert_id, "bob").await;
+    mesh.hold(0, &alice, &schedule_id, &[7], "a-1")
+        .await
+        .unwrap();
+
+    // Another transaction sits on seat 7's lock (as another replica's batch would) until
+    // well after alice's hold has run out.
+    let admin = mesh.database.admin().await;
+    let mut blocker = admin.begin().await.unwrap();
+    sqlx::query(
+        "SELECT 1 FROM concert.seats WHERE schedule_id = $1 AND seat_number = 7 FOR UPDATE",
+    )
+    .bind(&schedule_id)
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+    let mut public = mesh.concerts[0].public.clone();
+    let request = with_bearer(
+        pb::HoldSeatsRequest {
+            schedule_id: schedule_id.clone(),
+            seat_numbers: vec![7],
+            request_id: "b-1".into(),
+        },
+        &bob,
+    );
+    let waiting = tokio::spawn(async move { public.hold_seats(request).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiting.is_finished(),
+        "bob's hold waits on the seat's lock"
+    );
+    // Past alice's 600 ms (counted from before her hold was made), then let bob through.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    blocker.commit().await.unwrap();
+    admin.close().await;
+
+    let taken = waiting
+        .await
+        .unwrap()
+        .expect("alice's hold ran out while bob waited")
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(taken.user_id, "bob");
+    assert_eq!(taken.seat_numbers, vec![7]);
+}
+
 /// ReleaseHold frees a live hold's seats at once, and of an expired hold only the seats it
 /// still has: one taken by another fan since stays theirs.
 #[tokio::test]
