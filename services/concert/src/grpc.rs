@@ -66,8 +66,8 @@ impl ConcertApi {
         self.state.tokens.fan(request.metadata()).await
     }
 
-    /// A date of the fan's concert. A date of another concert is NOT_FOUND to this fan,
-    /// exactly like a date that does not exist.
+    /// A date of the fan's concert. A date of another concert is PERMISSION_DENIED /
+    /// TOKEN_WRONG_CONCERT: the token admits to one concert only.
     async fn schedule_for(
         &self,
         fan: &Fan,
@@ -232,6 +232,15 @@ impl ConcertService for ConcertApi {
             .open_dates
             .call(concert_id.to_owned())
             .await?;
+        // No date listed: sold out, or no such concert (a token can be issued for any id,
+        // as the queue knows no catalog). Only then is existence worth a lookup.
+        if schedules.is_empty()
+            && !store::concert_exists(&self.state.pool, concert_id)
+                .await
+                .map_err(ApiError::from)?
+        {
+            return Err(ConcertError::ConcertNotFound(concert_id.to_owned()).into());
+        }
         Ok(Response::new(pb::ListAvailableDatesResponse {
             schedules: schedules
                 .iter()
@@ -312,7 +321,7 @@ impl ConcertService for ConcertApi {
     ) -> Result<Response<pb::ReleaseHoldResponse>, Status> {
         let fan = self.fan_of(&request).await?;
         let hold_id = parse_hold_id(&request.get_ref().hold_id)?;
-        let hold = store::release(&self.state.pool, hold_id, &fan.user_id).await?;
+        let hold = store::release(&self.state.pool, hold_id, &fan.user_id, &fan.concert_id).await?;
         Ok(Response::new(pb::ReleaseHoldResponse {
             hold: Some(hold_to_proto(&hold)),
         }))

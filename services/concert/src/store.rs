@@ -582,27 +582,42 @@ async fn read_and_commit(
     Ok(hold)
 }
 
-/// The fan cancels their hold; its seats are free at once. Idempotent.
-pub async fn release(pool: &PgPool, hold_id: Uuid, user_id: &str) -> Result<HoldRow, ConcertError> {
+/// The fan cancels their hold; its seats are free at once. Idempotent. The token must be
+/// of the hold's concert, like every call that acts on a concert's seats.
+pub async fn release(
+    pool: &PgPool,
+    hold_id: Uuid,
+    user_id: &str,
+    token_concert: &str,
+) -> Result<HoldRow, ConcertError> {
     let mut tx = pool.begin().await?;
     // The hold's row first, then its seats (lock order).
-    let current: Option<(String, String, String, Vec<i32>)> = sqlx::query_as(
-        "SELECT status, user_id, schedule_id, seat_numbers FROM holds WHERE hold_id = $1 FOR UPDATE",
+    let current: Option<(String, String, String, String, Vec<i32>)> = sqlx::query_as(
+        "SELECT status, user_id, concert_id, schedule_id, seat_numbers
+           FROM holds WHERE hold_id = $1 FOR UPDATE",
     )
     .bind(hold_id)
     .fetch_optional(&mut *tx)
     .await?;
     match current {
-        Some((_, owner, _, _)) if owner != user_id => {
+        Some((_, owner, ..)) if owner != user_id => {
             return Err(ConcertError::HoldNotFound(hold_id.to_string()))
         }
         None => return Err(ConcertError::HoldNotFound(hold_id.to_string())),
+        Some((_, _, concert, ..)) if concert != token_concert => {
+            return Err(ConcertError::WrongConcert {
+                token_concert: token_concert.to_owned(),
+                concert,
+            })
+        }
         Some((status, ..)) if status == "CONFIRMED" => {
             return Err(ConcertError::HoldNotHeld("CONFIRMED"))
         }
         // Released before, or retired by the sweeper: its seats are free already.
         Some((status, ..)) if status == "RELEASED" || status == "EXPIRED" => {}
-        Some((_, _, schedule_id, seat_numbers)) => {
+        // Still HELD in its row, live or past its time: either way the fan's cancel is
+        // final, so a payment still on its way can no longer buy an expired hold's seats.
+        Some((_, _, _, schedule_id, seat_numbers)) => {
             sqlx::query("UPDATE holds SET status = 'RELEASED' WHERE hold_id = $1")
                 .bind(hold_id)
                 .execute(&mut *tx)

@@ -319,6 +319,14 @@ async fn tokens_decide_who_may_call_and_as_whom() {
         .await
         .unwrap_err();
     assert_eq!(reason(&wrong_hold), "TOKEN_WRONG_CONCERT");
+    // The queue has no catalog: a typo gets a token, and the concert service says NOT_FOUND
+    // rather than an empty list that reads as "sold out".
+    let typo = mesh.active_token("concert-typo", "dave").await;
+    let nowhere = dates(Some(&typo), "concert-typo").await.unwrap_err();
+    assert_eq!(
+        (nowhere.code(), reason(&nowhere).as_str()),
+        (Code::NotFound, "CONCERT_NOT_FOUND")
+    );
 
     // The hold is the token's user's, whoever the caller claims to be.
     let dates = dates(Some(&alice), &concert_id)
@@ -332,6 +340,35 @@ async fn tokens_decide_who_may_call_and_as_whom() {
         .await
         .unwrap();
     assert_eq!(hold.user_id, "alice");
+    // Alice's token of another concert does not reach this concert's hold, even her own.
+    let alice_elsewhere = mesh.active_token(&other_concert, "alice").await;
+    let cross = mesh.concerts[0]
+        .public
+        .clone()
+        .release_hold(with_bearer(
+            pb::ReleaseHoldRequest {
+                hold_id: hold.hold_id.clone(),
+            },
+            &alice_elsewhere,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (cross.code(), reason(&cross).as_str()),
+        (Code::PermissionDenied, "TOKEN_WRONG_CONCERT")
+    );
+    let unchanged = mesh.concerts[0]
+        .internal
+        .clone()
+        .get_hold(pb::GetHoldRequest {
+            hold_id: hold.hold_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(unchanged.status(), pb::HoldStatus::Held);
 
     // A DONE token no longer works.
     mesh.queue_internal
