@@ -75,11 +75,14 @@ async fn payment_entry(
     payment_id: &str,
     kind: EntryKind,
 ) -> Result<Option<Entry>, sqlx::Error> {
+    // The kind is written into the statement, not bound: the only indexes on payment_id are
+    // partial, one per kind (ledger_spend_once, ledger_refund_once), and a prepared plan for
+    // `kind = $2` could use neither. One statement per kind, each prepared once.
     let row: Option<EntryRow> = sqlx::query_as(&format!(
-        "SELECT {ENTRY_COLUMNS} FROM ledger WHERE payment_id = $1 AND kind = $2"
+        "SELECT {ENTRY_COLUMNS} FROM ledger WHERE payment_id = $1 AND kind = '{}'",
+        kind.as_db()
     ))
     .bind(payment_id)
-    .bind(kind.as_db())
     .fetch_optional(pool)
     .await?;
     Ok(row.map(Entry::from))
