@@ -115,11 +115,12 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
             concert_addr: local,
             point_addr: local,
             payment_addr: local,
-            max_active: args.cap,
-            admit_rate: args.rate,
-            active_ttl: Duration::from_secs(60),
-            idle_ttl: Duration::from_secs(120),
-            hold_ttl: args.hold_ttl,
+            from_environment: false,
+            max_active: Some(args.cap),
+            admit_rate: Some(args.rate),
+            active_ttl: Some(Duration::from_secs(60)),
+            idle_ttl: Some(Duration::from_secs(120)),
+            hold_ttl: Some(args.hold_ttl),
         },
     )
     .await?;

@@ -73,21 +73,27 @@ struct UpArgs {
     /// Where the payment service listens.
     #[arg(long, default_value = "0.0.0.0:50054")]
     payment_addr: SocketAddr,
-    /// How long a hold keeps its seats.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
-    hold_ttl: Duration,
-    /// Most tokens ACTIVE at once per concert.
-    #[arg(long, default_value_t = 1000)]
-    max_active: u32,
-    /// Most fans admitted per second per concert.
-    #[arg(long, default_value_t = 200)]
-    admit_rate: u32,
-    /// How long an admitted fan stays ACTIVE.
-    #[arg(long, default_value = "30m", value_parser = parse_duration)]
-    active_ttl: Duration,
-    /// How long a WAITING fan may stay silent before the token expires.
-    #[arg(long, default_value = "2m", value_parser = parse_duration)]
-    idle_ttl: Duration,
+    /// How long a hold keeps its seats [default: CONCERT_HOLD_TTL, else 5m].
+    ///
+    /// Every other setting of the services comes from the environment variables their own
+    /// binaries read (README "Configuration"): QUEUE_TICK, PAYMENT_LEASE, POINT_MAX_AMOUNT, ...
+    /// `DATABASE_URL` and `LISTEN_ADDR` are the exceptions: `up` gives each service its own
+    /// role on `--database` and the address of its flag here.
+    #[arg(long, value_parser = parse_duration)]
+    hold_ttl: Option<Duration>,
+    /// Most tokens ACTIVE at once per concert [default: QUEUE_MAX_ACTIVE, else 1000].
+    #[arg(long)]
+    max_active: Option<u32>,
+    /// Most fans admitted per second per concert [default: QUEUE_ADMIT_RATE, else 200].
+    #[arg(long)]
+    admit_rate: Option<u32>,
+    /// How long an admitted fan stays ACTIVE [default: QUEUE_ACTIVE_TTL, else 30m].
+    #[arg(long, value_parser = parse_duration)]
+    active_ttl: Option<Duration>,
+    /// How long a WAITING fan may stay silent before the token expires [default:
+    /// QUEUE_IDLE_TTL, else 2m].
+    #[arg(long, value_parser = parse_duration)]
+    idle_ttl: Option<Duration>,
 }
 
 #[tokio::main]
@@ -149,6 +155,7 @@ async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
             concert_addr: args.concert_addr,
             point_addr: args.point_addr,
             payment_addr: args.payment_addr,
+            from_environment: true,
             max_active: args.max_active,
             admit_rate: args.admit_rate,
             active_ttl: args.active_ttl,

@@ -76,11 +76,34 @@ pub struct MeshOptions {
     pub concert_addr: SocketAddr,
     pub point_addr: SocketAddr,
     pub payment_addr: SocketAddr,
-    pub max_active: u32,
-    pub admit_rate: u32,
-    pub active_ttl: Duration,
-    pub idle_ttl: Duration,
-    pub hold_ttl: Duration,
+    /// Start from the settings each service's own binary would read from the environment
+    /// (`up`: an operator's `QUEUE_TICK` or `PAYMENT_LEASE` applies as it would to the
+    /// binary), or from the built-in defaults (the demo, whose run must not depend on what a
+    /// shell happened to export). The fields below override either.
+    pub from_environment: bool,
+    pub max_active: Option<u32>,
+    pub admit_rate: Option<u32>,
+    pub active_ttl: Option<Duration>,
+    pub idle_ttl: Option<Duration>,
+    pub hold_ttl: Option<Duration>,
+}
+
+impl MeshOptions {
+    /// A service's settings as `from_environment` says. Its database, address and peers are
+    /// set by [`Mesh::start`] afterwards, whatever `DATABASE_URL` or `LISTEN_ADDR` say.
+    fn settings<C: clap::Parser>(
+        &self,
+        binary: &str,
+        defaults: impl FnOnce() -> C,
+    ) -> Result<C, Box<dyn std::error::Error>> {
+        if self.from_environment {
+            C::try_parse_from([binary]).map_err(|error| {
+                format!("{binary}'s settings from the environment: {error}").into()
+            })
+        } else {
+            Ok(defaults())
+        }
+    }
 }
 
 /// The four services running in this process, each on its own port with its own role.
@@ -97,13 +120,15 @@ impl Mesh {
         database: &Database,
         options: &MeshOptions,
     ) -> Result<Self, Box<dyn std::error::Error>> {
-        let mut queue = QueueConfig::for_database(database.url(db::QUEUE));
-        queue.max_active = options.max_active;
-        queue.admit_rate = options.admit_rate;
-        queue.active_ttl = options.active_ttl;
-        queue.idle_ttl = options.idle_ttl;
+        let mut queue = options.settings("stagedoor-queue", || QueueConfig::for_database(""))?;
+        queue.database_url = database.url(db::QUEUE);
+        queue.max_active = options.max_active.unwrap_or(queue.max_active);
+        queue.admit_rate = options.admit_rate.unwrap_or(queue.admit_rate);
+        queue.active_ttl = options.active_ttl.unwrap_or(queue.active_ttl);
+        queue.idle_ttl = options.idle_ttl.unwrap_or(queue.idle_ttl);
         queue.validate()?;
-        let point = PointConfig::for_database(database.url(db::POINT));
+        let mut point = options.settings("stagedoor-point", || PointConfig::for_database(""))?;
+        point.database_url = database.url(db::POINT);
         point.validate()?;
         let queue = start_on(options.queue_addr, |listener| {
             stagedoor_queue::start(queue, listener)
@@ -113,19 +138,21 @@ impl Mesh {
             stagedoor_point::start(point, listener)
         })
         .await?;
-        let mut concert = ConcertConfig::new(database.url(db::CONCERT), queue.url());
-        concert.hold_ttl = options.hold_ttl;
+        let mut concert = options.settings("stagedoor-concert", || ConcertConfig::new("", ""))?;
+        concert.database_url = database.url(db::CONCERT);
+        concert.queue_url = queue.url();
+        concert.hold_ttl = options.hold_ttl.unwrap_or(concert.hold_ttl);
         concert.validate()?;
         let concert = start_on(options.concert_addr, |listener| {
             stagedoor_concert::start(concert, listener)
         })
         .await?;
-        let payment = PaymentConfig::new(
-            database.url(db::PAYMENT),
-            queue.url(),
-            concert.url(),
-            point.url(),
-        );
+        let mut payment =
+            options.settings("stagedoor-payment", || PaymentConfig::new("", "", "", ""))?;
+        payment.database_url = database.url(db::PAYMENT);
+        payment.queue_url = queue.url();
+        payment.concert_url = concert.url();
+        payment.point_url = point.url();
         payment.validate()?;
         let payment = start_on(options.payment_addr, |listener| {
             stagedoor_payment::start(payment, listener)
