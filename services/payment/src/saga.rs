@@ -110,15 +110,7 @@ impl Saga {
             if step != Step::Done
                 && leased_at.elapsed() + self.settings.call_deadline * 2 > self.settings.lease
             {
-                let still_ours = store::renew(
-                    &self.pool,
-                    payment.payment_id,
-                    self.owner,
-                    recorded,
-                    self.settings.lease,
-                )
-                .await?;
-                if !still_ours {
+                if !self.renew(&payment, recorded).await? {
                     return Ok(Driven::Elsewhere);
                 }
                 leased_at = Instant::now();
@@ -173,15 +165,7 @@ impl Saga {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(MAX_PAUSE);
                     // Same step, same key, again; but only while this driver still owns it.
-                    let still_ours = store::renew(
-                        &self.pool,
-                        payment.payment_id,
-                        self.owner,
-                        step,
-                        self.settings.lease,
-                    )
-                    .await?;
-                    if !still_ours {
+                    if !self.renew(&payment, step).await? {
                         return Ok(Driven::Elsewhere);
                     }
                     leased_at = Instant::now();
@@ -325,6 +309,19 @@ impl Saga {
             }
             Err(Failure::Unknown(cause)) => Next::Unknown(cause),
         }
+    }
+
+    /// Extends this driver's lease of `payment`, whose row is at `step`; false when the row
+    /// moved on or another driver owns it now.
+    async fn renew(&self, payment: &PaymentRow, step: Step) -> Result<bool, sqlx::Error> {
+        store::renew(
+            &self.pool,
+            payment.payment_id,
+            self.owner,
+            step,
+            self.settings.lease,
+        )
+        .await
     }
 
     async fn release(&self, payment: &PaymentRow) -> Result<(), sqlx::Error> {

@@ -215,6 +215,21 @@ impl Mesh {
             .map(|response| response.into_inner().hold.unwrap())
     }
 
+    /// A hold as the internal GetHold reads it now.
+    pub async fn get_hold(&self, hold_id: &str) -> pb::Hold {
+        self.concerts[0]
+            .internal
+            .clone()
+            .get_hold(pb::GetHoldRequest {
+                hold_id: hold_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .hold
+            .unwrap()
+    }
+
     /// Number of rows in the holds table.
     pub async fn hold_rows(&self) -> i64 {
         let admin = self.database.admin().await;

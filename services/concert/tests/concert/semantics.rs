@@ -62,17 +62,7 @@ async fn an_expired_hold_frees_its_seats_at_once() {
         "nothing changed"
     );
     assert_eq!(status_of(&seats, 2), pb::SeatStatus::Held);
-    let hold = mesh.concerts[0]
-        .internal
-        .clone()
-        .get_hold(pb::GetHoldRequest {
-            hold_id: late.hold_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .hold
-        .unwrap();
+    let hold = mesh.get_hold(&late.hold_id).await;
     assert_eq!(hold.status(), pb::HoldStatus::Expired);
     assert_ne!(taken.hold_id, late.hold_id);
 
@@ -357,18 +347,10 @@ async fn tokens_decide_who_may_call_and_as_whom() {
         (cross.code(), reason(&cross).as_str()),
         (Code::PermissionDenied, "TOKEN_WRONG_CONCERT")
     );
-    let unchanged = mesh.concerts[0]
-        .internal
-        .clone()
-        .get_hold(pb::GetHoldRequest {
-            hold_id: hold.hold_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .hold
-        .unwrap();
-    assert_eq!(unchanged.status(), pb::HoldStatus::Held);
+    assert_eq!(
+        mesh.get_hold(&hold.hold_id).await.status(),
+        pb::HoldStatus::Held
+    );
 
     // A DONE token no longer works.
     mesh.queue_internal
