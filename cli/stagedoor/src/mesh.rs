@@ -97,7 +97,10 @@ impl MeshOptions {
         defaults: impl FnOnce() -> C,
     ) -> Result<C, Box<dyn std::error::Error>> {
         if self.from_environment {
-            C::try_parse_from([binary]).map_err(|error| {
+            // The address is given on the command line, which clap ranks above the
+            // environment: a LISTEN_ADDR meant for something else (Go's `:8080`, say) is
+            // then never parsed, as `up` promises to ignore it. The value is unused.
+            C::try_parse_from([binary, "--listen-addr", "127.0.0.1:0"]).map_err(|error| {
                 format!("{binary}'s settings from the environment: {error}").into()
             })
         } else {
@@ -120,14 +123,19 @@ impl Mesh {
         database: &Database,
         options: &MeshOptions,
     ) -> Result<Self, Box<dyn std::error::Error>> {
+        // Every service's settings first, so that a variable that does not parse is refused
+        // before any service starts.
         let mut queue = options.settings("stagedoor-queue", || QueueConfig::for_database(""))?;
+        let mut point = options.settings("stagedoor-point", || PointConfig::for_database(""))?;
+        let mut concert = options.settings("stagedoor-concert", || ConcertConfig::new("", ""))?;
+        let mut payment =
+            options.settings("stagedoor-payment", || PaymentConfig::new("", "", "", ""))?;
         queue.database_url = database.url(db::QUEUE);
         queue.max_active = options.max_active.unwrap_or(queue.max_active);
         queue.admit_rate = options.admit_rate.unwrap_or(queue.admit_rate);
         queue.active_ttl = options.active_ttl.unwrap_or(queue.active_ttl);
         queue.idle_ttl = options.idle_ttl.unwrap_or(queue.idle_ttl);
         queue.validate()?;
-        let mut point = options.settings("stagedoor-point", || PointConfig::for_database(""))?;
         point.database_url = database.url(db::POINT);
         point.validate()?;
         let queue = start_on(options.queue_addr, |listener| {
@@ -138,7 +146,6 @@ impl Mesh {
             stagedoor_point::start(point, listener)
         })
         .await?;
-        let mut concert = options.settings("stagedoor-concert", || ConcertConfig::new("", ""))?;
         concert.database_url = database.url(db::CONCERT);
         concert.queue_url = queue.url();
         concert.hold_ttl = options.hold_ttl.unwrap_or(concert.hold_ttl);
@@ -147,8 +154,6 @@ impl Mesh {
             stagedoor_concert::start(concert, listener)
         })
         .await?;
-        let mut payment =
-            options.settings("stagedoor-payment", || PaymentConfig::new("", "", "", ""))?;
         payment.database_url = database.url(db::PAYMENT);
         payment.queue_url = queue.url();
         payment.concert_url = concert.url();
