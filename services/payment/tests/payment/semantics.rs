@@ -106,7 +106,8 @@ async fn pay_spends_sells_completes_the_token_and_admits_the_next_fan() {
 
 #[tokio::test]
 async fn a_hold_costing_more_than_one_charge_may_add_is_paid() {
-    // One charge adds at most 1.5 seats' price; the fan charges twice and holds four seats.
+    // One charge adds at most 1.5 seats' price; the fan charges three times and holds four
+    // seats.
     let mesh = mesh(50, |settings| {
         settings.point.max_amount = SEAT_PRICE * 3 / 2
     })
