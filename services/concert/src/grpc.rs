@@ -42,8 +42,8 @@ pub struct ConcertState {
 pub struct Reads {
     /// A date's seat map with each seat's status, by schedule id.
     pub seat_maps: SharedReads<String, Vec<store::SeatRow>>,
-    /// A concert's dates that still have a free seat, by concert id.
-    pub open_dates: SharedReads<String, Vec<store::DateWithSeats>>,
+    /// A concert's dates that still have a free seat, by concert id; `None`: no such concert.
+    pub open_dates: SharedReads<String, Option<Vec<store::DateWithSeats>>>,
     /// Holds by id.
     pub holds: Batcher<Uuid, Option<HoldRow>>,
 }
@@ -226,21 +226,15 @@ impl ConcertService for ConcertApi {
             }
             .into());
         }
-        let schedules = self
+        let open_dates = self
             .state
             .reads
             .open_dates
             .call(concert_id.to_owned())
             .await?;
-        // No date listed: sold out, or no such concert (a token can be issued for any id,
-        // as the queue knows no catalog). Only then is existence worth a lookup.
-        if schedules.is_empty()
-            && !store::concert_exists(&self.state.pool, concert_id)
-                .await
-                .map_err(ApiError::from)?
-        {
+        let Some(schedules) = open_dates.as_ref() else {
             return Err(ConcertError::ConcertNotFound(concert_id.to_owned()).into());
-        }
+        };
         Ok(Response::new(pb::ListAvailableDatesResponse {
             schedules: schedules
                 .iter()

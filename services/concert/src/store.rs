@@ -212,12 +212,14 @@ pub async fn concert_exists(pool: &PgPool, concert_id: &str) -> Result<bool, sql
         .await
 }
 
-/// A concert's dates with at least one free seat, earliest first.
+/// A concert's dates with at least one free seat, earliest first; `None` when there is no
+/// such concert. Existence is looked up only when no date is listed (sold out, or no such
+/// concert: the queue issues tokens for any id), so a concert on sale pays nothing for it.
 pub async fn available_dates(
     pool: &PgPool,
     concert_id: &str,
-) -> Result<Vec<DateWithSeats>, sqlx::Error> {
-    sqlx::query_as(&format!(
+) -> Result<Option<Vec<DateWithSeats>>, sqlx::Error> {
+    let dates: Vec<DateWithSeats> = sqlx::query_as(&format!(
         "{SCHEDULE_SELECT}
           WHERE sc.concert_id = $1
           GROUP BY sc.schedule_id
@@ -227,7 +229,11 @@ pub async fn available_dates(
     ))
     .bind(concert_id)
     .fetch_all(pool)
-    .await
+    .await?;
+    if dates.is_empty() && !concert_exists(pool, concert_id).await? {
+        return Ok(None);
+    }
+    Ok(Some(dates))
 }
 
 /// One date (a primary-key lookup: no seat is counted).
