@@ -99,6 +99,8 @@ pub enum PaymentError {
     HoldNotHeld { hold_id: String, status: String },
     #[error("hold {hold_id} already has payment {payment_id}")]
     HoldAlreadyPaying { hold_id: String, payment_id: String },
+    #[error("this queue token already pays for another hold (payment {payment_id}): one admission buys one hold")]
+    TokenAlreadyPaying { payment_id: String },
     #[error("the token admits to concert {token_concert}, the hold is for concert {concert}")]
     WrongConcert {
         token_concert: String,
@@ -139,6 +141,10 @@ impl From<PaymentError> for ApiError {
             }
             PaymentError::HoldAlreadyPaying { payment_id, .. } => {
                 ApiError::new(Code::FailedPrecondition, "HOLD_NOT_HELD", message)
+                    .with_metadata("payment_id", payment_id)
+            }
+            PaymentError::TokenAlreadyPaying { payment_id } => {
+                ApiError::new(Code::FailedPrecondition, "TOKEN_ALREADY_PAYING", message)
                     .with_metadata("payment_id", payment_id)
             }
             PaymentError::WrongConcert { token_concert, .. } => {

@@ -165,6 +165,16 @@ impl PaymentApi {
                 };
                 return self.replay_or(|| refused, &fan, request_id, hold_id).await;
             }
+            // This token already pays for another hold (a Pay of another date sent at the
+            // same moment): one admission buys one hold, whoever's INSERT came first.
+            Err(InsertRefused::TokenTaken) => {
+                let payment_id = store::live_for_token(&self.state.pool, &token)
+                    .await?
+                    .map(|id| id.to_string())
+                    .unwrap_or_default();
+                let refused = PaymentError::TokenAlreadyPaying { payment_id };
+                return self.replay_or(|| refused, &fan, request_id, hold_id).await;
+            }
         };
         match driven {
             Driven::Settled(payment) => answer(payment),

@@ -70,12 +70,14 @@ pub enum InsertRefused {
     RequestUsed,
     /// The hold already has a payment that is not FAILED.
     HoldTaken,
+    /// The token already pays for another hold (a payment that is not FAILED).
+    TokenTaken,
 }
 
 /// Records payments at step SPEND, leased to `owner` for `lease`, in one statement: from
 /// here on each payment exists whatever happens to this process. Returns the rows written;
 /// a payment missing from them collided with a unique constraint (its request id was used,
-/// or its hold has a live payment), possibly with another row of the same batch, which
+/// or its hold or its token has a live payment), possibly with another row of the same batch, which
 /// `ON CONFLICT DO NOTHING` settles in arrival order. [`insert`] tells which constraint.
 pub async fn insert_batch(
     pool: &PgPool,
@@ -155,6 +157,9 @@ pub async fn insert(
         Err(error) if is_unique_violation(&error, Some("payments_one_live_per_hold")) => {
             Ok(Err(InsertRefused::HoldTaken))
         }
+        Err(error) if is_unique_violation(&error, Some("payments_one_live_per_token")) => {
+            Ok(Err(InsertRefused::TokenTaken))
+        }
         Err(error) => Err(error),
     }
 }
@@ -202,6 +207,17 @@ pub async fn live_for_hold(pool: &PgPool, hold_id: Uuid) -> Result<Option<Uuid>,
         .bind(hold_id)
         .fetch_optional(pool)
         .await
+}
+
+/// The payment (not FAILED) that a queue token already pays with, if any.
+pub async fn live_for_token(pool: &PgPool, token: &str) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT payment_id FROM payments
+          WHERE token_sha256 = sha256(convert_to($1, 'UTF8')) AND status <> 'FAILED'",
+    )
+    .bind(token)
+    .fetch_optional(pool)
+    .await
 }
 
 /// A user's payments, newest first, strictly after the `(create_time, payment_id)` cursor.

@@ -60,6 +60,7 @@ pub struct Mesh {
     pub concert_addr: SocketAddr,
     pub concert_public: ConcertServiceClient<Channel>,
     pub concert_internal: ConcertInternalServiceClient<Channel>,
+    pub concert_admin: ConcertAdminServiceClient<Channel>,
     pub point_handle: Option<ServiceHandle>,
     pub point_config: PointConfig,
     pub point_addr: SocketAddr,
@@ -136,6 +137,7 @@ pub async fn mesh(seat_count: i32, tune: impl FnOnce(&mut Settings)) -> Mesh {
         concert_config,
         concert_public: ConcertServiceClient::new(concert_channel.clone()),
         concert_internal: ConcertInternalServiceClient::new(concert_channel.clone()),
+        concert_admin: ConcertAdminServiceClient::new(concert_channel),
         point_handle: Some(point_handle),
         point_config,
         point: PointServiceClient::new(point_channel),
@@ -147,19 +149,9 @@ pub async fn mesh(seat_count: i32, tune: impl FnOnce(&mut Settings)) -> Mesh {
     for _ in 0..settings.payment_replicas {
         mesh.start_payment(mesh.payment_config.clone()).await;
     }
-    let (concert_id, schedule_id) =
-        catalog(ConcertAdminServiceClient::new(concert_channel), seat_count).await;
-    mesh.concert_id = concert_id;
-    mesh.schedule_id = schedule_id;
-    mesh
-}
-
-/// One concert with one date, every seat at [`SEAT_PRICE`].
-async fn catalog(
-    mut admin: ConcertAdminServiceClient<Channel>,
-    seat_count: i32,
-) -> (String, String) {
-    let concert = admin
+    mesh.concert_id = mesh
+        .concert_admin
+        .clone()
         .create_concert(concert_pb::CreateConcertRequest {
             title: "Paid in Full".into(),
             artist: "The Ledgers".into(),
@@ -169,33 +161,42 @@ async fn catalog(
         .unwrap()
         .into_inner()
         .concert
-        .unwrap();
-    let schedule = admin
-        .add_schedule(concert_pb::AddScheduleRequest {
-            concert_id: concert.concert_id.clone(),
-            start_time: Some(prost_types::Timestamp {
-                seconds: 1_900_000_000,
-                nanos: 0,
-            }),
-            venue: "Jamsil Arena".into(),
-            seat_count,
-            sections: vec![concert_pb::PriceSection {
-                name: "R".into(),
-                first_seat: 1,
-                last_seat: seat_count,
-                price: SEAT_PRICE,
-            }],
-            request_id: "payment-test-date".into(),
-        })
-        .await
         .unwrap()
-        .into_inner()
-        .schedule
-        .unwrap();
-    (concert.concert_id, schedule.schedule_id)
+        .concert_id;
+    mesh.schedule_id = mesh.add_date(seat_count).await;
+    mesh
 }
 
 impl Mesh {
+    /// Adds a date of `seat_count` seats at [`SEAT_PRICE`] to the mesh's concert.
+    pub async fn add_date(&self, seat_count: i32) -> String {
+        let request_id = format!("date-{}", uuid::Uuid::new_v4().simple());
+        self.concert_admin
+            .clone()
+            .add_schedule(concert_pb::AddScheduleRequest {
+                concert_id: self.concert_id.clone(),
+                start_time: Some(prost_types::Timestamp {
+                    seconds: 1_900_000_000,
+                    nanos: 0,
+                }),
+                venue: "Jamsil Arena".into(),
+                seat_count,
+                sections: vec![concert_pb::PriceSection {
+                    name: "R".into(),
+                    first_seat: 1,
+                    last_seat: seat_count,
+                    price: SEAT_PRICE,
+                }],
+                request_id,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .schedule
+            .unwrap()
+            .schedule_id
+    }
+
     /// Starts one more payment replica with `config` (peers as in the mesh).
     pub async fn start_payment(&mut self, config: PaymentConfig) -> usize {
         let (handle, channel) =
@@ -287,12 +288,17 @@ impl Mesh {
             .unwrap();
     }
 
+    /// Holds seats of the mesh's first date.
     pub async fn hold(&self, fan: &Fan, seats: &[i32]) -> concert_pb::Hold {
+        self.hold_on(fan, &self.schedule_id, seats).await
+    }
+
+    pub async fn hold_on(&self, fan: &Fan, schedule_id: &str, seats: &[i32]) -> concert_pb::Hold {
         self.concert_public
             .clone()
             .hold_seats(with_bearer(
                 concert_pb::HoldSeatsRequest {
-                    schedule_id: self.schedule_id.clone(),
+                    schedule_id: schedule_id.into(),
                     seat_numbers: seats.to_vec(),
                     request_id: format!("hold-{}", uuid::Uuid::new_v4().simple()),
                 },

@@ -122,3 +122,69 @@ async fn two_hundred_fans_paying_at_once_over_two_replicas_keep_every_invariant(
     assert_eq!(mesh.payment_rows().await.len(), 200, "one payment per fan");
     mesh.audit().await;
 }
+
+#[tokio::test]
+async fn one_admission_pays_for_one_hold_however_many_dates_it_holds() {
+    // A hundred fans, each holding one seat on each of three dates and charged for all
+    // three, pay the three holds at once (different request ids, two replicas): 300 Pays.
+    // Paying completes the token, so a Pay sent after another finished is refused by the
+    // queue; Pays sent together must not all slip through while the token is still ACTIVE.
+    let mesh = Arc::new(mesh(100, |settings| settings.payment_replicas = 2).await);
+    let dates = [
+        mesh.schedule_id.clone(),
+        mesh.add_date(100).await,
+        mesh.add_date(100).await,
+    ];
+    let mut fans = Vec::new();
+    for index in 0..100 {
+        let fan = mesh.fan(&format!("fan-{index}"), 3 * SEAT_PRICE).await;
+        let mut holds = Vec::new();
+        for date in &dates {
+            holds.push(mesh.hold_on(&fan, date, &[index + 1]).await.hold_id);
+        }
+        fans.push((fan, holds));
+    }
+    let mut payers = Vec::new();
+    for (index, (fan, holds)) in fans.into_iter().enumerate() {
+        for (n, hold_id) in holds.into_iter().enumerate() {
+            let (mesh, fan) = (mesh.clone(), fan.clone());
+            payers.push(tokio::spawn(async move {
+                let request_id = format!("buy-{n}");
+                let paid = mesh.pay((index + n) % 2, &fan, &hold_id, &request_id).await;
+                (fan.user_id.clone(), paid)
+            }));
+        }
+    }
+    let mut completed_by_fan = std::collections::HashMap::<String, usize>::new();
+    for payer in payers {
+        let (user_id, paid) = payer.await.unwrap();
+        match paid {
+            Ok(payment) => {
+                assert_eq!(payment.status(), PaymentStatus::Completed);
+                *completed_by_fan.entry(user_id).or_default() += 1;
+            }
+            Err(refused) => {
+                assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+                assert!(
+                    ["TOKEN_ALREADY_PAYING", "TOKEN_NOT_ACTIVE"]
+                        .contains(&reason(&refused).as_str()),
+                    "{refused:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(completed_by_fan.len(), 100, "every fan bought one hold");
+    assert!(
+        completed_by_fan.values().all(|&count| count == 1),
+        "a fan bought more than one hold with one admission: {completed_by_fan:?}"
+    );
+    for index in 0..100 {
+        assert_eq!(mesh.balance(&format!("fan-{index}")).await, 2 * SEAT_PRICE);
+    }
+    assert_eq!(
+        mesh.payment_rows().await.len(),
+        100,
+        "refused Pays record nothing"
+    );
+    mesh.audit().await;
+}
