@@ -22,6 +22,7 @@ use crate::{
     config::ConcertConfig,
     domain::ConcertError,
     grpc::{ConcertApi, ConcertState, Reads},
+    lines::{self, QueueLines},
     store::{self, HoldRow},
 };
 
@@ -108,6 +109,7 @@ pub async fn start(
 ) -> Result<ServiceHandle, StartupError> {
     let tokens = TokenValidator::new(&config.queue_url, config.token_cache_ttl)
         .map_err(StartupError::Config)?;
+    let lines = QueueLines::new(&config.queue_url).map_err(StartupError::Config)?;
     let pool = db::connect(&PoolConfig {
         url: config.database_url.clone(),
         schema: db::CONCERT.schema,
@@ -136,6 +138,11 @@ pub async fn start(
         config.hold_sweep_every,
         trigger.subscribe(),
     )));
+    background.push(tokio::spawn(lines::open_every_line(
+        pool.clone(),
+        lines.clone(),
+        trigger.subscribe(),
+    )));
     let api = ConcertApi::new(ConcertState {
         pool,
         dates: Default::default(),
@@ -143,6 +150,7 @@ pub async fn start(
         holds,
         confirms,
         reads,
+        lines,
     });
     let local_addr = listener
         .local_addr()

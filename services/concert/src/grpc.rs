@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use crate::{
     domain::{ConcertError, MAX_SEATS_PER_FAN},
+    lines::QueueLines,
     store::{self, HoldRow, NewSeat, ScheduleRow},
 };
 
@@ -33,6 +34,8 @@ pub struct ConcertState {
     /// ConfirmHold's batching worker (the same).
     pub confirms: Batcher<store::ConfirmRequest, HoldRow>,
     pub reads: Reads,
+    /// Opens a new concert's waiting room at the queue.
+    pub lines: QueueLines,
 }
 
 /// The reads a rush repeats, coalesced: fans browsing one date at the same moment share one
@@ -450,7 +453,25 @@ impl ConcertAdminService for ConcertApi {
         let title = text("title", &request.title)?;
         let artist = text("artist", &request.artist)?;
         let request_id = validate::id("request_id", &request.request_id)?;
-        let concert = store::create_concert(&self.state.pool, title, artist, request_id).await?;
+        let concert = match store::concert_by_request(&self.state.pool, request_id)
+            .await
+            .map_err(ApiError::from)?
+        {
+            // Asked again: the concert (and its line) exists already.
+            Some(concert) => store::same_concert(concert, title, artist)?,
+            None => {
+                // The line opens before the concert exists: whoever sees a concert can queue
+                // for it. Should the insert fail after this, the line opened is an empty one
+                // under an id nobody knows, which no admission ever visits.
+                let concert_id = store::new_concert_id();
+                self.state
+                    .lines
+                    .open(std::slice::from_ref(&concert_id))
+                    .await?;
+                store::create_concert(&self.state.pool, &concert_id, title, artist, request_id)
+                    .await?
+            }
+        };
         Ok(Response::new(pb::CreateConcertResponse {
             concert: Some(pb::Concert {
                 concert_id: concert.concert_id,

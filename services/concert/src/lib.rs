@@ -7,12 +7,14 @@
 //! the token's user.
 //!
 //! - [`store`]: the SQL and the lock order that makes racing holds safe.
-//! - [`grpc`]: the public, internal and admin services. [`app`]: wiring.
+//! - [`grpc`]: the public, internal and admin services. [`lines`]: each concert's waiting
+//!   room at the queue. [`app`]: wiring.
 
 pub mod app;
 pub mod config;
 pub mod domain;
 pub mod grpc;
+pub mod lines;
 pub mod store;
 
 pub use app::start;

@@ -83,34 +83,66 @@ const HOLD_SELECT: &str = "
 
 // ---- catalog ---------------------------------------------------------------------------
 
-/// Creates a concert, or returns the one created with the same `request_id`.
+/// A new concert's id.
+pub fn new_concert_id() -> String {
+    format!("concert-{}", Uuid::new_v4().simple())
+}
+
+/// The concert created with `request_id`, if any.
+pub async fn concert_by_request(
+    pool: &PgPool,
+    request_id: &str,
+) -> Result<Option<ConcertRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT concert_id, title, artist, create_time FROM concerts WHERE request_id = $1",
+    )
+    .bind(request_id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Creates concert `concert_id`, or returns the one created with the same `request_id` (by a
+/// concurrent call: its insert wins, this one changes nothing).
 pub async fn create_concert(
     pool: &PgPool,
+    concert_id: &str,
     title: &str,
     artist: &str,
     request_id: &str,
 ) -> Result<ConcertRow, ConcertError> {
-    let concert_id = format!("concert-{}", Uuid::new_v4().simple());
     sqlx::query(
         "INSERT INTO concerts (concert_id, title, artist, request_id) VALUES ($1, $2, $3, $4)
          ON CONFLICT (request_id) DO NOTHING",
     )
-    .bind(&concert_id)
+    .bind(concert_id)
     .bind(title)
     .bind(artist)
     .bind(request_id)
     .execute(pool)
     .await?;
-    let concert: ConcertRow = sqlx::query_as(
-        "SELECT concert_id, title, artist, create_time FROM concerts WHERE request_id = $1",
-    )
-    .bind(request_id)
-    .fetch_one(pool)
-    .await?;
+    let concert = concert_by_request(pool, request_id)
+        .await?
+        .ok_or_else(|| sqlx::Error::RowNotFound)?;
+    same_concert(concert, title, artist)
+}
+
+/// A concert found by its request id, if it is the one asked for again.
+pub fn same_concert(
+    concert: ConcertRow,
+    title: &str,
+    artist: &str,
+) -> Result<ConcertRow, ConcertError> {
     if concert.title != title || concert.artist != artist {
         return Err(ConcertError::IdempotencyKeyReused);
     }
     Ok(concert)
+}
+
+/// Every concert's id.
+pub async fn concert_ids(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT concert_id FROM concerts ORDER BY concert_id")
+        .fetch_all(pool)
+        .await
 }
 
 /// One seat of a new date's map.

@@ -20,7 +20,7 @@ use stagedoor_runtime::{
 use uuid::Uuid;
 
 use crate::{
-    domain::{Ticket, TokenStatus},
+    domain::{QueueError, Ticket, TokenStatus},
     store,
     store::AdmissionPolicy,
 };
@@ -119,7 +119,11 @@ impl IssueBatcher {
         Self::spawn(move |concert_id, user_ids: Vec<String>| {
             let (pool, policy) = (pool.clone(), policy.clone());
             async move {
-                let tickets = store::issue_batch(&pool, &policy, &concert_id, &user_ids).await?;
+                let tickets = store::issue_batch(&pool, &policy, &concert_id, &user_ids)
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::from(QueueError::ConcertNotFound(concert_id.clone()))
+                    })?;
                 let mut by_user: std::collections::HashMap<&str, &Ticket> =
                     tickets.iter().map(|t| (t.user_id.as_str(), t)).collect();
                 user_ids

@@ -94,6 +94,8 @@ pub enum QueueError {
     TokenNotFound,
     #[error("the token is {}, not ACTIVE", .0.as_db())]
     TokenNotActive(TokenStatus),
+    #[error("no concert {0}: a concert's waiting room opens when the concert is created")]
+    ConcertNotFound(String),
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error(transparent)]
@@ -121,6 +123,10 @@ impl From<QueueError> for ApiError {
                 format!("the token is {}, not ACTIVE", status.as_db()),
             )
             .with_metadata("status", status.as_db()),
+            QueueError::ConcertNotFound(ref concert_id) => {
+                ApiError::new(Code::NotFound, "CONCERT_NOT_FOUND", error.to_string())
+                    .with_metadata("concert_id", concert_id.clone())
+            }
             QueueError::Api(api) => api,
             QueueError::Database(db) => db.into(),
         }

@@ -20,7 +20,7 @@ use crate::{
     cache::WaitingCache,
     domain::{self, parse_token, QueueError, Ticket, TokenStatus},
     heartbeat::Heartbeats,
-    store::AdmissionPolicy,
+    store::{self, AdmissionPolicy},
 };
 
 /// Everything a handler needs, shared by both services.
@@ -396,4 +396,30 @@ impl QueueInternalService for QueueApi {
             status: status.to_proto() as i32,
         }))
     }
+
+    async fn open_lines(
+        &self,
+        request: Request<pb::OpenLinesRequest>,
+    ) -> Result<Response<pb::OpenLinesResponse>, Status> {
+        let concert_ids = request.into_inner().concert_ids;
+        if concert_ids.is_empty() || concert_ids.len() > MAX_LINES_PER_OPENING {
+            return Err(ApiError::invalid_field(
+                "concert_ids",
+                format!("concert_ids must hold 1 to {MAX_LINES_PER_OPENING} ids"),
+            )
+            .into());
+        }
+        for concert_id in &concert_ids {
+            validate::id("concert_ids", concert_id)?;
+        }
+        let opened = store::open_lines(&self.state.pool, &self.state.policy, &concert_ids)
+            .await
+            .map_err(QueueError::from)?;
+        Ok(Response::new(pb::OpenLinesResponse {
+            opened_count: opened as i32,
+        }))
+    }
 }
+
+/// Most lines one OpenLines call may open.
+const MAX_LINES_PER_OPENING: usize = 1_000;

@@ -119,8 +119,9 @@ struct LockedLine {
     rate_allowance: f64,
 }
 
-/// Locks the line row. With `skip_locked`, returns `None` instead of waiting when another
-/// transaction (another replica's tick, say) holds it: background work then simply moves on.
+/// Locks the line row; `None` when the concert has no line. With `skip_locked`, also `None`
+/// instead of waiting when another transaction (another replica's tick, say) holds it:
+/// background work then simply moves on.
 async fn lock_line(
     tx: &mut Transaction<'_, Postgres>,
     concert_id: &str,
@@ -149,29 +150,25 @@ async fn lock_line(
     ))
 }
 
-/// Locks the line row, creating it on a concert's first IssueToken. The bucket starts full so
-/// the first fans of a new line are admitted at once.
-async fn lock_or_create_line(
-    tx: &mut Transaction<'_, Postgres>,
+/// Opens the lines of `concert_ids` (those not open yet); returns how many were opened. The
+/// bucket starts full so the first fans of a new line are admitted at once.
+pub async fn open_lines(
+    pool: &PgPool,
     policy: &AdmissionPolicy,
-    concert_id: &str,
-) -> Result<LockedLine, sqlx::Error> {
-    if let Some(line) = lock_line(tx, concert_id, false).await? {
-        return Ok(line);
-    }
-    // Two replicas may create the same line at once: ON CONFLICT makes the loser wait for the
-    // winner's row, which it then locks like everyone else.
-    sqlx::query(
-        "INSERT INTO lines (concert_id, rate_allowance) VALUES ($1, $2)
+    concert_ids: &[String],
+) -> Result<u64, sqlx::Error> {
+    // Two replicas (or two concert services) may open the same line at once: ON CONFLICT
+    // makes the second wait for the first's row and then leave it as it is.
+    let opened = sqlx::query(
+        "INSERT INTO lines (concert_id, rate_allowance)
+         SELECT id, $2 FROM unnest($1::text[]) AS id
          ON CONFLICT (concert_id) DO NOTHING",
     )
-    .bind(concert_id)
+    .bind(concert_ids)
     .bind(policy.burst)
-    .execute(&mut **tx)
+    .execute(pool)
     .await?;
-    lock_line(tx, concert_id, false)
-        .await?
-        .ok_or_else(|| sqlx::Error::RowNotFound)
+    Ok(opened.rows_affected())
 }
 
 /// Admission, with the line locked: expire passed windows, then admit (see [`admit`]).
@@ -298,15 +295,20 @@ async fn admit(
 /// runs at once. Batching is what lets IssueToken pass the one-row-per-transaction limit of
 /// the hot `lines` row: one lock, one insert, many fans.
 ///
-/// Returns one ticket per distinct user, in no particular order.
+/// Returns one ticket per distinct user, in no particular order, or `None` when the concert
+/// has no open line (see [`open_lines`]).
 pub async fn issue_batch(
     pool: &PgPool,
     policy: &AdmissionPolicy,
     concert_id: &str,
     user_ids: &[String],
-) -> Result<Vec<Ticket>, sqlx::Error> {
+) -> Result<Option<Vec<Ticket>>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let mut line = lock_or_create_line(&mut tx, policy, concert_id).await?;
+    // Only a concert the concert service opened a line for takes fans: a made-up id gets no
+    // row, so it costs nothing to any replica's admission.
+    let Some(mut line) = lock_line(&mut tx, concert_id, false).await? else {
+        return Ok(None);
+    };
 
     // Under the line lock nobody else can insert a token for this concert, so checking for
     // live tokens and then inserting is race-free (the partial unique index backs it anyway).
@@ -392,7 +394,7 @@ pub async fn issue_batch(
             ticket.heartbeat_due = false;
         }
     }
-    Ok(tickets)
+    Ok(Some(tickets))
 }
 
 /// Completes ACTIVE tokens of one concert's line in one transaction (see `batcher`): each

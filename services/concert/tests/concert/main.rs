@@ -2,6 +2,7 @@
 //! service vouching for tokens: each test gets a fresh database, a queue server and one or
 //! more concert servers on 127.0.0.1:0.
 
+mod catalog;
 mod races;
 mod semantics;
 

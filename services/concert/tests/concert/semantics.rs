@@ -309,8 +309,16 @@ async fn tokens_decide_who_may_call_and_as_whom() {
         .await
         .unwrap_err();
     assert_eq!(reason(&wrong_hold), "TOKEN_WRONG_CONCERT");
-    // The queue has no catalog: a typo gets a token, and the concert service says NOT_FOUND
-    // rather than an empty list that reads as "sold out".
+    // A line with no concert behind it (opened for a concert whose insert then failed, or
+    // left from before the concert service opened lines): its token is no use, and the
+    // concert service says NOT_FOUND rather than an empty list that reads as "sold out".
+    mesh.queue_internal
+        .clone()
+        .open_lines(queue_pb::OpenLinesRequest {
+            concert_ids: vec!["concert-typo".into()],
+        })
+        .await
+        .unwrap();
     let typo = mesh.active_token("concert-typo", "dave").await;
     let nowhere = dates(Some(&typo), "concert-typo").await.unwrap_err();
     assert_eq!(

@@ -23,6 +23,7 @@ async fn a_rush_over_two_replicas_keeps_the_line_exact() {
     let mut settings = config(&database);
     settings.max_active = CAP as u32;
     let replicas = [start(settings.clone()).await, start(settings).await];
+    replicas[0].open(&["rush"]).await;
     let admin = database.admin().await;
 
     // The sampler: ACTIVE rows as Postgres sees them, as often as it can while the race runs.
@@ -178,6 +179,7 @@ async fn admission_rate_is_bounded() {
     settings.tick = Duration::from_millis(100);
     let burst = settings.admit_burst();
     let queue = start(settings).await;
+    queue.open(&["slow"]).await;
 
     for fan in 0..200 {
         queue.issue("slow", &format!("fan-{fan}")).await;

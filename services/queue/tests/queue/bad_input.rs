@@ -9,6 +9,7 @@ use crate::{config, count_rows, reason, start};
 async fn bad_ids_are_refused_and_write_nothing() {
     let database = TestDatabase::create().await;
     let queue = start(config(&database)).await;
+    queue.open(&["c"]).await;
     let long = "x".repeat(65);
     let cases = [
         ("", "fan", "concert_id"),
@@ -39,7 +40,84 @@ async fn bad_ids_are_refused_and_write_nothing() {
         let violation = &status.get_details_bad_request().unwrap().field_violations[0];
         assert_eq!(violation.field, field);
     }
-    assert_eq!(count_rows(&database).await, (0, 0), "no row written");
+    assert_eq!(count_rows(&database).await, (0, 1), "no token written");
+}
+
+#[tokio::test]
+async fn a_concert_without_a_line_takes_no_fan() {
+    let database = TestDatabase::create().await;
+    let queue = start(config(&database)).await;
+    queue.open(&["c"]).await;
+    let status = queue
+        .public
+        .clone()
+        .issue_token(pb::IssueTokenRequest {
+            concert_id: "no-such-concert".into(),
+            user_id: "fan".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(reason(&status), "CONCERT_NOT_FOUND");
+    let info = status.get_details_error_info().unwrap();
+    assert_eq!(
+        info.metadata.get("concert_id").map(String::as_str),
+        Some("no-such-concert")
+    );
+    assert_eq!(
+        count_rows(&database).await,
+        (0, 1),
+        "no token, and no line for a made-up id"
+    );
+    // The open line takes fans.
+    queue.issue("c", "fan").await;
+}
+
+#[tokio::test]
+async fn open_lines_is_idempotent_and_refuses_bad_ids() {
+    let database = TestDatabase::create().await;
+    let queue = start(config(&database)).await;
+    let open = |ids: Vec<String>| {
+        let mut internal = queue.internal.clone();
+        async move {
+            internal
+                .open_lines(pb::OpenLinesRequest { concert_ids: ids })
+                .await
+                .map(|response| response.into_inner().opened_count)
+        }
+    };
+    let too_many: Vec<String> = (0..1_001).map(|n| format!("c-{n}")).collect();
+    for ids in [
+        vec![],
+        too_many,
+        vec!["a".to_owned(), "not an id".to_owned()],
+        vec!["a".to_owned(), String::new()],
+    ] {
+        let status = open(ids).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(reason(&status), "INVALID_FIELD");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(
+            info.metadata.get("field").map(String::as_str),
+            Some("concert_ids")
+        );
+    }
+    assert_eq!(count_rows(&database).await, (0, 0), "no line opened");
+
+    assert_eq!(open(vec!["a".into(), "b".into()]).await.unwrap(), 2);
+    assert_eq!(
+        open(vec!["b".into(), "c".into()]).await.unwrap(),
+        1,
+        "b was open"
+    );
+    let first = queue.issue("b", "fan").await;
+    assert_eq!(open(vec!["b".into()]).await.unwrap(), 0);
+    assert_eq!(
+        queue.issue("b", "fan").await.token,
+        first.token,
+        "opening an open line changes nothing"
+    );
+    assert_eq!(count_rows(&database).await, (1, 3));
 }
 
 #[tokio::test]
@@ -90,6 +168,7 @@ async fn validate_token_says_who_and_why_not() {
     let mut settings = config(&database);
     settings.max_active = 1;
     let queue = start(settings).await;
+    queue.open(&["concert-7"]).await;
 
     let active = queue.issue("concert-7", "alice").await;
     let valid = queue.validate(&active.token).await.unwrap();
@@ -132,6 +211,7 @@ async fn validate_tokens_answers_each_token_as_validate_token_would() {
     let mut settings = config(&database);
     settings.max_active = 2;
     let queue = start(settings).await;
+    queue.open(&["concert-7"]).await;
     let alice = queue.issue("concert-7", "alice").await;
     let carol = queue.issue("concert-7", "carol").await;
     queue.complete(&carol.token).await.unwrap();

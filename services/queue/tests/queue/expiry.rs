@@ -14,6 +14,7 @@ async fn an_active_window_ends_and_the_next_fan_gets_in() {
     settings.max_active = 1;
     settings.active_ttl = Duration::from_millis(800);
     let queue = start(settings).await;
+    queue.open(&["c"]).await;
 
     let first = queue.issue("c", "first").await;
     let second = queue.issue("c", "second").await;
@@ -54,6 +55,7 @@ async fn a_waiting_fan_who_stops_polling_expires() {
     settings.max_active = 1;
     settings.idle_ttl = Duration::from_millis(600);
     let queue = start(settings).await;
+    queue.open(&["c"]).await;
 
     let holder = queue.issue("c", "holder").await; // ACTIVE, holds the only slot
     let ghost = queue.issue("c", "ghost").await; // never polls again
@@ -94,6 +96,7 @@ async fn complete_token_frees_the_slot_at_once_and_is_idempotent() {
     // A slow tick: the next fan must be admitted by CompleteToken itself, not by the loop.
     settings.tick = Duration::from_secs(60);
     let queue = start(settings).await;
+    queue.open(&["c"]).await;
 
     let paying = queue.issue("c", "paying").await;
     let next = queue.issue("c", "next").await;

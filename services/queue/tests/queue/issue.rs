@@ -9,6 +9,7 @@ use crate::{config, start};
 async fn the_same_fan_gets_the_same_token_and_place() {
     let database = TestDatabase::create().await;
     let queue = start(config(&database)).await;
+    queue.open(&["concert-1", "concert-2"]).await;
 
     let first = queue.issue("concert-1", "fan-a").await;
     let again = queue.issue("concert-1", "fan-a").await;
@@ -45,6 +46,7 @@ async fn position_counts_the_fans_ahead() {
     let mut settings = config(&database);
     settings.max_active = 2;
     let queue = start(settings).await;
+    queue.open(&["c"]).await;
 
     let mut tickets = Vec::new();
     for fan in 0..5 {
@@ -80,6 +82,7 @@ async fn the_estimated_wait_follows_the_observed_admission_rate() {
     settings.admit_rate = 5;
     settings.tick = std::time::Duration::from_millis(100);
     let queue = start(settings).await;
+    queue.open(&["c"]).await;
     let mut last = None;
     for fan in 0..40 {
         last = Some(queue.issue("c", &format!("fan-{fan}")).await);

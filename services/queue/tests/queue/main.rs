@@ -46,6 +46,18 @@ pub async fn start(config: QueueConfig) -> Queue {
 }
 
 impl Queue {
+    /// Opens the lines of `concert_ids`, as the concert service does for each concert it
+    /// creates: IssueToken takes fans only for an open line.
+    pub async fn open(&self, concert_ids: &[&str]) {
+        self.internal
+            .clone()
+            .open_lines(pb::OpenLinesRequest {
+                concert_ids: concert_ids.iter().map(|id| id.to_string()).collect(),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("OpenLines({concert_ids:?}): {status:?}"));
+    }
+
     pub async fn issue(&self, concert_id: &str, user_id: &str) -> pb::QueueTicket {
         self.public
             .clone()

@@ -40,6 +40,7 @@ async fn a_watcher_hears_of_its_admission_without_polling() {
     settings.max_active = 1;
     settings.watch_interval = Duration::from_secs(3_600);
     let queue = start(settings).await;
+    queue.open(&["c"]).await;
 
     let ahead = queue.issue("c", "ahead").await;
     let watcher = queue.issue("c", "watcher").await;
@@ -74,6 +75,7 @@ async fn a_watcher_stays_in_line_while_a_ghost_expires() {
     settings.max_active = 1;
     settings.idle_ttl = Duration::from_millis(600);
     let queue = start(settings).await;
+    queue.open(&["c"]).await;
 
     queue.issue("c", "holder").await; // ACTIVE: holds the only slot, nobody moves
     let ghost = queue.issue("c", "ghost").await;
@@ -128,6 +130,7 @@ async fn shutdown_ends_open_streams_and_completes() {
     let mut settings = config(&database);
     settings.max_active = 1;
     let queue = start(settings).await;
+    queue.open(&["c"]).await;
     queue.issue("c", "ahead").await;
     let waiting = queue.issue("c", "waiting").await;
     let mut stream = watch(&queue, &waiting.token).await;

@@ -1,0 +1,116 @@
+//! A concert's waiting room: the queue takes fans for a concert only once this service has
+//! opened its line, at creation or, for concerts that predate that, when a replica starts.
+
+use std::time::Duration;
+
+use stagedoor_concert::ConcertConfig;
+use stagedoor_proto::{
+    concert::v1::{self as pb, concert_admin_service_client::ConcertAdminServiceClient},
+    queue::v1 as queue_pb,
+};
+use stagedoor_runtime::db;
+use tonic::Code;
+
+use crate::{mesh, reason};
+
+#[tokio::test]
+async fn a_created_concert_takes_fans_and_a_made_up_one_does_not() {
+    let mesh = mesh(1, |_, _| {}).await;
+    let (concert_id, _) = mesh.catalog(10).await;
+    mesh.active_token(&concert_id, "fan").await;
+
+    let refused = mesh
+        .queue
+        .clone()
+        .issue_token(queue_pb::IssueTokenRequest {
+            concert_id: "concert-made-up".into(),
+            user_id: "fan".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound);
+    assert_eq!(reason(&refused), "CONCERT_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn a_concert_that_predates_its_line_gets_one_when_a_replica_starts() {
+    let mesh = mesh(1, |_, _| {}).await;
+    // A concert created before lines were opened at creation (or whose line a restored queue
+    // database lost): the row exists, the queue knows nothing of it.
+    let admin = mesh.database.admin().await;
+    sqlx::query(
+        "INSERT INTO concert.concerts (concert_id, title, artist, request_id)
+         VALUES ('concert-old', 'Old Songs', 'The Archivists', 'old-request')",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    let issue = || {
+        let mut queue = mesh.queue.clone();
+        async move {
+            queue
+                .issue_token(queue_pb::IssueTokenRequest {
+                    concert_id: "concert-old".into(),
+                    user_id: "fan".into(),
+                })
+                .await
+        }
+    };
+    assert_eq!(reason(&issue().await.unwrap_err()), "CONCERT_NOT_FOUND");
+
+    let config = ConcertConfig::new(mesh.database.url(db::CONCERT), mesh.queue_handle.url());
+    let (_replica, _) =
+        stagedoor_testkit::serve(|listener| stagedoor_concert::start(config, listener)).await;
+    // The new replica opens every concert's line in the background, right after it starts.
+    for _ in 0..200 {
+        match issue().await {
+            Ok(_) => return,
+            Err(status) => assert_eq!(reason(&status), "CONCERT_NOT_FOUND"),
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the new replica did not open the old concert's line within 5 s");
+}
+
+#[tokio::test]
+async fn create_concert_without_the_queue_is_unavailable_and_creates_nothing() {
+    let mesh = mesh(1, |_, _| {}).await;
+    // A replica whose queue is a closed port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nobody = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let config = ConcertConfig::new(mesh.database.url(db::CONCERT), nobody);
+    let (_replica, channel) =
+        stagedoor_testkit::serve(|listener| stagedoor_concert::start(config, listener)).await;
+    let request = pb::CreateConcertRequest {
+        title: "Unheard".into(),
+        artist: "The Offline".into(),
+        request_id: "create-while-queue-down".into(),
+    };
+    let refused = ConcertAdminServiceClient::new(channel)
+        .create_concert(request.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert_eq!(reason(&refused), "QUEUE_UNAVAILABLE");
+    let admin = mesh.database.admin().await;
+    let concerts: i64 = sqlx::query_scalar("SELECT count(*) FROM concert.concerts")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    assert_eq!(concerts, 0, "no concert without a waiting room");
+
+    // The same request, retried where the queue answers, creates it, and it takes fans.
+    let concert = mesh.concerts[0]
+        .admin
+        .clone()
+        .create_concert(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .concert
+        .unwrap();
+    mesh.active_token(&concert.concert_id, "fan").await;
+}
