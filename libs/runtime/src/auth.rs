@@ -94,25 +94,17 @@ struct RecentTokens {
 /// Entries kept at most before the cache starts over.
 const RECENT_TOKENS_MAX: usize = 100_000;
 
-/// Deadline of one ValidateTokens call.
-///
-/// Generous on purpose: when a sale opens, a thousand fans may hit the same seat at once and
-/// their token checks queue up at the queue service. A fan waiting up to ten seconds for an
-/// answer is better served than one told UNAVAILABLE (which a 2 s deadline produced under
-/// CI's debug build, where the queue answers far slower than in release).
-const VALIDATE_DEADLINE: Duration = Duration::from_secs(10);
-
 impl TokenValidator {
-    /// A validator for the queue at `queue_url` (`http://host:port`). The connection is made
-    /// on first use and re-made after failures, so services may start in any order. Starts
-    /// the batching worker, so it must be called inside a Tokio runtime; the worker stops
-    /// when the last clone is dropped.
-    pub fn new(queue_url: &str, cache_ttl: Duration) -> Result<Self, String> {
-        let channel = crate::client::peer_channel("QUEUE_URL", queue_url, VALIDATE_DEADLINE)?;
+    /// A validator for the queue at `queue_url` (`http://host:port`), whose every
+    /// ValidateTokens call has `deadline`. The connection is made on first use and re-made
+    /// after failures, so services may start in any order. Starts the batching worker, so it
+    /// must be called inside a Tokio runtime; the worker stops when the last clone is dropped.
+    pub fn new(queue_url: &str, cache_ttl: Duration, deadline: Duration) -> Result<Self, String> {
+        let channel = crate::client::peer_channel("QUEUE_URL", queue_url, deadline)?;
         let queue = QueueInternalServiceClient::new(channel);
         let (checks, _worker) = Batcher::spawn(VALIDATE_LIMITS, move |tokens: Vec<String>| {
             let queue = queue.clone();
-            Box::pin(ask_queue(queue, tokens)) as BatchFuture<(Fan, Duration)>
+            Box::pin(ask_queue(queue, tokens, deadline)) as BatchFuture<(Fan, Duration)>
         });
         Ok(Self {
             checks,
@@ -148,11 +140,12 @@ const VALIDATE_LIMITS: BatchLimits = BatchLimits {
 async fn ask_queue(
     mut queue: QueueInternalServiceClient<Channel>,
     tokens: Vec<String>,
+    deadline: Duration,
 ) -> Vec<Result<(Fan, Duration), ApiError>> {
     let mut request = tonic::Request::new(ValidateTokensRequest {
         tokens: tokens.clone(),
     });
-    request.set_timeout(VALIDATE_DEADLINE);
+    request.set_timeout(deadline);
     let validations = match queue.validate_tokens(request).await {
         Ok(response) => response.into_inner().validations,
         Err(status) => {

@@ -55,6 +55,23 @@ pub struct PoolConfig {
     pub acquire_timeout: Duration,
 }
 
+impl PoolConfig {
+    /// A service's pool with the usual wait for a connection ([`ACQUIRE_TIMEOUT`]).
+    pub fn new(url: impl Into<String>, schema: &'static str, max_connections: u32) -> Self {
+        Self {
+            url: url.into(),
+            schema,
+            max_connections,
+            acquire_timeout: ACQUIRE_TIMEOUT,
+        }
+    }
+}
+
+/// How long a call waits for a pooled connection by default. A rush queues its calls in the
+/// services' batchers, not on the pool, so a wait this long means Postgres is stuck or gone:
+/// the call fails with UNAVAILABLE (DATABASE_UNAVAILABLE) rather than hang.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Errors of start-up: they stop the process with a message that says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {

@@ -107,15 +107,19 @@ pub async fn start(
     config: ConcertConfig,
     listener: TcpListener,
 ) -> Result<ServiceHandle, StartupError> {
-    let tokens = TokenValidator::new(&config.queue_url, config.token_cache_ttl)
-        .map_err(StartupError::Config)?;
-    let lines = QueueLines::new(&config.queue_url).map_err(StartupError::Config)?;
-    let pool = db::connect(&PoolConfig {
-        url: config.database_url.clone(),
-        schema: db::CONCERT.schema,
-        max_connections: config.database_max_connections,
-        acquire_timeout: Duration::from_secs(5),
-    })
+    let tokens = TokenValidator::new(
+        &config.queue_url,
+        config.token_cache_ttl,
+        config.queue_deadline,
+    )
+    .map_err(StartupError::Config)?;
+    let lines =
+        QueueLines::new(&config.queue_url, config.queue_deadline).map_err(StartupError::Config)?;
+    let pool = db::connect(&PoolConfig::new(
+        config.database_url.clone(),
+        db::CONCERT.schema,
+        config.database_max_connections,
+    ))
     .await?;
     db::migrate(&pool, db::CONCERT.schema, &MIGRATOR).await?;
 

@@ -12,6 +12,7 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://stagedoor_concert@127.0.0.1:5
 /// Default `QUEUE_URL`.
 pub const DEFAULT_QUEUE_URL: &str = "http://127.0.0.1:50051";
 const DEFAULT_MAX_CONNECTIONS: u32 = 16;
+const DEFAULT_QUEUE_DEADLINE: &str = "10s";
 const DEFAULT_HOLD_TTL: &str = "5m";
 const DEFAULT_TOKEN_CACHE_TTL: &str = "1s";
 const DEFAULT_HOLD_SWEEP_AFTER: &str = "10m";
@@ -40,6 +41,13 @@ pub struct ConcertConfig {
     /// The queue service, which vouches for fans' tokens.
     #[arg(long, env = "QUEUE_URL", default_value = DEFAULT_QUEUE_URL)]
     pub queue_url: String,
+
+    /// Deadline of every call to the queue: token checks and opening a concert's line.
+    /// Generous on purpose: when a sale opens, a thousand fans may hit the same seat at once
+    /// and their token checks queue up at the queue service; a fan waiting a few seconds is
+    /// better served than one told UNAVAILABLE (which 2 s gave under CI's debug build).
+    #[arg(long, env = "CONCERT_QUEUE_DEADLINE", default_value = DEFAULT_QUEUE_DEADLINE, value_parser = parse_duration)]
+    pub queue_deadline: Duration,
 
     /// How long a hold keeps its seats unless paid.
     #[arg(long, env = "CONCERT_HOLD_TTL", default_value = DEFAULT_HOLD_TTL, value_parser = parse_duration)]
@@ -72,6 +80,7 @@ impl ConcertConfig {
             database_url: database_url.into(),
             database_max_connections: DEFAULT_MAX_CONNECTIONS,
             queue_url: queue_url.into(),
+            queue_deadline: parse_duration(DEFAULT_QUEUE_DEADLINE).expect("default parses"),
             hold_ttl: parse_duration(DEFAULT_HOLD_TTL).expect("default parses"),
             token_cache_ttl: parse_duration(DEFAULT_TOKEN_CACHE_TTL).expect("default parses"),
             hold_sweep_after: parse_duration(DEFAULT_HOLD_SWEEP_AFTER).expect("default parses"),
@@ -83,6 +92,9 @@ impl ConcertConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.hold_ttl.is_zero() {
             return Err("CONCERT_HOLD_TTL must be above zero".into());
+        }
+        if self.queue_deadline.is_zero() {
+            return Err("CONCERT_QUEUE_DEADLINE must be above zero".into());
         }
         if self.hold_sweep_every.is_zero() {
             return Err("CONCERT_HOLD_SWEEP_EVERY must be above zero".into());

@@ -15,9 +15,6 @@ use tonic::{transport::Channel, Code};
 
 use crate::store;
 
-/// Deadline of one OpenLines call: an admin's CreateConcert waits at most this for the queue.
-const OPEN_DEADLINE: Duration = Duration::from_secs(5);
-
 /// Most ids one OpenLines call takes (the queue's limit).
 const OPEN_CHUNK: usize = 1_000;
 
@@ -33,9 +30,9 @@ pub struct QueueLines {
 }
 
 impl QueueLines {
-    /// Lines at the queue of `queue_url`, connected on first use.
-    pub fn new(queue_url: &str) -> Result<Self, String> {
-        let channel = client::peer_channel("QUEUE_URL", queue_url, OPEN_DEADLINE)?;
+    /// Lines at the queue of `queue_url`, connected on first use; every call has `deadline`.
+    pub fn new(queue_url: &str, deadline: Duration) -> Result<Self, String> {
+        let channel = client::peer_channel("QUEUE_URL", queue_url, deadline)?;
         Ok(Self {
             queue: QueueInternalServiceClient::new(channel),
         })

@@ -32,8 +32,8 @@ pub async fn start(
 ) -> Result<ServiceHandle, StartupError> {
     config.validate().map_err(StartupError::Config)?;
     // Pay asks the queue every time: a token completed a moment ago must not pay twice.
-    let tokens =
-        TokenValidator::new(&config.queue_url, Duration::ZERO).map_err(StartupError::Config)?;
+    let tokens = TokenValidator::new(&config.queue_url, Duration::ZERO, config.call_deadline)
+        .map_err(StartupError::Config)?;
     let peers = Peers::new(
         &config.queue_url,
         &config.concert_url,
@@ -41,12 +41,11 @@ pub async fn start(
         config.call_deadline,
     )
     .map_err(StartupError::Config)?;
-    let pool = db::connect(&PoolConfig {
-        url: config.database_url.clone(),
-        schema: db::PAYMENT.schema,
-        max_connections: config.database_max_connections,
-        acquire_timeout: Duration::from_secs(5),
-    })
+    let pool = db::connect(&PoolConfig::new(
+        config.database_url.clone(),
+        db::PAYMENT.schema,
+        config.database_max_connections,
+    ))
     .await?;
     db::migrate(&pool, db::PAYMENT.schema, &MIGRATOR).await?;
 

@@ -1,7 +1,5 @@
 //! Wiring: pool, migrations and the gRPC server of one point process.
 
-use std::time::Duration;
-
 use stagedoor_proto::point::v1::{
     point_internal_service_server::PointInternalServiceServer,
     point_service_server::PointServiceServer,
@@ -23,12 +21,11 @@ pub async fn start(
     config: PointConfig,
     listener: TcpListener,
 ) -> Result<ServiceHandle, StartupError> {
-    let pool = db::connect(&PoolConfig {
-        url: config.database_url.clone(),
-        schema: db::POINT.schema,
-        max_connections: config.database_max_connections,
-        acquire_timeout: Duration::from_secs(5),
-    })
+    let pool = db::connect(&PoolConfig::new(
+        config.database_url.clone(),
+        db::POINT.schema,
+        config.database_max_connections,
+    ))
     .await?;
     db::migrate(&pool, db::POINT.schema, &MIGRATOR).await?;
 

@@ -35,12 +35,11 @@ pub async fn start(
     config: QueueConfig,
     listener: TcpListener,
 ) -> Result<ServiceHandle, StartupError> {
-    let pool = db::connect(&PoolConfig {
-        url: config.database_url.clone(),
-        schema: db::QUEUE.schema,
-        max_connections: config.database_max_connections,
-        acquire_timeout: Duration::from_secs(5),
-    })
+    let pool = db::connect(&PoolConfig::new(
+        config.database_url.clone(),
+        db::QUEUE.schema,
+        config.database_max_connections,
+    ))
     .await?;
     db::migrate(&pool, db::QUEUE.schema, &MIGRATOR).await?;
 

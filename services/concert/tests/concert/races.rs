@@ -301,12 +301,11 @@ async fn one_confirm_batch_sells_a_hold_once_and_answers_each_call() {
         .await
         .unwrap();
     let hold_id: uuid::Uuid = hold.hold_id.parse().unwrap();
-    let pool = db::connect(&db::PoolConfig {
-        url: mesh.database.url(db::CONCERT),
-        schema: db::CONCERT.schema,
-        max_connections: 1,
-        acquire_timeout: std::time::Duration::from_secs(5),
-    })
+    let pool = db::connect(&db::PoolConfig::new(
+        mesh.database.url(db::CONCERT),
+        db::CONCERT.schema,
+        1,
+    ))
     .await
     .unwrap();
     let call = |hold_id, payment_id: &str| store::ConfirmRequest {
