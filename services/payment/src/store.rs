@@ -77,16 +77,24 @@ pub enum InsertRefused {
 /// Records payments at step SPEND, leased to `owner` for `lease`, in one statement: from
 /// here on each payment exists whatever happens to this process. Returns the rows written;
 /// a payment missing from them collided with a unique constraint (its request id was used,
-/// or its hold or its token has a live payment), possibly with another row of the same batch, which
-/// `ON CONFLICT DO NOTHING` settles in arrival order. [`insert`] tells which constraint.
+/// or its hold or its token has a live payment), possibly with another row of the same
+/// batch, which `ON CONFLICT DO NOTHING` settles in arrival order. [`insert`] tells which
+/// constraint.
 pub async fn insert_batch(
     pool: &PgPool,
     payments: &[NewPayment],
     owner: Uuid,
     lease: Duration,
 ) -> Result<Vec<PaymentRow>, sqlx::Error> {
-    let column =
-        |pick: fn(&NewPayment) -> String| -> Vec<String> { payments.iter().map(pick).collect() };
+    // Rows go in in user order (arrival order within a user). A row that meets another
+    // batch's uncommitted row with the same key waits for that batch; every key (request id,
+    // hold, token) belongs to one user, so with both batches in user order neither can be
+    // waiting for a row the other has yet to reach: no deadlock between concurrent batches.
+    let mut payments: Vec<&NewPayment> = payments.iter().collect();
+    payments.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    let column = |pick: fn(&NewPayment) -> String| -> Vec<String> {
+        payments.iter().map(|p| pick(p)).collect()
+    };
     sqlx::query_as(
         "INSERT INTO payments (payment_id, user_id, request_id, hold_id, concert_id, schedule_id,
                                seat_numbers, amount, start_time, token, token_sha256,
@@ -213,7 +221,8 @@ pub async fn live_for_hold(pool: &PgPool, hold_id: Uuid) -> Result<Option<Uuid>,
 pub async fn live_for_token(pool: &PgPool, token: &str) -> Result<Option<Uuid>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT payment_id FROM payments
-          WHERE token_sha256 = sha256(convert_to($1, 'UTF8')) AND status <> 'FAILED'",
+          WHERE token_sha256 = sha256(convert_to($1, 'UTF8')) AND status <> 'FAILED'
+            AND token_exclusive",
     )
     .bind(token)
     .fetch_optional(pool)

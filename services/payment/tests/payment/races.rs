@@ -3,6 +3,7 @@
 use std::{collections::HashSet, sync::Arc};
 
 use stagedoor_proto::payment::v1::PaymentStatus;
+use stagedoor_runtime::db;
 use tonic::Code;
 
 use crate::{mesh, reason, SEAT_PRICE};
@@ -187,4 +188,57 @@ async fn one_admission_pays_for_one_hold_however_many_dates_it_holds() {
         "refused Pays record nothing"
     );
     mesh.audit().await;
+}
+
+#[tokio::test]
+async fn a_database_where_one_admission_paid_twice_still_migrates() {
+    // A database from before the one-payment-per-token rule may hold exactly what the rule
+    // forbids: two live payments of one token. Its index must still build, and leave them be.
+    let mesh = mesh(10, |_| {}).await;
+    let fan = mesh.fan("early-fan", SEAT_PRICE).await;
+    let hold = mesh.hold(&fan, &[1]).await;
+    mesh.pay(0, &fan, &hold.hold_id, "buy").await.unwrap();
+
+    // Back to the schema before the rule, then the race it closes: a second live payment
+    // of the same token (another hold, another request id).
+    let admin = mesh.database.admin().await;
+    let mut rewind = admin.begin().await.unwrap();
+    for statement in [
+        "DROP INDEX payment.payments_one_live_per_token",
+        "ALTER TABLE payment.payments DROP COLUMN token_exclusive",
+        "DELETE FROM payment._sqlx_migrations WHERE version = 3",
+        "CREATE TEMP TABLE twin AS SELECT * FROM payment.payments",
+        "UPDATE twin SET payment_id = gen_random_uuid(), hold_id = gen_random_uuid(),
+                         request_id = 'buy-again', create_time = create_time + interval '1 ms'",
+        "INSERT INTO payment.payments SELECT * FROM twin",
+    ] {
+        sqlx::query(statement).execute(&mut *rewind).await.unwrap();
+    }
+    rewind.commit().await.unwrap();
+
+    let pool = db::connect(&db::PoolConfig::new(
+        mesh.database.url(db::PAYMENT),
+        db::PAYMENT.schema,
+        1,
+    ))
+    .await
+    .unwrap();
+    db::migrate(&pool, db::PAYMENT.schema, &stagedoor_payment::app::MIGRATOR)
+        .await
+        .expect("the migration builds its index over the old twin payments");
+    pool.close().await;
+
+    let (exclusive, exempt): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE token_exclusive), count(*) FILTER (WHERE NOT token_exclusive)
+           FROM payment.payments",
+    )
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    assert_eq!(
+        (exclusive, exempt),
+        (1, 1),
+        "the older payment keeps the token, the twin is left out of the index"
+    );
 }
