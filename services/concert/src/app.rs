@@ -142,7 +142,7 @@ pub async fn start(
         config.hold_sweep_every,
         trigger.subscribe(),
     )));
-    background.push(tokio::spawn(lines::open_every_line(
+    background.push(tokio::spawn(lines::keep_every_line_open(
         pool.clone(),
         lines.clone(),
         trigger.subscribe(),

@@ -1,8 +1,11 @@
 //! The concerts' waiting rooms. The queue takes fans only for a concert whose line is open,
 //! and only this service knows which ids are concerts: it opens a concert's line (the queue's
-//! OpenLines) before the concert exists for anyone, and at start-up re-opens the lines of
-//! every concert it has (concerts made before lines were opened at creation, or a queue
-//! database restored from an older backup).
+//! OpenLines) before the concert exists for anyone, and every replica re-opens the lines of
+//! every concert when it starts and every few minutes after (concerts made before lines were
+//! opened at creation, or by a replica of an older version during a rolling upgrade, or a
+//! queue database restored from an older backup). Deploy the queue before the concert
+//! service: an older queue has no OpenLines, and CreateConcert is QUEUE_UNAVAILABLE until it
+//! does.
 
 use std::time::Duration;
 
@@ -18,10 +21,14 @@ use crate::store;
 /// Most ids one OpenLines call takes (the queue's limit).
 const OPEN_CHUNK: usize = 1_000;
 
-/// The start-up pass retries a queue that does not answer yet, waiting this long at first
-/// and twice as long after each failure, up to [`RETRY_MAX`].
+/// A pass that fails is retried after this long at first and twice as long after each
+/// failure in a row, up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Time between two passes that succeeded. A pass is one read of the concert ids and one
+/// OpenLines call per thousand concerts: nothing, next to a sale.
+const REOPEN_EVERY: Duration = Duration::from_secs(300);
 
 /// Opens concerts' lines at the queue; cheap to clone.
 #[derive(Clone)]
@@ -49,10 +56,12 @@ impl QueueLines {
                 })
                 .await
                 .map_err(|status| match status.code() {
+                    // UNIMPLEMENTED: a queue of a version without OpenLines, mid-upgrade.
                     Code::Unavailable
                     | Code::DeadlineExceeded
                     | Code::Cancelled
-                    | Code::Unknown => ApiError::new(
+                    | Code::Unknown
+                    | Code::Unimplemented => ApiError::new(
                         Code::Unavailable,
                         "QUEUE_UNAVAILABLE",
                         "the queue service cannot open the concert's waiting room right \
@@ -68,34 +77,38 @@ impl QueueLines {
     }
 }
 
-/// Opens the line of every concert in the catalog, retrying until the queue has answered
-/// once (or the service shuts down). Every replica runs it when it starts; opening an open
-/// line changes nothing.
-pub async fn open_every_line(pool: PgPool, lines: QueueLines, shutdown: Shutdown) {
+/// Opens the line of every concert in the catalog, at once and then every [`REOPEN_EVERY`],
+/// until the service shuts down (a pass in progress is dropped then). Opening an open line
+/// changes nothing, so every replica runs it.
+pub async fn keep_every_line_open(pool: PgPool, lines: QueueLines, shutdown: Shutdown) {
     let stopped = shutdown.wait();
     tokio::pin!(stopped);
-    let mut pause = RETRY_FIRST;
+    let mut retry = RETRY_FIRST;
     loop {
-        let opened = match store::concert_ids(&pool).await {
-            Ok(ids) if ids.is_empty() => return,
-            Ok(ids) => lines.open(&ids).await.map(|()| ids.len()),
-            Err(error) => Err(ApiError::from(error)),
+        let pass = async {
+            let ids = store::concert_ids(&pool).await.map_err(ApiError::from)?;
+            lines.open(&ids).await.map(|()| ids.len())
         };
-        match opened {
-            Ok(count) => {
-                tracing::info!(concerts = count, "every concert's waiting room is open");
-                return;
-            }
-            Err(error) => tracing::warn!(
-                error = %error.message(),
-                retry_in = ?pause,
-                "cannot open the concerts' waiting rooms yet"
-            ),
-        }
+        let pause = tokio::select! {
+            _ = &mut stopped => return,
+            outcome = pass => match outcome {
+                Ok(concerts) => {
+                    tracing::debug!(concerts, "every concert's waiting room is open");
+                    retry = RETRY_FIRST;
+                    REOPEN_EVERY
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error.message(), retry_in = ?retry,
+                        "cannot open the concerts' waiting rooms now");
+                    let pause = retry;
+                    retry = (retry * 2).min(RETRY_MAX);
+                    pause
+                }
+            },
+        };
         tokio::select! {
             _ = &mut stopped => return,
             _ = tokio::time::sleep(pause) => {}
         }
-        pause = (pause * 2).min(RETRY_MAX);
     }
 }
