@@ -57,6 +57,18 @@ impl TestDatabase {
         db::service_url(&self.admin_url, &self.name, service).expect("admin URL parses")
     }
 
+    /// Runs a service's `migrator` in its schema as its own role, as the service does when
+    /// it starts: for tests that shape a schema before (or without) starting the service.
+    pub async fn migrate(&self, service: ServiceSchema, migrator: &sqlx::migrate::Migrator) {
+        let pool = db::connect(&db::PoolConfig::new(self.url(service), service.schema, 1))
+            .await
+            .expect("the service's role connects");
+        db::migrate(&pool, service.schema, migrator)
+            .await
+            .unwrap_or_else(|error| panic!("migrations of {}: {error}", service.schema));
+        pool.close().await;
+    }
+
     /// A superuser pool on this database, for the test's own reads and audits.
     pub async fn admin(&self) -> PgPool {
         let options = self.admin_options();

@@ -37,17 +37,9 @@ async fn a_concert_that_predates_its_line_gets_one_when_a_replica_starts() {
     // The queue alone (a running concert replica's own pass could open the line first), and
     // the concert schema as its migrations leave it.
     let mesh = mesh(0, |_, _| {}).await;
-    let pool = db::connect(&db::PoolConfig::new(
-        mesh.database.url(db::CONCERT),
-        db::CONCERT.schema,
-        1,
-    ))
-    .await
-    .unwrap();
-    db::migrate(&pool, db::CONCERT.schema, &stagedoor_concert::app::MIGRATOR)
-        .await
-        .unwrap();
-    pool.close().await;
+    mesh.database
+        .migrate(db::CONCERT, &stagedoor_concert::app::MIGRATOR)
+        .await;
     // A concert created before lines were opened at creation (or whose line a restored queue
     // database lost): the row exists, the queue knows nothing of it.
     let admin = mesh.database.admin().await;
