@@ -258,15 +258,11 @@ fn queue_refusal(
             }
             error
         }
-        // UNKNOWN without a reason is tonic's word for a broken connection (the queue never
-        // answers UNKNOWN itself): as retryable as a queue that is down.
-        (None, Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown) => {
-            ApiError::new(
-                Code::Unavailable,
-                "QUEUE_UNAVAILABLE",
-                "the queue service cannot check the token right now; retry",
-            )
-        }
+        (None, code) if crate::client::peer_unreachable(code) => ApiError::new(
+            Code::Unavailable,
+            "QUEUE_UNAVAILABLE",
+            "the queue service cannot check the token right now; retry",
+        ),
         (None, code) => ApiError::internal(format!(
             "ValidateTokens failed: {code:?} {}: {message}",
             reason.unwrap_or("(no reason)")

@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    transport::{Channel, Endpoint},
+    Code,
+};
 
 use crate::server::CONNECTION_WINDOW;
 
@@ -32,4 +35,15 @@ pub fn peer_channel(setting: &str, url: &str, deadline: Duration) -> Result<Chan
         .connect_timeout(Duration::from_secs(1).min(deadline))
         .timeout(deadline)
         .connect_lazy())
+}
+
+/// Whether a peer's status `code` (with no ErrorInfo reason) says the peer could not be
+/// reached or did not answer in time, rather than that it answered: as retryable as a peer
+/// that is down. UNKNOWN is tonic's word for a broken connection (a stagedoor service never
+/// answers UNKNOWN itself).
+pub fn peer_unreachable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    )
 }

@@ -37,6 +37,22 @@ pub fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, ApiError> 
     Ok(value)
 }
 
+/// Checks the length of a repeated field: 1 to `max` `items` (the noun in the message).
+pub fn item_count(
+    field: &'static str,
+    count: usize,
+    max: usize,
+    items: &str,
+) -> Result<(), ApiError> {
+    if count == 0 || count > max {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("{field} must hold 1 to {max} {items}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a page size: 0 means `default`, otherwise 1 to `max`.
 pub fn page_size(value: i32, default: i64, max: i64) -> Result<i64, ApiError> {
     match i64::from(value) {

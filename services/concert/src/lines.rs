@@ -57,16 +57,14 @@ impl QueueLines {
                 .await
                 .map_err(|status| match status.code() {
                     // UNIMPLEMENTED: a queue of a version without OpenLines, mid-upgrade.
-                    Code::Unavailable
-                    | Code::DeadlineExceeded
-                    | Code::Cancelled
-                    | Code::Unknown
-                    | Code::Unimplemented => ApiError::new(
-                        Code::Unavailable,
-                        "QUEUE_UNAVAILABLE",
-                        "the queue service cannot open the concert's waiting room right \
+                    code if client::peer_unreachable(code) || code == Code::Unimplemented => {
+                        ApiError::new(
+                            Code::Unavailable,
+                            "QUEUE_UNAVAILABLE",
+                            "the queue service cannot open the concert's waiting room right \
                              now; retry with the same request_id",
-                    ),
+                        )
+                    }
                     code => ApiError::internal(format!(
                         "OpenLines failed: {code:?}: {}",
                         status.message()

@@ -322,13 +322,7 @@ impl QueueInternalService for QueueApi {
         request: Request<pb::ValidateTokensRequest>,
     ) -> Result<Response<pb::ValidateTokensResponse>, Status> {
         let tokens = request.into_inner().tokens;
-        if tokens.is_empty() || tokens.len() > MAX_TOKENS_PER_VALIDATION {
-            return Err(ApiError::invalid_field(
-                "tokens",
-                format!("tokens must hold 1 to {MAX_TOKENS_PER_VALIDATION} tokens"),
-            )
-            .into());
-        }
+        validate::item_count("tokens", tokens.len(), MAX_TOKENS_PER_VALIDATION, "tokens")?;
         let parsed: Vec<Result<Uuid, QueueError>> =
             tokens.iter().map(|token| parse_token(token)).collect();
         let ids: Vec<Uuid> = parsed
@@ -402,13 +396,12 @@ impl QueueInternalService for QueueApi {
         request: Request<pb::OpenLinesRequest>,
     ) -> Result<Response<pb::OpenLinesResponse>, Status> {
         let concert_ids = request.into_inner().concert_ids;
-        if concert_ids.is_empty() || concert_ids.len() > MAX_LINES_PER_OPENING {
-            return Err(ApiError::invalid_field(
-                "concert_ids",
-                format!("concert_ids must hold 1 to {MAX_LINES_PER_OPENING} ids"),
-            )
-            .into());
-        }
+        validate::item_count(
+            "concert_ids",
+            concert_ids.len(),
+            MAX_LINES_PER_OPENING,
+            "ids",
+        )?;
         for concert_id in &concert_ids {
             validate::id("concert_ids", concert_id)?;
         }

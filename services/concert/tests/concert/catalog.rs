@@ -4,9 +4,8 @@
 use std::time::Duration;
 
 use stagedoor_concert::ConcertConfig;
-use stagedoor_proto::{
-    concert::v1::{self as pb, concert_admin_service_client::ConcertAdminServiceClient},
-    queue::v1 as queue_pb,
+use stagedoor_proto::concert::v1::{
+    self as pb, concert_admin_service_client::ConcertAdminServiceClient,
 };
 use stagedoor_runtime::db;
 use tonic::Code;
@@ -19,15 +18,7 @@ async fn a_created_concert_takes_fans_and_a_made_up_one_does_not() {
     let (concert_id, _) = mesh.catalog(10).await;
     mesh.active_token(&concert_id, "fan").await;
 
-    let refused = mesh
-        .queue
-        .clone()
-        .issue_token(queue_pb::IssueTokenRequest {
-            concert_id: "concert-made-up".into(),
-            user_id: "fan".into(),
-        })
-        .await
-        .unwrap_err();
+    let refused = mesh.issue("concert-made-up", "fan").await.unwrap_err();
     assert_eq!(refused.code(), Code::NotFound);
     assert_eq!(reason(&refused), "CONCERT_NOT_FOUND");
 }
@@ -51,17 +42,7 @@ async fn a_concert_that_predates_its_line_gets_one_when_a_replica_starts() {
     .await
     .unwrap();
     admin.close().await;
-    let issue = || {
-        let mut queue = mesh.queue.clone();
-        async move {
-            queue
-                .issue_token(queue_pb::IssueTokenRequest {
-                    concert_id: "concert-old".into(),
-                    user_id: "fan".into(),
-                })
-                .await
-        }
-    };
+    let issue = || mesh.issue("concert-old", "fan");
     assert_eq!(reason(&issue().await.unwrap_err()), "CONCERT_NOT_FOUND");
 
     let config = ConcertConfig::new(mesh.database.url(db::CONCERT), mesh.queue_handle.url());

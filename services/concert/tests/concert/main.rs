@@ -131,20 +131,25 @@ impl Mesh {
         (concert.concert_id, schedule.schedule_id)
     }
 
-    /// A fan's token for a concert, and its status.
-    pub async fn token(&self, concert_id: &str, user_id: &str) -> (String, queue_pb::TokenStatus) {
-        let ticket = self
-            .queue
+    /// The queue's IssueToken, as a fan calls it.
+    pub async fn issue(
+        &self,
+        concert_id: &str,
+        user_id: &str,
+    ) -> Result<queue_pb::QueueTicket, tonic::Status> {
+        self.queue
             .clone()
             .issue_token(queue_pb::IssueTokenRequest {
                 concert_id: concert_id.into(),
                 user_id: user_id.into(),
             })
             .await
-            .unwrap()
-            .into_inner()
-            .ticket
-            .unwrap();
+            .map(|response| response.into_inner().ticket.unwrap())
+    }
+
+    /// A fan's token for a concert, and its status.
+    pub async fn token(&self, concert_id: &str, user_id: &str) -> (String, queue_pb::TokenStatus) {
+        let ticket = self.issue(concert_id, user_id).await.unwrap();
         let status = ticket.status();
         (ticket.token, status)
     }
