@@ -124,16 +124,22 @@ impl IssueBatcher {
                     .ok_or_else(|| {
                         ApiError::from(QueueError::ConcertNotFound(concert_id.clone()))
                     })?;
-                let mut by_user: std::collections::HashMap<&str, &Ticket> =
+                // A fan may be in one batch more than once (a double click, a retry, two
+                // tabs): every copy of the call gets the fan's one ticket.
+                let by_user: std::collections::HashMap<&str, &Ticket> =
                     tickets.iter().map(|t| (t.user_id.as_str(), t)).collect();
                 user_ids
                     .iter()
                     .map(|user_id| {
-                        by_user.remove(user_id.as_str()).cloned().ok_or_else(|| {
-                            ApiError::internal(format!(
-                                "issued batch of {concert_id} lacks user {user_id}"
-                            ))
-                        })
+                        by_user
+                            .get(user_id.as_str())
+                            .copied()
+                            .cloned()
+                            .ok_or_else(|| {
+                                ApiError::internal(format!(
+                                    "issued batch of {concert_id} lacks user {user_id}"
+                                ))
+                            })
                     })
                     .collect()
             }

@@ -104,3 +104,54 @@ async fn the_estimated_wait_follows_the_observed_admission_rate() {
         ticket.position
     );
 }
+
+/// A fan's double clicks, retries and second tabs arrive together during a rush, and often
+/// land in one batch of one replica: every copy gets the fan's one token and place.
+#[tokio::test]
+async fn a_fan_who_asks_several_times_at_once_gets_one_token() {
+    const FANS: usize = 300;
+    const COPIES: usize = 3;
+    let database = TestDatabase::create().await;
+    let settings = config(&database);
+    let replicas = [start(settings.clone()).await, start(settings).await];
+    replicas[0].open(&["encore"]).await;
+
+    // Every copy of every fan's call in flight at once, copies on both replicas.
+    let mut calls = Vec::with_capacity(FANS * COPIES);
+    for fan in 0..FANS {
+        for copy in 0..COPIES {
+            let mut client = replicas[(fan + copy) % 2].public.clone();
+            calls.push(tokio::spawn(async move {
+                let ticket = client
+                    .issue_token(pb::IssueTokenRequest {
+                        concert_id: "encore".into(),
+                        user_id: format!("fan-{fan}"),
+                    })
+                    .await
+                    .unwrap_or_else(|status| panic!("fan-{fan}, copy {copy}: {status:?}"))
+                    .into_inner()
+                    .ticket
+                    .unwrap();
+                (fan, ticket)
+            }));
+        }
+    }
+    let mut by_fan: Vec<Option<pb::QueueTicket>> = vec![None; FANS];
+    for call in calls {
+        let (fan, ticket) = call.await.unwrap();
+        match &by_fan[fan] {
+            None => by_fan[fan] = Some(ticket),
+            Some(first) => {
+                assert_eq!(first.token, ticket.token, "fan-{fan} got two tokens");
+                assert_eq!(first.place, ticket.place, "fan-{fan} got two places");
+            }
+        }
+    }
+
+    // One place per fan, no gap: the copies took no place of their own.
+    let mut places: Vec<i64> = by_fan.iter().map(|t| t.as_ref().unwrap().place).collect();
+    places.sort_unstable();
+    assert_eq!(places, (1..=FANS as i64).collect::<Vec<_>>());
+    let (tokens, lines) = crate::count_rows(&database).await;
+    assert_eq!((tokens, lines), (FANS as i64, 1));
+}
