@@ -14,11 +14,19 @@ use crate::{
     ApiError,
 };
 
-/// Reads the bearer token of a call. UNAUTHENTICATED / MISSING_TOKEN when there is none,
-/// UNAUTHENTICATED / MALFORMED_TOKEN when the header is not `Bearer <token>`: a credential
-/// problem, not bad input, so a gateway answers 401 as for an unknown token. Whether the
-/// token is real is the queue service's to say (its ValidateToken).
-pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, ApiError> {
+/// Reads the bearer token of a call, in its one canonical spelling (lowercase, hyphenated).
+/// UNAUTHENTICATED / MISSING_TOKEN when there is none, UNAUTHENTICATED / MALFORMED_TOKEN when
+/// the header is not `Bearer <token>` or the token is not a queue token's shape (a UUID): a
+/// credential problem, not bad input, so a gateway answers 401 as for an unknown token.
+/// Whether the token is real is the queue service's to say (its ValidateToken).
+///
+/// Why canonical: the queue reads any spelling of a UUID (`{braced}`, uppercase, no
+/// hyphens), but this side keys things by the token's text: the concert's cache of vouched
+/// tokens, and the payment's "one live payment per token" index. Two spellings of one token
+/// must be one key, or a fan could pay twice with one admission by spelling it twice.
+/// Checking the shape here also keeps junk (a 16 KiB header, say) out of the batched
+/// ValidateTokens calls that other fans' checks ride in.
+pub fn bearer_token(metadata: &MetadataMap) -> Result<String, ApiError> {
     let Some(value) = metadata.get("authorization") else {
         return Err(ApiError::new(
             tonic::Code::Unauthenticated,
@@ -30,16 +38,17 @@ pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, ApiError> {
         ApiError::new(
             tonic::Code::Unauthenticated,
             "MALFORMED_TOKEN",
-            "the authorization metadata must be `Bearer <token>`",
+            "the authorization metadata must be `Bearer <token>`, the token as IssueToken gave it",
         )
     };
     let value = value.to_str().map_err(|_| malformed())?;
     let (scheme, token) = value.split_once(' ').ok_or_else(malformed)?;
     let token = token.trim();
-    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+    if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(malformed());
     }
-    Ok(token)
+    let token = uuid::Uuid::try_parse(token).map_err(|_| malformed())?;
+    Ok(token.hyphenated().to_string())
 }
 
 /// A request carrying `token` as `authorization: Bearer <token>`: the client side of
@@ -118,7 +127,7 @@ impl TokenValidator {
     /// The fan of a call: its bearer token must be ACTIVE. The queue's own refusals pass
     /// through with their code and reason (TOKEN_NOT_FOUND, TOKEN_NOT_ACTIVE, ...).
     pub async fn fan(&self, metadata: &MetadataMap) -> Result<Fan, ApiError> {
-        let token = bearer_token(metadata)?.to_owned();
+        let token = bearer_token(metadata)?;
         if let Some(fan) = self.recent.get(&token) {
             return Ok(fan);
         }
@@ -274,9 +283,45 @@ fn queue_refusal(
 mod tests {
     use super::*;
 
+    const TOKEN: &str = "0b5e6c1e-7f43-4c39-9a57-3d2b8f1e0a64";
+
     #[test]
     fn with_bearer_is_what_bearer_token_reads() {
-        let request = with_bearer((), "tok-123");
-        assert_eq!(bearer_token(request.metadata()), Ok("tok-123"));
+        let request = with_bearer((), TOKEN);
+        assert_eq!(bearer_token(request.metadata()), Ok(TOKEN.to_owned()));
+    }
+
+    #[test]
+    fn every_spelling_of_a_token_reads_as_one() {
+        let spellings = [
+            TOKEN.to_uppercase(),
+            TOKEN.replace('-', ""),
+            format!("{{{TOKEN}}}"),
+            format!("urn:uuid:{TOKEN}"),
+            format!("  {TOKEN} "),
+        ];
+        for spelling in spellings {
+            let request = with_bearer((), &spelling);
+            assert_eq!(
+                bearer_token(request.metadata()),
+                Ok(TOKEN.to_owned()),
+                "{spelling:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn what_is_no_token_is_refused_here() {
+        for header in ["Bearer", "Bearer ", "Bearer tok-123", "Basic abc", TOKEN] {
+            let mut request = tonic::Request::new(());
+            request
+                .metadata_mut()
+                .insert("authorization", header.parse().unwrap());
+            let refused = bearer_token(request.metadata()).unwrap_err();
+            assert_eq!(refused.code(), Code::Unauthenticated, "{header:?}");
+            assert_eq!(refused.reason(), "MALFORMED_TOKEN", "{header:?}");
+        }
+        let refused = bearer_token(tonic::Request::new(()).metadata()).unwrap_err();
+        assert_eq!(refused.reason(), "MISSING_TOKEN");
     }
 }

@@ -84,7 +84,7 @@ impl PaymentApi {
     }
 
     async fn pay(&self, request: Request<pb::PayRequest>) -> Result<pb::PayResponse, PaymentError> {
-        let token = bearer_token(request.metadata())?.to_owned();
+        let token = bearer_token(request.metadata())?;
         let hold_id = parse_uuid("hold_id", &request.get_ref().hold_id)?;
         let request_id = validate::id("request_id", &request.get_ref().request_id)?;
 

@@ -6,7 +6,7 @@ use stagedoor_proto::payment::v1::PaymentStatus;
 use stagedoor_runtime::db;
 use tonic::Code;
 
-use crate::{mesh, reason, SEAT_PRICE};
+use crate::{mesh, reason, Fan, SEAT_PRICE};
 
 #[tokio::test]
 async fn the_same_request_id_fifty_times_at_once_pays_once() {
@@ -129,7 +129,8 @@ async fn one_admission_pays_for_one_hold_however_many_dates_it_holds() {
     // A hundred fans, each holding one seat on each of three dates and charged for all
     // three, pay the three holds at once (different request ids, two replicas): 300 Pays.
     // Paying completes the token, so a Pay sent after another finished is refused by the
-    // queue; Pays sent together must not all slip through while the token is still ACTIVE.
+    // queue; Pays sent together must not all slip through while the token is still ACTIVE,
+    // not even when each spells the token differently (the queue reads every UUID spelling).
     let mesh = Arc::new(mesh(100, |settings| settings.payment_replicas = 2).await);
     let dates = [
         mesh.schedule_id.clone(),
@@ -147,8 +148,17 @@ async fn one_admission_pays_for_one_hold_however_many_dates_it_holds() {
     }
     let mut payers = Vec::new();
     for (index, (fan, holds)) in fans.into_iter().enumerate() {
-        for (n, hold_id) in holds.into_iter().enumerate() {
-            let (mesh, fan) = (mesh.clone(), fan.clone());
+        let spellings = [
+            fan.token.clone(),
+            fan.token.replace('-', "").to_uppercase(),
+            format!("{{{}}}", fan.token),
+        ];
+        for ((n, hold_id), token) in holds.into_iter().enumerate().zip(spellings) {
+            let mesh = mesh.clone();
+            let fan = Fan {
+                user_id: fan.user_id.clone(),
+                token,
+            };
             payers.push(tokio::spawn(async move {
                 let request_id = format!("buy-{n}");
                 let paid = mesh.pay((index + n) % 2, &fan, &hold_id, &request_id).await;
