@@ -81,7 +81,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// the batch does the work all the same, and a retry sees it done.
     pub async fn call(&self, input: I) -> Result<O, ApiError> {
         let (reply, answer) = oneshot::channel();
-        let stopped = || abandoned("the service is shutting down; retry");
+        let stopped = || ApiError::shutting_down("the service is shutting down; retry");
         self.calls
             .send(Call { input, reply })
             .await
@@ -90,12 +90,6 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         // happened, which UNAVAILABLE tells a client (retry with the same key).
         answer.await.map_err(|_| stopped())?
     }
-}
-
-/// The answer to a call whose worker went away before answering (the service is stopping,
-/// or the work panicked): UNAVAILABLE, so that a client retries.
-fn abandoned(message: &str) -> ApiError {
-    ApiError::new(tonic::Code::Unavailable, "SHUTTING_DOWN", message)
 }
 
 async fn run<I, O, F>(mut receiver: mpsc::Receiver<Call<I, O>>, limits: BatchLimits, work: Arc<F>)
@@ -218,7 +212,7 @@ where
         }
         answer
             .await
-            .map_err(|_| abandoned("the read was abandoned; retry"))?
+            .map_err(|_| ApiError::shutting_down("the read was abandoned; retry"))?
     }
 }
 

@@ -44,6 +44,12 @@ impl ApiError {
             .with_field(field)
     }
 
+    /// UNAVAILABLE / SHUTTING_DOWN: this replica is stopping and will not answer `message`'s
+    /// call; a retry (which a load balancer sends to another replica) will.
+    pub fn shutting_down(message: impl Into<String>) -> Self {
+        Self::new(Code::Unavailable, "SHUTTING_DOWN", message)
+    }
+
     /// INTERNAL: something the client cannot fix. The details go to the log, not the client.
     pub fn internal(context: impl std::fmt::Display) -> Self {
         tracing::error!(%context, "internal error");

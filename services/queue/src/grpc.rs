@@ -241,7 +241,7 @@ async fn watch(
         };
         tokio::select! {
             _ = &mut stopped => {
-                let _ = sender.send(Err(Status::unavailable("the queue service is shutting down; watch again"))).await;
+                let _ = sender.send(Err(ApiError::shutting_down("the queue service is shutting down; watch again").into())).await;
                 return;
             }
             _ = sender.closed() => return,

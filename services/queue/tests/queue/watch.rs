@@ -145,7 +145,10 @@ async fn shutdown_ends_open_streams_and_completes() {
         .await
         .expect("stream ends");
     match ended {
-        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable),
+        Err(status) => {
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            assert_eq!(crate::reason(&status), "SHUTTING_DOWN", "{status:?}");
+        }
         Ok(message) => assert!(message.is_none()),
     }
 }
