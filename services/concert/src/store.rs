@@ -208,8 +208,28 @@ pub async fn add_schedule(
     .bind(request_id)
     .fetch_one(pool)
     .await?;
-    if schedule.schedule.concert_id != concert_id {
-        return Err(ConcertError::IdempotencyKeyReused);
+    // The key was used before: a retry asks for the very same date. Anything else reuses the
+    // key for another date, and answering the old one would hide that this one was never added.
+    if inserted == 0 {
+        let stored = &schedule.schedule;
+        let seat_map: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT section, price FROM seats WHERE schedule_id = $1 ORDER BY seat_number",
+        )
+        .bind(&stored.schedule_id)
+        .fetch_all(pool)
+        .await?;
+        let same_date = stored.concert_id == concert_id
+            // Postgres keeps microseconds: compare at that precision.
+            && stored.start_time.timestamp_micros() == start_time.timestamp_micros()
+            && stored.venue == venue
+            && seat_map.len() == seats.len()
+            && seat_map
+                .iter()
+                .zip(seats)
+                .all(|((section, price), seat)| *section == seat.section && *price == seat.price);
+        if !same_date {
+            return Err(ConcertError::IdempotencyKeyReused);
+        }
     }
     Ok(schedule)
 }

@@ -331,8 +331,9 @@ fn parse_page_token(
         .split_once('.')
         .ok_or(PaymentError::InvalidPageToken)?;
     let micros: i64 = micros.parse().map_err(|_| PaymentError::InvalidPageToken)?;
-    let at =
-        chrono::DateTime::from_timestamp_micros(micros).ok_or(PaymentError::InvalidPageToken)?;
+    let at = chrono::DateTime::from_timestamp_micros(micros)
+        .and_then(time::in_range)
+        .ok_or(PaymentError::InvalidPageToken)?;
     let id = Uuid::try_parse(id).map_err(|_| PaymentError::InvalidPageToken)?;
     Ok(Some((at, id)))
 }
@@ -412,5 +413,8 @@ mod tests {
         assert!(parse_page_token("12.not-a-uuid").is_err());
         assert!(parse_page_token("x.y").is_err());
         assert!(parse_page_token("12").is_err());
+        // An instant chrono can hold and Postgres cannot is a bad token, not a query.
+        let ancient = format!("-8000000000000000000.{}", id.simple());
+        assert!(parse_page_token(&ancient).is_err());
     }
 }

@@ -100,3 +100,84 @@ async fn create_concert_without_the_queue_is_unavailable_and_creates_nothing() {
         .unwrap();
     mesh.active_token(&concert.concert_id, "fan").await;
 }
+
+#[tokio::test]
+async fn add_schedule_refuses_bad_times_and_reused_keys_and_changes_nothing() {
+    let mesh = mesh(1, |_, _| {}).await;
+    let (concert_id, _) = mesh.catalog(10).await;
+    let mut admin = mesh.concerts[0].admin.clone();
+    let date = |seconds: i64, nanos: i32, venue: &str, price: i64| pb::AddScheduleRequest {
+        concert_id: concert_id.clone(),
+        start_time: Some(prost_types::Timestamp { seconds, nanos }),
+        venue: venue.into(),
+        seat_count: 20,
+        sections: vec![pb::PriceSection {
+            name: "R".into(),
+            first_seat: 1,
+            last_seat: 20,
+            price,
+        }],
+        request_id: "encore-night".into(),
+    };
+    let dates_in_database = || async {
+        let admin = mesh.database.admin().await;
+        let counts: (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM concert.schedules), (SELECT count(*) FROM concert.seats)",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        admin.close().await;
+        counts
+    };
+    let before = dates_in_database().await;
+
+    // Instants a Timestamp cannot hold (chrono could, Postgres could not): bad input, not a
+    // database error.
+    for (seconds, nanos) in [
+        (-8_000_000_000_000, 0),
+        (253_402_300_800, 0),
+        (1_900_000_000, -1),
+    ] {
+        let refused = admin
+            .add_schedule(date(seconds, nanos, "Olympic Hall", 90_000))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::InvalidArgument,
+            "{seconds}.{nanos}: {refused:?}"
+        );
+        assert_eq!(reason(&refused), "INVALID_FIELD");
+    }
+    assert_eq!(dates_in_database().await, before);
+
+    // A retry gets the same date; the same key for another date is refused, whatever differs.
+    let added = admin
+        .add_schedule(date(1_900_000_000, 0, "Olympic Hall", 90_000))
+        .await
+        .unwrap()
+        .into_inner()
+        .schedule
+        .unwrap();
+    let again = admin
+        .add_schedule(date(1_900_000_000, 0, "Olympic Hall", 90_000))
+        .await
+        .unwrap()
+        .into_inner()
+        .schedule
+        .unwrap();
+    assert_eq!(again.schedule_id, added.schedule_id);
+    let after = dates_in_database().await;
+    assert_eq!(after, (before.0 + 1, before.1 + 20));
+    for other in [
+        date(1_900_003_600, 0, "Olympic Hall", 90_000),
+        date(1_900_000_000, 0, "Gocheok Dome", 90_000),
+        date(1_900_000_000, 0, "Olympic Hall", 95_000),
+    ] {
+        let refused = admin.add_schedule(other).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert_eq!(reason(&refused), "IDEMPOTENCY_KEY_REUSED");
+    }
+    assert_eq!(dates_in_database().await, after);
+}
