@@ -139,7 +139,9 @@ pub async fn database(
         .map_err(|error| {
             format!(
                 "{error}\n  stagedoor needs a PostgreSQL it can administer ({}): start one on \
-                 127.0.0.1:5432 (e.g. `pg_ctlcluster 15 main start`) or set DATABASE_URL.",
+                 127.0.0.1:5432 (e.g. `pg_ctlcluster 15 main start`) or set DATABASE_URL to \
+                 a superuser's URL, with its password where the server asks for one \
+                 (postgres://postgres:PASSWORD@127.0.0.1:5432/postgres).",
                 postgres.describe()
             )
         })?;

@@ -36,7 +36,12 @@ impl Database {
                 source,
             })?;
         for service in db::ALL_SERVICES {
-            db::provision(&admin, service).await?;
+            db::provision(
+                &admin,
+                service,
+                db::role_password(admin_url, service).as_deref(),
+            )
+            .await?;
         }
         admin.close().await;
         Ok(Self {

@@ -73,7 +73,10 @@ pub fn locate(database_url: Option<&str>) -> Result<Postgres, String> {
     };
     let cluster = Cluster::start(&bin)?;
     Ok(Postgres {
-        admin_url: format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port),
+        admin_url: format!(
+            "postgres://postgres:{}@127.0.0.1:{}/postgres",
+            cluster.superuser_password, cluster.port
+        ),
         cluster: Some(cluster),
     })
 }
@@ -95,10 +98,14 @@ fn postgres_binaries() -> Option<PathBuf> {
 }
 
 /// A cluster of our own: initdb'd into a fresh directory, serving on a free loopback port.
+/// It asks for passwords (SCRAM), the superuser's a random one this run alone knows: a
+/// loopback port is open to every user of the machine, and the run exercises the same path
+/// as a production cluster (each service's role logs in with its own password).
 struct Cluster {
     dir: PathBuf,
     bin: PathBuf,
     port: u16,
+    superuser_password: String,
     /// Postgres refuses to run as root: as root, the cluster runs as user `postgres`.
     run_as: Option<&'static str>,
 }
@@ -123,6 +130,7 @@ impl Cluster {
             dir,
             bin: bin.to_owned(),
             port,
+            superuser_password: uuid::Uuid::new_v4().simple().to_string(),
             run_as,
         };
         if let Some(user) = run_as {
@@ -141,6 +149,13 @@ impl Cluster {
             "stagedoor: no Postgres on 127.0.0.1:5432; starting a throwaway one in {} (port {port})",
             cluster.dir.display()
         );
+        // initdb reads the superuser's password from a file; it goes once the cluster exists.
+        let password_file = cluster.dir.join("superuser-password");
+        if let Err(error) = std::fs::write(&password_file, &cluster.superuser_password) {
+            cluster.remove();
+            return Err(format!("{}: {error}", password_file.display()));
+        }
+        let password_file_arg = format!("--pwfile={}", password_file.display());
         let data = cluster.dir.join("data").display().to_string();
         let log = cluster.dir.join("postgres.log").display().to_string();
         let server_options = format!(
@@ -155,7 +170,8 @@ impl Cluster {
                     &data,
                     "-U",
                     "postgres",
-                    "--auth=trust",
+                    "--auth=scram-sha-256",
+                    &password_file_arg,
                     "-E",
                     "UTF8",
                     "--no-sync",
@@ -176,7 +192,9 @@ impl Cluster {
             ),
         ];
         for (tool, args) in steps {
-            if let Err(error) = cluster.run(tool, &args) {
+            let ran = cluster.run(tool, &args);
+            let _ = std::fs::remove_file(&password_file);
+            if let Err(error) = ran {
                 cluster.remove();
                 return Err(error);
             }

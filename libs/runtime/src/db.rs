@@ -213,14 +213,37 @@ pub async fn drop_database(admin_url: &str, database: &str) -> Result<(), sqlx::
 /// Creates a service's login role (cluster-wide, once) and its schema in the database the
 /// admin pool is connected to, owned by that role. Nobody else gets any right on the schema,
 /// so a service's role can neither read nor write another service's tables.
-pub async fn provision(admin: &PgPool, service: ServiceSchema) -> Result<(), StartupError> {
+///
+/// `password` is the role's (see [`role_password`]): set when the role is made, and set
+/// again on a role that exists, so that a role made earlier under trust auth can log in
+/// once the cluster asks for passwords.
+pub async fn provision(
+    admin: &PgPool,
+    service: ServiceSchema,
+    password: Option<&str>,
+) -> Result<(), StartupError> {
     let role = quote_ident(service.role);
+    let (create, update) = match password {
+        Some(password) => {
+            let password = quote_literal(password);
+            (
+                format!("CREATE ROLE {role} LOGIN PASSWORD {password}"),
+                // Parallel provisioners set the same password: one losing the race on the
+                // catalog row (`tuple concurrently updated`, XX000) leaves it as wanted.
+                format!(
+                    "BEGIN ALTER ROLE {role} WITH LOGIN PASSWORD {password};
+                     EXCEPTION WHEN internal_error THEN NULL; END;"
+                ),
+            )
+        }
+        None => (format!("CREATE ROLE {role} LOGIN"), "NULL;".to_owned()),
+    };
     // Roles are shared by every database of the cluster and parallel provisioners (tests,
     // replicas) may race to create one: losing that race is fine.
     let create_role = format!(
         "DO $$ BEGIN
-             CREATE ROLE {role} LOGIN;
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+             {create};
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN {update}
          END $$"
     );
     admin
@@ -238,20 +261,53 @@ pub async fn provision(admin: &PgPool, service: ServiceSchema) -> Result<(), Sta
     }
 }
 
-/// The URL of `service`'s own role on the cluster and database of `admin_url`.
+/// The password of `service`'s role on the cluster the admin reaches with `admin_url`: none
+/// when the admin URL carries none (trust or peer auth, a developer's machine), else one
+/// derived from the admin's password and the role's name.
+///
+/// Derived, not random: every provisioner of the cluster (tests in parallel, a second `up`)
+/// sets the same value, so none locks out connections another one made; and only whoever
+/// knows the admin's password can work it out.
+pub fn role_password(admin_url: &str, service: ServiceSchema) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let admin = url::Url::parse(admin_url).ok()?;
+    let admin_password = admin.password().filter(|password| !password.is_empty())?;
+    let digest = Sha256::new()
+        .chain_update("stagedoor role password\0")
+        .chain_update(admin_password)
+        .chain_update("\0")
+        .chain_update(service.role)
+        .finalize();
+    Some(digest.iter().map(|byte| format!("{byte:02x}")).collect())
+}
+
+/// The URL of `service`'s own role on the cluster and database of `admin_url`: the admin's
+/// host, port and parameters (`sslmode`, ...), the role's name and [`role_password`].
 pub fn service_url(
     admin_url: &str,
     database: &str,
     service: ServiceSchema,
 ) -> Result<String, StartupError> {
     let options = PgConnectOptions::from_str(admin_url).map_err(StartupError::BadUrl)?;
+    let credentials = match role_password(admin_url, service) {
+        // Hex digits: nothing to percent-encode.
+        Some(password) => format!("{}:{password}", service.role),
+        None => service.role.to_owned(),
+    };
+    let parameters = admin_url
+        .split_once('?')
+        .map(|(_, query)| format!("?{query}"))
+        .unwrap_or_default();
     Ok(format!(
-        "postgres://{}@{}:{}/{}",
-        service.role,
+        "postgres://{credentials}@{}:{}/{database}{parameters}",
         options.get_host(),
         options.get_port(),
-        database
     ))
+}
+
+/// Single-quotes an SQL string literal.
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// Double-quotes an SQL identifier. Identifiers here come from constants and test names, but
@@ -300,6 +356,34 @@ mod tests {
         assert_eq!(int4_array_literal(&[]), "{}");
         assert_eq!(int4_array_literal(&[7]), "{7}");
         assert_eq!(int4_array_literal(&[1, -2, 30]), "{1,-2,30}");
+    }
+
+    #[test]
+    fn roles_get_passwords_where_the_admin_has_one() {
+        let trust = "postgres://postgres@127.0.0.1:5432/postgres";
+        assert_eq!(role_password(trust, QUEUE), None);
+        assert_eq!(
+            service_url(trust, "stagedoor", QUEUE).unwrap(),
+            "postgres://stagedoor_queue@127.0.0.1:5432/stagedoor"
+        );
+
+        let scram = "postgres://postgres:s3cret@db.internal:6432/postgres?sslmode=require";
+        let queue = role_password(scram, QUEUE).unwrap();
+        assert_eq!(queue.len(), 64);
+        assert_eq!(role_password(scram, QUEUE).as_ref(), Some(&queue), "stable");
+        assert_ne!(
+            role_password(scram, CONCERT).unwrap(),
+            queue,
+            "one per role"
+        );
+        let other_admin = "postgres://postgres:other@db.internal:6432/postgres";
+        assert_ne!(role_password(other_admin, QUEUE).unwrap(), queue);
+        assert_eq!(
+            service_url(scram, "stagedoor", QUEUE).unwrap(),
+            format!(
+                "postgres://stagedoor_queue:{queue}@db.internal:6432/stagedoor?sslmode=require"
+            )
+        );
     }
 
     #[test]

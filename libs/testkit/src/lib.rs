@@ -39,7 +39,8 @@ impl TestDatabase {
         let database = Self { name, admin_url };
         let admin = database.admin().await;
         for service in db::ALL_SERVICES {
-            db::provision(&admin, service)
+            let password = db::role_password(&database.admin_url, service);
+            db::provision(&admin, service, password.as_deref())
                 .await
                 .unwrap_or_else(|error| panic!("cannot provision {}: {error}", service.schema));
         }
