@@ -32,7 +32,7 @@ bench:
     cargo run --release -p stagedoor -- load list-seats
     cargo run --release -p stagedoor -- load validate-token
     cargo run --release -p stagedoor -- load pay
-    cargo run --release -p stagedoor -- demo --json target/demo-summary.json
+    cargo run --release -p stagedoor -- load rush --json target/rush-summary.json
 
 # What CI runs.
 ci:

@@ -90,7 +90,18 @@ pub struct WalletArgs {
     pub load: LoadArgs,
 }
 
-/// The scenarios.
+/// What `stagedoor load` runs: a scenario that measures one part, or the whole rush.
+#[derive(Debug, clap::Subcommand)]
+pub enum LoadCommand {
+    #[command(flatten)]
+    Scenario(Scenario),
+    /// The whole sale under load: the demo's rush (10,000 fans for 500 seats by default),
+    /// its time to sell out, throughput and p50/p99 of every RPC, and its verdict. The same
+    /// code as `stagedoor demo`: one harness, whichever name it is called by.
+    Rush(crate::demo::DemoArgs),
+}
+
+/// The scenarios that measure one part of the mesh.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Scenario {
     /// IssueToken throughput: distinct fans rushing one concert.

@@ -48,7 +48,7 @@ enum Command {
     /// Run a benchmark scenario and print throughput and p50/p99.
     Load {
         #[command(subcommand)]
-        scenario: load::Scenario,
+        command: load::LoadCommand,
     },
 }
 
@@ -104,7 +104,10 @@ async fn main() -> ExitCode {
             telemetry::init();
             up(args).await
         }
-        Command::Demo(args) => {
+        Command::Demo(args)
+        | Command::Load {
+            command: load::LoadCommand::Rush(args),
+        } => {
             telemetry::init_with_default("warn");
             return demo::run(args).await;
         }
@@ -112,7 +115,9 @@ async fn main() -> ExitCode {
             telemetry::init();
             seed_and_show(&concert_url).await.map(|_| ())
         }
-        Command::Load { scenario } => {
+        Command::Load {
+            command: load::LoadCommand::Scenario(scenario),
+        } => {
             telemetry::init();
             load::run(scenario).await
         }
