@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, str::FromStr, time::Duration};
 
-use sqlx::postgres::PgConnectOptions;
+use sqlx::{postgres::PgConnectOptions, ConnectOptions};
 use stagedoor_concert::ConcertConfig;
 use stagedoor_payment::PaymentConfig;
 use stagedoor_point::PointConfig;
@@ -26,7 +26,9 @@ impl Database {
         db::ensure_database(admin_url, name).await?;
         let options = PgConnectOptions::from_str(admin_url)
             .map_err(StartupError::BadUrl)?
-            .database(name);
+            .database(name)
+            // Provisioning sends role passwords: no statement of this connection is logged.
+            .disable_statement_logging();
         let admin = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
             .connect_with(options)

@@ -149,11 +149,12 @@ impl Cluster {
             "stagedoor: no Postgres on 127.0.0.1:5432; starting a throwaway one in {} (port {port})",
             cluster.dir.display()
         );
-        // initdb reads the superuser's password from a file; it goes once the cluster exists.
+        // initdb reads the superuser's password from a file, readable by the cluster's user
+        // alone; it goes once the cluster exists.
         let password_file = cluster.dir.join("superuser-password");
-        if let Err(error) = std::fs::write(&password_file, &cluster.superuser_password) {
+        if let Err(error) = cluster.write_private(&password_file, &cluster.superuser_password) {
             cluster.remove();
-            return Err(format!("{}: {error}", password_file.display()));
+            return Err(error);
         }
         let password_file_arg = format!("--pwfile={}", password_file.display());
         let data = cluster.dir.join("data").display().to_string();
@@ -200,6 +201,29 @@ impl Cluster {
             }
         }
         Ok(cluster)
+    }
+
+    /// Writes `text` to a new file that only the cluster's user may read (mode 0600, handed
+    /// to `postgres` when we are root).
+    fn write_private(&self, path: &Path, text: &str) -> Result<(), String> {
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        let failed = |error: std::io::Error| format!("{}: {error}", path.display());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|mut file| file.write_all(text.as_bytes()))
+            .map_err(failed)?;
+        if let Some(user) = self.run_as {
+            let chowned = Command::new("chown")
+                .args([&format!("{user}:"), &path.display().to_string()])
+                .status();
+            if !chowned.is_ok_and(|status| status.success()) {
+                return Err(format!("cannot hand {} to user `{user}`", path.display()));
+            }
+        }
+        Ok(())
     }
 
     /// Runs a Postgres tool (as `postgres` when we are root), quietly unless it fails.

@@ -214,36 +214,38 @@ pub async fn drop_database(admin_url: &str, database: &str) -> Result<(), sqlx::
 /// admin pool is connected to, owned by that role. Nobody else gets any right on the schema,
 /// so a service's role can neither read nor write another service's tables.
 ///
-/// `password` is the role's (see [`role_password`]): set when the role is made, and set
-/// again on a role that exists, so that a role made earlier under trust auth can log in
-/// once the cluster asks for passwords.
+/// `password` (see [`role_password`]) is given to a role this call creates. A role that
+/// exists keeps its password: roles are shared by the whole cluster, and one made by hand or
+/// by docker-compose's init script belongs to whoever made it. The statement carries the
+/// password, so the admin connection must not log statements
+/// (`ConnectOptions::disable_statement_logging`).
 pub async fn provision(
     admin: &PgPool,
     service: ServiceSchema,
     password: Option<&str>,
 ) -> Result<(), StartupError> {
     let role = quote_ident(service.role);
-    let (create, update) = match password {
+    let create = match password {
         Some(password) => {
-            let password = quote_literal(password);
-            (
-                format!("CREATE ROLE {role} LOGIN PASSWORD {password}"),
-                // Parallel provisioners set the same password: one losing the race on the
-                // catalog row (`tuple concurrently updated`, XX000) leaves it as wanted.
-                format!(
-                    "BEGIN ALTER ROLE {role} WITH LOGIN PASSWORD {password};
-                     EXCEPTION WHEN internal_error THEN NULL; END;"
-                ),
+            // Inside a `DO $$ ... $$` body, a `$$` in the literal would end the body.
+            if password.contains('$') || password.contains('\\') {
+                return Err(StartupError::Config(format!(
+                    "the password of role {role} may not contain `$` or `\\`"
+                )));
+            }
+            format!(
+                "CREATE ROLE {role} LOGIN PASSWORD {}",
+                quote_literal(password)
             )
         }
-        None => (format!("CREATE ROLE {role} LOGIN"), "NULL;".to_owned()),
+        None => format!("CREATE ROLE {role} LOGIN"),
     };
     // Roles are shared by every database of the cluster and parallel provisioners (tests,
     // replicas) may race to create one: losing that race is fine.
     let create_role = format!(
         "DO $$ BEGIN
              {create};
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN {update}
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
          END $$"
     );
     admin
@@ -271,7 +273,9 @@ pub async fn provision(
 pub fn role_password(admin_url: &str, service: ServiceSchema) -> Option<String> {
     use sha2::{Digest, Sha256};
     let admin = url::Url::parse(admin_url).ok()?;
+    // The URL keeps it percent-encoded; `p%21ss` and `p!ss` are one password (sqlx decodes).
     let admin_password = admin.password().filter(|password| !password.is_empty())?;
+    let admin_password = percent_encoding::percent_decode_str(admin_password).collect::<Vec<u8>>();
     let digest = Sha256::new()
         .chain_update("stagedoor role password\0")
         .chain_update(admin_password)
@@ -282,7 +286,9 @@ pub fn role_password(admin_url: &str, service: ServiceSchema) -> Option<String> 
 }
 
 /// The URL of `service`'s own role on the cluster and database of `admin_url`: the admin's
-/// host, port and parameters (`sslmode`, ...), the role's name and [`role_password`].
+/// host, port and TLS parameters (`sslmode`, `sslrootcert`, ...), the role's name and
+/// [`role_password`]. Other parameters stay behind: `user`, `password` or `dbname` there
+/// would override the role and the database.
 pub fn service_url(
     admin_url: &str,
     database: &str,
@@ -294,10 +300,22 @@ pub fn service_url(
         Some(password) => format!("{}:{password}", service.role),
         None => service.role.to_owned(),
     };
-    let parameters = admin_url
-        .split_once('?')
-        .map(|(_, query)| format!("?{query}"))
+    let tls = url::Url::parse(admin_url)
+        .map(|admin| {
+            let mut tls = url::form_urlencoded::Serializer::new(String::new());
+            tls.extend_pairs(
+                admin
+                    .query_pairs()
+                    .filter(|(key, _)| key.starts_with("ssl")),
+            );
+            tls.finish()
+        })
         .unwrap_or_default();
+    let parameters = if tls.is_empty() {
+        String::new()
+    } else {
+        format!("?{tls}")
+    };
     Ok(format!(
         "postgres://{credentials}@{}:{}/{database}{parameters}",
         options.get_host(),
@@ -367,7 +385,7 @@ mod tests {
             "postgres://stagedoor_queue@127.0.0.1:5432/stagedoor"
         );
 
-        let scram = "postgres://postgres:s3cret@db.internal:6432/postgres?sslmode=require";
+        let scram = "postgres://postgres:s3cret@db.internal:6432/postgres?sslmode=require&user=x&dbname=y&password=z";
         let queue = role_password(scram, QUEUE).unwrap();
         assert_eq!(queue.len(), 64);
         assert_eq!(role_password(scram, QUEUE).as_ref(), Some(&queue), "stable");
@@ -378,6 +396,12 @@ mod tests {
         );
         let other_admin = "postgres://postgres:other@db.internal:6432/postgres";
         assert_ne!(role_password(other_admin, QUEUE).unwrap(), queue);
+        let encoded = "postgres://postgres:s3cr%65t@db.internal:6432/postgres";
+        assert_eq!(
+            role_password(encoded, QUEUE).unwrap(),
+            queue,
+            "decoded first"
+        );
         assert_eq!(
             service_url(scram, "stagedoor", QUEUE).unwrap(),
             format!(

@@ -9,7 +9,7 @@
 
 use std::str::FromStr;
 
-use sqlx::{postgres::PgConnectOptions, PgPool};
+use sqlx::{postgres::PgConnectOptions, ConnectOptions, PgPool};
 use stagedoor_runtime::{
     db::{self, ServiceSchema},
     server::ServiceHandle,
@@ -84,6 +84,8 @@ impl TestDatabase {
         PgConnectOptions::from_str(&self.admin_url)
             .expect("ADMIN_DATABASE_URL parses")
             .database(&self.name)
+            // Provisioning sends role passwords: no statement of this connection is logged.
+            .disable_statement_logging()
     }
 }
 

@@ -494,7 +494,12 @@ impl ConcertAdminService for ConcertApi {
             .start_time
             .as_ref()
             .and_then(time::from_timestamp)
-            .ok_or_else(|| ApiError::invalid_field("start_time", "start_time is required"))?;
+            .ok_or_else(|| {
+                ApiError::invalid_field(
+                    "start_time",
+                    "start_time is required, within years 0001 to 9999",
+                )
+            })?;
         let seats = seat_map(request.seat_count, &request.sections)?;
         if !store::concert_exists(&self.state.pool, concert_id)
             .await
