@@ -153,21 +153,18 @@ async fn add_schedule_refuses_bad_times_and_reused_keys_and_changes_nothing() {
     assert_eq!(dates_in_database().await, before);
 
     // A retry gets the same date; the same key for another date is refused, whatever differs.
-    let added = admin
-        .add_schedule(date(1_900_000_000, 0, "Olympic Hall", 90_000))
-        .await
-        .unwrap()
-        .into_inner()
-        .schedule
-        .unwrap();
-    let again = admin
-        .add_schedule(date(1_900_000_000, 0, "Olympic Hall", 90_000))
-        .await
-        .unwrap()
-        .into_inner()
-        .schedule
-        .unwrap();
-    assert_eq!(again.schedule_id, added.schedule_id);
+    let mut schedule_ids = Vec::new();
+    for _ in 0..2 {
+        let added = admin
+            .add_schedule(date(1_900_000_000, 0, "Olympic Hall", 90_000))
+            .await
+            .unwrap()
+            .into_inner()
+            .schedule
+            .unwrap();
+        schedule_ids.push(added.schedule_id);
+    }
+    assert_eq!(schedule_ids[0], schedule_ids[1]);
     let after = dates_in_database().await;
     assert_eq!(after, (before.0 + 1, before.1 + 20));
     for other in [
