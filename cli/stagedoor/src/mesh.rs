@@ -2,9 +2,8 @@
 //! roles, schemas) and start-up. Each service still serves real gRPC on its own port and
 //! talks to its peers over gRPC, with its own role and schema, exactly as when run apart.
 
-use std::{net::SocketAddr, str::FromStr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
-use sqlx::{postgres::PgConnectOptions, ConnectOptions};
 use stagedoor_concert::ConcertConfig;
 use stagedoor_payment::PaymentConfig;
 use stagedoor_point::PointConfig;
@@ -23,29 +22,7 @@ pub struct Database {
 impl Database {
     /// Creates `name` when missing and provisions every service's role and schema in it.
     pub async fn provision(admin_url: &str, name: &str) -> Result<Self, StartupError> {
-        db::ensure_database(admin_url, name).await?;
-        let options = PgConnectOptions::from_str(admin_url)
-            .map_err(StartupError::BadUrl)?
-            .database(name)
-            // Provisioning sends role passwords: no statement of this connection is logged.
-            .disable_statement_logging();
-        let admin = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await
-            .map_err(|source| StartupError::Connect {
-                url: db::redact(admin_url),
-                source,
-            })?;
-        for service in db::ALL_SERVICES {
-            db::provision(
-                &admin,
-                service,
-                db::role_password(admin_url, service).as_deref(),
-            )
-            .await?;
-        }
-        admin.close().await;
+        db::provision_database(admin_url, name).await?;
         Ok(Self {
             admin_url: admin_url.to_owned(),
             name: name.to_owned(),

@@ -7,7 +7,7 @@ use std::{str::FromStr, time::Duration};
 use sqlx::{
     migrate::Migrator,
     postgres::{PgConnectOptions, PgPoolOptions},
-    ConnectOptions, Executor, PgPool,
+    ConnectOptions, Connection, Executor, PgPool,
 };
 
 /// A service's database identity: the role it logs in as and the schema it owns.
@@ -194,6 +194,31 @@ pub async fn ensure_database(admin_url: &str, database: &str) -> Result<(), Star
     Ok(())
 }
 
+/// Creates `database` (when missing) and every service's role and schema in it: what
+/// `stagedoor up`, the demo, the load runs and each test's database start from. Each role
+/// this creates gets [`role_password`].
+pub async fn provision_database(admin_url: &str, database: &str) -> Result<(), StartupError> {
+    ensure_database(admin_url, database).await?;
+    let options = PgConnectOptions::from_str(admin_url)
+        .map_err(StartupError::BadUrl)?
+        .database(database)
+        // Provisioning sends role passwords: no statement of this connection is logged.
+        .disable_statement_logging();
+    let mut admin = options
+        .connect()
+        .await
+        .map_err(|source| StartupError::Connect {
+            url: redact(admin_url),
+            source,
+        })?;
+    for service in ALL_SERVICES {
+        let password = role_password(admin_url, service);
+        provision(&mut admin, service, password.as_deref()).await?;
+    }
+    let _ = admin.close().await;
+    Ok(())
+}
+
 /// Drops `database` through an admin connection, closing whatever is still connected to it
 /// (`WITH (FORCE)`): for throwaway databases of tests and load runs.
 pub async fn drop_database(admin_url: &str, database: &str) -> Result<(), sqlx::Error> {
@@ -211,7 +236,7 @@ pub async fn drop_database(admin_url: &str, database: &str) -> Result<(), sqlx::
 }
 
 /// Creates a service's login role (cluster-wide, once) and its schema in the database the
-/// admin pool is connected to, owned by that role. Nobody else gets any right on the schema,
+/// admin is connected to, owned by that role. Nobody else gets any right on the schema,
 /// so a service's role can neither read nor write another service's tables.
 ///
 /// `password` (see [`role_password`]) is given to a role this call creates. A role that
@@ -219,8 +244,8 @@ pub async fn drop_database(admin_url: &str, database: &str) -> Result<(), sqlx::
 /// by docker-compose's init script belongs to whoever made it. The statement carries the
 /// password, so the admin connection must not log statements
 /// (`ConnectOptions::disable_statement_logging`).
-pub async fn provision(
-    admin: &PgPool,
+async fn provision(
+    admin: &mut sqlx::PgConnection,
     service: ServiceSchema,
     password: Option<&str>,
 ) -> Result<(), StartupError> {
@@ -248,7 +273,7 @@ pub async fn provision(
          EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
          END $$"
     );
-    admin
+    (&mut *admin)
         .execute(create_role.as_str())
         .await
         .map_err(StartupError::Provision)?;
@@ -256,7 +281,7 @@ pub async fn provision(
         "CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {role}",
         quote_ident(service.schema)
     );
-    match admin.execute(create_schema.as_str()).await {
+    match (&mut *admin).execute(create_schema.as_str()).await {
         Ok(_) => Ok(()),
         Err(error) if crate::error::is_unique_violation(&error, None) => Ok(()),
         Err(error) => Err(StartupError::Provision(error)),
@@ -270,7 +295,7 @@ pub async fn provision(
 /// Derived, not random: every provisioner of the cluster (tests in parallel, a second `up`)
 /// sets the same value, so none locks out connections another one made; and only whoever
 /// knows the admin's password can work it out.
-pub fn role_password(admin_url: &str, service: ServiceSchema) -> Option<String> {
+fn role_password(admin_url: &str, service: ServiceSchema) -> Option<String> {
     use sha2::{Digest, Sha256};
     let admin = url::Url::parse(admin_url).ok()?;
     // The URL keeps it percent-encoded; `p%21ss` and `p!ss` are one password (sqlx decodes).

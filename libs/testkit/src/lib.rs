@@ -9,7 +9,7 @@
 
 use std::str::FromStr;
 
-use sqlx::{postgres::PgConnectOptions, ConnectOptions, PgPool};
+use sqlx::{postgres::PgConnectOptions, PgPool};
 use stagedoor_runtime::{
     db::{self, ServiceSchema},
     server::ServiceHandle,
@@ -31,21 +31,12 @@ impl TestDatabase {
         let admin_url =
             std::env::var("ADMIN_DATABASE_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned());
         let name = format!("stagedoor_test_{}", uuid::Uuid::new_v4().simple());
-        db::ensure_database(&admin_url, &name)
+        db::provision_database(&admin_url, &name)
             .await
             .unwrap_or_else(|error| {
                 panic!("cannot create test database (is Postgres up?): {error}")
             });
-        let database = Self { name, admin_url };
-        let admin = database.admin().await;
-        for service in db::ALL_SERVICES {
-            let password = db::role_password(&database.admin_url, service);
-            db::provision(&admin, service, password.as_deref())
-                .await
-                .unwrap_or_else(|error| panic!("cannot provision {}: {error}", service.schema));
-        }
-        admin.close().await;
-        database
+        Self { name, admin_url }
     }
 
     /// The database's name.
@@ -84,8 +75,6 @@ impl TestDatabase {
         PgConnectOptions::from_str(&self.admin_url)
             .expect("ADMIN_DATABASE_URL parses")
             .database(&self.name)
-            // Provisioning sends role passwords: no statement of this connection is logged.
-            .disable_statement_logging()
     }
 }
 

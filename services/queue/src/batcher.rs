@@ -133,8 +133,7 @@ impl IssueBatcher {
                     .map(|user_id| {
                         by_user
                             .get(user_id.as_str())
-                            .copied()
-                            .cloned()
+                            .map(|&ticket| ticket.clone())
                             .ok_or_else(|| {
                                 ApiError::internal(format!(
                                     "issued batch of {concert_id} lacks user {user_id}"
