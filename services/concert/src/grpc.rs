@@ -380,6 +380,15 @@ fn text<'a>(field: &'static str, value: &'a str) -> Result<&'a str, ApiError> {
             format!("{field} must be 1 to {MAX_TEXT} characters"),
         ));
     }
+    // Postgres text cannot hold U+0000 at all (the insert would fail as an INTERNAL error,
+    // after CreateConcert had already opened a queue line), and no title, name or venue
+    // needs a line break, tab or escape sequence to be printed on a ticket.
+    if let Some(bad) = value.chars().find(|c| c.is_control()) {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("{field} may not hold control characters, found {bad:?}"),
+        ));
+    }
     Ok(value)
 }
 

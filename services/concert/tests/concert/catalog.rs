@@ -178,3 +178,82 @@ async fn add_schedule_refuses_bad_times_and_reused_keys_and_changes_nothing() {
     }
     assert_eq!(dates_in_database().await, after);
 }
+
+#[tokio::test]
+async fn control_characters_in_free_text_are_bad_input_and_open_no_line() {
+    use tonic_types::StatusExt;
+
+    let mesh = mesh(1, |_, _| {}).await;
+    let (concert_id, _) = mesh.catalog(10).await;
+    let mut admin = mesh.concerts[0].admin.clone();
+    let rows = || async {
+        let admin = mesh.database.admin().await;
+        let counts: (i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM concert.concerts), (SELECT count(*) FROM concert.schedules),
+                    (SELECT count(*) FROM queue.lines)",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        admin.close().await;
+        counts
+    };
+    let before = rows().await;
+    let concert = |title: &str, artist: &str| pb::CreateConcertRequest {
+        title: title.into(),
+        artist: artist.into(),
+        request_id: "create-with-control-characters".into(),
+    };
+    let date = |venue: &str, section: &str| pb::AddScheduleRequest {
+        concert_id: concert_id.clone(),
+        start_time: Some(prost_types::Timestamp {
+            seconds: 1_900_000_000,
+            nanos: 0,
+        }),
+        venue: venue.into(),
+        seat_count: 10,
+        sections: vec![pb::PriceSection {
+            name: section.into(),
+            first_seat: 1,
+            last_seat: 10,
+            price: 90_000,
+        }],
+        request_id: "date-with-control-characters".into(),
+    };
+    // U+0000 is what Postgres itself refuses (before this check: INTERNAL, and CreateConcert
+    // had already opened a queue line for the concert it then failed to create).
+    let refusals = [
+        (
+            "title",
+            admin
+                .create_concert(concert("Live\0Tour", "Band"))
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "artist",
+            admin
+                .create_concert(concert("Live", "Band\u{1b}[31m"))
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "venue",
+            admin.add_schedule(date("Hall\0", "R")).await.unwrap_err(),
+        ),
+        (
+            "sections.name",
+            admin
+                .add_schedule(date("Hall", "R\nVIP"))
+                .await
+                .unwrap_err(),
+        ),
+    ];
+    for (field, status) in refusals {
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert_eq!(reason(&status), "INVALID_FIELD", "{field}");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.metadata.get("field").map(String::as_str), Some(field));
+    }
+    assert_eq!(rows().await, before, "nothing written, no line opened");
+}
