@@ -162,13 +162,21 @@ impl Saga {
                         self.release(&payment).await?;
                         return Ok(Driven::Deferred(payment));
                     }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(MAX_PAUSE);
                     // Same step, same key, again; but only while this driver still owns it.
+                    // The lease is renewed before the pause, not after: the call that just
+                    // failed may have taken its whole deadline, and a pause on top of that
+                    // could outlast the lease. Once it lapses, this process's own recovery
+                    // worker may claim the payment, and a renewal checks only the owner (the
+                    // process), so both would drive it: two spends racing a refusal, say,
+                    // ending FAILED with the points spent and the seats sold.
                     if !self.renew(&payment, step).await? {
                         return Ok(Driven::Elsewhere);
                     }
                     leased_at = Instant::now();
+                    // At most half the lease: the check at the top of the loop then renews
+                    // with half of it still left, before the next call.
+                    tokio::time::sleep(pause.min(self.settings.lease / 2)).await;
+                    pause = (pause * 2).min(MAX_PAUSE);
                 }
             }
         }

@@ -8,7 +8,14 @@ mod races;
 mod recovery;
 mod semantics;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use stagedoor_concert::ConcertConfig;
 use stagedoor_payment::PaymentConfig;
@@ -20,7 +27,11 @@ use stagedoor_proto::{
         concert_service_client::ConcertServiceClient,
     },
     payment::v1::{self as pb, payment_service_client::PaymentServiceClient},
-    point::v1::{self as point_pb, point_service_client::PointServiceClient},
+    point::v1::{
+        self as point_pb,
+        point_internal_service_server::{PointInternalService, PointInternalServiceServer},
+        point_service_client::PointServiceClient,
+    },
     queue::v1::{self as queue_pb, queue_service_client::QueueServiceClient},
 };
 use stagedoor_queue::QueueConfig;
@@ -228,6 +239,27 @@ impl Mesh {
             })
             .await,
         );
+    }
+
+    /// Replaces the point service with one that takes SpendPoints and RefundPoints calls and
+    /// never answers them: a peer that hangs rather than refuses, so every call runs into the
+    /// payment's call deadline. `stop_point` then `restart_point` bring the real one back.
+    pub async fn hang_point(&mut self) -> HangingPoint {
+        self.stop_point().await;
+        let hanging = HangingPoint::default();
+        let service = hanging.clone();
+        self.point_handle = Some(
+            serve_on(self.point_addr, |listener| async move {
+                let (trigger, shutdown) = stagedoor_runtime::ShutdownTrigger::new();
+                let local_addr = listener.local_addr().expect("a bound listener");
+                let server = stagedoor_runtime::server::GrpcServer::new()
+                    .add_service(PointInternalServiceServer::new(service));
+                let server = tokio::spawn(server.serve(listener, shutdown));
+                Ok(ServiceHandle::new(local_addr, trigger, server, Vec::new()))
+            })
+            .await,
+        );
+        hanging
     }
 
     pub async fn stop_concert(&mut self) {
@@ -508,5 +540,59 @@ impl Mesh {
         .unwrap();
         assert_eq!(drift, 0, "a balance differs from its ledger");
         admin.close().await;
+    }
+}
+
+/// The point service of [`Mesh::hang_point`]: it answers nothing, and counts the calls it is
+/// sitting on.
+#[derive(Clone, Default)]
+pub struct HangingPoint {
+    in_flight: Arc<AtomicUsize>,
+    most_in_flight: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl HangingPoint {
+    /// Calls received so far.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// The most calls it ever sat on at once.
+    pub fn most_in_flight(&self) -> usize {
+        self.most_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Sits on a call until the caller gives up (its deadline cancels the call, which drops
+    /// this future and with it the count).
+    async fn hang<T>(&self) -> Result<tonic::Response<T>, tonic::Status> {
+        struct Counted(Arc<AtomicUsize>);
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        let _counted = Counted(self.in_flight.clone());
+        std::future::pending().await
+    }
+}
+
+#[tonic::async_trait]
+impl PointInternalService for HangingPoint {
+    async fn spend_points(
+        &self,
+        _: tonic::Request<point_pb::SpendPointsRequest>,
+    ) -> Result<tonic::Response<point_pb::SpendPointsResponse>, tonic::Status> {
+        self.hang().await
+    }
+
+    async fn refund_points(
+        &self,
+        _: tonic::Request<point_pb::RefundPointsRequest>,
+    ) -> Result<tonic::Response<point_pb::RefundPointsResponse>, tonic::Status> {
+        self.hang().await
     }
 }

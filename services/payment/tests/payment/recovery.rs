@@ -135,6 +135,43 @@ async fn point_down_mid_saga_leaves_the_payment_pending_until_it_returns() {
 }
 
 #[tokio::test]
+async fn a_driver_whose_peer_hangs_keeps_its_lease_and_drives_alone() {
+    // Pay keeps retrying for 6 s; every SpendPoints takes the whole 500 ms deadline, and the
+    // pauses between tries grow toward a second: longer than what a 1 s lease has left after
+    // a call. The recovery worker scans every 100 ms for lapsed leases, in this process too.
+    let mut mesh = mesh(50, |settings| {
+        quick_recovery(settings);
+        settings.payment.pay_patience = Duration::from_secs(6);
+    })
+    .await;
+    let fan = mesh.fan("stuck", 100_000).await;
+    let hold = mesh.hold(&fan, &[7]).await;
+    let point = mesh.hang_point().await;
+
+    let waiting = mesh.pay(0, &fan, &hold.hold_id, "pay").await.unwrap_err();
+    let payment_id = in_progress(&waiting);
+    // Recovery's own tries after Pay gave up, one at a time.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        point.calls() >= 8,
+        "Pay kept asking: {} calls",
+        point.calls()
+    );
+    assert_eq!(
+        point.most_in_flight(),
+        1,
+        "two drivers of one payment spent at once"
+    );
+
+    mesh.stop_point().await;
+    mesh.restart_point().await;
+    let payment = mesh.settled(&payment_id).await;
+    assert_eq!(payment.status(), PaymentStatus::Completed);
+    assert_eq!(mesh.balance("stuck").await, 0);
+    mesh.audit().await;
+}
+
+#[tokio::test]
 async fn concert_down_after_the_spend_keeps_the_points_until_the_seats_are_sold() {
     let mut mesh = mesh(50, |settings| {
         quick_recovery(settings);
