@@ -440,14 +440,19 @@ pub async fn hold_batch(
 
     // Decide in arrival order. A winner's seats stop being free for the requests after it.
     let mut winners: Vec<(usize, Uuid, i64)> = Vec::new();
-    let mut keys_in_batch: HashSet<(&str, &str)> = HashSet::new();
+    let mut first_of_key: HashMap<(&str, &str), usize> = HashMap::new();
+    // (a copy, its first): the same request twice in one batch, answered after the first.
+    let mut repeats: Vec<(usize, usize)> = Vec::new();
     for (index, request) in requests.iter().enumerate() {
         if answers[index].is_some() {
             continue;
         }
-        if !keys_in_batch.insert((request.user_id.as_str(), request.request_id.as_str())) {
-            continue; // the same request twice in one batch: answered after the first
+        let key = (request.user_id.as_str(), request.request_id.as_str());
+        if let Some(&first) = first_of_key.get(&key) {
+            repeats.push((index, first));
+            continue;
         }
+        first_of_key.insert(key, index);
         let date = request.schedule_id.as_str();
         let taken: Vec<i32> = request
             .seat_numbers
@@ -530,6 +535,22 @@ pub async fn hold_batch(
         if let Some(hold) = written.remove(hold_id) {
             answers[*index] = Some(Ok(hold));
         }
+    }
+    // A copy of a refused request gets the same refusal (a double click on a hold the fan's
+    // limit refuses is HOLD_LIMIT_EXCEEDED twice, not once that and once SEAT_UNAVAILABLE).
+    for (copy, first) in repeats {
+        answers[copy] = match &answers[first] {
+            Some(Err(ConcertError::SeatUnavailable(seats))) => {
+                Some(Err(ConcertError::SeatUnavailable(seats.clone())))
+            }
+            Some(Err(ConcertError::HoldLimitExceeded { held, asked })) => {
+                Some(Err(ConcertError::HoldLimitExceeded {
+                    held: *held,
+                    asked: *asked,
+                }))
+            }
+            _ => None,
+        };
     }
     // Whatever is still unanswered repeated a key of this batch (or, in theory, lost its
     // insert to a conflict): the table now says what that key made.

@@ -173,6 +173,21 @@ async fn one_fans_concurrent_holds_keep_the_limit_and_one_key_makes_one_hold() {
         "a fan holds at most 4 seats of a date, however fast they click"
     );
     assert_eq!(mesh.hold_rows().await, 4);
+    // The full fan clicks one more hold a hundred times: every copy hears the same refusal.
+    let calls: Vec<_> = (0..100)
+        .map(|copy| {
+            let (mesh, token, schedule_id) = (mesh.clone(), hoarder.clone(), schedule_id.clone());
+            tokio::spawn(async move {
+                mesh.hold(copy % 2, &token, &schedule_id, &[47], "one-too-many")
+                    .await
+            })
+        })
+        .collect();
+    for call in calls {
+        let refused = call.await.unwrap().unwrap_err();
+        assert_eq!(reason(&refused), "HOLD_LIMIT_EXCEEDED", "{refused:?}");
+    }
+    assert_eq!(mesh.hold_rows().await, 4);
 
     let clicker = mesh.active_token(&concert_id, "clicker").await;
     let calls: Vec<_> = (0..100)
