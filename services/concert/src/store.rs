@@ -69,14 +69,16 @@ pub struct HoldRow {
     pub start_time: DateTime<Utc>,
 }
 
-/// A seat's state, derived: a hold past its time frees the seat at that instant.
+/// A seat's state, derived: a hold past its time frees the seat at that instant. The clock is
+/// the statement's, not the transaction's (`now()`), since these reads also run inside hold
+/// and confirm batches after lock waits (see `hold_batch`).
 const SEAT_STATUS: &str = "CASE WHEN sold_to_payment IS NOT NULL THEN 'SOLD'
-                               WHEN held_until > now() THEN 'HELD'
+                               WHEN held_until > statement_timestamp() THEN 'HELD'
                                ELSE 'AVAILABLE' END";
 
 const HOLD_SELECT: &str = "
     SELECT h.hold_id, h.schedule_id, h.concert_id, h.user_id, h.seat_numbers, h.total_price,
-           CASE WHEN h.status = 'HELD' AND h.expire_time <= now() THEN 'EXPIRED'
+           CASE WHEN h.status = 'HELD' AND h.expire_time <= statement_timestamp() THEN 'EXPIRED'
                 ELSE h.status END AS status,
            h.expire_time, h.payment_id, h.request_id, h.create_time, s.start_time
       FROM holds h JOIN schedules s ON s.schedule_id = h.schedule_id";
