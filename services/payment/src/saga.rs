@@ -156,7 +156,10 @@ impl Saga {
                         self.release(&payment).await?;
                         return Ok(Driven::Settled(payment));
                     }
-                    if Instant::now() + pause >= give_up_at {
+                    // At most half the lease: the check at the top of the loop then renews
+                    // with half of it still left, before the next call.
+                    let wait = pause.min(self.settings.lease / 2);
+                    if Instant::now() + wait >= give_up_at {
                         tracing::warn!(payment_id = %payment.payment_id, step = step.as_db(), %cause,
                             "peer unavailable; leaving the payment to recovery");
                         self.release(&payment).await?;
@@ -173,9 +176,7 @@ impl Saga {
                         return Ok(Driven::Elsewhere);
                     }
                     leased_at = Instant::now();
-                    // At most half the lease: the check at the top of the loop then renews
-                    // with half of it still left, before the next call.
-                    tokio::time::sleep(pause.min(self.settings.lease / 2)).await;
+                    tokio::time::sleep(wait).await;
                     pause = (pause * 2).min(MAX_PAUSE);
                 }
             }

@@ -241,12 +241,15 @@ impl Mesh {
         );
     }
 
-    /// Replaces the point service with one that takes SpendPoints and RefundPoints calls and
-    /// never answers them: a peer that hangs rather than refuses, so every call runs into the
-    /// payment's call deadline. `stop_point` then `restart_point` bring the real one back.
-    pub async fn hang_point(&mut self) -> HangingPoint {
+    /// Replaces the point service with one that answers every SpendPoints and RefundPoints
+    /// UNAVAILABLE after `delay`: a peer that hangs rather than refuses, for as long as a
+    /// call's deadline allows. `stop_point` then `restart_point` bring the real one back.
+    pub async fn hang_point(&mut self, delay: Duration) -> HangingPoint {
         self.stop_point().await;
-        let hanging = HangingPoint::default();
+        let hanging = HangingPoint {
+            delay,
+            ..HangingPoint::default()
+        };
         let service = hanging.clone();
         self.point_handle = Some(
             serve_on(self.point_addr, |listener| async move {
@@ -543,10 +546,13 @@ impl Mesh {
     }
 }
 
-/// The point service of [`Mesh::hang_point`]: it answers nothing, and counts the calls it is
-/// sitting on.
+/// The point service of [`Mesh::hang_point`]: it sits on every call for `delay`, answers
+/// UNAVAILABLE, and counts the calls it is sitting on. Answering before the caller's deadline
+/// (rather than never) makes the count exact: a call is over on both sides before the same
+/// driver can send its next one, so two calls at once mean two drivers.
 #[derive(Clone, Default)]
 pub struct HangingPoint {
+    delay: Duration,
     in_flight: Arc<AtomicUsize>,
     most_in_flight: Arc<AtomicUsize>,
     calls: Arc<AtomicUsize>,
@@ -563,20 +569,13 @@ impl HangingPoint {
         self.most_in_flight.load(Ordering::SeqCst)
     }
 
-    /// Sits on a call until the caller gives up (its deadline cancels the call, which drops
-    /// this future and with it the count).
     async fn hang<T>(&self) -> Result<tonic::Response<T>, tonic::Status> {
-        struct Counted(Arc<AtomicUsize>);
-        impl Drop for Counted {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
         self.calls.fetch_add(1, Ordering::SeqCst);
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_in_flight.fetch_max(now, Ordering::SeqCst);
-        let _counted = Counted(self.in_flight.clone());
-        std::future::pending().await
+        tokio::time::sleep(self.delay).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        Err(tonic::Status::unavailable("the point service is hanging"))
     }
 }
 
