@@ -540,7 +540,14 @@ pub async fn hold_batch(
     }
     // A copy of a refused request gets the same refusal (a double click on a hold the fan's
     // limit refuses is HOLD_LIMIT_EXCEEDED twice, not once that and once SEAT_UNAVAILABLE).
+    // Only an identical copy: a key reused for other seats is judged as before, below.
     for (copy, first) in repeats {
+        let (asked, first_asked) = (&requests[copy], &requests[first]);
+        if asked.schedule_id != first_asked.schedule_id
+            || asked.seat_numbers != first_asked.seat_numbers
+        {
+            continue;
+        }
         answers[copy] = match &answers[first] {
             Some(Err(ConcertError::SeatUnavailable(seats))) => {
                 Some(Err(ConcertError::SeatUnavailable(seats.clone())))
