@@ -33,7 +33,7 @@ pub use error::{ApiError, DOMAIN};
 /// mimalloc asks the kernel for 2 MiB pages on its arenas, and in the demo's rush `perf` put
 /// two fifths of all CPU time of its first two seconds in the kernel zeroing them
 /// (`clear_page_erms`), while 10,000 streams and their buffers were being allocated. Without
-/// them the demo's system time halves (3.0-3.4 s to 1.2-1.7 s) and its peak memory drops from
+/// them the demo's system time halves (2.5-3.4 s to 1.2-1.7 s) and its peak memory drops from
 /// 500 to 380 MB. The feature only stops mimalloc's own `madvise`; on a host whose THP setting
 /// is `always` rather than `madvise`, `MIMALLOC_ALLOW_THP=0` in the environment turns them off
 /// for the process (the Dockerfile sets it).
