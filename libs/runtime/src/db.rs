@@ -162,14 +162,7 @@ pub async fn migrate(
 /// cluster. Postgres has no `CREATE DATABASE IF NOT EXISTS`, so a concurrent creator's
 /// duplicate error counts as success.
 pub async fn ensure_database(admin_url: &str, database: &str) -> Result<(), StartupError> {
-    let mut admin = PgConnectOptions::from_str(admin_url)
-        .map_err(StartupError::BadUrl)?
-        .connect()
-        .await
-        .map_err(|source| StartupError::Connect {
-            url: redact(admin_url),
-            source,
-        })?;
+    let mut admin = connect_admin(admin_url, |options| options).await?;
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(database)
@@ -199,24 +192,33 @@ pub async fn ensure_database(admin_url: &str, database: &str) -> Result<(), Star
 /// this creates gets [`role_password`].
 pub async fn provision_database(admin_url: &str, database: &str) -> Result<(), StartupError> {
     ensure_database(admin_url, database).await?;
-    let options = PgConnectOptions::from_str(admin_url)
-        .map_err(StartupError::BadUrl)?
-        .database(database)
+    let mut admin = connect_admin(admin_url, |options| {
         // Provisioning sends role passwords: no statement of this connection is logged.
-        .disable_statement_logging();
-    let mut admin = options
-        .connect()
-        .await
-        .map_err(|source| StartupError::Connect {
-            url: redact(admin_url),
-            source,
-        })?;
+        options.database(database).disable_statement_logging()
+    })
+    .await?;
     for service in ALL_SERVICES {
         let password = role_password(admin_url, service);
         provision(&mut admin, service, password.as_deref()).await?;
     }
     let _ = admin.close().await;
     Ok(())
+}
+
+/// One connection as the admin of `admin_url`, with `adjust` applied to its options (another
+/// database, no statement logging); errors name the URL without its password.
+async fn connect_admin(
+    admin_url: &str,
+    adjust: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
+) -> Result<sqlx::PgConnection, StartupError> {
+    let options = PgConnectOptions::from_str(admin_url).map_err(StartupError::BadUrl)?;
+    adjust(options)
+        .connect()
+        .await
+        .map_err(|source| StartupError::Connect {
+            url: redact(admin_url),
+            source,
+        })
 }
 
 /// Drops `database` through an admin connection, closing whatever is still connected to it
