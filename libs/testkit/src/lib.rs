@@ -71,6 +71,21 @@ impl TestDatabase {
             .expect("admin connection to the test database")
     }
 
+    /// The one row of a parameterless query, read as the superuser: counts and counters a
+    /// test compares before and after a call (a one-column row is a 1-tuple).
+    pub async fn row<T>(&self, sql: &str) -> T
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        let admin = self.admin().await;
+        let row = sqlx::query_as(sql)
+            .fetch_one(&admin)
+            .await
+            .unwrap_or_else(|error| panic!("{sql}: {error}"));
+        admin.close().await;
+        row
+    }
+
     fn admin_options(&self) -> PgConnectOptions {
         PgConnectOptions::from_str(&self.admin_url)
             .expect("ADMIN_DATABASE_URL parses")

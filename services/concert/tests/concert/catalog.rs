@@ -80,12 +80,10 @@ async fn create_concert_without_the_queue_is_unavailable_and_creates_nothing() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable);
     assert_eq!(reason(&refused), "QUEUE_UNAVAILABLE");
-    let admin = mesh.database.admin().await;
-    let concerts: i64 = sqlx::query_scalar("SELECT count(*) FROM concert.concerts")
-        .fetch_one(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
+    let (concerts,): (i64,) = mesh
+        .database
+        .row("SELECT count(*) FROM concert.concerts")
+        .await;
     assert_eq!(concerts, 0, "no concert without a waiting room");
 
     // The same request, retried where the queue answers, creates it, and it takes fans.
@@ -119,16 +117,10 @@ async fn add_schedule_refuses_bad_times_and_reused_keys_and_changes_nothing() {
         }],
         request_id: "encore-night".into(),
     };
-    let dates_in_database = || async {
-        let admin = mesh.database.admin().await;
-        let counts: (i64, i64) = sqlx::query_as(
+    let dates_in_database = || {
+        mesh.database.row::<(i64, i64)>(
             "SELECT (SELECT count(*) FROM concert.schedules), (SELECT count(*) FROM concert.seats)",
         )
-        .fetch_one(&admin)
-        .await
-        .unwrap();
-        admin.close().await;
-        counts
     };
     let before = dates_in_database().await;
 
@@ -186,17 +178,11 @@ async fn control_characters_in_free_text_are_bad_input_and_open_no_line() {
     let mesh = mesh(1, |_, _| {}).await;
     let (concert_id, _) = mesh.catalog(10).await;
     let mut admin = mesh.concerts[0].admin.clone();
-    let rows = || async {
-        let admin = mesh.database.admin().await;
-        let counts: (i64, i64, i64) = sqlx::query_as(
+    let rows = || {
+        mesh.database.row::<(i64, i64, i64)>(
             "SELECT (SELECT count(*) FROM concert.concerts), (SELECT count(*) FROM concert.schedules),
                     (SELECT count(*) FROM queue.lines)",
         )
-        .fetch_one(&admin)
-        .await
-        .unwrap();
-        admin.close().await;
-        counts
     };
     let before = rows().await;
     let concert = |title: &str, artist: &str| pb::CreateConcertRequest {

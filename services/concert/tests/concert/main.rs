@@ -238,12 +238,10 @@ impl Mesh {
 
     /// Number of rows in the holds table.
     pub async fn hold_rows(&self) -> i64 {
-        let admin = self.database.admin().await;
-        let rows = sqlx::query_scalar("SELECT count(*) FROM concert.holds")
-            .fetch_one(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
+        let (rows,) = self
+            .database
+            .row::<(i64,)>("SELECT count(*) FROM concert.holds")
+            .await;
         rows
     }
 }

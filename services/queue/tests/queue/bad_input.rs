@@ -111,17 +111,11 @@ async fn open_lines_is_idempotent_and_refuses_bad_ids() {
         "b was open"
     );
     let first = queue.issue("b", "fan").await;
-    let line = || async {
-        let admin = database.admin().await;
-        let row: (i64, i64, i32) = sqlx::query_as(
+    let line = || {
+        database.row::<(i64, i64, i32)>(
             "SELECT last_place, admitted_through, active_count FROM queue.lines
               WHERE concert_id = 'b'",
         )
-        .fetch_one(&admin)
-        .await
-        .unwrap();
-        admin.close().await;
-        row
     };
     let before = line().await;
     assert_eq!(open(vec!["b".into()]).await.unwrap(), 0);

@@ -131,12 +131,8 @@ async fn complete_token_frees_the_slot_at_once_and_is_idempotent() {
     let validated = queue.validate(&paying.token).await.unwrap_err();
     assert_eq!(reason(&validated), "TOKEN_NOT_ACTIVE");
 
-    let admin = database.admin().await;
-    let active: i32 =
-        sqlx::query_scalar("SELECT active_count FROM queue.lines WHERE concert_id = 'c'")
-            .fetch_one(&admin)
-            .await
-            .unwrap();
+    let (active,): (i32,) = database
+        .row("SELECT active_count FROM queue.lines WHERE concert_id = 'c'")
+        .await;
     assert_eq!(active, 1);
-    admin.close().await;
 }

@@ -132,13 +132,7 @@ pub use stagedoor_testkit::reason;
 
 /// Rows of the queue's tables, read as the superuser.
 pub async fn count_rows(database: &TestDatabase) -> (i64, i64) {
-    let admin = database.admin().await;
-    let counts = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM queue.tokens), (SELECT count(*) FROM queue.lines)",
-    )
-    .fetch_one(&admin)
-    .await
-    .unwrap();
-    admin.close().await;
-    counts
+    database
+        .row("SELECT (SELECT count(*) FROM queue.tokens), (SELECT count(*) FROM queue.lines)")
+        .await
 }
