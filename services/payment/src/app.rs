@@ -11,7 +11,6 @@ use stagedoor_runtime::{
     ShutdownTrigger,
 };
 use tokio::net::TcpListener;
-use uuid::Uuid;
 
 use crate::{
     config::PaymentConfig,
@@ -50,14 +49,11 @@ pub async fn start(
     db::migrate(&pool, db::PAYMENT.schema, &MIGRATOR).await?;
 
     let (trigger, shutdown) = ShutdownTrigger::new();
-    // Each process is its own lease owner, so two replicas never drive one payment at once.
-    let owner = Uuid::new_v4();
-    let (writes, mut background) = PaymentWrites::spawn(pool.clone(), owner, config.lease);
+    let (writes, mut background) = PaymentWrites::spawn(pool.clone(), config.lease);
     let saga = Arc::new(Saga {
         pool: pool.clone(),
         writes,
         peers,
-        owner,
         settings: SagaSettings {
             lease: config.lease,
             call_deadline: config.call_deadline,
@@ -82,7 +78,7 @@ pub async fn start(
         .map_err(|error| StartupError::Provision(error.into()))?;
     let server = GrpcServer::new().add_service(PaymentServiceServer::new(api));
     let server = tokio::spawn(server.serve(listener, shutdown));
-    tracing::info!(%local_addr, %owner, queue = %config.queue_url, concert = %config.concert_url,
+    tracing::info!(%local_addr, queue = %config.queue_url, concert = %config.concert_url,
         point = %config.point_url, fault = ?config.fault, "payment service started");
     Ok(ServiceHandle::new(local_addr, trigger, server, background))
 }

@@ -21,14 +21,7 @@ const CLAIM_BATCH: i64 = 64;
 /// Runs until `shutdown` fires, scanning every `interval`.
 pub async fn run(saga: Arc<Saga>, interval: Duration, shutdown: Shutdown) {
     loop {
-        let claimed = match store::claim_due(
-            &saga.pool,
-            saga.owner,
-            saga.settings.lease,
-            CLAIM_BATCH,
-        )
-        .await
-        {
+        let claimed = match store::claim_due(&saga.pool, saga.settings.lease, CLAIM_BATCH).await {
             Ok(claimed) => claimed,
             Err(error) => {
                 tracing::warn!(%error, "recovery scan failed; will retry");

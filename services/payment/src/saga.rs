@@ -15,8 +15,10 @@
 //! 3. Only a refusal compensates: seats that cannot be sold send the saga to REFUND.
 //! 4. Once the seats are sold the payment is COMPLETED; completing the token is retried
 //!    until it succeeds and never undoes the sale.
-//! 5. One driver at a time: a driver owns a payment through its lease, and every record it
-//!    makes is conditional on still owning it at the step it expects (see `store`).
+//! 5. One driver at a time: a driver owns a payment through its lease, an id drawn for this
+//!    one drive, and every record it makes is conditional on the row still carrying that
+//!    lease at the step it expects (see `store`). A driver whose lease was taken over, even
+//!    by its own process's recovery worker, can change nothing any more.
 
 use std::time::{Duration, Instant};
 
@@ -53,14 +55,12 @@ pub struct SagaSettings {
     pub fault: Fault,
 }
 
-/// Drives payments on behalf of one replica (`owner`).
+/// Drives the payments of one replica.
 pub struct Saga {
     pub pool: PgPool,
     /// The payment row's inserts and step records, batched.
     pub writes: PaymentWrites,
     pub peers: Peers,
-    /// This replica's identity in `payments.lease_owner`.
-    pub owner: Uuid,
     pub settings: SagaSettings,
 }
 
@@ -80,7 +80,8 @@ pub enum Driven {
 }
 
 impl Saga {
-    /// Drives `payment`, which this replica must have just leased, as far as it goes.
+    /// Drives `payment`, whose row was just leased to this drive (its `lease_owner`, by the
+    /// INSERT or the recovery worker's claim), as far as it goes.
     ///
     /// `patience` is how long to keep asking a peer whose answer is unknown before leaving
     /// the payment to the recovery worker: Pay waits a little for a slow peer, the
@@ -90,6 +91,13 @@ impl Saga {
         mut payment: PaymentRow,
         patience: Duration,
     ) -> Result<Driven, ApiError> {
+        // This drive's fencing token: every record, renewal and release names it.
+        let lease_owner = match payment.lease_owner {
+            Some(lease_owner) => lease_owner,
+            None if payment.step() == Step::Done => return Ok(Driven::Settled(payment)),
+            // Released or never leased: not this drive's to move.
+            None => return Ok(Driven::Elsewhere),
+        };
         let give_up_at = Instant::now() + patience;
         let mut pause = FIRST_PAUSE;
         // The step the row says. `payment.step` runs ahead of it while successful steps are
@@ -110,7 +118,7 @@ impl Saga {
             if step != Step::Done
                 && leased_at.elapsed() + self.settings.call_deadline * 2 > self.settings.lease
             {
-                if !self.renew(&payment, recorded).await? {
+                if !self.renew(&payment, lease_owner, recorded).await? {
                     return Ok(Driven::Elsewhere);
                 }
                 leased_at = Instant::now();
@@ -128,7 +136,7 @@ impl Saga {
                     pause = FIRST_PAUSE;
                 }
                 Next::Record(change) => {
-                    match self.record(&payment, recorded, change).await? {
+                    match self.record(&payment, lease_owner, recorded, change).await? {
                         Some(next) => payment = next,
                         None => return Ok(Driven::Elsewhere),
                     }
@@ -142,7 +150,10 @@ impl Saga {
                     // carries on starts from there (and replays nothing it need not).
                     if step != recorded {
                         let progress = Advance::progress(&payment);
-                        match self.record(&payment, recorded, progress).await? {
+                        match self
+                            .record(&payment, lease_owner, recorded, progress)
+                            .await?
+                        {
                             Some(next) => payment = next,
                             None => return Ok(Driven::Elsewhere),
                         }
@@ -153,7 +164,7 @@ impl Saga {
                     if step == Step::CompleteToken {
                         tracing::warn!(payment_id = %payment.payment_id, %cause,
                             "token not completed yet; recovery will retry");
-                        self.release(&payment).await?;
+                        self.release(&payment, lease_owner).await?;
                         return Ok(Driven::Settled(payment));
                     }
                     // At most half the lease: the check at the top of the loop then renews
@@ -162,17 +173,17 @@ impl Saga {
                     if Instant::now() + wait >= give_up_at {
                         tracing::warn!(payment_id = %payment.payment_id, step = step.as_db(), %cause,
                             "peer unavailable; leaving the payment to recovery");
-                        self.release(&payment).await?;
+                        self.release(&payment, lease_owner).await?;
                         return Ok(Driven::Deferred(payment));
                     }
                     // Same step, same key, again; but only while this driver still owns it.
                     // The lease is renewed before the pause, not after: the call that just
                     // failed may have taken its whole deadline, and a pause on top of that
-                    // could outlast the lease. Once it lapses, this process's own recovery
-                    // worker may claim the payment, and a renewal checks only the owner (the
-                    // process), so both would drive it: two spends racing a refusal, say,
-                    // ending FAILED with the points spent and the seats sold.
-                    if !self.renew(&payment, step).await? {
+                    // could outlast the lease. Once it lapses, a recovery worker (this
+                    // process's own, too) claims the payment under a new lease; this drive
+                    // could then record nothing, but its calls would still race the new
+                    // driver's, and the payment would wait out a recovery round for nothing.
+                    if !self.renew(&payment, lease_owner, step).await? {
                         return Ok(Driven::Elsewhere);
                     }
                     leased_at = Instant::now();
@@ -183,18 +194,19 @@ impl Saga {
         }
     }
 
-    /// Writes `change` over the row, which must still be at step `recorded` and leased to
-    /// this driver; `None` when it is not (another driver took over).
+    /// Writes `change` over the row, which must still be at step `recorded` and carry this
+    /// drive's lease; `None` when it does not (another driver took over).
     async fn record(
         &self,
         payment: &PaymentRow,
+        lease_owner: Uuid,
         recorded: Step,
         change: Advance,
     ) -> Result<Option<PaymentRow>, ApiError> {
         let started = Instant::now();
         let written = self
             .writes
-            .advance(payment.payment_id, recorded, change)
+            .advance(payment.payment_id, lease_owner, recorded, change)
             .await;
         HOPS.record(Hop::Record, started);
         written
@@ -320,24 +332,29 @@ impl Saga {
         }
     }
 
-    /// Extends this driver's lease of `payment`, whose row is at `step`; false when the row
+    /// Extends this drive's lease of `payment`, whose row is at `step`; false when the row
     /// moved on or another driver owns it now.
-    async fn renew(&self, payment: &PaymentRow, step: Step) -> Result<bool, sqlx::Error> {
+    async fn renew(
+        &self,
+        payment: &PaymentRow,
+        lease_owner: Uuid,
+        step: Step,
+    ) -> Result<bool, sqlx::Error> {
         store::renew(
             &self.pool,
             payment.payment_id,
-            self.owner,
+            lease_owner,
             step,
             self.settings.lease,
         )
         .await
     }
 
-    async fn release(&self, payment: &PaymentRow) -> Result<(), sqlx::Error> {
+    async fn release(&self, payment: &PaymentRow, lease_owner: Uuid) -> Result<(), sqlx::Error> {
         store::release(
             &self.pool,
             payment.payment_id,
-            self.owner,
+            lease_owner,
             self.settings.retry_base,
             self.settings.retry_max,
         )

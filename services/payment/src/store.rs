@@ -1,7 +1,13 @@
 //! The payment schema's SQL. Every change of a saga's state is one conditional UPDATE that
-//! names the step it expects and the lease owner it expects: a driver that lost its lease, or
-//! a step that someone else already recorded, changes nothing (and learns so from the
-//! missing row), so two drivers can never move one payment two ways.
+//! names the step it expects and the lease it expects: a driver that lost its lease, or a
+//! step that someone else already recorded, changes nothing (and learns so from the missing
+//! row), so two drivers can never move one payment two ways.
+//!
+//! A lease is a fresh id in `lease_owner`, drawn by the statement that hands the payment to
+//! a driver (the INSERT, or the recovery worker's claim), and it is that one drive's fencing
+//! token. It is not the process: a driver stalled past its lease (a long pool wait, a paused
+//! runtime) may see its own process's recovery worker take the payment over, and the stale
+//! driver's records and renewals must then fail rather than pass an owner check both share.
 
 use std::time::Duration;
 
@@ -35,6 +41,9 @@ pub struct PaymentRow {
     pub attempts: i32,
     pub create_time: DateTime<Utc>,
     pub complete_time: Option<DateTime<Utc>>,
+    /// The lease of the drive this row was handed to (see the module's doc); `None` while
+    /// nobody drives it (released for later, or DONE).
+    pub lease_owner: Option<Uuid>,
 }
 
 impl PaymentRow {
@@ -74,8 +83,8 @@ pub enum InsertRefused {
     TokenTaken,
 }
 
-/// Records payments at step SPEND, leased to `owner` for `lease`, in one statement: from
-/// here on each payment exists whatever happens to this process. Returns the rows written;
+/// Records payments at step SPEND, each leased for `lease` to a drive of its own, in one
+/// statement: from here on each payment exists whatever happens to this process. Returns the rows written;
 /// a payment missing from them collided with a unique constraint (its request id was used,
 /// or its hold or its token has a live payment), possibly with another row of the same
 /// batch, which `ON CONFLICT DO NOTHING` settles in arrival order. [`insert`] tells which
@@ -83,7 +92,6 @@ pub enum InsertRefused {
 pub async fn insert_batch(
     pool: &PgPool,
     payments: &[NewPayment],
-    owner: Uuid,
     lease: Duration,
 ) -> Result<Vec<PaymentRow>, sqlx::Error> {
     // Rows go in in user order (arrival order within a user). A row that meets another
@@ -102,7 +110,7 @@ pub async fn insert_batch(
          SELECT p.payment_id, p.user_id, p.request_id, p.hold_id, p.concert_id, p.schedule_id,
                 p.seats::int4[], p.amount, p.start_time, p.token,
                 sha256(convert_to(p.token, 'UTF8')), 'SPEND', 'PENDING',
-                $11, now() + make_interval(secs => $12)
+                gen_random_uuid(), now() + make_interval(secs => $11)
            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[],
                        $7::text[], $8::int8[], $9::timestamptz[], $10::text[])
                 AS p (payment_id, user_id, request_id, hold_id, concert_id, schedule_id, seats,
@@ -120,7 +128,6 @@ pub async fn insert_batch(
     .bind(payments.iter().map(|p| p.amount).collect::<Vec<_>>())
     .bind(payments.iter().map(|p| p.start_time).collect::<Vec<_>>())
     .bind(column(|p| p.token.clone()))
-    .bind(owner)
     .bind(lease.as_secs_f64())
     // Unprepared: a plan cached for one batch size and table size is no good for the next.
     .persistent(false)
@@ -132,7 +139,6 @@ pub async fn insert_batch(
 pub async fn insert(
     pool: &PgPool,
     new: &NewPayment,
-    owner: Uuid,
     lease: Duration,
 ) -> Result<Result<PaymentRow, InsertRefused>, sqlx::Error> {
     let inserted = sqlx::query_as(
@@ -140,7 +146,7 @@ pub async fn insert(
                                seat_numbers, amount, start_time, token, token_sha256,
                                step, status, lease_owner, lease_until)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, sha256(convert_to($10, 'UTF8')),
-                 'SPEND', 'PENDING', $11, now() + make_interval(secs => $12))
+                 'SPEND', 'PENDING', gen_random_uuid(), now() + make_interval(secs => $11))
          RETURNING *",
     )
     .bind(new.payment_id)
@@ -153,7 +159,6 @@ pub async fn insert(
     .bind(new.amount)
     .bind(new.start_time)
     .bind(&new.token)
-    .bind(owner)
     .bind(lease.as_secs_f64())
     .fetch_one(pool)
     .await;
@@ -264,20 +269,21 @@ pub struct Advance {
 /// One step's outcome of one payment, to record with [`advance`].
 pub struct AdvanceCall {
     pub payment_id: Uuid,
+    /// The drive's lease, which the row must still carry.
+    pub lease_owner: Uuid,
     /// The step the row must still be at.
     pub from: Step,
     pub change: Advance,
 }
 
 /// Records, for each call, that step `from` is done and the saga moves on, renewing the
-/// lease (or ending it at DONE), in one statement. A payment is updated only while `owner`
-/// drives it at step `from`; the rows returned are those updated, and a payment missing from
+/// lease (or ending it at DONE), in one statement. A payment is updated only while the
+/// call's lease is still the row's and the row is at step `from`; the rows returned are those updated, and a payment missing from
 /// them has another driver now, which this one must leave it to. Each payment at most once
 /// per call (a payment named twice would be updated once, with either change).
 pub async fn advance(
     pool: &PgPool,
     calls: &[AdvanceCall],
-    owner: Uuid,
     lease: Duration,
 ) -> Result<Vec<PaymentRow>, sqlx::Error> {
     let failure = |pick: fn(&(String, String)) -> &String| -> Vec<Option<String>> {
@@ -302,9 +308,11 @@ pub async fn advance(
                                    ELSE now() + make_interval(secs => $9) END,
                 attempts = 0
            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[],
-                       $7::text[])
-                AS a (payment_id, from_step, to_step, status, balance_after, reason, message)
-          WHERE p.payment_id = a.payment_id AND p.step = a.from_step AND p.lease_owner = $8
+                       $7::text[], $8::uuid[])
+                AS a (payment_id, from_step, to_step, status, balance_after, reason, message,
+                      lease_owner)
+          WHERE p.payment_id = a.payment_id AND p.step = a.from_step
+            AND p.lease_owner = a.lease_owner
          RETURNING p.*",
     )
     .bind(calls.iter().map(|c| c.payment_id).collect::<Vec<_>>())
@@ -329,18 +337,18 @@ pub async fn advance(
     )
     .bind(failure(|(reason, _)| reason))
     .bind(failure(|(_, message)| message))
-    .bind(owner)
+    .bind(calls.iter().map(|c| c.lease_owner).collect::<Vec<_>>())
     .bind(lease.as_secs_f64())
     .persistent(false)
     .fetch_all(pool)
     .await
 }
 
-/// Extends `owner`'s lease before another attempt at `step`; false when it was lost.
+/// Extends the lease `lease_owner` before another attempt at `step`; false when it was lost.
 pub async fn renew(
     pool: &PgPool,
     payment_id: Uuid,
-    owner: Uuid,
+    lease_owner: Uuid,
     step: Step,
     lease: Duration,
 ) -> Result<bool, sqlx::Error> {
@@ -350,7 +358,7 @@ pub async fn renew(
     )
     .bind(payment_id)
     .bind(step.as_db())
-    .bind(owner)
+    .bind(lease_owner)
     .bind(lease.as_secs_f64())
     .execute(pool)
     .await?;
@@ -359,11 +367,11 @@ pub async fn renew(
 
 /// Gives a payment back for later: a peer was unreachable. The recovery worker of any
 /// replica picks it up after a backoff that doubles with each failed round (`base`,
-/// `2 base`, ... at most `max`).
+/// `2 base`, ... at most `max`). Only while `lease_owner` is still its lease.
 pub async fn release(
     pool: &PgPool,
     payment_id: Uuid,
-    owner: Uuid,
+    lease_owner: Uuid,
     base: Duration,
     max: Duration,
 ) -> Result<(), sqlx::Error> {
@@ -376,7 +384,7 @@ pub async fn release(
           WHERE payment_id = $1 AND lease_owner = $2 AND step <> 'DONE'",
     )
     .bind(payment_id)
-    .bind(owner)
+    .bind(lease_owner)
     .bind(base.as_secs_f64())
     .bind(max.as_secs_f64())
     .execute(pool)
@@ -384,29 +392,28 @@ pub async fn release(
     Ok(())
 }
 
-/// Takes over up to `limit` unfinished payments whose lease ran out, for `owner`.
+/// Takes over up to `limit` unfinished payments whose lease ran out, each under a new lease
+/// (which fences off whoever drove it before, see the module's doc).
 ///
 /// FOR UPDATE SKIP LOCKED: replicas scanning at the same moment each take different rows
 /// instead of queueing behind one another, and a row a driver is updating right now (its
 /// lease being renewed) is skipped rather than stolen.
 pub async fn claim_due(
     pool: &PgPool,
-    owner: Uuid,
     lease: Duration,
     limit: i64,
 ) -> Result<Vec<PaymentRow>, sqlx::Error> {
     sqlx::query_as(
         "UPDATE payments
-            SET lease_owner = $1, lease_until = now() + make_interval(secs => $2)
+            SET lease_owner = gen_random_uuid(), lease_until = now() + make_interval(secs => $1)
           WHERE payment_id IN (
                 SELECT payment_id FROM payments
                  WHERE step <> 'DONE' AND lease_until <= now()
                  ORDER BY lease_until
-                 LIMIT $3
+                 LIMIT $2
                  FOR UPDATE SKIP LOCKED)
          RETURNING *",
     )
-    .bind(owner)
     .bind(lease.as_secs_f64())
     .bind(limit)
     .fetch_all(pool)

@@ -37,19 +37,19 @@ pub struct PaymentWrites {
 }
 
 impl PaymentWrites {
-    /// Starts the workers. Rows are leased to `owner` for `lease`.
-    pub fn spawn(pool: PgPool, owner: Uuid, lease: Duration) -> (Self, Vec<JoinHandle<()>>) {
+    /// Starts the workers. Rows are leased for `lease`.
+    pub fn spawn(pool: PgPool, lease: Duration) -> (Self, Vec<JoinHandle<()>>) {
         let (inserts, insert_worker) = Batcher::spawn(WRITE_LIMITS, {
             let pool = pool.clone();
             move |payments: Vec<NewPayment>| {
                 let pool = pool.clone();
-                Box::pin(async move { insert_all(&pool, payments, owner, lease).await })
+                Box::pin(async move { insert_all(&pool, payments, lease).await })
                     as BatchFuture<Result<PaymentRow, InsertRefused>>
             }
         });
         let (advances, advance_worker) = Batcher::spawn(WRITE_LIMITS, move |calls| {
             let pool = pool.clone();
-            Box::pin(async move { advance_all(&pool, calls, owner, lease).await })
+            Box::pin(async move { advance_all(&pool, calls, lease).await })
                 as BatchFuture<Option<PaymentRow>>
         });
         (
@@ -58,8 +58,8 @@ impl PaymentWrites {
         )
     }
 
-    /// Records a new payment at step SPEND, leased to this replica, or says which unique rule
-    /// refused it.
+    /// Records a new payment at step SPEND, under a new lease (the row's `lease_owner`) for the
+    /// drive that follows, or says which unique rule refused it.
     pub async fn insert(
         &self,
         payment: NewPayment,
@@ -68,16 +68,18 @@ impl PaymentWrites {
     }
 
     /// Records that `payment_id` is done with step `from` (see `store::advance`); `None`
-    /// when this replica no longer drives it at that step.
+    /// when the lease `lease_owner` no longer drives it at that step.
     pub async fn advance(
         &self,
         payment_id: Uuid,
+        lease_owner: Uuid,
         from: Step,
         change: Advance,
     ) -> Result<Option<PaymentRow>, ApiError> {
         self.advances
             .call(AdvanceCall {
                 payment_id,
+                lease_owner,
                 from,
                 change,
             })
@@ -91,10 +93,9 @@ impl PaymentWrites {
 async fn insert_all(
     pool: &PgPool,
     payments: Vec<NewPayment>,
-    owner: Uuid,
     lease: Duration,
 ) -> Vec<Result<Result<PaymentRow, InsertRefused>, ApiError>> {
-    let written = store::insert_batch(pool, &payments, owner, lease).await;
+    let written = store::insert_batch(pool, &payments, lease).await;
     let written = batch::rows_by_key(
         &payments.iter().map(|p| p.payment_id).collect::<Vec<_>>(),
         written,
@@ -104,7 +105,7 @@ async fn insert_all(
     for (payment, written) in payments.iter().zip(written) {
         answers.push(match written {
             Ok(Some(row)) => Ok(Ok(row)),
-            Ok(None) => store::insert(pool, payment, owner, lease)
+            Ok(None) => store::insert(pool, payment, lease)
                 .await
                 .map_err(ApiError::from),
             Err(error) => Err(error),
@@ -115,11 +116,11 @@ async fn insert_all(
 
 /// One batch of step records. A payment named twice (two drives of one payment in this
 /// replica, which only a lease that ran out mid-drive allows) is recorded once per
-/// statement, so that each drive learns whether its own change was the one written.
+/// statement: the statement would update its row once with either call's values, and only
+/// the current lease's call may write, so each call must be tried on its own.
 async fn advance_all(
     pool: &PgPool,
     calls: Vec<AdvanceCall>,
-    owner: Uuid,
     lease: Duration,
 ) -> Vec<Result<Option<PaymentRow>, ApiError>> {
     let mut seen = HashSet::new();
@@ -131,7 +132,7 @@ async fn advance_all(
         (0..first.len() + again.len()).map(|_| None).collect();
 
     let (positions, first): (Vec<usize>, Vec<AdvanceCall>) = first.into_iter().unzip();
-    let written = store::advance(pool, &first, owner, lease).await;
+    let written = store::advance(pool, &first, lease).await;
     let written = batch::rows_by_key(
         &first.iter().map(|c| c.payment_id).collect::<Vec<_>>(),
         written,
@@ -141,7 +142,7 @@ async fn advance_all(
         answers[position] = Some(answer);
     }
     for (position, call) in again {
-        let written = store::advance(pool, std::slice::from_ref(&call), owner, lease)
+        let written = store::advance(pool, std::slice::from_ref(&call), lease)
             .await
             .map(|mut rows| rows.pop())
             .map_err(ApiError::from);

@@ -1,13 +1,23 @@
 //! Crashes and peers that go away: the saga finishes (or undoes) what it started, and
 //! points and seats agree afterwards, always.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
-use stagedoor_payment::Fault;
+use stagedoor_payment::{
+    app,
+    domain::{Status, Step},
+    store::{self, Advance, NewPayment},
+    writes::PaymentWrites,
+    Fault,
+};
 use stagedoor_proto::{
     concert::v1::HoldStatus, payment::v1::PaymentStatus, queue::v1::TokenStatus,
 };
+use stagedoor_runtime::db;
+use stagedoor_testkit::TestDatabase;
+use tokio::task::JoinSet;
 use tonic::Code;
+use uuid::Uuid;
 
 use crate::{mesh, reason, Mesh, SEAT_PRICE};
 
@@ -288,4 +298,133 @@ async fn a_hang_up_at_any_moment_leaves_no_payment_undriven() {
     let paid = mesh.pay(0, &patient, &hold.hold_id, "pay").await.unwrap();
     assert_eq!(paid.status(), PaymentStatus::Completed);
     mesh.audit().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drive_whose_lease_was_taken_over_changes_nothing_even_in_its_own_process() {
+    // 200 payments whose first drives stalled past their lease (a long pool wait, a paused
+    // runtime) and were claimed again by the recovery worker of the same process. Before
+    // leases were per drive, the lease owner was the process, so the stale drives passed
+    // every check the new ones did. Here all 200 stale drives act at once, through the one
+    // batched writer both drives share in a process, and must change nothing at all.
+    const PAYMENTS: usize = 200;
+    let database = TestDatabase::create().await;
+    database.migrate(db::PAYMENT, &app::MIGRATOR).await;
+    let pool = db::connect(&db::PoolConfig::new(
+        database.url(db::PAYMENT),
+        db::PAYMENT.schema,
+        8,
+    ))
+    .await
+    .unwrap();
+    let lease = Duration::from_secs(60);
+    let new: Vec<NewPayment> = (0..PAYMENTS)
+        .map(|n| NewPayment {
+            payment_id: Uuid::new_v4(),
+            user_id: format!("fan-{n}"),
+            request_id: "pay".into(),
+            hold_id: Uuid::new_v4(),
+            concert_id: "c".into(),
+            schedule_id: "s".into(),
+            seat_numbers: vec![1],
+            amount: SEAT_PRICE,
+            start_time: chrono::Utc::now(),
+            token: format!("token-{n}"),
+        })
+        .collect();
+    let first = store::insert_batch(&pool, &new, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), PAYMENTS);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let claimed = store::claim_due(&pool, lease, PAYMENTS as i64 + 1)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), PAYMENTS, "every lapsed lease is claimed");
+    let stale: HashMap<Uuid, Uuid> = first
+        .iter()
+        .map(|row| (row.payment_id, row.lease_owner.expect("inserted leased")))
+        .collect();
+    let snapshot = || async {
+        sqlx::query_as::<
+            _,
+            (
+                Uuid,
+                String,
+                Option<Uuid>,
+                chrono::DateTime<chrono::Utc>,
+                i32,
+            ),
+        >(
+            "SELECT payment_id, step, lease_owner, lease_until, attempts FROM payments
+              ORDER BY payment_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let before = snapshot().await;
+
+    let (writes, workers) = PaymentWrites::spawn(pool.clone(), lease);
+    let mut stale_drives = JoinSet::new();
+    for row in &claimed {
+        let payment_id = row.payment_id;
+        let old = stale[&payment_id];
+        assert_ne!(Some(old), row.lease_owner, "a claim draws a new lease");
+        let (pool, writes) = (pool.clone(), writes.clone());
+        stale_drives.spawn(async move {
+            // What a stale drive does: renew before its next call, record a refusal, or
+            // give the payment back for later.
+            let renewed = store::renew(&pool, payment_id, old, Step::Spend, lease)
+                .await
+                .unwrap();
+            let refusal = Advance {
+                to: Step::Done,
+                status: Status::Failed,
+                balance_after: None,
+                failure: Some(("INSUFFICIENT_BALANCE".into(), "stale".into())),
+            };
+            let recorded = writes
+                .advance(payment_id, old, Step::Spend, refusal)
+                .await
+                .unwrap();
+            store::release(&pool, payment_id, old, lease, lease)
+                .await
+                .unwrap();
+            (renewed, recorded.is_some())
+        });
+    }
+    while let Some(outcome) = stale_drives.join_next().await {
+        assert_eq!(
+            outcome.unwrap(),
+            (false, false),
+            "a stale drive renewed or recorded"
+        );
+    }
+    assert_eq!(snapshot().await, before, "a stale drive changed a row");
+
+    // The current drives are untouched: each records its progress.
+    for row in &claimed {
+        let progress = Advance {
+            to: Step::Confirm,
+            status: Status::Pending,
+            balance_after: Some(0),
+            failure: None,
+        };
+        let recorded = writes
+            .advance(
+                row.payment_id,
+                row.lease_owner.unwrap(),
+                Step::Spend,
+                progress,
+            )
+            .await
+            .unwrap()
+            .expect("the current drive records");
+        assert_eq!(recorded.lease_owner, row.lease_owner);
+    }
+    for worker in workers {
+        worker.abort();
+    }
+    pool.close().await;
 }
