@@ -457,7 +457,8 @@ async fn catalog(
             .add_schedule(concert_pb::AddScheduleRequest {
                 concert_id: created.concert_id.clone(),
                 start_time: Some(prost_types::Timestamp {
-                    seconds: 1_900_000_000 + i64::from(date) * 86_400,
+                    // A month ahead: a date's sale closes when it starts.
+                    seconds: chrono::Utc::now().timestamp() + (30 + i64::from(date)) * 86_400,
                     nanos: 0,
                 }),
                 venue: "Stagedoor Arena".into(),

@@ -732,7 +732,8 @@ async fn catalog(
             .add_schedule(concert_pb::AddScheduleRequest {
                 concert_id: created.concert_id.clone(),
                 start_time: Some(prost_types::Timestamp {
-                    seconds: 1_900_000_000 + date as i64 * 86_400,
+                    // A month ahead: a date's sale closes when it starts.
+                    seconds: chrono::Utc::now().timestamp() + (30 + date as i64) * 86_400,
                     nanos: 0,
                 }),
                 venue: "Loopback Arena".into(),

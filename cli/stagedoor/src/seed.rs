@@ -1,6 +1,7 @@
 //! The demo catalog, loaded through the concert service's admin API (never its tables).
-//! Request ids are fixed, so seeding twice changes nothing.
+//! Request ids are fixed per concert and per date, so seeding twice changes nothing.
 
+use chrono::{DateTime, Datelike, Days, Months, NaiveDate, Utc};
 use stagedoor_proto::concert::v1::{
     concert_admin_service_client::ConcertAdminServiceClient, AddScheduleRequest,
     CreateConcertRequest, PriceSection,
@@ -13,9 +14,24 @@ const CONCERTS: [(&str, &str, &str, &str); 3] = [
     ("seoul", "Seoul Sessions", "Han River Trio", "Blue Square"),
     ("echo", "Midnight Echo", "Velvet Static", "KSPO Dome"),
 ];
-/// Dates of every concert: 2026-12-18, -19 and -20 at 19:00 KST (10:00 UTC).
-const FIRST_DATE: i64 = 1_797_588_000;
-const DATES: i64 = 3;
+/// Dates of every concert.
+const DATES: u64 = 3;
+
+/// The seeded dates: the first days of the month after next, at 19:00 KST (10:00 UTC). A
+/// date's sale closes when it starts, so fixed dates would one day leave `stagedoor up`
+/// with nothing on sale; these are always a month or two ahead. Within a month they do not
+/// change, so seeding again is a no-op; a later month adds its dates beside the old ones.
+fn seed_dates(today: NaiveDate) -> Vec<DateTime<Utc>> {
+    let month = today.with_day(1).expect("day 1 exists") + Months::new(2);
+    (0..DATES)
+        .map(|day| {
+            (month + Days::new(day))
+                .and_hms_opt(10, 0, 0)
+                .expect("10:00 exists")
+                .and_utc()
+        })
+        .collect()
+}
 
 /// What was seeded: concert ids with their titles and date ids.
 pub struct Seeded {
@@ -39,7 +55,7 @@ pub async fn seed(concert: Channel) -> Result<Seeded, tonic::Status> {
             .concert
             .unwrap_or_default();
         let mut dates = Vec::new();
-        for day in 0..DATES {
+        for start in seed_dates(Utc::now().date_naive()) {
             let section = |name: &str, first_seat, last_seat, price| PriceSection {
                 name: name.into(),
                 first_seat,
@@ -50,7 +66,7 @@ pub async fn seed(concert: Channel) -> Result<Seeded, tonic::Status> {
                 .add_schedule(AddScheduleRequest {
                     concert_id: created.concert_id.clone(),
                     start_time: Some(prost_types::Timestamp {
-                        seconds: FIRST_DATE + day * 86_400,
+                        seconds: start.timestamp(),
                         nanos: 0,
                     }),
                     venue: venue.into(),
@@ -60,7 +76,8 @@ pub async fn seed(concert: Channel) -> Result<Seeded, tonic::Status> {
                         section("R", 11, 30, 120_000),
                         section("S", 31, 50, 90_000),
                     ],
-                    request_id: format!("seed-{key}-{day}"),
+                    // Keyed by the date: another month's seeding adds its own dates.
+                    request_id: format!("seed-{key}-{}", start.format("%Y-%m-%d")),
                 })
                 .await?
                 .into_inner()
@@ -71,4 +88,30 @@ pub async fn seed(concert: Channel) -> Result<Seeded, tonic::Status> {
         concerts.push((created.concert_id, title.to_owned(), dates));
     }
     Ok(Seeded { concerts })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeded_dates_are_ahead_and_stable_within_a_month() {
+        let day = |y, m, d| NaiveDate::from_ymd_opt(y, m, d).unwrap();
+        let starts = |today| {
+            seed_dates(today)
+                .iter()
+                .map(|start| start.to_rfc3339())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            starts(day(2026, 12, 2)),
+            [
+                "2027-02-01T10:00:00+00:00",
+                "2027-02-02T10:00:00+00:00",
+                "2027-02-03T10:00:00+00:00"
+            ]
+        );
+        assert_eq!(starts(day(2026, 12, 31)), starts(day(2026, 12, 1)));
+        assert_eq!(starts(day(2027, 1, 31))[0], "2027-03-01T10:00:00+00:00");
+    }
 }

@@ -1,5 +1,6 @@
 //! The concert service's vocabulary and failures.
 
+use chrono::{DateTime, SecondsFormat, Utc};
 use stagedoor_runtime::ApiError;
 use tonic::Code;
 
@@ -13,6 +14,11 @@ pub enum ConcertError {
     ConcertNotFound(String),
     #[error("no date {0}")]
     ScheduleNotFound(String),
+    #[error("date {schedule_id} started at {start_time}: its sale is closed")]
+    SaleClosed {
+        schedule_id: String,
+        start_time: DateTime<Utc>,
+    },
     #[error("no hold {0} of yours")]
     HoldNotFound(String),
     #[error("the token admits to concert {token_concert}, not {concert}")]
@@ -46,6 +52,16 @@ impl From<ConcertError> for ApiError {
             ConcertError::ScheduleNotFound(_) => {
                 ApiError::new(Code::NotFound, "SCHEDULE_NOT_FOUND", message)
             }
+            // FAILED_PRECONDITION: the date exists, but nothing about it can be bought now.
+            ConcertError::SaleClosed {
+                schedule_id,
+                start_time,
+            } => ApiError::new(Code::FailedPrecondition, "SALE_CLOSED", message)
+                .with_metadata("schedule_id", schedule_id)
+                .with_metadata(
+                    "start_time",
+                    start_time.to_rfc3339_opts(SecondsFormat::Secs, true),
+                ),
             ConcertError::HoldNotFound(_) => {
                 ApiError::new(Code::NotFound, "HOLD_NOT_FOUND", message)
             }

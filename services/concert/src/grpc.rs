@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use chrono::Utc;
 use sqlx::PgPool;
 use stagedoor_proto::concert::v1::{
     self as pb, concert_admin_service_server::ConcertAdminService,
@@ -69,8 +70,10 @@ impl ConcertApi {
         self.state.tokens.fan(request.metadata()).await
     }
 
-    /// A date of the fan's concert. A date of another concert is PERMISSION_DENIED /
-    /// TOKEN_WRONG_CONCERT: the token admits to one concert only.
+    /// A date of the fan's concert that is still on sale. A date of another concert is
+    /// PERMISSION_DENIED / TOKEN_WRONG_CONCERT: the token admits to one concert only. A date
+    /// that has started is FAILED_PRECONDITION / SALE_CLOSED: its seats are neither listed
+    /// nor held any more (a hold made before the start may still be paid, see ConfirmHold).
     async fn schedule_for(
         &self,
         fan: &Fan,
@@ -99,7 +102,15 @@ impl ConcertApi {
             }
         };
         match found {
-            Some(schedule) if schedule.concert_id == fan.concert_id => Ok(schedule),
+            Some(schedule) if schedule.concert_id == fan.concert_id => {
+                if schedule.start_time <= Utc::now() {
+                    return Err(ConcertError::SaleClosed {
+                        schedule_id: schedule.schedule_id,
+                        start_time: schedule.start_time,
+                    });
+                }
+                Ok(schedule)
+            }
             Some(schedule) => Err(ConcertError::WrongConcert {
                 token_concert: fan.concert_id.clone(),
                 concert: schedule.concert_id,

@@ -239,7 +239,8 @@ pub async fn add_schedule(
 const SCHEDULE_SELECT: &str = "
     SELECT sc.schedule_id, sc.concert_id, sc.start_time, sc.venue, sc.seat_count,
            count(*) FILTER (WHERE st.sold_to_payment IS NULL
-                              AND (st.held_until IS NULL OR st.held_until <= now())) AS available
+                              AND (st.held_until IS NULL
+                                   OR st.held_until <= statement_timestamp())) AS available
       FROM schedules sc JOIN seats st ON st.schedule_id = sc.schedule_id";
 
 /// Concerts, oldest first, from `offset`.
@@ -266,8 +267,8 @@ pub async fn concert_exists(pool: &PgPool, concert_id: &str) -> Result<bool, sql
         .await
 }
 
-/// A concert's dates with at least one free seat, earliest first; `None` when there is no
-/// such concert. Existence is looked up only when no date is listed (sold out, or a token of
+/// A concert's dates still on sale (not started yet) with at least one free seat, earliest
+/// first; `None` when there is no such concert. Existence is looked up only when no date is listed (sold out, or a token of
 /// a line with no concert behind it), so a concert on sale pays nothing for it.
 pub async fn available_dates(
     pool: &PgPool,
@@ -275,10 +276,11 @@ pub async fn available_dates(
 ) -> Result<Option<Vec<DateWithSeats>>, sqlx::Error> {
     let dates: Vec<DateWithSeats> = sqlx::query_as(&format!(
         "{SCHEDULE_SELECT}
-          WHERE sc.concert_id = $1
+          WHERE sc.concert_id = $1 AND sc.start_time > statement_timestamp()
           GROUP BY sc.schedule_id
          HAVING count(*) FILTER (WHERE st.sold_to_payment IS NULL
-                                   AND (st.held_until IS NULL OR st.held_until <= now())) > 0
+                                   AND (st.held_until IS NULL
+                                        OR st.held_until <= statement_timestamp())) > 0
           ORDER BY sc.start_time, sc.schedule_id"
     ))
     .bind(concert_id)

@@ -657,3 +657,106 @@ async fn the_sweeper_retires_unpaid_holds_and_nothing_else() {
     assert_eq!(row_status(untaken.hold_id.clone()).await, "EXPIRED");
     admin.close().await;
 }
+
+#[tokio::test]
+async fn a_date_that_has_started_is_off_sale_and_changes_nothing() {
+    let mesh = mesh(1, |_, _| {}).await;
+    let (concert_id, later) = mesh.catalog(10).await;
+    let mut admin = mesh.concerts[0].admin.clone();
+    let add_date = |starts_in: chrono::Duration, key: &str| {
+        let start = chrono::Utc::now() + starts_in;
+        pb::AddScheduleRequest {
+            concert_id: concert_id.clone(),
+            start_time: Some(prost_types::Timestamp {
+                seconds: start.timestamp(),
+                nanos: start.timestamp_subsec_nanos() as i32,
+            }),
+            venue: "Olympic Hall".into(),
+            seat_count: 10,
+            sections: vec![pb::PriceSection {
+                name: "R".into(),
+                first_seat: 1,
+                last_seat: 10,
+                price: 90_000,
+            }],
+            request_id: key.into(),
+        }
+    };
+    // Entered after the fact (an admin may record a past date): never on sale.
+    let past = admin
+        .add_schedule(add_date(chrono::Duration::hours(-1), "past"))
+        .await
+        .unwrap()
+        .into_inner()
+        .schedule
+        .unwrap()
+        .schedule_id;
+    // On sale now, for two more seconds.
+    let soon = admin
+        .add_schedule(add_date(chrono::Duration::seconds(2), "soon"))
+        .await
+        .unwrap()
+        .into_inner()
+        .schedule
+        .unwrap()
+        .schedule_id;
+    let fan = mesh.active_token(&concert_id, "fan").await;
+    let listed = || {
+        let mut public = mesh.concerts[0].public.clone();
+        let request = with_bearer(
+            pb::ListAvailableDatesRequest {
+                concert_id: concert_id.clone(),
+            },
+            &fan,
+        );
+        async move {
+            let dates = public.list_available_dates(request).await.unwrap();
+            let ids: Vec<String> = dates
+                .into_inner()
+                .schedules
+                .into_iter()
+                .map(|date| date.schedule_id)
+                .collect();
+            ids
+        }
+    };
+    assert_eq!(listed().await, vec![soon.clone(), later.clone()]);
+    mesh.hold(0, &fan, &soon, &[1], "before-the-start")
+        .await
+        .expect("on sale until it starts");
+    let closed = |status: tonic::Status, schedule_id: &str| {
+        use tonic_types::StatusExt;
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert_eq!(reason(&status), "SALE_CLOSED");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.metadata["schedule_id"], schedule_id);
+    };
+    let refused = mesh.hold(0, &fan, &past, &[1], "past").await.unwrap_err();
+    closed(refused, &past);
+
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    assert_eq!(listed().await, vec![later.clone()]);
+    let holds_before = mesh.hold_rows().await;
+    for schedule_id in [&soon, &past] {
+        let refused = mesh
+            .hold(0, &fan, schedule_id, &[2], &format!("after-{schedule_id}"))
+            .await
+            .unwrap_err();
+        closed(refused, schedule_id);
+        let seats = mesh.concerts[0]
+            .public
+            .clone()
+            .list_available_seats(with_bearer(
+                pb::ListAvailableSeatsRequest {
+                    schedule_id: schedule_id.clone(),
+                },
+                &fan,
+            ))
+            .await
+            .unwrap_err();
+        closed(seats, schedule_id);
+    }
+    assert_eq!(mesh.hold_rows().await, holds_before, "nothing written");
+    // The date still on sale is untouched.
+    mesh.hold(0, &fan, &later, &[2], "later").await.unwrap();
+}
