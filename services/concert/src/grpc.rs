@@ -393,14 +393,22 @@ fn text<'a>(field: &'static str, value: &'a str) -> Result<&'a str, ApiError> {
     }
     // Postgres text cannot hold U+0000 at all (the insert would fail as an INTERNAL error,
     // after CreateConcert had already opened a queue line), and no title, name or venue
-    // needs a line break, tab or escape sequence to be printed on a ticket.
-    if let Some(bad) = value.chars().find(|c| c.is_control()) {
+    // needs a line break, tab or escape sequence to be printed on a ticket. Nor the Unicode
+    // line and paragraph separators, or the bidirectional embeddings, overrides and isolates
+    // that make text display in another order than it reads (the set rustc warns about in
+    // source). The marks U+200E/U+200F pass: mixed-direction names need them.
+    if let Some(bad) = value.chars().find(|&c| c.is_control() || breaks_display(c)) {
         return Err(ApiError::invalid_field(
             field,
             format!("{field} may not hold control characters, found {bad:?}"),
         ));
     }
     Ok(value)
+}
+
+/// Characters outside category Cc that still change how text is laid out when printed.
+fn breaks_display(c: char) -> bool {
+    matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// The seat map of a new date: every seat in exactly one section.

@@ -234,6 +234,29 @@ async fn control_characters_in_free_text_are_bad_input_and_open_no_line() {
                 .await
                 .unwrap_err(),
         ),
+        // Not category Cc, but they break or reorder printed text: a line separator, and a
+        // right-to-left override that makes "VIP" display as something else.
+        (
+            "title",
+            admin
+                .create_concert(concert("Live\u{2028}Tour", "Band"))
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "venue",
+            admin
+                .add_schedule(date("Hall \u{202e}PIV", "R"))
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "sections.name",
+            admin
+                .add_schedule(date("Hall", "R\u{2066}"))
+                .await
+                .unwrap_err(),
+        ),
     ];
     for (field, status) in refusals {
         assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
