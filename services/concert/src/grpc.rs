@@ -156,6 +156,7 @@ fn hold_to_proto(hold: &HoldRow) -> pb::Hold {
         create_time: Some(time::timestamp(hold.create_time)),
         payment_id: hold.payment_id.clone().unwrap_or_default(),
         start_time: Some(time::timestamp(hold.start_time)),
+        retired: hold.retired,
     }
 }
 

@@ -62,6 +62,8 @@ pub struct HoldRow {
     pub total_price: i64,
     /// HELD, CONFIRMED, RELEASED, or EXPIRED for a HELD hold past its time.
     pub status: String,
+    /// EXPIRED in the row itself: the sweeper retired it, and it can no longer be paid.
+    pub retired: bool,
     pub expire_time: DateTime<Utc>,
     pub payment_id: Option<String>,
     pub request_id: String,
@@ -80,6 +82,7 @@ const HOLD_SELECT: &str = "
     SELECT h.hold_id, h.schedule_id, h.concert_id, h.user_id, h.seat_numbers, h.total_price,
            CASE WHEN h.status = 'HELD' AND h.expire_time <= statement_timestamp() THEN 'EXPIRED'
                 ELSE h.status END AS status,
+           h.status = 'EXPIRED' AS retired,
            h.expire_time, h.payment_id, h.request_id, h.create_time, s.start_time
       FROM holds h JOIN schedules s ON s.schedule_id = h.schedule_id";
 
@@ -514,8 +517,8 @@ pub async fn hold_batch(
               WHERE seats.schedule_id = hold.schedule_id
                 AND seats.seat_number = ANY(hold.seat_numbers))
          SELECT h.hold_id, h.schedule_id, h.concert_id, h.user_id, h.seat_numbers,
-                h.total_price, h.status, h.expire_time, h.payment_id, h.request_id,
-                h.create_time, s.start_time
+                h.total_price, h.status, false AS retired, h.expire_time, h.payment_id,
+                h.request_id, h.create_time, s.start_time
            FROM hold h JOIN schedules s ON s.schedule_id = h.schedule_id",
     )
     .bind(winners.iter().map(|w| w.1).collect::<Vec<Uuid>>())

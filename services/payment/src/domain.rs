@@ -97,6 +97,8 @@ pub enum PaymentError {
     HoldNotFound(String),
     #[error("hold {hold_id} is {status}: it cannot be paid")]
     HoldNotHeld { hold_id: String, status: String },
+    #[error("hold {0} expired unpaid and was retired: it cannot be paid any more")]
+    HoldExpired(String),
     #[error("hold {hold_id} already has payment {payment_id}")]
     HoldAlreadyPaying { hold_id: String, payment_id: String },
     #[error("this queue token already pays for another hold (payment {payment_id}): one admission buys one hold")]
@@ -138,6 +140,10 @@ impl From<PaymentError> for ApiError {
             PaymentError::HoldNotHeld { status, .. } => {
                 ApiError::new(Code::FailedPrecondition, "HOLD_NOT_HELD", message)
                     .with_metadata("status", status)
+            }
+            PaymentError::HoldExpired(hold_id) => {
+                ApiError::new(Code::FailedPrecondition, "HOLD_EXPIRED", message)
+                    .with_metadata("hold_id", hold_id)
             }
             PaymentError::HoldAlreadyPaying { payment_id, .. } => {
                 ApiError::new(Code::FailedPrecondition, "HOLD_NOT_HELD", message)

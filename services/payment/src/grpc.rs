@@ -242,6 +242,12 @@ fn new_payment(
         });
     }
     match hold.status() {
+        // Retired by the concert's sweeper: ConfirmHold refuses it whatever became of its
+        // seats, so spending first would only end in a refund (or, for a fan short of
+        // points, in INSUFFICIENT_BALANCE for a hold nobody could sell any more).
+        HoldStatus::Expired if hold.retired => {
+            return Err(PaymentError::HoldExpired(hold_id.to_string()))
+        }
         // An expired hold may still be paid: ConfirmHold sells it if no seat of it was
         // taken since, and otherwise the saga refunds (the rule documented in the proto).
         HoldStatus::Held | HoldStatus::Expired => {}

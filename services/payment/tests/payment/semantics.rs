@@ -404,3 +404,51 @@ async fn bad_calls_get_a_clear_status_and_change_nothing() {
     );
     mesh.audit().await;
 }
+
+#[tokio::test]
+async fn a_retired_hold_is_refused_before_anything_is_spent() {
+    // Holds expire after 200 ms and are retired 100 ms later: past the rule that sells an
+    // expired hold nobody took. Pay must say HOLD_EXPIRED before the saga starts, to a fan
+    // short of points as well (who would otherwise hear INSUFFICIENT_BALANCE), and to a fan
+    // who has the points (who would otherwise be charged and refunded).
+    let mesh = mesh(50, |settings| {
+        settings.concert.hold_ttl = Duration::from_millis(200);
+        settings.concert.hold_sweep_after = Duration::from_millis(100);
+        settings.concert.hold_sweep_every = Duration::from_millis(50);
+    })
+    .await;
+    let short = mesh.fan("short", SEAT_PRICE / 2).await;
+    let rich = mesh.fan("rich", 3 * SEAT_PRICE).await;
+    let holds = [
+        (&short, mesh.hold(&short, &[5]).await),
+        (&rich, mesh.hold(&rich, &[6]).await),
+    ];
+    for (_, hold) in &holds {
+        let mut retired = false;
+        for _ in 0..100 {
+            let now = mesh.hold_now(&hold.hold_id).await;
+            if now.retired {
+                assert_eq!(now.status(), HoldStatus::Expired);
+                retired = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(retired, "the sweeper retires the hold");
+    }
+    let ledgers_before = (mesh.ledger("short").await, mesh.ledger("rich").await);
+
+    for (fan, hold) in &holds {
+        let refused = mesh.pay(0, fan, &hold.hold_id, "late").await.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert_eq!(reason(&refused), "HOLD_EXPIRED");
+    }
+    assert!(mesh.payment_rows().await.is_empty(), "no payment recorded");
+    assert_eq!(
+        (mesh.ledger("short").await, mesh.ledger("rich").await),
+        ledgers_before,
+        "nothing spent, nothing refunded"
+    );
+    assert_eq!(mesh.balance("rich").await, 3 * SEAT_PRICE);
+    mesh.audit().await;
+}
