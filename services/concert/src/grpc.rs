@@ -70,10 +70,8 @@ impl ConcertApi {
         self.state.tokens.fan(request.metadata()).await
     }
 
-    /// A date of the fan's concert that is still on sale. A date of another concert is
-    /// PERMISSION_DENIED / TOKEN_WRONG_CONCERT: the token admits to one concert only. A date
-    /// that has started is FAILED_PRECONDITION / SALE_CLOSED: its seats are neither listed
-    /// nor held any more (a hold made before the start may still be paid, see ConfirmHold).
+    /// A date of the fan's concert. A date of another concert is PERMISSION_DENIED /
+    /// TOKEN_WRONG_CONCERT: the token admits to one concert only.
     async fn schedule_for(
         &self,
         fan: &Fan,
@@ -102,15 +100,7 @@ impl ConcertApi {
             }
         };
         match found {
-            Some(schedule) if schedule.concert_id == fan.concert_id => {
-                if schedule.start_time <= Utc::now() {
-                    return Err(ConcertError::SaleClosed {
-                        schedule_id: schedule.schedule_id,
-                        start_time: schedule.start_time,
-                    });
-                }
-                Ok(schedule)
-            }
+            Some(schedule) if schedule.concert_id == fan.concert_id => Ok(schedule),
             Some(schedule) => Err(ConcertError::WrongConcert {
                 token_concert: fan.concert_id.clone(),
                 concert: schedule.concert_id,
@@ -266,6 +256,15 @@ impl ConcertService for ConcertApi {
         let schedule = self
             .schedule_for(&fan, &request.get_ref().schedule_id)
             .await?;
+        // A date that has started is off sale. By this process's clock: a listing is only
+        // advice, HoldSeats decides by the database's clock (store::hold_batch).
+        if schedule.start_time <= Utc::now() {
+            return Err(ConcertError::SaleClosed {
+                schedule_id: schedule.schedule_id,
+                start_time: schedule.start_time,
+            }
+            .into());
+        }
         let seats = self
             .state
             .reads
@@ -317,6 +316,7 @@ impl ConcertService for ConcertApi {
                 user_id: fan.user_id,
                 seat_numbers: seats,
                 request_id: request_id.to_owned(),
+                start_time: schedule.start_time,
             })
             .await?;
         Ok(Response::new(pb::HoldSeatsResponse {

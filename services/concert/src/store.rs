@@ -331,6 +331,8 @@ pub struct HoldRequest {
     pub user_id: String,
     pub seat_numbers: Vec<i32>,
     pub request_id: String,
+    /// When the date starts: its sale closes then.
+    pub start_time: DateTime<Utc>,
 }
 
 /// Makes the holds of a batch of requests that arrived together, in one transaction. Each
@@ -460,6 +462,16 @@ pub async fn hold_batch(
             continue;
         }
         first_of_key.insert(key, index);
+        // Judged by the batch's clock, after the locks and after the replays above: a retry
+        // of a hold made before the start still gets its hold back, and a batch that waited
+        // on the locks across the start makes no hold after it.
+        if request.start_time <= clock {
+            answers[index] = Some(Err(ConcertError::SaleClosed {
+                schedule_id: request.schedule_id.clone(),
+                start_time: request.start_time,
+            }));
+            continue;
+        }
         let date = request.schedule_id.as_str();
         let taken: Vec<i32> = request
             .seat_numbers
@@ -563,6 +575,13 @@ pub async fn hold_batch(
                     asked: *asked,
                 }))
             }
+            Some(Err(ConcertError::SaleClosed {
+                schedule_id,
+                start_time,
+            })) => Some(Err(ConcertError::SaleClosed {
+                schedule_id: schedule_id.clone(),
+                start_time: *start_time,
+            })),
             _ => None,
         };
     }

@@ -114,8 +114,9 @@ impl Mesh {
         let schedule = admin
             .add_schedule(pb::AddScheduleRequest {
                 concert_id: concert.concert_id.clone(),
+                // A month ahead: a date's sale closes when it starts.
                 start_time: Some(prost_types::Timestamp {
-                    seconds: 1_900_000_000,
+                    seconds: chrono::Utc::now().timestamp() + 30 * 86_400,
                     nanos: 0,
                 }),
                 venue: "Olympic Hall".into(),

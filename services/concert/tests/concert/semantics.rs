@@ -691,15 +691,17 @@ async fn a_date_that_has_started_is_off_sale_and_changes_nothing() {
         .schedule
         .unwrap()
         .schedule_id;
-    // On sale now, for two more seconds.
+    // On sale now, for four more seconds (time enough for the steps before it starts, on a
+    // busy machine).
     let soon = admin
-        .add_schedule(add_date(chrono::Duration::seconds(2), "soon"))
+        .add_schedule(add_date(chrono::Duration::seconds(4), "soon"))
         .await
         .unwrap()
         .into_inner()
         .schedule
-        .unwrap()
-        .schedule_id;
+        .unwrap();
+    let starts = soon.start_time.unwrap();
+    let soon = soon.schedule_id;
     let fan = mesh.active_token(&concert_id, "fan").await;
     let listed = || {
         let mut public = mesh.concerts[0].public.clone();
@@ -721,7 +723,8 @@ async fn a_date_that_has_started_is_off_sale_and_changes_nothing() {
         }
     };
     assert_eq!(listed().await, vec![soon.clone(), later.clone()]);
-    mesh.hold(0, &fan, &soon, &[1], "before-the-start")
+    let before_the_start = mesh
+        .hold(0, &fan, &soon, &[1], "before-the-start")
         .await
         .expect("on sale until it starts");
     let closed = |status: tonic::Status, schedule_id: &str| {
@@ -734,8 +737,18 @@ async fn a_date_that_has_started_is_off_sale_and_changes_nothing() {
     let refused = mesh.hold(0, &fan, &past, &[1], "past").await.unwrap_err();
     closed(refused, &past);
 
-    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let until_start = chrono::DateTime::from_timestamp(starts.seconds, starts.nanos as u32)
+        .unwrap()
+        - chrono::Utc::now();
+    tokio::time::sleep(until_start.to_std().unwrap_or_default() + Duration::from_millis(100)).await;
     assert_eq!(listed().await, vec![later.clone()]);
+    // A retry of the hold made before the start still gets it back (its reply may have
+    // been lost); it may still be paid.
+    let replayed = mesh
+        .hold(0, &fan, &soon, &[1], "before-the-start")
+        .await
+        .expect("a retry gets its hold back");
+    assert_eq!(replayed.hold_id, before_the_start.hold_id);
     let holds_before = mesh.hold_rows().await;
     for schedule_id in [&soon, &past] {
         let refused = mesh
