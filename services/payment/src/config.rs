@@ -62,7 +62,7 @@ pub struct PaymentConfig {
     #[arg(long, env = "PAYMENT_PAY_PATIENCE", default_value = DEFAULT_PAY_PATIENCE, value_parser = parse_duration)]
     pub pay_patience: Duration,
 
-    /// How long a replica owns a payment it drives without recording progress; after that
+    /// How long a drive owns a payment without recording progress; after that
     /// (it crashed, say) another replica's recovery worker takes the payment over.
     #[arg(long, env = "PAYMENT_LEASE", default_value = DEFAULT_LEASE, value_parser = parse_duration)]
     pub lease: Duration,

@@ -124,7 +124,7 @@ impl PaymentApi {
         // From the INSERT on, the work runs on its own task: a client that hangs up drops this
         // handler, not the saga, which must never stop half-way because nobody is listening
         // any more. Were the INSERT awaited here, a hang-up just after it committed would
-        // leave the payment recorded, leased to this replica and undriven until its lease ran
+        // leave the payment recorded, leased to a drive that never ran, until its lease ran
         // out and recovery took it (PAYMENT_LEASE, 30 s by default).
         let saga = self.state.saga.clone();
         let patience = self.state.patience;

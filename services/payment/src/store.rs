@@ -280,7 +280,7 @@ pub struct AdvanceCall {
 /// lease (or ending it at DONE), in one statement. A payment is updated only while the
 /// call's lease is still the row's and the row is at step `from`; the rows returned are those updated, and a payment missing from
 /// them has another driver now, which this one must leave it to. Each payment at most once
-/// per call (a payment named twice would be updated once, with either change).
+/// per call (the caller matches rows to calls by payment id, see `writes::advance_all`).
 pub async fn advance(
     pool: &PgPool,
     calls: &[AdvanceCall],

@@ -116,8 +116,9 @@ async fn insert_all(
 
 /// One batch of step records. A payment named twice (two drives of one payment in this
 /// replica, which only a lease that ran out mid-drive allows) is recorded once per
-/// statement: the statement would update its row once with either call's values, and only
-/// the current lease's call may write, so each call must be tried on its own.
+/// statement: the statement writes only the call whose lease is the row's, but its rows are
+/// matched back to calls by payment id, so both calls would be handed the written row and
+/// the stale drive would think its change was written.
 async fn advance_all(
     pool: &PgPool,
     calls: Vec<AdvanceCall>,

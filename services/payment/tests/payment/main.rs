@@ -186,8 +186,9 @@ impl Mesh {
             .clone()
             .add_schedule(concert_pb::AddScheduleRequest {
                 concert_id: self.concert_id.clone(),
+                // A month ahead: a date's sale closes when it starts.
                 start_time: Some(prost_types::Timestamp {
-                    seconds: 1_900_000_000,
+                    seconds: chrono::Utc::now().timestamp() + 30 * 86_400,
                     nanos: 0,
                 }),
                 venue: "Jamsil Arena".into(),

@@ -403,26 +403,50 @@ async fn a_drive_whose_lease_was_taken_over_changes_nothing_even_in_its_own_proc
     }
     assert_eq!(snapshot().await, before, "a stale drive changed a row");
 
-    // The current drives are untouched: each records its progress.
+    // The current drives are untouched: each records its progress, while the stale drive of
+    // the same payment records a refusal at the same moment, so that both calls can share
+    // one batch of the writer. Only the current one's lands.
+    let mut both_drives = JoinSet::new();
     for row in &claimed {
-        let progress = Advance {
-            to: Step::Confirm,
-            status: Status::Pending,
-            balance_after: Some(0),
-            failure: None,
-        };
-        let recorded = writes
-            .advance(
-                row.payment_id,
-                row.lease_owner.unwrap(),
-                Step::Spend,
-                progress,
-            )
-            .await
-            .unwrap()
-            .expect("the current drive records");
-        assert_eq!(recorded.lease_owner, row.lease_owner);
+        let current = row.lease_owner.unwrap();
+        for (lease, to, status) in [
+            (current, Step::Confirm, Status::Pending),
+            (stale[&row.payment_id], Step::Done, Status::Failed),
+        ] {
+            let (writes, payment_id) = (writes.clone(), row.payment_id);
+            both_drives.spawn(async move {
+                let change = Advance {
+                    to,
+                    status,
+                    balance_after: Some(0),
+                    failure: (to == Step::Done).then(|| ("HOLD_EXPIRED".into(), "stale".into())),
+                };
+                let recorded = writes
+                    .advance(payment_id, lease, Step::Spend, change)
+                    .await
+                    .unwrap();
+                (
+                    lease == current,
+                    recorded.map(|row| (row.step, row.lease_owner)),
+                )
+            });
+        }
     }
+    while let Some(outcome) = both_drives.join_next().await {
+        match outcome.unwrap() {
+            (true, recorded) => {
+                let (step, lease) = recorded.expect("the current drive records");
+                assert_eq!(step, "CONFIRM");
+                assert!(lease.is_some());
+            }
+            (false, recorded) => assert_eq!(recorded, None, "a stale drive recorded"),
+        }
+    }
+    let steps: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT step FROM payments")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(steps, vec![("CONFIRM".to_owned(),)]);
     for worker in workers {
         worker.abort();
     }
