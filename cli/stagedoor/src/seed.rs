@@ -1,5 +1,6 @@
 //! The demo catalog, loaded through the concert service's admin API (never its tables).
-//! Request ids are fixed per concert and per date, so seeding twice changes nothing.
+//! Request ids are fixed per concert and per date, so seeding twice in a month changes
+//! nothing (a later month adds that month's dates, see [`seed_dates`]).
 
 use chrono::{DateTime, Datelike, Days, Months, NaiveDate, Utc};
 use stagedoor_proto::concert::v1::{
@@ -42,6 +43,9 @@ pub struct Seeded {
 /// section (VIP 1-10, R 11-30, S 31-50).
 pub async fn seed(concert: Channel) -> Result<Seeded, tonic::Status> {
     let mut admin = ConcertAdminServiceClient::new(concert);
+    // Once for the whole catalog, so that a run across midnight at a month's end seeds one
+    // month for every concert.
+    let starts = seed_dates(Utc::now().date_naive());
     let mut concerts = Vec::new();
     for (key, title, artist, venue) in CONCERTS {
         let created = admin
@@ -55,7 +59,7 @@ pub async fn seed(concert: Channel) -> Result<Seeded, tonic::Status> {
             .concert
             .unwrap_or_default();
         let mut dates = Vec::new();
-        for start in seed_dates(Utc::now().date_naive()) {
+        for start in &starts {
             let section = |name: &str, first_seat, last_seat, price| PriceSection {
                 name: name.into(),
                 first_seat,
