@@ -189,6 +189,23 @@ impl Mesh {
             .map(|response| response.into_inner().hold.unwrap())
     }
 
+    /// ListAvailableDates of `concert_id`, as the fan of `token` calls it.
+    pub async fn dates(&self, token: &str, concert_id: &str) -> Vec<pb::Schedule> {
+        self.concerts[0]
+            .public
+            .clone()
+            .list_available_dates(with_bearer(
+                pb::ListAvailableDatesRequest {
+                    concert_id: concert_id.into(),
+                },
+                token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .schedules
+    }
+
     pub async fn seats(&self, token: &str, schedule_id: &str) -> Vec<pb::Seat> {
         self.concerts[0]
             .public

@@ -500,23 +500,7 @@ async fn a_sold_out_date_drops_out_of_the_list() {
     let mesh = mesh(1, |_, _| {}).await;
     let (concert_id, schedule_id) = mesh.catalog(2).await;
     let fan = mesh.active_token(&concert_id, "fan").await;
-    let dates = || {
-        let mut public = mesh.concerts[0].public.clone();
-        let request = with_bearer(
-            pb::ListAvailableDatesRequest {
-                concert_id: concert_id.clone(),
-            },
-            &fan,
-        );
-        async move {
-            public
-                .list_available_dates(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .schedules
-        }
-    };
+    let dates = || mesh.dates(&fan, &concert_id);
     assert_eq!(dates().await.len(), 1);
     let hold = mesh
         .hold(0, &fan, &schedule_id, &[1, 2], "r-1")
@@ -703,24 +687,12 @@ async fn a_date_that_has_started_is_off_sale_and_changes_nothing() {
     let starts = soon.start_time.unwrap();
     let soon = soon.schedule_id;
     let fan = mesh.active_token(&concert_id, "fan").await;
-    let listed = || {
-        let mut public = mesh.concerts[0].public.clone();
-        let request = with_bearer(
-            pb::ListAvailableDatesRequest {
-                concert_id: concert_id.clone(),
-            },
-            &fan,
-        );
-        async move {
-            let dates = public.list_available_dates(request).await.unwrap();
-            let ids: Vec<String> = dates
-                .into_inner()
-                .schedules
-                .into_iter()
-                .map(|date| date.schedule_id)
-                .collect();
-            ids
-        }
+    let listed = || async {
+        let dates = mesh.dates(&fan, &concert_id).await;
+        dates
+            .into_iter()
+            .map(|date| date.schedule_id)
+            .collect::<Vec<_>>()
     };
     assert_eq!(listed().await, vec![soon.clone(), later.clone()]);
     let before_the_start = mesh
