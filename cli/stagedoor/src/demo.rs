@@ -456,11 +456,7 @@ async fn catalog(
         let schedule = admin
             .add_schedule(concert_pb::AddScheduleRequest {
                 concert_id: created.concert_id.clone(),
-                start_time: Some(prost_types::Timestamp {
-                    // A month ahead: a date's sale closes when it starts.
-                    seconds: chrono::Utc::now().timestamp() + (30 + i64::from(date)) * 86_400,
-                    nanos: 0,
-                }),
+                start_time: Some(crate::seed::days_ahead(30 + i64::from(date))),
                 venue: "Stagedoor Arena".into(),
                 seat_count: count,
                 sections,

@@ -731,11 +731,7 @@ async fn catalog(
         let schedule = admin
             .add_schedule(concert_pb::AddScheduleRequest {
                 concert_id: created.concert_id.clone(),
-                start_time: Some(prost_types::Timestamp {
-                    // A month ahead: a date's sale closes when it starts.
-                    seconds: chrono::Utc::now().timestamp() + (30 + date as i64) * 86_400,
-                    nanos: 0,
-                }),
+                start_time: Some(crate::seed::days_ahead(30 + date as i64)),
                 venue: "Loopback Arena".into(),
                 seat_count: seats,
                 sections: Vec::new(),

@@ -34,6 +34,15 @@ fn seed_dates(today: NaiveDate) -> Vec<DateTime<Utc>> {
         .collect()
 }
 
+/// A start time `days` days from now, for the catalogs the demo and the load scenarios make
+/// on each run: a month ahead of anything they do, as a date's sale closes when it starts.
+pub fn days_ahead(days: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: Utc::now().timestamp() + days * 86_400,
+        nanos: 0,
+    }
+}
+
 /// What was seeded: concert ids with their titles and date ids.
 pub struct Seeded {
     pub concerts: Vec<(String, String, Vec<String>)>,

@@ -271,8 +271,9 @@ pub async fn concert_exists(pool: &PgPool, concert_id: &str) -> Result<bool, sql
 }
 
 /// A concert's dates still on sale (not started yet) with at least one free seat, earliest
-/// first; `None` when there is no such concert. Existence is looked up only when no date is listed (sold out, or a token of
-/// a line with no concert behind it), so a concert on sale pays nothing for it.
+/// first; `None` when there is no such concert. Existence is looked up only when no date is
+/// listed (sold out, or a token of a line with no concert behind it), so a concert on sale
+/// pays nothing for it.
 pub async fn available_dates(
     pool: &PgPool,
     concert_id: &str,
