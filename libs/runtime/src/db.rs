@@ -98,6 +98,8 @@ pub enum StartupError {
     Config(String),
     #[error("provisioning failed: {0}")]
     Provision(#[source] sqlx::Error),
+    #[error("cannot read the listener's address: {0}")]
+    Listen(#[source] std::io::Error),
 }
 
 /// Opens the service's pool. Every connection's `search_path` is the service's schema alone,

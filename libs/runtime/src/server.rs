@@ -71,6 +71,28 @@ impl GrpcServer {
         self
     }
 
+    /// Starts serving on `listener` in a task of its own: what every service's `start` ends
+    /// with. `trigger` stops the server (see [`GrpcServer::serve`]) and `background`, the
+    /// service's other tasks, which must watch the same trigger to leave when it fires. The
+    /// handle owns all of them, so a service is stopped, awaited or aborted as one.
+    pub fn spawn(
+        self,
+        listener: TcpListener,
+        trigger: crate::ShutdownTrigger,
+        background: Vec<tokio::task::JoinHandle<()>>,
+    ) -> Result<ServiceHandle, crate::db::StartupError> {
+        let local_addr = listener
+            .local_addr()
+            .map_err(crate::db::StartupError::Listen)?;
+        let server = tokio::spawn(self.serve(listener, trigger.subscribe()));
+        Ok(ServiceHandle {
+            local_addr,
+            trigger,
+            server,
+            background,
+        })
+    }
+
     /// Serves on `listener` until `shutdown` fires, then stops accepting connections and waits
     /// for calls in flight to finish. Server streams must end on the same signal themselves.
     pub async fn serve(
@@ -155,7 +177,8 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     })
 }
 
-/// A service running in this process: its gRPC server and background tasks.
+/// A service running in this process: its gRPC server and background tasks, made by
+/// [`GrpcServer::spawn`].
 ///
 /// Tests start services on `127.0.0.1:0` and read [`ServiceHandle::local_addr`]; binaries
 /// wait on [`ServiceHandle::wait`] after wiring OS signals to the trigger.
@@ -167,21 +190,6 @@ pub struct ServiceHandle {
 }
 
 impl ServiceHandle {
-    /// Wraps a spawned server and its background tasks, all observing `trigger`.
-    pub fn new(
-        local_addr: SocketAddr,
-        trigger: crate::ShutdownTrigger,
-        server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-        background: Vec<tokio::task::JoinHandle<()>>,
-    ) -> Self {
-        Self {
-            local_addr,
-            trigger,
-            server,
-            background,
-        }
-    }
-
     /// Where the server listens (the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr

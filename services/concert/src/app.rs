@@ -123,7 +123,7 @@ pub async fn start(
     .await?;
     db::migrate(&pool, db::CONCERT.schema, &MIGRATOR).await?;
 
-    let (trigger, shutdown) = ShutdownTrigger::new();
+    let (trigger, _) = ShutdownTrigger::new();
     let ttl = config.hold_ttl;
     let (holds, hold_worker) = spawn_hold_writes(
         HOLD_LIMITS,
@@ -156,17 +156,15 @@ pub async fn start(
         reads,
         lines,
     });
-    let local_addr = listener
-        .local_addr()
-        .map_err(|error| StartupError::Provision(error.into()))?;
-    let server = GrpcServer::new()
+    let service = GrpcServer::new()
         .add_service(ConcertServiceServer::new(api.clone()))
         .add_service(ConcertInternalServiceServer::new(api.clone()))
-        .add_service(ConcertAdminServiceServer::new(api));
-    let server = tokio::spawn(server.serve(listener, shutdown));
-    tracing::info!(%local_addr, queue = %config.queue_url, hold_ttl = ?config.hold_ttl,
-        hold_sweep_after = ?config.hold_sweep_after, "concert service started");
-    Ok(ServiceHandle::new(local_addr, trigger, server, background))
+        .add_service(ConcertAdminServiceServer::new(api))
+        .spawn(listener, trigger, background)?;
+    tracing::info!(local_addr = %service.local_addr(), queue = %config.queue_url,
+        hold_ttl = ?config.hold_ttl, hold_sweep_after = ?config.hold_sweep_after,
+        "concert service started");
+    Ok(service)
 }
 
 /// Holds one sweeper pass retires at most (one transaction each).

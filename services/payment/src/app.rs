@@ -48,7 +48,7 @@ pub async fn start(
     .await?;
     db::migrate(&pool, db::PAYMENT.schema, &MIGRATOR).await?;
 
-    let (trigger, shutdown) = ShutdownTrigger::new();
+    let (trigger, _) = ShutdownTrigger::new();
     let (writes, mut background) = PaymentWrites::spawn(pool.clone(), config.lease);
     let saga = Arc::new(Saga {
         pool: pool.clone(),
@@ -73,12 +73,11 @@ pub async fn start(
         tokens,
         patience: config.pay_patience,
     });
-    let local_addr = listener
-        .local_addr()
-        .map_err(|error| StartupError::Provision(error.into()))?;
-    let server = GrpcServer::new().add_service(PaymentServiceServer::new(api));
-    let server = tokio::spawn(server.serve(listener, shutdown));
-    tracing::info!(%local_addr, queue = %config.queue_url, concert = %config.concert_url,
-        point = %config.point_url, fault = ?config.fault, "payment service started");
-    Ok(ServiceHandle::new(local_addr, trigger, server, background))
+    let service = GrpcServer::new()
+        .add_service(PaymentServiceServer::new(api))
+        .spawn(listener, trigger, background)?;
+    tracing::info!(local_addr = %service.local_addr(), queue = %config.queue_url,
+        concert = %config.concert_url, point = %config.point_url, fault = ?config.fault,
+        "payment service started");
+    Ok(service)
 }

@@ -29,16 +29,13 @@ pub async fn start(
     .await?;
     db::migrate(&pool, db::POINT.schema, &MIGRATOR).await?;
 
-    let (trigger, shutdown) = ShutdownTrigger::new();
     let api = PointApi::new(pool, &config);
-    let local_addr = listener
-        .local_addr()
-        .map_err(|error| StartupError::Provision(error.into()))?;
-    let server = GrpcServer::new()
+    let (trigger, _) = ShutdownTrigger::new();
+    let service = GrpcServer::new()
         .add_service(PointServiceServer::new(api.clone()))
-        .add_service(PointInternalServiceServer::new(api));
-    let server = tokio::spawn(server.serve(listener, shutdown));
-    tracing::info!(%local_addr, max_amount = config.max_amount, balance_cap = config.balance_cap,
-        "point service started");
-    Ok(ServiceHandle::new(local_addr, trigger, server, Vec::new()))
+        .add_service(PointInternalServiceServer::new(api))
+        .spawn(listener, trigger, Vec::new())?;
+    tracing::info!(local_addr = %service.local_addr(), max_amount = config.max_amount,
+        balance_cap = config.balance_cap, "point service started");
+    Ok(service)
 }

@@ -85,19 +85,16 @@ pub async fn start(
         board,
         heartbeats,
         waiting,
-        shutdown: shutdown.clone(),
+        shutdown,
         watch_interval: config.watch_interval,
     });
-    let local_addr = listener
-        .local_addr()
-        .map_err(|error| StartupError::Provision(error.into()))?;
-    let server = GrpcServer::new()
+    let service = GrpcServer::new()
         .add_service(QueueServiceServer::new(api.clone()))
-        .add_service(QueueInternalServiceServer::new(api));
-    let server = tokio::spawn(server.serve(listener, shutdown));
-    tracing::info!(%local_addr, max_active = config.max_active, admit_rate = config.admit_rate,
-        "queue service started");
-    Ok(ServiceHandle::new(local_addr, trigger, server, background))
+        .add_service(QueueInternalServiceServer::new(api))
+        .spawn(listener, trigger, background)?;
+    tracing::info!(local_addr = %service.local_addr(), max_active = config.max_active,
+        admit_rate = config.admit_rate, "queue service started");
+    Ok(service)
 }
 
 /// Background admission and expiry: every tick, each busy line is swept and admitted. Any

@@ -254,12 +254,10 @@ impl Mesh {
         let service = hanging.clone();
         self.point_handle = Some(
             serve_on(self.point_addr, |listener| async move {
-                let (trigger, shutdown) = stagedoor_runtime::ShutdownTrigger::new();
-                let local_addr = listener.local_addr().expect("a bound listener");
-                let server = stagedoor_runtime::server::GrpcServer::new()
-                    .add_service(PointInternalServiceServer::new(service));
-                let server = tokio::spawn(server.serve(listener, shutdown));
-                Ok(ServiceHandle::new(local_addr, trigger, server, Vec::new()))
+                let (trigger, _) = stagedoor_runtime::ShutdownTrigger::new();
+                stagedoor_runtime::server::GrpcServer::new()
+                    .add_service(PointInternalServiceServer::new(service))
+                    .spawn(listener, trigger, Vec::new())
             })
             .await,
         );
