@@ -146,3 +146,24 @@ pub fn reason(status: &tonic::Status) -> String {
     assert_eq!(info.domain, stagedoor_runtime::DOMAIN);
     info.reason
 }
+
+/// Waits for something a background task does (an admission tick, a sweeper, a recovery
+/// worker): asks `probe` every 20 ms until it answers `Some`, and returns that answer.
+/// Panics naming `what` once `within` has passed, so a test that waits never waits forever.
+pub async fn eventually<T, F, Fut>(within: std::time::Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(answer) = probe().await {
+            return answer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still waiting after {within:?}: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

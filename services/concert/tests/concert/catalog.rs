@@ -8,6 +8,7 @@ use stagedoor_proto::concert::v1::{
     self as pb, concert_admin_service_client::ConcertAdminServiceClient,
 };
 use stagedoor_runtime::db;
+use stagedoor_testkit::eventually;
 use tonic::Code;
 
 use crate::{mesh, reason};
@@ -49,14 +50,17 @@ async fn a_concert_that_predates_its_line_gets_one_when_a_replica_starts() {
     let (_replica, _) =
         stagedoor_testkit::serve(|listener| stagedoor_concert::start(config, listener)).await;
     // The new replica opens every concert's line in the background, right after it starts.
-    for _ in 0..200 {
+    let what = "the new replica opens the old concert's line";
+    eventually(Duration::from_secs(5), what, || async {
         match issue().await {
-            Ok(_) => return,
-            Err(status) => assert_eq!(reason(&status), "CONCERT_NOT_FOUND"),
+            Ok(_) => Some(()),
+            Err(status) => {
+                assert_eq!(reason(&status), "CONCERT_NOT_FOUND");
+                None
+            }
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the new replica did not open the old concert's line within 5 s");
+    })
+    .await;
 }
 
 #[tokio::test]

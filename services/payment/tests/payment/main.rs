@@ -36,7 +36,7 @@ use stagedoor_proto::{
 };
 use stagedoor_queue::QueueConfig;
 use stagedoor_runtime::{db, server::ServiceHandle};
-use stagedoor_testkit::TestDatabase;
+use stagedoor_testkit::{eventually, TestDatabase};
 use tonic::transport::Channel;
 
 pub use stagedoor_runtime::auth::with_bearer;
@@ -385,14 +385,12 @@ impl Mesh {
 
     /// Waits (up to 20 s) until the payment is no longer PENDING.
     pub async fn settled(&self, payment_id: &str) -> pb::Payment {
-        for _ in 0..400 {
-            let payment = self.payment(payment_id).await;
-            if payment.status() != pb::PaymentStatus::Pending {
-                return payment;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("payment {payment_id} still PENDING after 20 s");
+        let what = format!("payment {payment_id} leaves PENDING");
+        eventually(Duration::from_secs(20), &what, || async {
+            Some(self.payment(payment_id).await)
+                .filter(|payment| payment.status() != pb::PaymentStatus::Pending)
+        })
+        .await
     }
 
     pub async fn balance(&self, user_id: &str) -> i64 {

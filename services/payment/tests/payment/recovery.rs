@@ -14,7 +14,7 @@ use stagedoor_proto::{
     concert::v1::HoldStatus, payment::v1::PaymentStatus, queue::v1::TokenStatus,
 };
 use stagedoor_runtime::db;
-use stagedoor_testkit::TestDatabase;
+use stagedoor_testkit::{eventually, TestDatabase};
 use tokio::task::JoinSet;
 use tonic::Code;
 use uuid::Uuid;
@@ -89,15 +89,12 @@ async fn crash_drill(fault: Fault) -> Mesh {
         assert_eq!(sold.status(), HoldStatus::Confirmed);
         assert_eq!(&sold.payment_id, payment_id);
         // The token is completed too: the recovery finishes every step.
-        let mut done = false;
-        for _ in 0..100 {
-            if mesh.token_status(&fan.token).await == TokenStatus::Done {
-                done = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(done, "token completed by the recovery");
+        eventually(
+            Duration::from_secs(5),
+            "the recovery completes the token",
+            || async { (mesh.token_status(&fan.token).await == TokenStatus::Done).then_some(()) },
+        )
+        .await;
         // And the fan's retry of Pay gets the receipt.
         let receipt = mesh.pay(1, fan, &hold.hold_id, "pay").await.unwrap();
         assert_eq!(&receipt.payment_id, payment_id);
@@ -164,13 +161,12 @@ async fn a_driver_whose_peer_hangs_keeps_its_lease_and_drives_alone() {
     // Pay asked about once a second for 6 s; then recovery's own tries, one per round.
     let asked_by_pay = point.calls();
     assert!(asked_by_pay >= 5, "Pay kept asking: {asked_by_pay} calls");
-    for _ in 0..100 {
-        if point.calls() >= asked_by_pay + 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(point.calls() >= asked_by_pay + 2, "recovery kept asking");
+    eventually(
+        Duration::from_secs(5),
+        "the recovery keeps asking",
+        || async { (point.calls() >= asked_by_pay + 2).then_some(()) },
+    )
+    .await;
     assert_eq!(
         point.most_in_flight(),
         1,

@@ -7,6 +7,7 @@ use stagedoor_proto::{
     payment::v1::{self as pb, PaymentStatus},
     queue::v1::TokenStatus,
 };
+use stagedoor_testkit::eventually;
 use tonic::Code;
 
 use crate::{mesh, reason, with_bearer, SEAT_PRICE};
@@ -40,15 +41,12 @@ async fn pay_spends_sells_completes_the_token_and_admits_the_next_fan() {
     assert_eq!(confirmed.payment_id, receipt.payment_id);
     assert_eq!(mesh.token_status(&fan.token).await, TokenStatus::Done);
     // The next fan is admitted by the completion (the queue's tick may take a moment).
-    let mut admitted = false;
-    for _ in 0..100 {
-        if mesh.token_status(&next.token).await == TokenStatus::Active {
-            admitted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(admitted, "the next fan became ACTIVE");
+    eventually(
+        Duration::from_secs(2),
+        "the next fan becomes ACTIVE",
+        || async { (mesh.token_status(&next.token).await == TokenStatus::Active).then_some(()) },
+    )
+    .await;
     // The seats are SOLD for everyone.
     let seats = mesh
         .concert_public
@@ -424,17 +422,13 @@ async fn a_retired_hold_is_refused_before_anything_is_spent() {
         (&rich, mesh.hold(&rich, &[6]).await),
     ];
     for (_, hold) in &holds {
-        let mut retired = false;
-        for _ in 0..100 {
-            let now = mesh.hold_now(&hold.hold_id).await;
-            if now.retired {
-                assert_eq!(now.status(), HoldStatus::Expired);
-                retired = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(retired, "the sweeper retires the hold");
+        let retired = eventually(
+            Duration::from_secs(2),
+            "the sweeper retires the hold",
+            || async { Some(mesh.hold_now(&hold.hold_id).await).filter(|now| now.retired) },
+        )
+        .await;
+        assert_eq!(retired.status(), HoldStatus::Expired);
     }
     let ledgers_before = (mesh.ledger("short").await, mesh.ledger("rich").await);
 

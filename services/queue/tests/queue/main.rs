@@ -16,7 +16,7 @@ use stagedoor_proto::queue::v1::{
 };
 use stagedoor_queue::QueueConfig;
 use stagedoor_runtime::{db, server::ServiceHandle};
-use stagedoor_testkit::TestDatabase;
+use stagedoor_testkit::{eventually, TestDatabase};
 use tonic::transport::Channel;
 
 /// A queue server under test and clients of both its services.
@@ -112,19 +112,11 @@ impl Queue {
         status: pb::TokenStatus,
         within: Duration,
     ) -> pb::QueueTicket {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let ticket = self.status(token).await;
-            if ticket.status() == status {
-                return ticket;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "token still {:?} after {within:?}, expected {status:?}",
-                ticket.status()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("token {token} becomes {status:?}");
+        eventually(within, &what, || async {
+            Some(self.status(token).await).filter(|ticket| ticket.status() == status)
+        })
+        .await
     }
 }
 
