@@ -187,20 +187,22 @@ impl ConcertService for ConcertApi {
     ) -> Result<Response<pb::ListConcertsResponse>, Status> {
         let request = request.into_inner();
         let page_size = validate::page_size(request.page_size, 20, 100)?;
-        let offset = match request.page_token.as_str() {
-            "" => 0,
-            token => token
-                .strip_prefix("o")
-                .and_then(|n| n.parse::<i64>().ok())
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| ApiError::invalid_field("page_token", "invalid page token"))?,
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(parse_concert_cursor(token).ok_or_else(|| {
+                ApiError::invalid_field(
+                    "page_token",
+                    "page_token must be a next_page_token that ListConcerts returned",
+                )
+            })?),
         };
-        let mut concerts = store::list_concerts(&self.state.pool, offset, page_size + 1)
+        // One more than the page, to know whether another page follows.
+        let mut concerts = store::concerts_on_sale(&self.state.pool, after.as_ref(), page_size + 1)
             .await
             .map_err(ApiError::from)?;
         let next_page_token = if concerts.len() as i64 > page_size {
             concerts.truncate(page_size as usize);
-            format!("o{}", offset + page_size)
+            concerts.last().map(concert_cursor).unwrap_or_default()
         } else {
             String::new()
         };
@@ -551,9 +553,60 @@ impl ConcertAdminService for ConcertApi {
     }
 }
 
+/// The page token that continues a ListConcerts listing after `last`: `c<creation time in
+/// microseconds since the epoch, Postgres' precision>:<concert id>`. Opaque to clients.
+fn concert_cursor(last: &store::ConcertRow) -> String {
+    format!(
+        "c{}:{}",
+        last.create_time.timestamp_micros(),
+        last.concert_id
+    )
+}
+
+/// The position a [`concert_cursor`] token names; `None` for anything else.
+fn parse_concert_cursor(token: &str) -> Option<store::ConcertCursor> {
+    let (micros, concert_id) = token.strip_prefix('c')?.split_once(':')?;
+    let create_time = chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    validate::id("page_token", concert_id).ok()?;
+    Some(store::ConcertCursor {
+        create_time,
+        concert_id: concert_id.to_owned(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concert_page_tokens_round_trip_and_refuse_anything_else() {
+        let last = store::ConcertRow {
+            concert_id: "concert-1:a".into(),
+            title: String::new(),
+            artist: String::new(),
+            create_time: chrono::DateTime::from_timestamp_micros(1_800_000_000_123_456).unwrap(),
+        };
+        let token = concert_cursor(&last);
+        assert_eq!(
+            parse_concert_cursor(&token),
+            Some(store::ConcertCursor {
+                create_time: last.create_time,
+                concert_id: last.concert_id,
+            })
+        );
+        for junk in [
+            "",
+            "c",
+            "c1",
+            "c1:",
+            "cx:a",
+            "o20",
+            "1800000000123456:a",
+            "c1: a",
+        ] {
+            assert_eq!(parse_concert_cursor(junk), None, "{junk:?}");
+        }
+    }
 
     #[test]
     fn seat_checks() {

@@ -246,17 +246,35 @@ const SCHEDULE_SELECT: &str = "
                                    OR st.held_until <= statement_timestamp())) AS available
       FROM schedules sc JOIN seats st ON st.schedule_id = sc.schedule_id";
 
-/// Concerts, oldest first, from `offset`.
-pub async fn list_concerts(
+/// The last concert of a ListConcerts page, in the listing's order (creation time, then id):
+/// the next page starts after it. A position rather than an offset, so that pages neither
+/// repeat nor skip a concert when, between two pages, one is created or goes off sale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConcertCursor {
+    pub create_time: DateTime<Utc>,
+    pub concert_id: String,
+}
+
+/// Up to `limit` concerts on sale after `after` (from the first when `None`), oldest first.
+/// On sale means at least one date has not started, sold out or not: a date's sale closes
+/// when it starts, so a concert whose dates have all started has nothing left to sell.
+pub async fn concerts_on_sale(
     pool: &PgPool,
-    offset: i64,
+    after: Option<&ConcertCursor>,
     limit: i64,
 ) -> Result<Vec<ConcertRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT concert_id, title, artist, create_time FROM concerts
-          ORDER BY create_time, concert_id OFFSET $1 LIMIT $2",
+        "SELECT c.concert_id, c.title, c.artist, c.create_time
+           FROM concerts c
+          WHERE ($1::timestamptz IS NULL OR (c.create_time, c.concert_id) > ($1, $2))
+            AND EXISTS (SELECT 1 FROM schedules s
+                         WHERE s.concert_id = c.concert_id
+                           AND s.start_time > statement_timestamp())
+          ORDER BY c.create_time, c.concert_id
+          LIMIT $3",
     )
-    .bind(offset)
+    .bind(after.map(|cursor| cursor.create_time))
+    .bind(after.map(|cursor| cursor.concert_id.as_str()))
     .bind(limit)
     .fetch_all(pool)
     .await

@@ -270,3 +270,135 @@ async fn control_characters_in_free_text_are_bad_input_and_open_no_line() {
     }
     assert_eq!(rows().await, before, "nothing written, no line opened");
 }
+
+#[tokio::test]
+async fn list_concerts_pages_through_the_concerts_on_sale_in_creation_order() {
+    let mesh = mesh(1, |_, _| {}).await;
+    let admin = mesh.concerts[0].admin.clone();
+    let days_from_now = |days: i64| prost_types::Timestamp {
+        seconds: chrono::Utc::now().timestamp() + days * 86_400,
+        nanos: 0,
+    };
+    // A concert with a date on each of `days` (negative: already started).
+    let concert = |name: &'static str, days: &'static [i64]| {
+        let mut admin = admin.clone();
+        async move {
+            let concert = admin
+                .create_concert(pb::CreateConcertRequest {
+                    title: format!("{name} live"),
+                    artist: name.into(),
+                    request_id: format!("concert-{name}"),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .concert
+                .unwrap();
+            for day in days {
+                admin
+                    .add_schedule(pb::AddScheduleRequest {
+                        concert_id: concert.concert_id.clone(),
+                        start_time: Some(days_from_now(*day)),
+                        venue: "Olympic Hall".into(),
+                        seat_count: 5,
+                        sections: vec![pb::PriceSection {
+                            name: "R".into(),
+                            first_seat: 1,
+                            last_seat: 5,
+                            price: 90_000,
+                        }],
+                        request_id: format!("date-{name}-{day}"),
+                    })
+                    .await
+                    .unwrap();
+            }
+            concert.concert_id
+        }
+    };
+    let first = concert("first", &[30]).await;
+    let _over = concert("over", &[-1, -2]).await;
+    let _announced = concert("announced", &[]).await;
+    let second = concert("second", &[30, 31]).await;
+    let last_dates = concert("last-dates", &[-1, 2]).await;
+
+    let public = mesh.concerts[0].public.clone();
+    let page = |page_size: i32, page_token: String| {
+        let mut public = public.clone();
+        async move {
+            public
+                .list_concerts(pb::ListConcertsRequest {
+                    page_size,
+                    page_token,
+                })
+                .await
+                .map(|response| response.into_inner())
+        }
+    };
+    let everything = page(0, String::new()).await.unwrap();
+    let ids = |page: &pb::ListConcertsResponse| {
+        page.concerts
+            .iter()
+            .map(|concert| concert.concert_id.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&everything),
+        [first.as_str(), second.as_str(), last_dates.as_str()]
+    );
+    assert_eq!(everything.next_page_token, "");
+    assert_eq!(everything.concerts[1].title, "second live");
+    assert_eq!(everything.concerts[1].artist, "second");
+
+    // One at a time. Between pages, the first concert's date starts (it goes off sale) and
+    // a new concert is created: an offset would now skip `second`; the page token does not.
+    let one = page(1, String::new()).await.unwrap();
+    assert_eq!(ids(&one), [first.as_str()]);
+    let database = mesh.database.admin().await;
+    sqlx::query(
+        "UPDATE concert.schedules SET start_time = now() - interval '1 minute'
+          WHERE concert_id = $1",
+    )
+    .bind(&first)
+    .execute(&database)
+    .await
+    .unwrap();
+    database.close().await;
+    let newest = concert("newest", &[60]).await;
+    let mut listed = ids(&one);
+    let mut token = one.next_page_token;
+    while !token.is_empty() {
+        let next = page(1, token).await.unwrap();
+        assert!(next.concerts.len() <= 1);
+        listed.extend(ids(&next));
+        token = next.next_page_token;
+    }
+    assert_eq!(
+        listed,
+        [
+            first.as_str(),
+            second.as_str(),
+            last_dates.as_str(),
+            newest.as_str()
+        ]
+    );
+    assert_eq!(
+        ids(&page(0, String::new()).await.unwrap()),
+        [second.as_str(), last_dates.as_str(), newest.as_str()]
+    );
+
+    // Bad paging input is refused, naming the field.
+    for (page_size, page_token, field) in [
+        (0, "o1", "page_token"),
+        (0, "c123:", "page_token"),
+        (0, "junk", "page_token"),
+        (-1, "", "page_size"),
+        (101, "", "page_size"),
+    ] {
+        let refused = page(page_size, page_token.into()).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{page_token:?}");
+        assert_eq!(reason(&refused), "INVALID_FIELD");
+        use tonic_types::StatusExt;
+        let info = refused.get_details_error_info().unwrap();
+        assert_eq!(info.metadata["field"], field);
+    }
+}
