@@ -83,6 +83,9 @@ pub enum InsertRefused {
     TokenTaken,
 }
 
+/// The first key of the payment service's advisory locks on a user (see [`insert_batch`]).
+const USER_LOCK_CLASS: i32 = 0x5041_5900; // "PAY\0"
+
 /// Records payments at step SPEND, each leased for `lease` to a drive of its own, in one
 /// statement: from here on each payment exists whatever happens to this process. Returns
 /// the rows written; a payment missing from them collided with a unique constraint (its request id was used,
@@ -94,17 +97,37 @@ pub async fn insert_batch(
     payments: &[NewPayment],
     lease: Duration,
 ) -> Result<Vec<PaymentRow>, sqlx::Error> {
-    // Rows go in in user order (arrival order within a user). A row that meets another
-    // batch's uncommitted row with the same key waits for that batch; every key (request id,
-    // hold, token) belongs to one user, so with both batches in user order neither can be
-    // waiting for a row the other has yet to reach: no deadlock between concurrent batches.
+    // Rows go in in user order. A row that meets another batch's uncommitted row with the
+    // same key (request id, hold, token) waits for that batch to end, and every key belongs to
+    // one user. So for two batches to wait on each other, each must have written a row of some
+    // user and be waiting at a later row of the same user: a user with two rows in both. Rows
+    // of one user arrive in any order (a fan double-clicking Pay on two holds), so those users
+    // are serialised: the statement first takes an advisory lock per user with more than one
+    // row here, in key order, before it writes anything. A batch with no such user (nearly
+    // every batch) takes no lock at all.
     let mut payments: Vec<&NewPayment> = payments.iter().collect();
     payments.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    let repeated_users: Vec<&str> = payments
+        .windows(2)
+        .filter(|pair| pair[0].user_id == pair[1].user_id)
+        .map(|pair| pair[0].user_id.as_str())
+        .collect();
     let column = |pick: fn(&NewPayment) -> String| -> Vec<String> {
         payments.iter().map(|p| pick(p)).collect()
     };
     sqlx::query_as(
-        "INSERT INTO payments (payment_id, user_id, request_id, hold_id, concert_id, schedule_id,
+        // `serialised` is evaluated once, before the first row is produced (a scalar subquery
+        // in WHERE runs as an init plan), so every lock is held before any row is written.
+        // The locks are transaction-scoped: this statement is its own transaction, and they
+        // go with it. Two 32-bit keys, a key space apart from the single 64-bit keys that
+        // sqlx's migrations and the concert service take in the same database.
+        "WITH serialised AS (
+             SELECT pg_advisory_xact_lock($13, key)
+               FROM (SELECT DISTINCT hashtext(user_id) AS key
+                       FROM unnest($12::text[]) AS repeated (user_id)
+                      ORDER BY key) AS keys
+         )
+         INSERT INTO payments (payment_id, user_id, request_id, hold_id, concert_id, schedule_id,
                                seat_numbers, amount, start_time, token, token_sha256,
                                step, status, lease_owner, lease_until)
          SELECT p.payment_id, p.user_id, p.request_id, p.hold_id, p.concert_id, p.schedule_id,
@@ -115,6 +138,7 @@ pub async fn insert_batch(
                        $7::text[], $8::int8[], $9::timestamptz[], $10::text[])
                 AS p (payment_id, user_id, request_id, hold_id, concert_id, schedule_id, seats,
                       amount, start_time, token)
+          WHERE (SELECT count(*) FROM serialised) >= 0
          ON CONFLICT DO NOTHING
          RETURNING *",
     )
@@ -129,6 +153,8 @@ pub async fn insert_batch(
     .bind(payments.iter().map(|p| p.start_time).collect::<Vec<_>>())
     .bind(column(|p| p.token.clone()))
     .bind(lease.as_secs_f64())
+    .bind(&repeated_users)
+    .bind(USER_LOCK_CLASS)
     // Unprepared: a plan cached for one batch size and table size is no good for the next.
     .persistent(false)
     .fetch_all(pool)

@@ -245,3 +245,95 @@ async fn a_database_where_one_admission_paid_twice_still_migrates() {
         "the older payment keeps the token, the twin is left out of the index"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_holding_one_fans_payments_in_opposite_orders_do_not_deadlock() {
+    // A fan clicks Pay on two holds (two concerts, two tokens), twice, and the clicks land
+    // in two batches in opposite orders: batch A writes hold 1 then hold 2, batch B hold 2
+    // then hold 1. Without the per-user lock, A waits at hold 2 for B while B waits at hold 1
+    // for A, and Postgres kills one statement: every payment of that batch, other fans'
+    // too, fails. A trigger that sleeps before each row makes that interleaving certain.
+    use stagedoor_payment::store::{self, NewPayment};
+    use stagedoor_runtime::db;
+    use std::time::Duration;
+
+    let database = stagedoor_testkit::TestDatabase::create().await;
+    database
+        .migrate(db::PAYMENT, &stagedoor_payment::app::MIGRATOR)
+        .await;
+    let admin = database.admin().await;
+    for statement in [
+        "CREATE FUNCTION payment.slow_insert() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(0.2); RETURN NEW; END $$",
+        "CREATE TRIGGER slow_insert BEFORE INSERT ON payment.payments
+           FOR EACH ROW EXECUTE FUNCTION payment.slow_insert()",
+    ] {
+        sqlx::query(statement).execute(&admin).await.unwrap();
+    }
+    admin.close().await;
+    let pool = db::connect(&db::PoolConfig::new(
+        database.url(db::PAYMENT),
+        db::PAYMENT.schema,
+        4,
+    ))
+    .await
+    .unwrap();
+
+    let (hold_1, hold_2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let click = |hold_id, token: &str, request_id: &str| NewPayment {
+        payment_id: uuid::Uuid::new_v4(),
+        user_id: "clicker".into(),
+        request_id: request_id.into(),
+        hold_id,
+        concert_id: "c".into(),
+        schedule_id: "s".into(),
+        seat_numbers: vec![1],
+        amount: SEAT_PRICE,
+        start_time: chrono::Utc::now(),
+        token: token.into(),
+    };
+    // Each batch also carries another fan's payment, which must not pay for the clicker.
+    let batch_a = [
+        click(hold_1, "token-1", "a-1"),
+        click(hold_2, "token-2", "a-2"),
+        NewPayment {
+            user_id: "bystander-a".into(),
+            hold_id: uuid::Uuid::new_v4(),
+            token: "token-a".into(),
+            ..click(hold_1, "", "pay")
+        },
+    ];
+    let batch_b = [
+        click(hold_2, "token-2", "b-2"),
+        click(hold_1, "token-1", "b-1"),
+        NewPayment {
+            user_id: "bystander-b".into(),
+            hold_id: uuid::Uuid::new_v4(),
+            token: "token-b".into(),
+            ..click(hold_1, "", "pay")
+        },
+    ];
+    let lease = Duration::from_secs(60);
+    let (a, b) = tokio::join!(
+        store::insert_batch(&pool, &batch_a, lease),
+        store::insert_batch(&pool, &batch_b, lease),
+    );
+    let (a, b) = (
+        a.expect("batch A is written"),
+        b.expect("batch B is written"),
+    );
+    let mut written: Vec<(String, uuid::Uuid)> = a
+        .iter()
+        .chain(&b)
+        .map(|row| (row.user_id.clone(), row.hold_id))
+        .collect();
+    written.sort();
+    let clicker: Vec<_> = written
+        .iter()
+        .filter(|(user, _)| user == "clicker")
+        .collect();
+    assert_eq!(clicker.len(), 2, "one payment per hold: {written:?}");
+    assert_ne!(clicker[0].1, clicker[1].1);
+    assert!(written.iter().any(|(user, _)| user == "bystander-a"));
+    assert!(written.iter().any(|(user, _)| user == "bystander-b"));
+}
