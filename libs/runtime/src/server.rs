@@ -2,14 +2,28 @@
 //! reflection (v1 and v1alpha, since grpcurl, buf curl and older tools ask for either), with
 //! graceful shutdown.
 
-use std::{convert::Infallible, net::SocketAddr};
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+use tokio_stream::StreamExt;
 use tonic::{
     body::Body,
     server::NamedService,
     service::RoutesBuilder,
-    transport::{server::TcpIncoming, Server},
+    transport::{
+        server::{Connected, TcpConnectInfo, TcpIncoming},
+        Server,
+    },
 };
 use tonic_health::ServingStatus;
 
@@ -38,17 +52,38 @@ fn accepted(listener: TcpListener) -> TcpIncoming {
         .with_keepalive(Some(std::time::Duration::from_secs(60)))
 }
 
+/// How long a stopping server lets calls in flight finish before it closes their
+/// connections: longer than any unary call takes (Pay waits 6 s at most), shorter than the
+/// 30 s an orchestrator commonly allows before it kills the process.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(20);
+
 /// The gRPC services of one process, built up before [`GrpcServer::serve`].
-#[derive(Default)]
 pub struct GrpcServer {
     routes: RoutesBuilder,
     service_names: Vec<&'static str>,
+    drain_limit: Duration,
+}
+
+impl Default for GrpcServer {
+    fn default() -> Self {
+        Self {
+            routes: RoutesBuilder::default(),
+            service_names: Vec::new(),
+            drain_limit: DRAIN_LIMIT,
+        }
+    }
 }
 
 impl GrpcServer {
     /// An empty server; add services with [`GrpcServer::add_service`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Replaces [`DRAIN_LIMIT`], the time calls in flight get once shutdown begins.
+    pub fn drain_limit(mut self, limit: Duration) -> Self {
+        self.drain_limit = limit;
+        self
     }
 
     /// Adds a generated tonic service. Its name is reported SERVING by grpc.health.v1 while
@@ -94,7 +129,9 @@ impl GrpcServer {
     }
 
     /// Serves on `listener` until `shutdown` fires, then stops accepting connections and waits
-    /// for calls in flight to finish. Server streams must end on the same signal themselves.
+    /// for calls in flight to finish, for the drain limit at most: server streams should end
+    /// on the same signal themselves, and whatever is still open then (a stream whose client
+    /// stopped reading, a load balancer's grpc.health.v1 Watch) has its connection closed.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -103,6 +140,7 @@ impl GrpcServer {
         let Self {
             mut routes,
             service_names,
+            drain_limit,
         } = self;
         let local_addr: Option<SocketAddr> = listener.local_addr().ok();
 
@@ -150,6 +188,7 @@ impl GrpcServer {
             .add_service(reflection_v1alpha);
 
         tracing::info!(addr = ?local_addr, services = ?service_names, "gRPC server listening");
+        let drain_started = shutdown.clone();
         let stopping = async move {
             shutdown.wait().await;
             // Tell load balancers first, so they stop sending new calls our way.
@@ -162,11 +201,120 @@ impl GrpcServer {
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
         };
-        Server::builder()
+        // tonic's graceful shutdown waits for every call without limit, and runs each
+        // connection in a task of its own, which dropping `serving` would leave running. So
+        // every connection's socket is wrapped to fail once `closing` fires, and it fires when
+        // the drain limit has passed: the connections still open end, and `serving` with them.
+        let (closing, closed) = crate::ShutdownTrigger::new();
+        let incoming = accepted(listener)
+            .map(move |accepted| accepted.map(|socket| Closable::new(socket, closed.clone())));
+        let serving = Server::builder()
             .initial_connection_window_size(CONNECTION_WINDOW)
             .add_routes(routes.routes())
-            .serve_with_incoming_shutdown(accepted(listener), stopping)
-            .await
+            .serve_with_incoming_shutdown(incoming, stopping);
+        tokio::pin!(serving);
+        let drained = async {
+            drain_started.wait().await;
+            tokio::time::sleep(drain_limit).await;
+        };
+        tokio::select! {
+            served = &mut serving => served,
+            () = drained => {
+                tracing::warn!(?drain_limit,
+                    "calls still open after the drain limit; closing their connections");
+                closing.fire();
+                serving.await
+            }
+        }
+    }
+}
+
+/// An accepted connection's socket that fails every read and write once `closed` resolves
+/// (see [`GrpcServer::serve`]). A waiting read registers the signal too, so an idle
+/// connection wakes up to fail as well.
+struct Closable {
+    socket: TcpStream,
+    closed: Pin<Box<dyn Future<Output = ()> + Send>>,
+    is_closed: bool,
+}
+
+impl Closable {
+    fn new(socket: TcpStream, closed: crate::Shutdown) -> Self {
+        Self {
+            socket,
+            closed: Box::pin(closed.wait()),
+            is_closed: false,
+        }
+    }
+
+    /// An error once the signal has fired; otherwise registers `cx` to be woken by it.
+    fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        if !self.is_closed && self.closed.as_mut().poll(cx).is_ready() {
+            self.is_closed = true;
+        }
+        if self.is_closed {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the server's drain limit passed",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AsyncRead for Closable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.socket).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Closable {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.socket).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.socket).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.socket.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.socket).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().socket).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Closable {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.socket.connect_info()
     }
 }
 

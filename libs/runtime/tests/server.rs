@@ -50,3 +50,50 @@ async fn thirty_five_thousand_concurrent_calls_on_one_connection_all_succeed() {
     trigger.fire();
     server.await.unwrap().unwrap();
 }
+
+/// Graceful shutdown waits for calls in flight, but a stream that never ends would hold it
+/// open for ever: tonic's own shutdown has no limit. grpc.health.v1's Watch is such a stream
+/// (it reports NOT_SERVING and stays open), and load balancers hold one to every replica;
+/// a fan's client that stops reading its WatchQueueStatus is another. Past its drain limit
+/// the server closes what is left.
+#[tokio::test]
+async fn shutdown_closes_streams_still_open_after_the_drain_limit() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let server = tokio::spawn(
+        GrpcServer::new()
+            .drain_limit(std::time::Duration::from_millis(300))
+            .serve(listener, shutdown),
+    );
+    let channel = stagedoor_runtime::client::endpoint(&format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let serving = watch.message().await.unwrap().unwrap();
+    assert_eq!(serving.status, 1, "SERVING");
+
+    trigger.fire();
+    // The watcher hears NOT_SERVING first, so it can move away before the stream is closed.
+    let stopping = watch.message().await.unwrap().unwrap();
+    assert_eq!(stopping.status, 2, "NOT_SERVING");
+    // Not a speed check: a bound so that a server that never stops fails instead of hanging.
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(30), server).await;
+    stopped
+        .expect("the server stops although the watcher never hung up")
+        .unwrap()
+        .unwrap();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(30), watch.message()).await;
+    assert!(
+        matches!(closed, Ok(Err(_)) | Ok(Ok(None))),
+        "the watcher's stream is closed: {closed:?}"
+    );
+}

@@ -213,8 +213,15 @@ async fn watch(
             let message = pb::WatchQueueStatusResponse {
                 ticket: Some(ticket_to_proto(&ticket, &state.board)),
             };
-            if sender.send(Ok(message)).await.is_err() {
-                return; // the client went away
+            // A client that stops reading fills the stream's buffer and this send waits;
+            // shutdown must not wait with it.
+            tokio::select! {
+                delivered = sender.send(Ok(message)) => {
+                    if delivered.is_err() {
+                        return; // the client went away
+                    }
+                }
+                _ = &mut stopped => return say_shutting_down(&sender),
             }
             sent = Some(current);
         }
@@ -240,10 +247,7 @@ async fn watch(
             ACTIVE_RECHECK
         };
         tokio::select! {
-            _ = &mut stopped => {
-                let _ = sender.send(Err(ApiError::shutting_down("the queue service is shutting down; watch again").into())).await;
-                return;
-            }
+            _ = &mut stopped => return say_shutting_down(&sender),
             _ = sender.closed() => return,
             _ = async {
                 pause.await;
@@ -275,6 +279,14 @@ async fn watch(
             }
         }
     }
+}
+
+/// Ends a watch because this replica is stopping: the client is told to watch again (a load
+/// balancer sends that call to another replica). Only if there is room: a client that stopped
+/// reading is not waited for, and its stream simply ends.
+fn say_shutting_down(sender: &mpsc::Sender<Result<pb::WatchQueueStatusResponse, Status>>) {
+    let message = "the queue service is shutting down; watch again";
+    let _ = sender.try_send(Err(ApiError::shutting_down(message).into()));
 }
 
 /// Time left in an ACTIVE window (a long time for any other status).
