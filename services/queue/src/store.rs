@@ -313,7 +313,7 @@ pub async fn issue_batch(
     // Under the line lock nobody else can insert a token for this concert, so checking for
     // live tokens and then inserting is race-free (the partial unique index backs it anyway).
     // Windows that passed are expired first so their fans get a new token, not a dead one.
-    let since_refill = expire_windows(&mut tx, &mut line).await?;
+    let mut since_refill = expire_windows(&mut tx, &mut line).await?;
     let mut tickets: Vec<Ticket> = sqlx::query_as::<_, TicketRow>(&format!(
         "{TICKET_SELECT}
           WHERE t.user_id = ANY($2) AND t.concert_id = $1 AND t.status IN ('WAITING', 'ACTIVE')"

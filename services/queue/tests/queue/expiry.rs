@@ -136,3 +136,46 @@ async fn complete_token_frees_the_slot_at_once_and_is_idempotent() {
         .await;
     assert_eq!(active, 1);
 }
+
+#[tokio::test]
+async fn a_window_that_ends_while_the_fan_asks_again_gets_a_new_token() {
+    // IssueToken expires the line's ended windows, then reads the fan's live token, two
+    // statements with two clocks. A window that ends between them read EXPIRED, and the fan
+    // was handed the dead token instead of a new one. A trigger that stalls the expiry of
+    // another fan's window (1 s) makes the gap long enough to land in every time.
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.max_active = 5;
+    // No background tick: only the IssueToken call under test expires windows.
+    settings.tick = Duration::from_secs(3_600);
+    let queue = start(settings).await;
+    queue.open(&["c"]).await;
+    let stalled = queue.issue("c", "stalled").await;
+    let fan = queue.issue("c", "fan").await;
+    assert_eq!(fan.status(), pb::TokenStatus::Active);
+
+    let admin = database.admin().await;
+    for statement in [
+        "CREATE FUNCTION queue.stall() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$",
+        "CREATE TRIGGER stall BEFORE UPDATE ON queue.tokens FOR EACH ROW
+           WHEN (OLD.user_id = 'stalled' AND NEW.status = 'EXPIRED')
+           EXECUTE FUNCTION queue.stall()",
+        // `stalled`'s window has ended; `fan`'s ends during the stall.
+        "UPDATE queue.tokens SET expire_time = CASE user_id
+             WHEN 'stalled' THEN now() - interval '1 second'
+             ELSE now() + interval '300 milliseconds' END",
+    ] {
+        sqlx::query(statement).execute(&admin).await.unwrap();
+    }
+    admin.close().await;
+
+    let again = queue.issue("c", "fan").await;
+    assert_ne!(again.status(), pb::TokenStatus::Expired, "{again:?}");
+    assert_ne!(again.token, fan.token, "a new token, at the back");
+    assert!(again.place > stalled.place.max(fan.place));
+    assert_eq!(
+        queue.status(&fan.token).await.status(),
+        pb::TokenStatus::Expired
+    );
+}
