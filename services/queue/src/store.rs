@@ -327,6 +327,17 @@ pub async fn issue_batch(
     .into_iter()
     .map(|row| row.into_ticket(policy.heartbeat_every))
     .collect();
+    // Each statement has its own clock, so a window that ended between the expiry above and
+    // this read reads EXPIRED here while its row is still ACTIVE. Its fan is owed a new
+    // token, not the dead one: expire it now (this clock is later still) and count the fan
+    // as new, which the unique index allows once the row is EXPIRED.
+    if tickets
+        .iter()
+        .any(|ticket| ticket.status == TokenStatus::Expired)
+    {
+        since_refill = expire_windows(&mut tx, &mut line).await?;
+        tickets.retain(|ticket| ticket.status != TokenStatus::Expired);
+    }
 
     // Everything from here to the commit runs under the line lock, so it stays linear in the
     // batch (a batch is up to a thousand fans).
@@ -413,12 +424,16 @@ pub async fn complete_batch(
         return Err(sqlx::Error::RowNotFound);
     };
     // Conditional on still being ACTIVE inside its window: a concurrent completion or the
-    // expiry sweeper may have ended a token since the caller read it.
+    // expiry sweeper may have ended a token since the caller read it. And on the line this
+    // transaction locked: the count it corrects is that line's, so a token of another
+    // concert must never be counted here, whoever grouped the batch.
     let completed = sqlx::query(
         "UPDATE tokens SET status = 'DONE', end_time = statement_timestamp()
-          WHERE token = ANY($1) AND status = 'ACTIVE' AND expire_time > statement_timestamp()",
+          WHERE token = ANY($1) AND concert_id = $2
+            AND status = 'ACTIVE' AND expire_time > statement_timestamp()",
     )
     .bind(tokens)
+    .bind(concert_id)
     .execute(&mut *tx)
     .await?
     .rows_affected();
