@@ -38,7 +38,6 @@ impl Failure {
             Code::InvalidArgument
             | Code::FailedPrecondition
             | Code::NotFound
-            | Code::AlreadyExists
             | Code::PermissionDenied
             | Code::OutOfRange
             | Code::Unauthenticated => Self::Refused {
@@ -48,8 +47,10 @@ impl Failure {
                     .unwrap_or_else(|| format!("{:?}", status.code()).to_uppercase()),
                 message: status.message().to_owned(),
             },
-            // Timeouts, a peer down or restarting, a lost race (ABORTED), an internal error:
-            // the step may or may not have happened.
+            // Timeouts, a peer down or restarting, a lost race (ABORTED, or ALREADY_EXISTS:
+            // a concurrent call with the same key wrote first, libs/runtime/src/error.rs), an
+            // internal error: the step may or may not have happened. Taking ALREADY_EXISTS
+            // for a no would refund a payment whose seat a concurrent ConfirmHold sold.
             _ => Self::Unknown(format!("{:?}: {}", status.code(), status.message())),
         }
     }
@@ -166,5 +167,37 @@ impl Peers {
             .await;
         HOPS.record(Hop::CompleteToken, started);
         Ok(answer.map_err(Failure::of)?.into_inner().status())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_definite_no_is_a_refusal() {
+        let refusal = stagedoor_runtime::ApiError::new(
+            Code::FailedPrecondition,
+            "INSUFFICIENT_BALANCE",
+            "short",
+        );
+        assert!(matches!(
+            Failure::of(refusal.into()),
+            Failure::Refused { reason, .. } if reason == "INSUFFICIENT_BALANCE"
+        ));
+        // A unique violation the peer did not handle: a concurrent call may have done it.
+        let raced = stagedoor_runtime::ApiError::new(Code::AlreadyExists, "ALREADY_EXISTS", "x");
+        assert!(matches!(Failure::of(raced.into()), Failure::Unknown(_)));
+        for code in [
+            Code::Aborted,
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Internal,
+        ] {
+            assert!(matches!(
+                Failure::of(tonic::Status::new(code, "")),
+                Failure::Unknown(_)
+            ));
+        }
     }
 }
