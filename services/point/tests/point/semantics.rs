@@ -148,6 +148,8 @@ async fn the_ledger_is_append_only() {
     for statement in [
         "UPDATE point.ledger SET amount = 1000000",
         "DELETE FROM point.ledger",
+        "TRUNCATE point.ledger",
+        "TRUNCATE point.wallets CASCADE",
     ] {
         let refused = sqlx::query(statement).execute(&role).await;
         assert!(refused.is_err(), "`{statement}` must be refused");
