@@ -53,8 +53,10 @@ fn accepted(listener: TcpListener) -> TcpIncoming {
 }
 
 /// How long a stopping server lets calls in flight finish before it closes their
-/// connections: longer than any unary call takes (Pay waits 6 s at most), shorter than the
-/// 30 s an orchestrator commonly allows before it kills the process.
+/// connections: longer than a unary call takes with the default settings (Pay's longest is
+/// its 10 s of patience plus one 5 s call), shorter than the 30 s an orchestrator commonly
+/// allows before it kills the process (docker-compose.yml sets `stop_grace_period: 30s`).
+/// A call cut off here loses only its answer: a retry with the same request id gets it.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(20);
 
 /// The gRPC services of one process, built up before [`GrpcServer::serve`].
@@ -230,8 +232,7 @@ impl GrpcServer {
 }
 
 /// An accepted connection's socket that fails every read and write once `closed` resolves
-/// (see [`GrpcServer::serve`]). A waiting read registers the signal too, so an idle
-/// connection wakes up to fail as well.
+/// (see [`GrpcServer::serve`]), an idle connection included.
 struct Closable {
     socket: TcpStream,
     closed: Pin<Box<dyn Future<Output = ()> + Send>>,
@@ -247,18 +248,27 @@ impl Closable {
         }
     }
 
-    /// An error once the signal has fired; otherwise registers `cx` to be woken by it.
-    fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
-        if !self.is_closed && self.closed.as_mut().poll(cx).is_ready() {
-            self.is_closed = true;
+    /// The answer of an IO call that `io` made. The signal is polled only when the socket
+    /// has nothing to do (`Pending`), which registers the waker of an idle connection with
+    /// it; a busy connection pays nothing per read or write, and meets the error at its
+    /// next wait.
+    fn answer<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if !self.is_closed {
+            match io(Pin::new(&mut self.socket), cx) {
+                Poll::Pending if self.closed.as_mut().poll(cx).is_ready() => {
+                    self.is_closed = true;
+                }
+                answer => return answer,
+            }
         }
-        if self.is_closed {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
-                "the server's drain limit passed",
-            ));
-        }
-        Ok(())
+        Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "the server's drain limit passed",
+        )))
     }
 }
 
@@ -268,9 +278,8 @@ impl AsyncRead for Closable {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        this.check(cx)?;
-        Pin::new(&mut this.socket).poll_read(cx, buf)
+        self.get_mut()
+            .answer(cx, |socket, cx| socket.poll_read(cx, buf))
     }
 }
 
@@ -280,9 +289,8 @@ impl AsyncWrite for Closable {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        this.check(cx)?;
-        Pin::new(&mut this.socket).poll_write(cx, buf)
+        self.get_mut()
+            .answer(cx, |socket, cx| socket.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -290,9 +298,8 @@ impl AsyncWrite for Closable {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        this.check(cx)?;
-        Pin::new(&mut this.socket).poll_write_vectored(cx, bufs)
+        self.get_mut()
+            .answer(cx, |socket, cx| socket.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -300,9 +307,8 @@ impl AsyncWrite for Closable {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        this.check(cx)?;
-        Pin::new(&mut this.socket).poll_flush(cx)
+        self.get_mut()
+            .answer(cx, |socket, cx| socket.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

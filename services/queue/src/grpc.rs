@@ -274,7 +274,10 @@ async fn watch(
             Ok(Some(fresh)) => ticket = fresh,
             Ok(None) => return,
             Err(error) => {
-                let _ = sender.send(Err(error.into())).await;
+                tokio::select! {
+                    _ = sender.send(Err(error.into())) => {}
+                    _ = &mut stopped => say_shutting_down(&sender),
+                }
                 return;
             }
         }
@@ -282,8 +285,9 @@ async fn watch(
 }
 
 /// Ends a watch because this replica is stopping: the client is told to watch again (a load
-/// balancer sends that call to another replica). Only if there is room: a client that stopped
-/// reading is not waited for, and its stream simply ends.
+/// balancer sends that call to another replica). Only if the stream's buffer has room: a
+/// client that stopped reading is not waited for, and its stream ends without the error
+/// after what was buffered (or is closed at the drain limit if it never reads again).
 fn say_shutting_down(sender: &mpsc::Sender<Result<pb::WatchQueueStatusResponse, Status>>) {
     let message = "the queue service is shutting down; watch again";
     let _ = sender.try_send(Err(ApiError::shutting_down(message).into()));
