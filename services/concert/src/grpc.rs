@@ -566,7 +566,10 @@ fn concert_cursor(last: &store::ConcertRow) -> String {
 /// The position a [`concert_cursor`] token names; `None` for anything else.
 fn parse_concert_cursor(token: &str) -> Option<store::ConcertCursor> {
     let (micros, concert_id) = token.strip_prefix('c')?.split_once(':')?;
-    let create_time = chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    // Within Postgres' range too: a token made up with year -7500 is bad input, not INTERNAL.
+    let create_time = time::in_range(chrono::DateTime::from_timestamp_micros(
+        micros.parse().ok()?,
+    )?)?;
     validate::id("page_token", concert_id).ok()?;
     Some(store::ConcertCursor {
         create_time,
@@ -603,6 +606,7 @@ mod tests {
             "o20",
             "1800000000123456:a",
             "c1: a",
+            "c-300000000000000000:a",
         ] {
             assert_eq!(parse_concert_cursor(junk), None, "{junk:?}");
         }

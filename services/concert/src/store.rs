@@ -276,6 +276,9 @@ pub async fn concerts_on_sale(
     .bind(after.map(|cursor| cursor.create_time))
     .bind(after.map(|cursor| cursor.concert_id.as_str()))
     .bind(limit)
+    // Planned for its cursor every time: a generic plan cannot start the index scan at a
+    // cursor that may be NULL, and would filter every concert before it instead.
+    .persistent(false)
     .fetch_all(pool)
     .await
 }
