@@ -149,7 +149,8 @@ pub fn reason(status: &tonic::Status) -> String {
 
 /// Waits for something a background task does (an admission tick, a sweeper, a recovery
 /// worker): asks `probe` every 20 ms until it answers `Some`, and returns that answer.
-/// Panics naming `what` once `within` has passed, so a test that waits never waits forever.
+/// Panics naming `what` once `within` has passed, a probe that hangs included, so a test
+/// that waits never waits forever.
 pub async fn eventually<T, F, Fut>(within: std::time::Duration, what: &str, mut probe: F) -> T
 where
     F: FnMut() -> Fut,
@@ -157,13 +158,11 @@ where
 {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        if let Some(answer) = probe().await {
-            return answer;
+        match tokio::time::timeout_at(deadline, probe()).await {
+            Ok(Some(answer)) => return answer,
+            Ok(None) if tokio::time::Instant::now() < deadline => {}
+            _ => panic!("still waiting after {within:?}: {what}"),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still waiting after {within:?}: {what}"
-        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }

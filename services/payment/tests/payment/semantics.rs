@@ -42,7 +42,7 @@ async fn pay_spends_sells_completes_the_token_and_admits_the_next_fan() {
     assert_eq!(mesh.token_status(&fan.token).await, TokenStatus::Done);
     // The next fan is admitted by the completion (the queue's tick may take a moment).
     eventually(
-        Duration::from_secs(2),
+        Duration::from_secs(5),
         "the next fan becomes ACTIVE",
         || async { (mesh.token_status(&next.token).await == TokenStatus::Active).then_some(()) },
     )
@@ -423,7 +423,7 @@ async fn a_retired_hold_is_refused_before_anything_is_spent() {
     ];
     for (_, hold) in &holds {
         let retired = eventually(
-            Duration::from_secs(2),
+            Duration::from_secs(5),
             "the sweeper retires the hold",
             || async { Some(mesh.hold_now(&hold.hold_id).await).filter(|now| now.retired) },
         )
