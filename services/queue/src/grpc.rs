@@ -213,15 +213,8 @@ async fn watch(
             let message = pb::WatchQueueStatusResponse {
                 ticket: Some(ticket_to_proto(&ticket, &state.board)),
             };
-            // A client that stops reading fills the stream's buffer and this send waits;
-            // shutdown must not wait with it.
-            tokio::select! {
-                delivered = sender.send(Ok(message)) => {
-                    if delivered.is_err() {
-                        return; // the client went away
-                    }
-                }
-                _ = &mut stopped => return say_shutting_down(&sender),
+            if !deliver(&sender, stopped.as_mut(), Ok(message)).await {
+                return;
             }
             sent = Some(current);
         }
@@ -274,12 +267,26 @@ async fn watch(
             Ok(Some(fresh)) => ticket = fresh,
             Ok(None) => return,
             Err(error) => {
-                tokio::select! {
-                    _ = sender.send(Err(error.into())) => {}
-                    _ = &mut stopped => say_shutting_down(&sender),
-                }
+                deliver(&sender, stopped.as_mut(), Err(error.into())).await;
                 return;
             }
+        }
+    }
+}
+
+/// Sends one item of a watch; false when the stream is over: the client went away, or this
+/// replica began stopping first. A client that stops reading fills the stream's buffer and
+/// the send waits; shutdown must not wait with it.
+async fn deliver(
+    sender: &mpsc::Sender<Result<pb::WatchQueueStatusResponse, Status>>,
+    stopped: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    item: Result<pb::WatchQueueStatusResponse, Status>,
+) -> bool {
+    tokio::select! {
+        delivered = sender.send(item) => delivered.is_ok(),
+        () = stopped => {
+            say_shutting_down(sender);
+            false
         }
     }
 }
