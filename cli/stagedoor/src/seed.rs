@@ -78,10 +78,7 @@ pub async fn seed(concert: Channel) -> Result<Seeded, tonic::Status> {
             let schedule = admin
                 .add_schedule(AddScheduleRequest {
                     concert_id: created.concert_id.clone(),
-                    start_time: Some(prost_types::Timestamp {
-                        seconds: start.timestamp(),
-                        nanos: 0,
-                    }),
+                    start_time: Some(stagedoor_runtime::time::timestamp(*start)),
                     venue: venue.into(),
                     seat_count: 50,
                     sections: vec![
