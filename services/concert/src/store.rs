@@ -247,8 +247,8 @@ const SCHEDULE_SELECT: &str = "
       FROM schedules sc JOIN seats st ON st.schedule_id = sc.schedule_id";
 
 /// The last concert of a ListConcerts page, in the listing's order (creation time, then id):
-/// the next page starts after it. A position rather than an offset, so that pages neither
-/// repeat nor skip a concert when, between two pages, one is created or goes off sale.
+/// the next page starts after it. A position rather than an offset, so that a concert going
+/// off sale between two pages shifts nothing (see ListConcerts in the proto).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConcertCursor {
     pub create_time: DateTime<Utc>,

@@ -88,10 +88,10 @@ const USER_LOCK_CLASS: i32 = 0x5041_5900; // "PAY\0"
 
 /// Records payments at step SPEND, each leased for `lease` to a drive of its own, in one
 /// statement: from here on each payment exists whatever happens to this process. Returns
-/// the rows written; a payment missing from them collided with a unique constraint (its request id was used,
-/// or its hold or its token has a live payment), possibly with another row of the same
-/// batch, which `ON CONFLICT DO NOTHING` settles in arrival order. [`insert`] tells which
-/// constraint.
+/// the rows written; a payment missing from them collided with a unique constraint (its
+/// request id was used, or its hold or its token has a live payment), possibly with another
+/// row of the same batch, which `ON CONFLICT DO NOTHING` settles in arrival order.
+/// [`insert`] tells which constraint.
 pub async fn insert_batch(
     pool: &PgPool,
     payments: &[NewPayment],
@@ -305,8 +305,9 @@ pub struct AdvanceCall {
 /// Records, for each call, that step `from` is done and the saga moves on, renewing the
 /// lease (or ending it at DONE), in one statement. A payment is updated only while the
 /// call's lease is still the row's and the row is at step `from`; the rows returned are
-/// those updated, and a payment missing from them has another driver now, which this one must leave it to. Each payment at most once
-/// per call (the caller matches rows to calls by payment id, see `writes::advance_all`).
+/// those updated, and a payment missing from them has another driver now, which this one
+/// must leave it to. Each payment at most once per call (the caller matches rows to calls
+/// by payment id, see `writes::advance_all`).
 pub async fn advance(
     pool: &PgPool,
     calls: &[AdvanceCall],

@@ -293,25 +293,21 @@ async fn batches_holding_one_fans_payments_in_opposite_orders_do_not_deadlock() 
         token: token.into(),
     };
     // Each batch also carries another fan's payment, which must not pay for the clicker.
+    let bystander = |name: &str| NewPayment {
+        user_id: format!("bystander-{name}"),
+        hold_id: uuid::Uuid::new_v4(),
+        token: format!("token-{name}"),
+        ..click(hold_1, "", "pay")
+    };
     let batch_a = [
         click(hold_1, "token-1", "a-1"),
         click(hold_2, "token-2", "a-2"),
-        NewPayment {
-            user_id: "bystander-a".into(),
-            hold_id: uuid::Uuid::new_v4(),
-            token: "token-a".into(),
-            ..click(hold_1, "", "pay")
-        },
+        bystander("a"),
     ];
     let batch_b = [
         click(hold_2, "token-2", "b-2"),
         click(hold_1, "token-1", "b-1"),
-        NewPayment {
-            user_id: "bystander-b".into(),
-            hold_id: uuid::Uuid::new_v4(),
-            token: "token-b".into(),
-            ..click(hold_1, "", "pay")
-        },
+        bystander("b"),
     ];
     let lease = Duration::from_secs(60);
     let (a, b) = tokio::join!(
