@@ -115,21 +115,219 @@ where
             calls.drain(..).map(|call| (call.input, call.reply)).unzip();
         let batch = work(inputs);
         tokio::spawn(async move {
-            let mut answers = batch.await.into_iter();
-            for reply in replies {
-                let answer = answers.next().unwrap_or_else(|| {
-                    Err(ApiError::internal(
-                        "a batch answered fewer calls than it took",
-                    ))
-                });
-                // The caller may have gone away; the work is done all the same.
-                let _ = reply.send(answer);
-            }
+            answer_each(replies, batch.await);
             drop(slot);
         });
     }
     // Every handle is gone: wait for the batches still running before reporting the end.
     let _ = slots.acquire_many(limits.concurrent as u32).await;
+}
+
+/// Hands each caller of a batch its answer, in order.
+fn answer_each<O>(
+    replies: Vec<oneshot::Sender<Result<O, ApiError>>>,
+    answers: Vec<Result<O, ApiError>>,
+) {
+    let mut answers = answers.into_iter();
+    for reply in replies {
+        let answer = answers.next().unwrap_or_else(|| {
+            Err(ApiError::internal(
+                "a batch answered fewer calls than it took",
+            ))
+        });
+        // The caller may have gone away; the work is done all the same.
+        let _ = reply.send(answer);
+    }
+}
+
+/// Group commit per key: like [`Batcher`], but a batch holds the calls of one key only, at
+/// most one batch of a key runs at a time, and keys never wait for each other. A caller who
+/// arrives while its key's batch runs queues for the next batch of that key, which starts
+/// as soon as the current one ends and takes every call queued meanwhile (up to
+/// `max_batch`).
+///
+/// For work that takes a lock per key anyway (the queue's line row): one transaction per key
+/// at a time is all the lock allows, and a batch of one key must not wait behind another
+/// key's slow batch. (With one worker for all keys, a rush on one concert's line held up
+/// IssueToken for every other concert on the replica.)
+pub struct KeyedBatcher<K, I, O> {
+    inner: Arc<KeyedInner<K, I, O>>,
+}
+
+type KeyedWork<K, I, O> = Box<dyn Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync>;
+
+struct KeyedInner<K, I, O> {
+    work: KeyedWork<K, I, O>,
+    waiting: KeyQueues<K, KeyedCall<I, O>>,
+    /// Calls queued or running, across keys: past `queue_depth`, callers wait for room.
+    room: Arc<Semaphore>,
+    /// Dropped with the last handle and the last running batch, which ends the task that
+    /// [`KeyedBatcher::spawn`] returns.
+    _alive: mpsc::Sender<()>,
+}
+
+struct KeyedCall<I, O> {
+    call: Call<I, O>,
+    room: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<K, I, O> Clone for KeyedBatcher<K, I, O> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<K, I, O> KeyedBatcher<K, I, O>
+where
+    K: Eq + std::hash::Hash + Clone + Send + Sync + 'static,
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    /// Batches by key; `work(key, inputs)` runs each batch. The task returned with it ends
+    /// once every handle is dropped and the last batch has answered.
+    pub fn spawn<F>(
+        max_batch: usize,
+        queue_depth: usize,
+        work: F,
+    ) -> (Self, tokio::task::JoinHandle<()>)
+    where
+        F: Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync + 'static,
+    {
+        assert!(max_batch > 0 && queue_depth > 0);
+        let (alive, mut gone) = mpsc::channel::<()>(1);
+        let inner = Arc::new(KeyedInner {
+            work: Box::new(work),
+            waiting: KeyQueues::new(max_batch),
+            room: Arc::new(Semaphore::new(queue_depth)),
+            _alive: alive,
+        });
+        // Nothing is ever sent: `recv` returns once the last sender is dropped.
+        let finished = tokio::spawn(async move { while gone.recv().await.is_some() {} });
+        (Self { inner }, finished)
+    }
+
+    /// Queues one call for `key`'s next batch and waits for its answer. As with
+    /// [`Batcher::call`], the caller going away does not cancel the work.
+    pub async fn call(&self, key: K, input: I) -> Result<O, ApiError> {
+        let stopped = || ApiError::shutting_down("the service is shutting down; retry");
+        let room = (self.inner.room.clone().acquire_owned().await).map_err(|_| stopped())?;
+        let (reply, answer) = oneshot::channel();
+        let call = KeyedCall {
+            call: Call { input, reply },
+            room,
+        };
+        if let Some(first) = self.inner.waiting.enqueue(&key, call) {
+            // This caller found the key idle: its batches run on a task of their own until
+            // nobody is waiting, so that this caller's going away stops nothing.
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                let run = |key, calls: Vec<KeyedCall<I, O>>| {
+                    let mut replies = Vec::with_capacity(calls.len());
+                    let mut rooms = Vec::with_capacity(calls.len());
+                    let inputs = calls
+                        .into_iter()
+                        .map(|queued| {
+                            replies.push(queued.call.reply);
+                            rooms.push(queued.room);
+                            queued.call.input
+                        })
+                        .collect();
+                    let batch = (inner.work)(key, inputs);
+                    async move {
+                        answer_each(replies, batch.await);
+                        drop(rooms);
+                    }
+                };
+                inner.waiting.drive(key, first, run).await
+            });
+        }
+        // A dropped reply means the batch's task died (a panic): UNAVAILABLE, as for Batcher.
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// The callers of each key, queued behind the key's run in flight: what [`SharedReads`] and
+/// [`KeyedBatcher`] are made of. A key in the map has a run in flight, driven by one task,
+/// and holds the callers for the run after it; an idle key is absent.
+struct KeyQueues<K, W> {
+    keys: std::sync::Mutex<std::collections::HashMap<K, Vec<W>>>,
+    /// Most callers one run takes; the rest wait for the run after.
+    max_run: usize,
+}
+
+impl<K: Eq + std::hash::Hash + Clone, W> KeyQueues<K, W> {
+    fn new(max_run: usize) -> Self {
+        Self {
+            keys: Default::default(),
+            max_run,
+        }
+    }
+
+    /// Queues `waiter` for the next run of `key`. If the key was idle it is marked busy and
+    /// its first run returned instead: the caller must [`KeyQueues::drive`] it.
+    fn enqueue(&self, key: &K, waiter: W) -> Option<Vec<W>> {
+        let mut keys = self.keys.lock().expect("key queues poisoned");
+        match keys.get_mut(key) {
+            Some(queued) => {
+                queued.push(waiter);
+                None
+            }
+            None => {
+                keys.insert(key.clone(), Vec::new());
+                Some(vec![waiter])
+            }
+        }
+    }
+
+    /// Runs `run` for `first`, then for whoever queued meanwhile, until nobody did; then
+    /// marks the key idle.
+    async fn drive<F, Fut>(&self, key: K, first: Vec<W>, run: F)
+    where
+        F: Fn(K, Vec<W>) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        // Frees the key if this task dies mid-run (a panic): the callers queued for the next
+        // run are dropped, which fails their calls instead of leaving them waiting forever,
+        // and later calls start afresh.
+        struct Release<'a, K: Eq + std::hash::Hash, W> {
+            keys: &'a std::sync::Mutex<std::collections::HashMap<K, Vec<W>>>,
+            key: &'a K,
+            done: bool,
+        }
+        impl<K: Eq + std::hash::Hash, W> Drop for Release<'_, K, W> {
+            fn drop(&mut self) {
+                if !self.done {
+                    if let Ok(mut keys) = self.keys.lock() {
+                        keys.remove(self.key);
+                    }
+                }
+            }
+        }
+        let mut release = Release {
+            keys: &self.keys,
+            key: &key,
+            done: false,
+        };
+        let mut waiting = first;
+        loop {
+            run(key.clone(), waiting).await;
+            let mut keys = self.keys.lock().expect("key queues poisoned");
+            let queued = keys.get_mut(&key).map(std::mem::take).unwrap_or_default();
+            if queued.is_empty() {
+                keys.remove(&key);
+                release.done = true;
+                return;
+            }
+            waiting = queued;
+            if waiting.len() > self.max_run {
+                // The rest stay queued, in arrival order, for the run after this one.
+                let rest = waiting.split_off(self.max_run);
+                keys.insert(key.clone(), rest);
+            }
+        }
+    }
 }
 
 /// Reads by key that callers asking at the same moment share, at most one read per key in
@@ -151,7 +349,7 @@ type SharedRead<V> = Pin<Box<dyn Future<Output = Result<V, ApiError>> + Send>>;
 struct SharedInner<K, V> {
     read: Box<dyn Fn(K) -> SharedRead<V> + Send + Sync>,
     /// Keys with a read in flight, and the callers queued for the read after it.
-    keys: std::sync::Mutex<std::collections::HashMap<K, Vec<SharedReply<V>>>>,
+    waiting: KeyQueues<K, SharedReply<V>>,
 }
 
 type SharedReply<V> = oneshot::Sender<Result<Arc<V>, ApiError>>;
@@ -183,7 +381,8 @@ where
         Self {
             inner: Arc::new(SharedInner {
                 read: Box::new(read),
-                keys: Default::default(),
+                // One read answers every caller queued for it, however many.
+                waiting: KeyQueues::new(usize::MAX),
             }),
         }
     }
@@ -191,71 +390,27 @@ where
     /// The value of `key`, from a read that starts after this call.
     pub async fn call(&self, key: K) -> Result<Arc<V>, ApiError> {
         let (reply, answer) = oneshot::channel();
-        let first = {
-            let mut keys = self.inner.keys.lock().expect("shared reads poisoned");
-            match keys.get_mut(&key) {
-                // A read is in flight: queue for the next one.
-                Some(queued) => {
-                    queued.push(reply);
-                    None
-                }
-                None => {
-                    keys.insert(key.clone(), Vec::new());
-                    Some(reply)
-                }
-            }
-        };
-        if let Some(reply) = first {
+        if let Some(first) = self.inner.waiting.enqueue(&key, reply) {
             // This caller found the key idle: it drives the reads of this key until nobody
             // is waiting, on a task of its own so that its going away stops nothing.
-            tokio::spawn(drive_key(self.inner.clone(), key, vec![reply]));
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                let run = |key, replies: Vec<SharedReply<V>>| {
+                    let read = (inner.read)(key);
+                    async move {
+                        let answer = read.await.map(Arc::new);
+                        for reply in replies {
+                            // The caller may have gone away; that is fine.
+                            let _ = reply.send(answer.clone());
+                        }
+                    }
+                };
+                inner.waiting.drive(key, first, run).await
+            });
         }
         answer
             .await
             .map_err(|_| ApiError::shutting_down("the read was abandoned; retry"))?
-    }
-}
-
-/// Reads `key` for `waiting`, then for whoever queued meanwhile, until nobody did.
-async fn drive_key<K, V>(inner: Arc<SharedInner<K, V>>, key: K, mut waiting: Vec<SharedReply<V>>)
-where
-    K: Eq + std::hash::Hash + Clone,
-{
-    // Frees the key if this task dies mid-read (a panic in `read`): the callers queued for
-    // the next read get an error instead of waiting forever, and later calls start afresh.
-    struct Release<'a, K: Eq + std::hash::Hash, V> {
-        inner: &'a SharedInner<K, V>,
-        key: &'a K,
-        done: bool,
-    }
-    impl<K: Eq + std::hash::Hash, V> Drop for Release<'_, K, V> {
-        fn drop(&mut self) {
-            if !self.done {
-                if let Ok(mut keys) = self.inner.keys.lock() {
-                    keys.remove(self.key);
-                }
-            }
-        }
-    }
-    let mut release = Release {
-        inner: &inner,
-        key: &key,
-        done: false,
-    };
-    loop {
-        let answer = (inner.read)(key.clone()).await.map(Arc::new);
-        for reply in waiting.drain(..) {
-            // The caller may have gone away; that is fine.
-            let _ = reply.send(answer.clone());
-        }
-        let mut keys = inner.keys.lock().expect("shared reads poisoned");
-        let queued = keys.get_mut(&key).map(std::mem::take).unwrap_or_default();
-        if queued.is_empty() {
-            keys.remove(&key);
-            release.done = true;
-            return;
-        }
-        waiting = queued;
     }
 }
 
@@ -337,6 +492,109 @@ mod tests {
         worker.await.unwrap();
     }
 
+    /// A batch of one key that cannot finish (it waits for the test) holds up neither another
+    /// key nor the callers of its own key, who queue into one next batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keyed_batches_run_one_at_a_time_per_key_and_never_wait_for_another_key() {
+        let (release, released) = tokio::sync::watch::channel(false);
+        // Every batch started, as (key, inputs).
+        type Started = Arc<std::sync::Mutex<Vec<(&'static str, Vec<u32>)>>>;
+        let batches: Started = Default::default();
+        let (batcher, finished) = KeyedBatcher::spawn(100, 10_000, {
+            let batches = batches.clone();
+            move |key: &'static str, inputs: Vec<u32>| -> BatchFuture<u32> {
+                batches.lock().unwrap().push((key, inputs.clone()));
+                let mut released = released.clone();
+                Box::pin(async move {
+                    if key == "stuck" {
+                        let _ = released.wait_for(|released| *released).await;
+                    }
+                    inputs.into_iter().map(|n| Ok(n + 1)).collect()
+                })
+            }
+        });
+        let call = |key: &'static str, n: u32| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.call(key, n).await.unwrap() })
+        };
+        let stuck_first = call("stuck", 0);
+        let seen = |batches: &Started| batches.lock().unwrap().len();
+        while seen(&batches) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // While "stuck" runs: its next callers queue (one by one, so that the arrival order
+        // is known), and another key goes straight through.
+        let queued = || batcher.inner.waiting.keys.lock().unwrap()["stuck"].len();
+        let mut stuck_rest = Vec::new();
+        for n in 1..=250 {
+            stuck_rest.push(call("stuck", n));
+            while queued() < n as usize {
+                tokio::task::yield_now().await;
+            }
+        }
+        for n in 0..20 {
+            assert_eq!(call("free", n).await.unwrap(), n + 1);
+        }
+        assert!(!stuck_first.is_finished());
+        assert_eq!(
+            batches
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(key, _)| *key == "stuck")
+                .count(),
+            1,
+            "a second batch of a key started while its first was running"
+        );
+
+        release.send(true).unwrap();
+        assert_eq!(stuck_first.await.unwrap(), 1);
+        for (n, call) in (1..=250).zip(stuck_rest) {
+            assert_eq!(
+                call.await.unwrap(),
+                n + 1,
+                "call {n} got another call's answer"
+            );
+        }
+        // The 250 who queued went in batches of at most 100, in arrival order.
+        let stuck: Vec<Vec<u32>> = batches
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(key, _)| *key == "stuck")
+            .map(|(_, inputs)| inputs.clone())
+            .collect();
+        assert_eq!(stuck.len(), 4, "{stuck:?}");
+        assert!(stuck.iter().all(|inputs| inputs.len() <= 100));
+        assert_eq!(
+            stuck[1..].concat(),
+            (1..=250).collect::<Vec<u32>>(),
+            "the queued callers kept their order"
+        );
+
+        assert!(batcher.inner.waiting.keys.lock().unwrap().is_empty());
+        drop(batcher);
+        finished.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_keyed_batch_that_panics_fails_its_callers_and_frees_the_key() {
+        let batches = Arc::new(AtomicUsize::new(0));
+        let (batcher, _finished) = KeyedBatcher::spawn(100, 100, {
+            let batches = batches.clone();
+            move |_key: u8, inputs: Vec<u32>| -> BatchFuture<u32> {
+                let first = batches.fetch_add(1, Ordering::SeqCst) == 0;
+                Box::pin(async move {
+                    assert!(!first, "the first batch dies");
+                    inputs.into_iter().map(Ok).collect()
+                })
+            }
+        });
+        let failed = batcher.call(1, 7).await.unwrap_err();
+        assert_eq!(failed.code(), tonic::Code::Unavailable);
+        assert_eq!(batcher.call(1, 8).await.unwrap(), 8, "the key works again");
+    }
+
     /// Many callers of few keys: reads are shared, never two of one key at once, and every
     /// answer comes from a read that started after its call (the value read is a version
     /// number the test bumps; each caller notes the version before calling).
@@ -391,7 +649,7 @@ mod tests {
             "600 calls of 3 keys were barely shared: {reads} reads"
         );
         assert!(
-            shared.inner.keys.lock().unwrap().is_empty(),
+            shared.inner.waiting.keys.lock().unwrap().is_empty(),
             "idle keys are forgotten"
         );
     }

@@ -5,16 +5,16 @@
 //! One transaction per call would cap a rush at what one hot row allows: a few hundred to a
 //! few thousand lock-commit cycles per second, with every other caller of the line queued
 //! behind the lock and holding a pooled connection while it waits. Instead each replica
-//! funnels these calls through one worker per kind (`stagedoor_runtime::batch`) that takes
-//! whatever has queued up since its last transaction and does it all under a single lock of
-//! each line. Under light load a batch is one call and adds no delay; under a rush batches
-//! grow by themselves.
+//! runs one transaction at a time per line and kind (`stagedoor_runtime::batch::KeyedBatcher`),
+//! which takes whatever has queued up for that line since its last transaction and does it
+//! all under a single lock of the line. Under light load a batch is one call and adds no
+//! delay; under a rush batches grow by themselves.
 
-use std::{future::Future, sync::Arc};
+use std::future::Future;
 
 use sqlx::PgPool;
 use stagedoor_runtime::{
-    batch::{self, BatchFuture, BatchLimits, Batcher},
+    batch::{self, BatchFuture, BatchLimits, Batcher, KeyedBatcher},
     ApiError,
 };
 use uuid::Uuid;
@@ -25,17 +25,17 @@ use crate::{
     store::AdmissionPolicy,
 };
 
-/// Line batches: one at a time per replica, since every one of them takes a line lock
-/// (a second batch would only wait for the first inside Postgres, holding a connection).
-const LINE_LIMITS: BatchLimits = BatchLimits {
-    max_batch: 1_000,
-    concurrent: 1,
-    queue_depth: 20_000,
-};
+/// Most calls of one line in one transaction.
+const LINE_BATCH: usize = 1_000;
+/// Calls that may wait for their lines before callers are slowed down (back pressure).
+const LINE_QUEUE_DEPTH: usize = 20_000;
 
-/// A batcher whose calls each belong to one concert's line.
+/// A batcher whose calls each belong to one concert's line: one transaction at a time per
+/// line, since each takes the line's lock (a second one would only wait for the first inside
+/// Postgres, holding a connection), and lines independent of each other, so a rush on one
+/// concert does not hold up the fans of another.
 pub struct LineBatcher<I, O> {
-    calls: Batcher<(String, I), O>,
+    calls: KeyedBatcher<String, I, O>,
 }
 
 impl<I, O> Clone for LineBatcher<I, O> {
@@ -52,63 +52,34 @@ pub type IssueBatcher = LineBatcher<String, Ticket>;
 pub type CompleteBatcher = LineBatcher<Uuid, TokenStatus>;
 
 impl<I: Send + 'static, O: Send + 'static> LineBatcher<I, O> {
-    /// Starts the worker; `line_batch(concert_id, inputs)` does one line's share of a batch in
-    /// one transaction and answers each input in order.
+    /// Starts the batcher; `line_batch(concert_id, inputs)` does one batch of a line in one
+    /// transaction and answers each input in order (arrival order, which is what FIFO means
+    /// for IssueToken).
     fn spawn<F, Fut>(line_batch: F) -> (Self, tokio::task::JoinHandle<()>)
     where
         F: Fn(String, Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<O>, ApiError>> + Send + 'static,
     {
-        let line_batch = Arc::new(line_batch);
-        let (calls, worker) = Batcher::spawn(LINE_LIMITS, move |calls: Vec<(String, I)>| {
-            let line_batch = line_batch.clone();
-            Box::pin(async move { by_line(calls, line_batch.as_ref()).await }) as BatchFuture<O>
-        });
-        (Self { calls }, worker)
+        let (calls, finished) = KeyedBatcher::spawn(
+            LINE_BATCH,
+            LINE_QUEUE_DEPTH,
+            move |concert_id, inputs: Vec<I>| {
+                let count = inputs.len();
+                let batch = line_batch(concert_id, inputs);
+                Box::pin(async move {
+                    match batch.await {
+                        Ok(outputs) => outputs.into_iter().map(Ok).collect(),
+                        Err(error) => batch::fail_all(count, error),
+                    }
+                }) as BatchFuture<O>
+            },
+        );
+        (Self { calls }, finished)
     }
 
     async fn call(&self, concert_id: &str, input: I) -> Result<O, ApiError> {
-        self.calls.call((concert_id.to_owned(), input)).await
+        self.calls.call(concert_id.to_owned(), input).await
     }
-}
-
-/// Runs a batch line by line: one transaction per concert present in it, arrival order kept
-/// within each concert (which is what FIFO means for IssueToken). Answers in call order.
-async fn by_line<I, O, F, Fut>(calls: Vec<(String, I)>, line_batch: &F) -> Vec<Result<O, ApiError>>
-where
-    F: Fn(String, Vec<I>) -> Fut,
-    Fut: Future<Output = Result<Vec<O>, ApiError>>,
-{
-    let total = calls.len();
-    let mut lines: Vec<(String, Vec<(usize, I)>)> = Vec::new();
-    for (index, (concert_id, input)) in calls.into_iter().enumerate() {
-        match lines.iter_mut().find(|(line, _)| *line == concert_id) {
-            Some((_, inputs)) => inputs.push((index, input)),
-            None => lines.push((concert_id, vec![(index, input)])),
-        }
-    }
-    let mut answers: Vec<Option<Result<O, ApiError>>> = (0..total).map(|_| None).collect();
-    for (concert_id, inputs) in lines {
-        let (indexes, inputs): (Vec<usize>, Vec<I>) = inputs.into_iter().unzip();
-        match line_batch(concert_id, inputs).await {
-            Ok(outputs) => {
-                for (index, output) in indexes.into_iter().zip(outputs) {
-                    answers[index] = Some(Ok(output));
-                }
-            }
-            Err(error) => {
-                for index in indexes {
-                    answers[index] = Some(Err(error.clone()));
-                }
-            }
-        }
-    }
-    answers
-        .into_iter()
-        .map(|answer| {
-            answer.unwrap_or_else(|| Err(ApiError::internal("a line batch answered short")))
-        })
-        .collect()
 }
 
 impl IssueBatcher {

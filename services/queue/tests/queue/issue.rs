@@ -1,7 +1,7 @@
-use std::collections::HashSet;
+use std::{collections::HashSet, time::Duration};
 
 use stagedoor_proto::queue::v1 as pb;
-use stagedoor_testkit::TestDatabase;
+use stagedoor_testkit::{eventually, TestDatabase};
 
 use crate::{config, start};
 
@@ -154,4 +154,79 @@ async fn a_fan_who_asks_several_times_at_once_gets_one_token() {
     assert_eq!(places, (1..=FANS as i64).collect::<Vec<_>>());
     let (tokens, lines) = crate::count_rows(&database).await;
     assert_eq!((tokens, lines), (FANS as i64, 1));
+}
+
+#[tokio::test]
+async fn a_line_stuck_in_the_database_does_not_hold_up_another_concerts_fans() {
+    // Each line's batches run one at a time (they take the line's lock), but lines must not
+    // wait for each other: with one batch worker for every line, a slow transaction of one
+    // concert's rush held up IssueToken of every other concert on the replica. A trigger
+    // parks concert `a`'s insert on an advisory lock the test holds.
+    let database = TestDatabase::create().await;
+    let queue = start(config(&database)).await;
+    queue.open(&["a", "b"]).await;
+    let admin = database.admin().await;
+    for statement in [
+        "CREATE FUNCTION queue.park() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN
+                PERFORM pg_advisory_lock_shared(4242);
+                PERFORM pg_advisory_unlock_shared(4242);
+                RETURN NEW;
+              END $$",
+        "CREATE TRIGGER park BEFORE INSERT ON queue.tokens FOR EACH ROW
+           WHEN (NEW.concert_id = 'a') EXECUTE FUNCTION queue.park()",
+    ] {
+        sqlx::query(statement).execute(&admin).await.unwrap();
+    }
+    let mut gate = admin.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut *gate)
+        .await
+        .unwrap();
+
+    let parked = tokio::spawn({
+        let queue = queue.public.clone();
+        async move {
+            queue
+                .clone()
+                .issue_token(pb::IssueTokenRequest {
+                    concert_id: "a".into(),
+                    user_id: "fan-a".into(),
+                })
+                .await
+        }
+    });
+    eventually(
+        Duration::from_secs(10),
+        "a's insert waits at the gate",
+        || {
+            let admin = admin.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database()
+                    AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+                )
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+                (waiting == 1).then_some(())
+            }
+        },
+    )
+    .await;
+
+    // A bound only so that a regression fails instead of hanging the run.
+    let other = tokio::time::timeout(Duration::from_secs(30), queue.issue("b", "fan-b"))
+        .await
+        .expect("concert b's fan waited for concert a's line");
+    assert_eq!(other.status(), pb::TokenStatus::Active);
+    assert!(!parked.is_finished(), "a's fan was never parked");
+
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut *gate)
+        .await
+        .unwrap();
+    let ticket = parked.await.unwrap().unwrap().into_inner().ticket.unwrap();
+    assert_eq!(ticket.status(), pb::TokenStatus::Active);
 }
