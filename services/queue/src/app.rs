@@ -66,10 +66,7 @@ pub async fn start(
     }));
     background.push(tokio::spawn({
         let (heartbeats, pool, shutdown) = (heartbeats.clone(), pool.clone(), trigger.subscribe());
-        // Flush several times per heartbeat period so a noted fan is written long before
-        // the sweeper could take it for a ghost.
-        let period =
-            (policy.heartbeat_every / 4).clamp(Duration::from_millis(50), Duration::from_secs(2));
+        let period = policy.heartbeat_flush;
         async move { heartbeats.run_flusher(pool, period, shutdown).await }
     }));
 

@@ -49,7 +49,8 @@ pub struct QueueConfig {
     #[arg(long, env = "QUEUE_ACTIVE_TTL", default_value = DEFAULT_ACTIVE_TTL, value_parser = parse_duration)]
     pub active_ttl: Duration,
 
-    /// How long a WAITING fan may go without polling or watching before the token expires.
+    /// How long a WAITING fan may go without polling or watching before the token expires
+    /// (the sweeper allows a few heartbeat flushes on top: at most 8 s at the default).
     #[arg(long, env = "QUEUE_IDLE_TTL", default_value = DEFAULT_IDLE_TTL, value_parser = parse_duration)]
     pub idle_ttl: Duration,
 
@@ -111,6 +112,21 @@ impl QueueConfig {
     /// TTL, so polls don't write on every call yet a polling fan is never taken for a ghost.
     pub fn heartbeat_every(&self) -> Duration {
         self.idle_ttl / 4
+    }
+
+    /// How often a replica writes the heartbeats it noted in memory: several times per
+    /// heartbeat period, so a noted fan is written long before the sweeper could take it
+    /// for a ghost.
+    pub fn heartbeat_flush(&self) -> Duration {
+        (self.heartbeat_every() / 4).clamp(Duration::from_millis(50), Duration::from_secs(2))
+    }
+
+    /// How old a WAITING token's `last_seen` must be for the sweeper to expire it as a ghost:
+    /// the idle TTL plus four flush periods. A poll only notes the fan in memory and the
+    /// flusher writes it up to a period later, so a fan who polls just before the TTL is up
+    /// would otherwise be swept in between, losing a place it kept by polling in time.
+    pub fn ghost_after(&self) -> Duration {
+        self.idle_ttl + 4 * self.heartbeat_flush()
     }
 
     /// The token bucket's size: one tick's worth of admissions (at least one fan), so that

@@ -300,16 +300,21 @@ fn say_shutting_down(sender: &mpsc::Sender<Result<pb::WatchQueueStatusResponse, 
     let _ = sender.try_send(Err(ApiError::shutting_down(message).into()));
 }
 
+/// How often a watcher re-reads a ticket that is still ACTIVE after its window ended by this
+/// host's clock.
+const PAST_WINDOW_RECHECK: Duration = Duration::from_millis(250);
+
 /// Time left in an ACTIVE window (a long time for any other status).
 fn window_end(ticket: &Ticket) -> Duration {
     match (ticket.status, ticket.expire_time) {
-        (TokenStatus::Active, Some(end)) => {
-            (end - chrono::Utc::now())
-            .to_std()
-            .unwrap_or(Duration::ZERO)
+        (TokenStatus::Active, Some(end)) => match (end - chrono::Utc::now()).to_std() {
             // A little past the end, so the database agrees the window has passed.
-            + Duration::from_millis(20)
-        }
+            Ok(left) => left + Duration::from_millis(20),
+            // Already past by this host's clock, yet the row was read ACTIVE: the database's
+            // clock is behind this one. Re-read at a calm pace until it catches up, not every
+            // 20 ms for as long as the skew lasts.
+            Err(_) => PAST_WINDOW_RECHECK,
+        },
         _ => Duration::from_secs(24 * 3600),
     }
 }
@@ -439,3 +444,34 @@ impl QueueInternalService for QueueApi {
 
 /// Most lines one OpenLines call may open.
 const MAX_LINES_PER_OPENING: usize = 1_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn active_until(end: chrono::DateTime<chrono::Utc>) -> Ticket {
+        Ticket {
+            token: Uuid::new_v4(),
+            concert_id: "c".into(),
+            user_id: "fan".into(),
+            place: 1,
+            status: TokenStatus::Active,
+            create_time: end,
+            admit_time: Some(end),
+            expire_time: Some(end),
+            admitted_through: 1,
+            heartbeat_due: false,
+        }
+    }
+
+    #[test]
+    fn a_window_past_by_this_clock_is_rechecked_calmly() {
+        let ahead = active_until(chrono::Utc::now() + chrono::Duration::seconds(10));
+        let left = window_end(&ahead);
+        assert!(left > Duration::from_secs(9) && left <= Duration::from_millis(10_020));
+        // The database still says ACTIVE although this clock says the window ended: a skew,
+        // waited out at PAST_WINDOW_RECHECK, not re-read every 20 ms.
+        let past = active_until(chrono::Utc::now() - chrono::Duration::seconds(1));
+        assert_eq!(window_end(&past), PAST_WINDOW_RECHECK);
+    }
+}

@@ -46,9 +46,14 @@ impl Heartbeats {
         let tokens = self.take();
         for chunk in tokens.chunks(FLUSH_CHUNK) {
             if let Err(error) = store::touch(pool, chunk).await {
-                // Losing one flush only brings the ghost deadline nearer by one period; the
-                // fan's next poll notes the token again.
+                // Noted again for the next flush: the fans' polls will not note them again
+                // for a whole heartbeat period (their cache entries were just marked seen),
+                // and the sweeper's grace is only a few flush periods.
                 tracing::warn!(%error, tokens = chunk.len(), "heartbeat flush failed");
+                self.pending
+                    .lock()
+                    .expect("heartbeat set poisoned")
+                    .extend(chunk.iter().copied());
             }
         }
     }

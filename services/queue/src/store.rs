@@ -26,8 +26,10 @@ pub struct AdmissionPolicy {
     pub admit_rate: f64,
     pub burst: f64,
     pub active_ttl: Duration,
-    pub idle_ttl: Duration,
+    /// A WAITING token unseen for this long is a ghost (`QueueConfig::ghost_after`).
+    pub ghost_after: Duration,
     pub heartbeat_every: Duration,
+    pub heartbeat_flush: Duration,
 }
 
 impl From<&QueueConfig> for AdmissionPolicy {
@@ -37,8 +39,9 @@ impl From<&QueueConfig> for AdmissionPolicy {
             admit_rate: f64::from(config.admit_rate),
             burst: config.admit_burst(),
             active_ttl: config.active_ttl,
-            idle_ttl: config.idle_ttl,
+            ghost_after: config.ghost_after(),
             heartbeat_every: config.heartbeat_every(),
+            heartbeat_flush: config.heartbeat_flush(),
         }
     }
 }
@@ -480,7 +483,7 @@ pub async fn sweep_and_admit(
     )
     .persistent(false)
     .bind(concert_id)
-    .bind(policy.idle_ttl.as_secs_f64())
+    .bind(policy.ghost_after.as_secs_f64())
     .bind(IDLE_SWEEP_BATCH)
     .execute(&mut *tx)
     .await?;

@@ -179,3 +179,58 @@ async fn a_window_that_ends_while_the_fan_asks_again_gets_a_new_token() {
         pb::TokenStatus::Expired
     );
 }
+
+#[tokio::test]
+async fn a_fan_who_polls_just_before_the_idle_deadline_keeps_the_place() {
+    // A poll only notes the fan in memory; the heartbeat flusher writes `last_seen` up to a
+    // flush period later. The sweeper used to expire at exactly the idle TTL, so a fan who
+    // polled in time could be swept before the write landed. A trigger slows every flush by
+    // 150 ms, which puts the write past the TTL every time.
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.max_active = 1;
+    settings.idle_ttl = Duration::from_secs(1); // flushes every 62.5 ms
+    settings.tick = Duration::from_millis(10);
+    let queue = start(settings).await;
+    queue.open(&["c"]).await;
+    let admin = database.admin().await;
+    for statement in [
+        // A statement trigger fires before the flush locks any row, so the slow flush
+        // protects nothing from the sweeper while it sleeps.
+        "CREATE FUNCTION queue.slow_flush() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN
+                IF current_query() LIKE '%SET last_seen%' THEN PERFORM pg_sleep(0.15); END IF;
+                RETURN NULL;
+              END $$",
+        "CREATE TRIGGER slow_flush BEFORE UPDATE ON queue.tokens FOR EACH STATEMENT
+           EXECUTE FUNCTION queue.slow_flush()",
+    ] {
+        sqlx::query(statement).execute(&admin).await.unwrap();
+    }
+    admin.close().await;
+
+    let holder = queue.issue("c", "holder").await; // ACTIVE, holds the only slot
+    let fan = queue.issue("c", "fan").await;
+    assert_eq!(holder.status(), pb::TokenStatus::Active);
+    assert_eq!(fan.status(), pb::TokenStatus::Waiting);
+
+    // Silent for most of the TTL, then one poll, read from the row (the replica's memory
+    // trusts it for a quarter of the TTL only), and silent again for less than the TTL.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(
+        queue.status(&fan.token).await.status(),
+        pb::TokenStatus::Waiting
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        queue.status(&fan.token).await.status(),
+        pb::TokenStatus::Waiting,
+        "a fan who polled within the idle TTL was swept as a ghost"
+    );
+    assert_eq!(
+        queue.complete(&holder.token).await.unwrap(),
+        pb::TokenStatus::Done
+    );
+    let admitted = queue.validate(&fan.token).await.expect("admitted next");
+    assert_eq!(admitted.user_id, "fan");
+}
