@@ -65,6 +65,30 @@ pub fn page_size(value: i32, default: i64, max: i64) -> Result<i64, ApiError> {
     }
 }
 
+/// Seals the cursor of a listing's next page to the filter it was listed by (the user id):
+/// a page token continues the listing that returned it and no other (AIP-158). Unsealed, a
+/// token passed with another user's id answered OK with a page cut short at the first user's
+/// position. The fingerprint is FNV-1a, fixed across builds (std's hasher is not, and during
+/// a rollout two builds serve the pages of one listing).
+pub fn seal_page_token(cursor: &str, scope: &str) -> String {
+    format!("{cursor}~{:08x}", fingerprint(scope))
+}
+
+/// The cursor inside a token that [`seal_page_token`] sealed for `scope`; None for anything
+/// else, a token sealed for another scope included.
+pub fn open_page_token<'a>(token: &'a str, scope: &str) -> Option<&'a str> {
+    let (cursor, seal) = token.rsplit_once('~')?;
+    (seal == format!("{:08x}", fingerprint(scope))).then_some(cursor)
+}
+
+/// 32-bit FNV-1a: enough to tell one listing's filter from another's. It is not a secret;
+/// the listings filter by user in SQL whatever the token says.
+fn fingerprint(scope: &str) -> u32 {
+    scope.bytes().fold(0x811c_9dc5, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +109,18 @@ mod tests {
         assert_eq!(page_size(100, 20, 100).unwrap(), 100);
         assert!(page_size(101, 20, 100).is_err());
         assert!(page_size(-1, 20, 100).is_err());
+    }
+
+    #[test]
+    fn page_tokens_open_only_for_their_scope() {
+        let token = seal_page_token("e42", "fan-1");
+        assert_eq!(open_page_token(&token, "fan-1"), Some("e42"));
+        assert_eq!(open_page_token(&token, "fan-2"), None);
+        assert_eq!(open_page_token("e42", "fan-1"), None, "unsealed");
+        assert_eq!(open_page_token(&format!("{token}0"), "fan-1"), None);
+        // Published FNV-1a test vectors: the seal must not change between builds.
+        assert_eq!(fingerprint(""), 0x811c_9dc5);
+        assert_eq!(fingerprint("a"), 0xe40c_292c);
+        assert_eq!(fingerprint("foobar"), 0xbf9c_f968);
     }
 }

@@ -326,15 +326,17 @@ fn parse_uuid(field: &'static str, text: &str) -> Result<Uuid, ApiError> {
 }
 
 /// Page tokens are `<create_time in µs>.<payment id>` of the previous page's last payment
-/// (Postgres keeps microseconds, so the cursor is exact); opaque to clients.
+/// (Postgres keeps microseconds, so the cursor is exact), sealed to the user whose payments
+/// they list; opaque to clients.
 fn parse_page_token(
     token: &str,
+    user_id: &str,
 ) -> Result<Option<(chrono::DateTime<chrono::Utc>, Uuid)>, PaymentError> {
     if token.is_empty() {
         return Ok(None);
     }
-    let (micros, id) = token
-        .split_once('.')
+    let (micros, id) = validate::open_page_token(token, user_id)
+        .and_then(|cursor| cursor.split_once('.'))
         .ok_or(PaymentError::InvalidPageToken)?;
     let micros: i64 = micros.parse().map_err(|_| PaymentError::InvalidPageToken)?;
     let at = chrono::DateTime::from_timestamp_micros(micros)
@@ -344,12 +346,13 @@ fn parse_page_token(
     Ok(Some((at, id)))
 }
 
-fn page_token(payment: &PaymentRow) -> String {
-    format!(
+fn page_token(payment: &PaymentRow, user_id: &str) -> String {
+    let cursor = format!(
         "{}.{}",
         payment.create_time.timestamp_micros(),
         payment.payment_id.simple()
-    )
+    );
+    validate::seal_page_token(&cursor, user_id)
 }
 
 /// Most payments of one ListPayments page.
@@ -386,14 +389,17 @@ impl PaymentService for PaymentApi {
         let request = request.into_inner();
         let user_id = validate::id("user_id", &request.user_id)?;
         let page_size = validate::page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)?;
-        let after = parse_page_token(&request.page_token)?;
+        let after = parse_page_token(&request.page_token, user_id)?;
         // One more than asked: whether there is a next page, without counting.
         let mut payments = store::list(&self.state.pool, user_id, after, page_size + 1)
             .await
             .map_err(ApiError::from)?;
         let next_page_token = if payments.len() as i64 > page_size {
             payments.truncate(page_size as usize);
-            payments.last().map(page_token).unwrap_or_default()
+            payments
+                .last()
+                .map(|last| page_token(last, user_id))
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -410,17 +416,21 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip() {
-        assert_eq!(parse_page_token("").unwrap(), None);
+        let sealed = |cursor: &str| validate::seal_page_token(cursor, "fan");
+        assert_eq!(parse_page_token("", "fan").unwrap(), None);
         let id = Uuid::new_v4();
-        let token = format!("1700000000123456.{}", id.simple());
-        let (at, parsed) = parse_page_token(&token).unwrap().unwrap();
+        let token = sealed(&format!("1700000000123456.{}", id.simple()));
+        let (at, parsed) = parse_page_token(&token, "fan").unwrap().unwrap();
         assert_eq!(at.timestamp_micros(), 1_700_000_000_123_456);
         assert_eq!(parsed, id);
-        assert!(parse_page_token("12.not-a-uuid").is_err());
-        assert!(parse_page_token("x.y").is_err());
-        assert!(parse_page_token("12").is_err());
+        // Another fan's listing is not continued by this token.
+        assert!(parse_page_token(&token, "another-fan").is_err());
+        assert!(parse_page_token(&format!("1700000000123456.{}", id.simple()), "fan").is_err());
+        assert!(parse_page_token(&sealed("12.not-a-uuid"), "fan").is_err());
+        assert!(parse_page_token(&sealed("x.y"), "fan").is_err());
+        assert!(parse_page_token(&sealed("12"), "fan").is_err());
         // An instant chrono can hold and Postgres cannot is a bad token, not a query.
-        let ancient = format!("-8000000000000000000.{}", id.simple());
-        assert!(parse_page_token(&ancient).is_err());
+        let ancient = sealed(&format!("-8000000000000000000.{}", id.simple()));
+        assert!(parse_page_token(&ancient, "fan").is_err());
     }
 }

@@ -57,13 +57,14 @@ fn amount_within(amount: i64, max: i64) -> Result<i64, PointError> {
     }
 }
 
-/// Page tokens are the last entry id of the previous page; opaque to clients.
-fn parse_page_token(token: &str) -> Result<Option<i64>, PointError> {
+/// Page tokens are the last entry id of the previous page, sealed to the user whose history
+/// it is; opaque to clients.
+fn parse_page_token(token: &str, user_id: &str) -> Result<Option<i64>, PointError> {
     if token.is_empty() {
         return Ok(None);
     }
-    token
-        .strip_prefix("e")
+    validate::open_page_token(token, user_id)
+        .and_then(|cursor| cursor.strip_prefix("e"))
         .and_then(|id| id.parse::<i64>().ok())
         .filter(|id| *id > 0)
         .map(Some)
@@ -117,7 +118,7 @@ impl PointService for PointApi {
         let request = request.into_inner();
         let user_id = validate::id("user_id", &request.user_id)?;
         let page_size = validate::page_size(request.page_size, 20, 100)?;
-        let before = parse_page_token(&request.page_token)?;
+        let before = parse_page_token(&request.page_token, user_id)?;
         // One more than asked tells whether a next page exists.
         let mut entries = store::history(&self.state.pool, user_id, before, page_size + 1)
             .await
@@ -126,7 +127,7 @@ impl PointService for PointApi {
             entries.truncate(page_size as usize);
             entries
                 .last()
-                .map(|entry| format!("e{}", entry.entry_id))
+                .map(|entry| validate::seal_page_token(&format!("e{}", entry.entry_id), user_id))
                 .unwrap_or_default()
         } else {
             String::new()
@@ -173,10 +174,13 @@ mod tests {
 
     #[test]
     fn page_tokens() {
-        assert_eq!(parse_page_token("").unwrap(), None);
-        assert_eq!(parse_page_token("e42").unwrap(), Some(42));
-        assert!(parse_page_token("42").is_err());
-        assert!(parse_page_token("e-1").is_err());
-        assert!(parse_page_token("ezz").is_err());
+        let sealed = |cursor| validate::seal_page_token(cursor, "fan");
+        assert_eq!(parse_page_token("", "fan").unwrap(), None);
+        assert_eq!(parse_page_token(&sealed("e42"), "fan").unwrap(), Some(42));
+        assert!(parse_page_token(&sealed("e42"), "another-fan").is_err());
+        assert!(parse_page_token("e42", "fan").is_err());
+        assert!(parse_page_token(&sealed("42"), "fan").is_err());
+        assert!(parse_page_token(&sealed("e-1"), "fan").is_err());
+        assert!(parse_page_token(&sealed("ezz"), "fan").is_err());
     }
 }

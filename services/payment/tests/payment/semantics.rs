@@ -171,6 +171,21 @@ async fn insufficient_balance_spends_nothing_and_keeps_the_hold() {
         history.payments[0].payment_id, receipt.payment_id,
         "newest first"
     );
+    // The token continues this fan's listing only.
+    let borrowed = mesh.payments[0]
+        .client
+        .clone()
+        .list_payments(pb::ListPaymentsRequest {
+            user_id: "someone-else".into(),
+            page_size: 1,
+            page_token: history.next_page_token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (borrowed.code(), reason(&borrowed).as_str()),
+        (Code::InvalidArgument, "INVALID_FIELD")
+    );
     let rest = mesh.payments[0]
         .client
         .clone()

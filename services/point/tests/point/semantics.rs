@@ -123,18 +123,37 @@ async fn history_pages_newest_first() {
     }
     assert_eq!(seen, (1..=25).rev().collect::<Vec<i64>>());
 
-    let bad = point
+    // A made-up token, and a real one passed with another fan's id: both are refused rather
+    // than answered with someone's page cut short at another listing's position.
+    point.charge("other-fan", 1, "o-1").await.unwrap();
+    let first_page = point
         .public
         .clone()
         .list_point_history(pb::ListPointHistoryRequest {
             user_id: "fan".into(),
             page_size: 10,
-            page_token: "not-a-token".into(),
+            page_token: String::new(),
         })
         .await
-        .unwrap_err();
-    assert_eq!(bad.code(), Code::InvalidArgument);
-    assert_eq!(reason(&bad), "INVALID_FIELD");
+        .unwrap()
+        .into_inner();
+    for (user_id, page_token) in [
+        ("fan", "not-a-token".to_owned()),
+        ("other-fan", first_page.next_page_token),
+    ] {
+        let bad = point
+            .public
+            .clone()
+            .list_point_history(pb::ListPointHistoryRequest {
+                user_id: user_id.into(),
+                page_size: 10,
+                page_token,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(bad.code(), Code::InvalidArgument, "{user_id}");
+        assert_eq!(reason(&bad), "INVALID_FIELD");
+    }
 }
 
 #[tokio::test]
