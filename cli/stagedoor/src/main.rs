@@ -90,8 +90,8 @@ struct UpArgs {
     /// How long an admitted fan stays ACTIVE [default: QUEUE_ACTIVE_TTL, else 30m].
     #[arg(long, value_parser = parse_duration)]
     active_ttl: Option<Duration>,
-    /// How long a WAITING fan may stay silent before the token expires [default:
-    /// QUEUE_IDLE_TTL, else 2m].
+    /// How long a WAITING fan may stay silent before the token expires, give or take a few
+    /// heartbeat flushes [default: QUEUE_IDLE_TTL, else 2m].
     #[arg(long, value_parser = parse_duration)]
     idle_ttl: Option<Duration>,
 }

@@ -10,7 +10,10 @@
 //! A [`Batcher`] is a handle to one worker task. The worker waits for a free slot (at most
 //! [`BatchLimits::concurrent`] batches run at once), then takes every call queued since the
 //! previous batch, up to [`BatchLimits::max_batch`]. While all slots are busy, calls pile up
-//! and the next batch takes them all: batches grow with load by themselves.
+//! and the next batch takes them all: batches grow with load by themselves. A
+//! [`KeyedBatcher`] does the same per key (one batch of a key at a time, keys independent),
+//! for work that takes a lock per key; [`SharedReads`] shares one read among the callers of
+//! a key.
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
@@ -23,11 +26,14 @@ use crate::ApiError;
 pub struct BatchLimits {
     /// Most calls in one batch.
     pub max_batch: usize,
-    /// Batches running at once. 1 for work that takes one lock anyway (the calls would only
+    /// Batches running at once: 1 for work that takes one lock anyway (the calls would only
     /// queue behind each other inside Postgres); more for reads, so one slow batch does not
-    /// hold back the next.
+    /// hold back the next. For a [`KeyedBatcher`], across keys (a key never runs two): each
+    /// running batch holds a pooled connection, so keep it well under the pool's size.
     pub concurrent: usize,
     /// Calls that may wait for the worker before callers are slowed down (back pressure).
+    /// For a [`KeyedBatcher`], calls that may wait for one key; past that, callers are
+    /// refused at once (UNAVAILABLE / OVERLOADED) rather than kept waiting behind a stuck key.
     pub queue_depth: usize,
 }
 
@@ -141,10 +147,11 @@ fn answer_each<O>(
 }
 
 /// Group commit per key: like [`Batcher`], but a batch holds the calls of one key only, at
-/// most one batch of a key runs at a time, and keys never wait for each other. A caller who
-/// arrives while its key's batch runs queues for the next batch of that key, which starts
-/// as soon as the current one ends and takes every call queued meanwhile (up to
-/// `max_batch`).
+/// most one batch of a key runs at a time, and keys do not queue behind each other. A caller
+/// who arrives while its key's batch runs queues for the next batch of that key, which
+/// starts as soon as the current one ends and takes every call queued meanwhile (up to
+/// `max_batch`). At most `concurrent` batches run at once across keys (each holds a pooled
+/// connection); a key with `queue_depth` calls waiting refuses more.
 ///
 /// For work that takes a lock per key anyway (the queue's line row): one transaction per key
 /// at a time is all the lock allows, and a batch of one key must not wait behind another
@@ -158,17 +165,12 @@ type KeyedWork<K, I, O> = Box<dyn Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync>
 
 struct KeyedInner<K, I, O> {
     work: KeyedWork<K, I, O>,
-    waiting: KeyQueues<K, KeyedCall<I, O>>,
-    /// Calls queued or running, across keys: past `queue_depth`, callers wait for room.
-    room: Arc<Semaphore>,
+    waiting: KeyQueues<K, Call<I, O>>,
+    /// A permit per batch running, across keys.
+    running: Arc<Semaphore>,
     /// Dropped with the last handle and the last running batch, which ends the task that
     /// [`KeyedBatcher::spawn`] returns.
     _alive: mpsc::Sender<()>,
-}
-
-struct KeyedCall<I, O> {
-    call: Call<I, O>,
-    room: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl<K, I, O> Clone for KeyedBatcher<K, I, O> {
@@ -187,20 +189,16 @@ where
 {
     /// Batches by key; `work(key, inputs)` runs each batch. The task returned with it ends
     /// once every handle is dropped and the last batch has answered.
-    pub fn spawn<F>(
-        max_batch: usize,
-        queue_depth: usize,
-        work: F,
-    ) -> (Self, tokio::task::JoinHandle<()>)
+    pub fn spawn<F>(limits: BatchLimits, work: F) -> (Self, tokio::task::JoinHandle<()>)
     where
         F: Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync + 'static,
     {
-        assert!(max_batch > 0 && queue_depth > 0);
+        assert!(limits.max_batch > 0 && limits.concurrent > 0 && limits.queue_depth > 0);
         let (alive, mut gone) = mpsc::channel::<()>(1);
         let inner = Arc::new(KeyedInner {
             work: Box::new(work),
-            waiting: KeyQueues::new(max_batch),
-            room: Arc::new(Semaphore::new(queue_depth)),
+            waiting: KeyQueues::new(limits.max_batch, limits.queue_depth),
+            running: Arc::new(Semaphore::new(limits.concurrent)),
             _alive: alive,
         });
         // Nothing is ever sent: `recv` returns once the last sender is dropped.
@@ -211,40 +209,41 @@ where
     /// Queues one call for `key`'s next batch and waits for its answer. As with
     /// [`Batcher::call`], the caller going away does not cancel the work.
     pub async fn call(&self, key: K, input: I) -> Result<O, ApiError> {
-        let stopped = || ApiError::shutting_down("the service is shutting down; retry");
-        let room = (self.inner.room.clone().acquire_owned().await).map_err(|_| stopped())?;
         let (reply, answer) = oneshot::channel();
-        let call = KeyedCall {
-            call: Call { input, reply },
-            room,
-        };
-        if let Some(first) = self.inner.waiting.enqueue(&key, call) {
-            // This caller found the key idle: its batches run on a task of their own until
-            // nobody is waiting, so that this caller's going away stops nothing.
-            let inner = self.inner.clone();
-            tokio::spawn(async move {
-                let run = |key, calls: Vec<KeyedCall<I, O>>| {
-                    let mut replies = Vec::with_capacity(calls.len());
-                    let mut rooms = Vec::with_capacity(calls.len());
-                    let inputs = calls
-                        .into_iter()
-                        .map(|queued| {
-                            replies.push(queued.call.reply);
-                            rooms.push(queued.room);
-                            queued.call.input
-                        })
-                        .collect();
-                    let batch = (inner.work)(key, inputs);
-                    async move {
-                        answer_each(replies, batch.await);
-                        drop(rooms);
-                    }
-                };
-                inner.waiting.drive(key, first, run).await
-            });
+        match self.inner.waiting.enqueue(&key, Call { input, reply }) {
+            Enqueued::Queued => {}
+            Enqueued::Drive(first) => {
+                // This caller found the key idle: its batches run on a task of their own until
+                // nobody is waiting, so that this caller's going away stops nothing.
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    let run = |key, calls: Vec<Call<I, O>>| {
+                        let (inputs, replies): (Vec<I>, Vec<_>) = calls
+                            .into_iter()
+                            .map(|call| (call.input, call.reply))
+                            .unzip();
+                        let batch = (inner.work)(key, inputs);
+                        let running = inner.running.clone();
+                        async move {
+                            let _slot = running.acquire().await;
+                            answer_each(replies, batch.await);
+                        }
+                    };
+                    inner.waiting.drive(key, first, run).await
+                });
+            }
+            Enqueued::Full => {
+                return Err(ApiError::new(
+                    tonic::Code::Unavailable,
+                    "OVERLOADED",
+                    "too many calls are waiting for this line; retry shortly",
+                ))
+            }
         }
         // A dropped reply means the batch's task died (a panic): UNAVAILABLE, as for Batcher.
-        answer.await.map_err(|_| stopped())?
+        answer
+            .await
+            .map_err(|_| ApiError::shutting_down("the service is shutting down; retry"))?
     }
 }
 
@@ -255,28 +254,49 @@ struct KeyQueues<K, W> {
     keys: std::sync::Mutex<std::collections::HashMap<K, Vec<W>>>,
     /// Most callers one run takes; the rest wait for the run after.
     max_run: usize,
+    /// Most callers waiting for one key's next runs.
+    max_queued: usize,
+}
+
+/// What [`KeyQueues::enqueue`] did with a caller.
+enum Enqueued<W> {
+    /// Queued behind the key's run in flight.
+    Queued,
+    /// The key was idle: it is now busy, and the caller must [`KeyQueues::drive`] this run.
+    Drive(Vec<W>),
+    /// The key already has `max_queued` callers waiting; the caller was dropped.
+    Full,
 }
 
 impl<K: Eq + std::hash::Hash + Clone, W> KeyQueues<K, W> {
-    fn new(max_run: usize) -> Self {
+    fn new(max_run: usize, max_queued: usize) -> Self {
         Self {
             keys: Default::default(),
             max_run,
+            max_queued,
         }
     }
 
-    /// Queues `waiter` for the next run of `key`. If the key was idle it is marked busy and
-    /// its first run returned instead: the caller must [`KeyQueues::drive`] it.
-    fn enqueue(&self, key: &K, waiter: W) -> Option<Vec<W>> {
-        let mut keys = self.keys.lock().expect("key queues poisoned");
+    /// The map, even if a panic poisoned its lock: every change to it is a single insert,
+    /// push or removal, so it is never left half done, and one panic must not jam every key.
+    fn keys(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<K, Vec<W>>> {
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues `waiter` for the next run of `key`.
+    fn enqueue(&self, key: &K, waiter: W) -> Enqueued<W> {
+        let mut keys = self.keys();
         match keys.get_mut(key) {
+            Some(queued) if queued.len() >= self.max_queued => Enqueued::Full,
             Some(queued) => {
                 queued.push(waiter);
-                None
+                Enqueued::Queued
             }
             None => {
                 keys.insert(key.clone(), Vec::new());
-                Some(vec![waiter])
+                Enqueued::Drive(vec![waiter])
             }
         }
     }
@@ -291,29 +311,27 @@ impl<K: Eq + std::hash::Hash + Clone, W> KeyQueues<K, W> {
         // Frees the key if this task dies mid-run (a panic): the callers queued for the next
         // run are dropped, which fails their calls instead of leaving them waiting forever,
         // and later calls start afresh.
-        struct Release<'a, K: Eq + std::hash::Hash, W> {
-            keys: &'a std::sync::Mutex<std::collections::HashMap<K, Vec<W>>>,
+        struct Release<'a, K: Eq + std::hash::Hash + Clone, W> {
+            queues: &'a KeyQueues<K, W>,
             key: &'a K,
             done: bool,
         }
-        impl<K: Eq + std::hash::Hash, W> Drop for Release<'_, K, W> {
+        impl<K: Eq + std::hash::Hash + Clone, W> Drop for Release<'_, K, W> {
             fn drop(&mut self) {
                 if !self.done {
-                    if let Ok(mut keys) = self.keys.lock() {
-                        keys.remove(self.key);
-                    }
+                    self.queues.keys().remove(self.key);
                 }
             }
         }
         let mut release = Release {
-            keys: &self.keys,
+            queues: self,
             key: &key,
             done: false,
         };
         let mut waiting = first;
         loop {
             run(key.clone(), waiting).await;
-            let mut keys = self.keys.lock().expect("key queues poisoned");
+            let mut keys = self.keys();
             let queued = keys.get_mut(&key).map(std::mem::take).unwrap_or_default();
             if queued.is_empty() {
                 keys.remove(&key);
@@ -382,7 +400,7 @@ where
             inner: Arc::new(SharedInner {
                 read: Box::new(read),
                 // One read answers every caller queued for it, however many.
-                waiting: KeyQueues::new(usize::MAX),
+                waiting: KeyQueues::new(usize::MAX, usize::MAX),
             }),
         }
     }
@@ -390,7 +408,8 @@ where
     /// The value of `key`, from a read that starts after this call.
     pub async fn call(&self, key: K) -> Result<Arc<V>, ApiError> {
         let (reply, answer) = oneshot::channel();
-        if let Some(first) = self.inner.waiting.enqueue(&key, reply) {
+        // Nobody is ever refused (no limit on callers queued for one read).
+        if let Enqueued::Drive(first) = self.inner.waiting.enqueue(&key, reply) {
             // This caller found the key idle: it drives the reads of this key until nobody
             // is waiting, on a task of its own so that its going away stops nothing.
             let inner = self.inner.clone();
@@ -500,7 +519,12 @@ mod tests {
         // Every batch started, as (key, inputs).
         type Started = Arc<std::sync::Mutex<Vec<(&'static str, Vec<u32>)>>>;
         let batches: Started = Default::default();
-        let (batcher, finished) = KeyedBatcher::spawn(100, 10_000, {
+        let limits = BatchLimits {
+            max_batch: 100,
+            concurrent: 4,
+            queue_depth: 250,
+        };
+        let (batcher, finished) = KeyedBatcher::spawn(limits, {
             let batches = batches.clone();
             move |key: &'static str, inputs: Vec<u32>| -> BatchFuture<u32> {
                 batches.lock().unwrap().push((key, inputs.clone()));
@@ -524,7 +548,7 @@ mod tests {
         }
         // While "stuck" runs: its next callers queue (one by one, so that the arrival order
         // is known), and another key goes straight through.
-        let queued = || batcher.inner.waiting.keys.lock().unwrap()["stuck"].len();
+        let queued = || batcher.inner.waiting.keys()["stuck"].len();
         let mut stuck_rest = Vec::new();
         for n in 1..=250 {
             stuck_rest.push(call("stuck", n));
@@ -535,6 +559,12 @@ mod tests {
         for n in 0..20 {
             assert_eq!(call("free", n).await.unwrap(), n + 1);
         }
+        // Past its queue depth, a key refuses at once instead of keeping callers waiting.
+        let refused = batcher.call("stuck", 999).await.unwrap_err();
+        assert_eq!(
+            (refused.code(), refused.reason()),
+            (tonic::Code::Unavailable, "OVERLOADED")
+        );
         assert!(!stuck_first.is_finished());
         assert_eq!(
             batches
@@ -572,15 +602,67 @@ mod tests {
             "the queued callers kept their order"
         );
 
-        assert!(batcher.inner.waiting.keys.lock().unwrap().is_empty());
+        until_idle(&batcher.inner.waiting).await;
         drop(batcher);
         finished.await.unwrap();
+    }
+
+    /// Keys are independent, but no more than `concurrent` batches run at once (each holds
+    /// a pooled connection): a made-up key per call must not open a transaction per call.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keyed_batches_run_at_most_concurrent_at_once_across_keys() {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let started = Arc::new(AtomicUsize::new(0));
+        let (batcher, _finished) = KeyedBatcher::spawn(limits(100, 1), {
+            let started = started.clone();
+            move |_key: u32, inputs: Vec<u32>| -> BatchFuture<u32> {
+                let (started, mut released) = (started.clone(), released.clone());
+                Box::pin(async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    let _ = released.wait_for(|released| *released).await;
+                    inputs.into_iter().map(Ok).collect()
+                })
+            }
+        });
+        let calls: Vec<_> = (0..3u32)
+            .map(|key| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.call(key, key).await.unwrap() })
+            })
+            .collect();
+        while started.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            1,
+            "a second key ran past the cap"
+        );
+        release.send(true).unwrap();
+        for (key, call) in calls.into_iter().enumerate() {
+            assert_eq!(call.await.unwrap(), key as u32);
+        }
+        assert_eq!(started.load(Ordering::SeqCst), 3);
+    }
+
+    /// Waits (boundedly) for every key to be forgotten: a driver forgets its key just after
+    /// answering the last caller, so the caller may look first.
+    async fn until_idle<K: Eq + std::hash::Hash + Clone, W>(queues: &KeyQueues<K, W>) {
+        let forgotten = async {
+            while !queues.keys().is_empty() {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), forgotten)
+            .await
+            .expect("idle keys are forgotten");
     }
 
     #[tokio::test]
     async fn a_keyed_batch_that_panics_fails_its_callers_and_frees_the_key() {
         let batches = Arc::new(AtomicUsize::new(0));
-        let (batcher, _finished) = KeyedBatcher::spawn(100, 100, {
+        let (batcher, _finished) = KeyedBatcher::spawn(limits(100, 1), {
             let batches = batches.clone();
             move |_key: u8, inputs: Vec<u32>| -> BatchFuture<u32> {
                 let first = batches.fetch_add(1, Ordering::SeqCst) == 0;
@@ -648,10 +730,7 @@ mod tests {
             reads < 200,
             "600 calls of 3 keys were barely shared: {reads} reads"
         );
-        assert!(
-            shared.inner.waiting.keys.lock().unwrap().is_empty(),
-            "idle keys are forgotten"
-        );
+        until_idle(&shared.inner.waiting).await;
     }
 
     #[tokio::test]

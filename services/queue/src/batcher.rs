@@ -25,10 +25,15 @@ use crate::{
     store::AdmissionPolicy,
 };
 
-/// Most calls of one line in one transaction.
-const LINE_BATCH: usize = 1_000;
-/// Calls that may wait for their lines before callers are slowed down (back pressure).
-const LINE_QUEUE_DEPTH: usize = 20_000;
+/// Line batches: one transaction at a time per line (each takes the line's lock), at most
+/// four lines at once per replica and kind, so that IssueToken and CompleteToken together
+/// hold at most half of the default pool of 16 however many lines are busy (or made up), and
+/// 20,000 calls may wait for one line before more are refused.
+const LINE_LIMITS: BatchLimits = BatchLimits {
+    max_batch: 1_000,
+    concurrent: 4,
+    queue_depth: 20_000,
+};
 
 /// A batcher whose calls each belong to one concert's line: one transaction at a time per
 /// line, since each takes the line's lock (a second one would only wait for the first inside
@@ -46,9 +51,9 @@ impl<I, O> Clone for LineBatcher<I, O> {
     }
 }
 
-/// IssueToken's worker: a user id in, the fan's ticket out.
+/// IssueToken's batcher: a user id in, the fan's ticket out.
 pub type IssueBatcher = LineBatcher<String, Ticket>;
-/// CompleteToken's worker: an ACTIVE token in, its final status out.
+/// CompleteToken's batcher: an ACTIVE token in, its final status out.
 pub type CompleteBatcher = LineBatcher<Uuid, TokenStatus>;
 
 impl<I: Send + 'static, O: Send + 'static> LineBatcher<I, O> {
@@ -60,10 +65,8 @@ impl<I: Send + 'static, O: Send + 'static> LineBatcher<I, O> {
         F: Fn(String, Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<O>, ApiError>> + Send + 'static,
     {
-        let (calls, finished) = KeyedBatcher::spawn(
-            LINE_BATCH,
-            LINE_QUEUE_DEPTH,
-            move |concert_id, inputs: Vec<I>| {
+        let (calls, finished) =
+            KeyedBatcher::spawn(LINE_LIMITS, move |concert_id, inputs: Vec<I>| {
                 let count = inputs.len();
                 let batch = line_batch(concert_id, inputs);
                 Box::pin(async move {
@@ -72,8 +75,7 @@ impl<I: Send + 'static, O: Send + 'static> LineBatcher<I, O> {
                         Err(error) => batch::fail_all(count, error),
                     }
                 }) as BatchFuture<O>
-            },
-        );
+            });
         (Self { calls }, finished)
     }
 

@@ -300,21 +300,28 @@ fn say_shutting_down(sender: &mpsc::Sender<Result<pb::WatchQueueStatusResponse, 
     let _ = sender.try_send(Err(ApiError::shutting_down(message).into()));
 }
 
-/// How often a watcher re-reads a ticket that is still ACTIVE after its window ended by this
-/// host's clock.
+/// How long after a window's end (by this host's clock) a watcher re-reads the ticket.
+const PAST_WINDOW_MARGIN: Duration = Duration::from_millis(20);
+/// How often a watcher re-reads a ticket still ACTIVE this long after its window ended by
+/// this host's clock.
 const PAST_WINDOW_RECHECK: Duration = Duration::from_millis(250);
 
 /// Time left in an ACTIVE window (a long time for any other status).
 fn window_end(ticket: &Ticket) -> Duration {
     match (ticket.status, ticket.expire_time) {
-        (TokenStatus::Active, Some(end)) => match (end - chrono::Utc::now()).to_std() {
-            // A little past the end, so the database agrees the window has passed.
-            Ok(left) => left + Duration::from_millis(20),
-            // Already past by this host's clock, yet the row was read ACTIVE: the database's
-            // clock is behind this one. Re-read at a calm pace until it catches up, not every
-            // 20 ms for as long as the skew lasts.
-            Err(_) => PAST_WINDOW_RECHECK,
-        },
+        (TokenStatus::Active, Some(end)) => {
+            let left = end - chrono::Utc::now();
+            match (left.to_std(), (-left).to_std()) {
+                // A little past the end, so the database agrees the window has passed.
+                (Ok(left), _) => left + PAST_WINDOW_MARGIN,
+                // Just past (the row was read as the window ended): the margin again.
+                (_, Ok(past)) if past < PAST_WINDOW_RECHECK => PAST_WINDOW_MARGIN,
+                // Long past by this host's clock, yet the row still read ACTIVE: the
+                // database's clock is behind this one. Re-read at a calm pace until it catches
+                // up, not every 20 ms for as long as the skew lasts.
+                _ => PAST_WINDOW_RECHECK,
+            }
+        }
         _ => Duration::from_secs(24 * 3600),
     }
 }
@@ -473,5 +480,8 @@ mod tests {
         // waited out at PAST_WINDOW_RECHECK, not re-read every 20 ms.
         let past = active_until(chrono::Utc::now() - chrono::Duration::seconds(1));
         assert_eq!(window_end(&past), PAST_WINDOW_RECHECK);
+        // Only just past (the row was read as the window ended): the usual margin.
+        let just_past = active_until(chrono::Utc::now() - chrono::Duration::milliseconds(5));
+        assert_eq!(window_end(&just_past), PAST_WINDOW_MARGIN);
     }
 }

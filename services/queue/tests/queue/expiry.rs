@@ -185,11 +185,12 @@ async fn a_fan_who_polls_just_before_the_idle_deadline_keeps_the_place() {
     // A poll only notes the fan in memory; the heartbeat flusher writes `last_seen` up to a
     // flush period later. The sweeper used to expire at exactly the idle TTL, so a fan who
     // polled in time could be swept before the write landed. A trigger slows every flush by
-    // 150 ms, which puts the write past the TTL every time.
+    // 300 ms, which puts the write past the TTL every time.
     let database = TestDatabase::create().await;
     let mut settings = config(&database);
     settings.max_active = 1;
-    settings.idle_ttl = Duration::from_secs(1); // flushes every 62.5 ms
+    // Heartbeats every 500 ms, flushed every 125 ms; ghosts after 2 s + 4 flushes.
+    settings.idle_ttl = Duration::from_secs(2);
     settings.tick = Duration::from_millis(10);
     let queue = start(settings).await;
     queue.open(&["c"]).await;
@@ -199,7 +200,7 @@ async fn a_fan_who_polls_just_before_the_idle_deadline_keeps_the_place() {
         // protects nothing from the sweeper while it sleeps.
         "CREATE FUNCTION queue.slow_flush() RETURNS trigger LANGUAGE plpgsql AS
            $$ BEGIN
-                IF current_query() LIKE '%SET last_seen%' THEN PERFORM pg_sleep(0.15); END IF;
+                IF current_query() LIKE '%SET last_seen%' THEN PERFORM pg_sleep(0.3); END IF;
                 RETURN NULL;
               END $$",
         "CREATE TRIGGER slow_flush BEFORE UPDATE ON queue.tokens FOR EACH STATEMENT
@@ -216,12 +217,12 @@ async fn a_fan_who_polls_just_before_the_idle_deadline_keeps_the_place() {
 
     // Silent for most of the TTL, then one poll, read from the row (the replica's memory
     // trusts it for a quarter of the TTL only), and silent again for less than the TTL.
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(1_800)).await;
     assert_eq!(
         queue.status(&fan.token).await.status(),
         pb::TokenStatus::Waiting
     );
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(1_400)).await;
     assert_eq!(
         queue.status(&fan.token).await.status(),
         pb::TokenStatus::Waiting,
