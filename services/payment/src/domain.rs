@@ -145,12 +145,14 @@ impl From<PaymentError> for ApiError {
                 ApiError::new(Code::FailedPrecondition, "HOLD_EXPIRED", message)
                     .with_metadata("hold_id", hold_id)
             }
+            // Lost races (DESIGN.md: ALREADY_EXISTS / ABORTED): another request created the
+            // payment this one would have, and the client can read it by `payment_id`.
             PaymentError::HoldAlreadyPaying { payment_id, .. } => {
-                ApiError::new(Code::FailedPrecondition, "HOLD_NOT_HELD", message)
+                ApiError::new(Code::AlreadyExists, "HOLD_ALREADY_PAYING", message)
                     .with_metadata("payment_id", payment_id)
             }
             PaymentError::TokenAlreadyPaying { payment_id } => {
-                ApiError::new(Code::FailedPrecondition, "TOKEN_ALREADY_PAYING", message)
+                ApiError::new(Code::AlreadyExists, "TOKEN_ALREADY_PAYING", message)
                     .with_metadata("payment_id", payment_id)
             }
             PaymentError::WrongConcert { token_concert, .. } => {

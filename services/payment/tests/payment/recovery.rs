@@ -172,6 +172,22 @@ async fn a_driver_whose_peer_hangs_keeps_its_lease_and_drives_alone() {
         1,
         "two drivers of one payment spent at once"
     );
+    // Another request id for the same hold and token, while that payment is under way, lost
+    // the race (DESIGN.md: ALREADY_EXISTS) and is told which payment won.
+    let lost = mesh
+        .pay(0, &fan, &hold.hold_id, "pay-again")
+        .await
+        .unwrap_err();
+    assert_eq!(lost.code(), Code::AlreadyExists, "{lost:?}");
+    assert!(
+        ["HOLD_ALREADY_PAYING", "TOKEN_ALREADY_PAYING"].contains(&reason(&lost).as_str()),
+        "{lost:?}"
+    );
+    {
+        use tonic_types::StatusExt;
+        let info = lost.get_details_error_info().unwrap();
+        assert_eq!(info.metadata["payment_id"], payment_id);
+    }
 
     mesh.stop_point().await;
     mesh.restart_point().await;
