@@ -235,3 +235,52 @@ async fn a_fan_who_polls_just_before_the_idle_deadline_keeps_the_place() {
     let admitted = queue.validate(&fan.token).await.expect("admitted next");
     assert_eq!(admitted.user_id, "fan");
 }
+
+#[tokio::test]
+async fn a_ghost_never_reaches_a_slot_even_when_no_background_tick_gets_the_line() {
+    // The background tick takes the line lock with SKIP LOCKED, and in a long rush over two
+    // replicas IssueToken batches hold it one after another, so the tick may not get in for
+    // minutes. Ghosts used to be swept by the tick alone, and admission then handed them
+    // ACTIVE slots they would sit on for the whole window. No tick at all here: the
+    // CompleteToken that frees the slot must skip the ghost by itself.
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.max_active = 1;
+    settings.idle_ttl = Duration::from_secs(1);
+    settings.tick = Duration::from_secs(3_600);
+    let queue = start(settings).await;
+    queue.open(&["c"]).await;
+
+    let holder = queue.issue("c", "holder").await; // ACTIVE, holds the only slot
+    let ghost = queue.issue("c", "ghost").await; // next in line, never polls again
+    let patient = queue.issue("c", "patient").await; // polls
+    assert_eq!(holder.status(), pb::TokenStatus::Active);
+    let past_the_ghost_deadline = tokio::time::Instant::now() + Duration::from_millis(1_800);
+    while tokio::time::Instant::now() < past_the_ghost_deadline {
+        queue.status(&patient.token).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Read from the row: a poll would be a sign of life.
+    let ghost_row =
+        || database.row::<(String,)>("SELECT status FROM queue.tokens WHERE user_id = 'ghost'");
+    assert_eq!(
+        ghost_row().await.0,
+        "WAITING",
+        "nothing has swept the line yet"
+    );
+
+    assert_eq!(
+        queue.complete(&holder.token).await.unwrap(),
+        pb::TokenStatus::Done
+    );
+    let admitted = queue
+        .validate(&patient.token)
+        .await
+        .expect("the patient fan got the slot");
+    assert_eq!(admitted.user_id, "patient");
+    assert_eq!(ghost_row().await.0, "EXPIRED");
+    assert!(
+        ghost.place < patient.place,
+        "the ghost was ahead of the patient fan"
+    );
+}
