@@ -104,11 +104,15 @@ pub enum LoadCommand {
 /// The scenarios that measure one part of the mesh.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Scenario {
-    /// IssueToken throughput: distinct fans rushing one concert.
+    /// IssueToken throughput: distinct fans rushing one concert (or several at once).
     IssueToken {
         /// Fans to issue tokens to.
         #[arg(long, default_value_t = 20_000)]
         fans: usize,
+        /// Concerts on sale at once, each with its own line; fan n queues for concert
+        /// n mod `concerts`.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        concerts: u16,
         #[command(flatten)]
         load: LoadArgs,
     },
@@ -226,15 +230,21 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
     let clients = clients_of(&channels, QueueServiceClient::new);
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let concert = format!("bench-{run_id}");
+    let lines: Vec<String> = match scenario {
+        Scenario::IssueToken { concerts, .. } if concerts > 1 => (0..concerts)
+            .map(|line| format!("{concert}-{line}"))
+            .collect(),
+        _ => vec![concert.clone()],
+    };
     if matches!(
         scenario,
         Scenario::IssueToken { .. } | Scenario::QueueStatus { .. } | Scenario::ValidateToken { .. }
     ) {
-        // These scenarios queue for a concert no concert service knows: its line is opened
-        // the way the concert service opens a new concert's.
+        // These scenarios queue for concerts no concert service knows: their lines are
+        // opened the way the concert service opens a new concert's.
         QueueInternalServiceClient::new(channels[0].clone())
             .open_lines(pb::OpenLinesRequest {
-                concert_ids: vec![concert.clone()],
+                concert_ids: lines.clone(),
             })
             .await?;
     }
@@ -247,7 +257,7 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
 
     match scenario {
         Scenario::IssueToken { fans, .. } => {
-            let (summary, _) = issue_and_keep(&clients, &concert, fans, load.concurrency).await;
+            let (summary, _) = issue_and_keep(&clients, &lines, fans, load.concurrency).await;
             println!("{}", summary.line());
         }
         Scenario::QueueStatus {
@@ -256,7 +266,7 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
             // Fill the line: the admitted fans plus `waiting` more.
             let fans = waiting + load.max_active as usize;
             println!("filling the line with {fans} fans ...");
-            let (fill, tokens) = issue_and_keep(&clients, &concert, fans, load.concurrency).await;
+            let (fill, tokens) = issue_and_keep(&clients, &lines, fans, load.concurrency).await;
             println!("{}", fill.line());
             let mut client = clients[0].clone();
             let last = pb::GetQueueStatusRequest {
@@ -530,7 +540,7 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         Scenario::ValidateToken { duration, .. } => {
-            let (_, tokens) = issue_and_keep(&clients, &concert, 1, 1).await;
+            let (_, tokens) = issue_and_keep(&clients, &lines, 1, 1).await;
             let internals = clients_of(&channels, QueueInternalServiceClient::new);
             let token = tokens[0].clone();
             let summary = drive(
@@ -581,19 +591,20 @@ pub fn print_hops(elapsed: Duration) {
     }
 }
 
-/// Issues `fans` tokens and returns the timings and the tokens in place order.
+/// Issues `fans` tokens, fan n for concert n mod `concerts.len()`, and returns the timings
+/// and the tokens in place order.
 async fn issue_and_keep(
     clients: &[QueueServiceClient<Channel>],
-    concert: &str,
+    concerts: &[String],
     fans: usize,
     concurrency: usize,
 ) -> (Summary, Vec<String>) {
     let issued = Arc::new(std::sync::Mutex::new(Vec::with_capacity(fans)));
     let summary = drive("issue-token", Some(fans), None, concurrency, {
-        let (clients, concert, issued) = (clients.to_vec(), concert.to_owned(), issued.clone());
+        let (clients, concerts, issued) = (clients.to_vec(), concerts.to_vec(), issued.clone());
         move |call| {
             let mut client = clients[call % clients.len()].clone();
-            let (concert, issued) = (concert.clone(), issued.clone());
+            let (concert, issued) = (concerts[call % concerts.len()].clone(), issued.clone());
             async move {
                 let ticket = client
                     .issue_token(pb::IssueTokenRequest {
@@ -681,7 +692,13 @@ impl ConcertRun {
     ) -> Result<Self, Box<dyn std::error::Error>> {
         let concert = target.channels(Service::Concert, load.connections).await?;
         let (concert_id, dates) = catalog(&concert[0], dates, seats).await?;
-        let (fill, tokens) = issue_and_keep(queue, &concert_id, fans, load.concurrency).await;
+        let (fill, tokens) = issue_and_keep(
+            queue,
+            std::slice::from_ref(&concert_id),
+            fans,
+            load.concurrency,
+        )
+        .await;
         println!("{}", fill.line());
         Ok(Self {
             publics: clients_of(&concert, ConcertServiceClient::new),
