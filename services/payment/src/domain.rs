@@ -146,7 +146,20 @@ impl From<PaymentError> for ApiError {
                     .with_metadata("hold_id", hold_id)
             }
             // Lost races (DESIGN.md: ALREADY_EXISTS / ABORTED): another request created the
-            // payment this one would have, and the client can read it by `payment_id`.
+            // payment this one would have, and the client can read it by `payment_id`. If
+            // that payment failed between the refused insert and the look-up, nothing is
+            // left to read and nothing blocks a retry: ABORTED, retry with the same key.
+            PaymentError::HoldAlreadyPaying { payment_id, .. }
+            | PaymentError::TokenAlreadyPaying { payment_id }
+                if payment_id.is_empty() =>
+            {
+                ApiError::new(
+                    Code::Aborted,
+                    "CONCURRENT_UPDATE",
+                    "the payment this one lost to failed a moment ago; retry with the same \
+                     request_id",
+                )
+            }
             PaymentError::HoldAlreadyPaying { payment_id, .. } => {
                 ApiError::new(Code::AlreadyExists, "HOLD_ALREADY_PAYING", message)
                     .with_metadata("payment_id", payment_id)
@@ -197,5 +210,39 @@ impl From<PaymentError> for ApiError {
 impl From<PaymentError> for tonic::Status {
     fn from(error: PaymentError) -> Self {
         ApiError::from(error).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_race_names_the_winner_or_asks_for_a_retry() {
+        let lost = ApiError::from(PaymentError::HoldAlreadyPaying {
+            hold_id: "h".into(),
+            payment_id: "p".into(),
+        });
+        assert_eq!(
+            (lost.code(), lost.reason()),
+            (Code::AlreadyExists, "HOLD_ALREADY_PAYING")
+        );
+        assert_eq!(lost.metadata(), [("payment_id", "p".to_owned())]);
+        // The winner failed before it could be looked up: nothing to read, retry.
+        for vanished in [
+            PaymentError::HoldAlreadyPaying {
+                hold_id: "h".into(),
+                payment_id: String::new(),
+            },
+            PaymentError::TokenAlreadyPaying {
+                payment_id: String::new(),
+            },
+        ] {
+            let retry = ApiError::from(vanished);
+            assert_eq!(
+                (retry.code(), retry.reason()),
+                (Code::Aborted, "CONCURRENT_UPDATE")
+            );
+        }
     }
 }

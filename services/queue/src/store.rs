@@ -204,13 +204,16 @@ async fn expire_ended(
               WHERE concert_id = $1 AND status = 'ACTIVE' AND expire_time <= statement_timestamp()
              RETURNING 1),
          -- Ghosts hold no slot, so no counter changes; admission simply never reaches them.
+         -- Their cutoff is taken from the transaction's start, not this statement's: when
+         -- IssueToken runs this a second time (a window ended between its statements), no
+         -- fan it has already read as WAITING may turn into a ghost behind its back.
          -- A row a heartbeat flush is touching right now is waited for (briefly: the flush
          -- never waits on us, it skips locked rows) and then re-checked, so a fan whose
          -- heartbeat lands in that moment is kept.
          ghosts AS (
              UPDATE tokens SET status = 'EXPIRED', end_time = statement_timestamp()
               WHERE concert_id = $1 AND status = 'WAITING'
-                AND last_seen < statement_timestamp() - make_interval(secs => $2)
+                AND last_seen < now() - make_interval(secs => $2)
              RETURNING 1)
          SELECT (SELECT count(*) FROM expired),
                 greatest(extract(epoch FROM clock_timestamp() - rate_updated_at)::float8, 0)

@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use stagedoor_proto::queue::v1 as pb;
 use stagedoor_runtime::time::from_timestamp;
-use stagedoor_testkit::TestDatabase;
+use stagedoor_testkit::{eventually, TestDatabase};
 use tonic::Code;
 
 use crate::{config, reason, start};
@@ -282,5 +282,123 @@ async fn a_ghost_never_reaches_a_slot_even_when_no_background_tick_gets_the_line
     assert!(
         ghost.place < patient.place,
         "the ghost was ahead of the patient fan"
+    );
+}
+
+#[tokio::test]
+async fn a_fan_read_as_waiting_is_not_expired_as_a_ghost_later_in_the_same_batch() {
+    // IssueToken expires ended windows and ghosts, reads the batch's tickets, and when a
+    // window ended in between, expires again. If the second pass measured idleness by its
+    // own (later) clock, a fan already read as WAITING could cross the ghost deadline in
+    // between and be expired while the answer says WAITING. Here a trigger stalls the first
+    // pass for 1 s, during which `idle` crosses the deadline, and `fan`'s window ends so
+    // that the second pass runs; `fan` and `idle` are queued behind a parked call, so that
+    // they share one batch.
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.max_active = 2;
+    settings.idle_ttl = Duration::from_secs(2); // ghosts after 2.5 s
+    settings.tick = Duration::from_secs(3_600); // no background sweep
+    let queue = start(settings).await;
+    queue.open(&["c"]).await;
+    let stalled = queue.issue("c", "stalled").await;
+    let fan = queue.issue("c", "fan").await;
+    let idle = queue.issue("c", "idle").await;
+    assert_eq!(stalled.status(), pb::TokenStatus::Active);
+    assert_eq!(fan.status(), pb::TokenStatus::Active);
+    assert_eq!(idle.status(), pb::TokenStatus::Waiting);
+
+    let admin = database.admin().await;
+    for statement in [
+        "CREATE FUNCTION queue.park() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN
+                PERFORM pg_advisory_lock_shared(4343);
+                PERFORM pg_advisory_unlock_shared(4343);
+                RETURN NEW;
+              END $$",
+        "CREATE TRIGGER park BEFORE INSERT ON queue.tokens FOR EACH ROW
+           WHEN (NEW.user_id = 'blocker') EXECUTE FUNCTION queue.park()",
+        // Created now: DDL on the table would wait for the parked transaction. It fires only
+        // once `stalled`'s window has ended, which is set below.
+        "CREATE FUNCTION queue.stall() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$",
+        "CREATE TRIGGER stall BEFORE UPDATE ON queue.tokens FOR EACH ROW
+           WHEN (OLD.user_id = 'stalled' AND NEW.status = 'EXPIRED')
+           EXECUTE FUNCTION queue.stall()",
+    ] {
+        sqlx::query(statement).execute(&admin).await.unwrap();
+    }
+    let mut gate = admin.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(4343)")
+        .execute(&mut *gate)
+        .await
+        .unwrap();
+    let issue = |user: &'static str| {
+        let mut queue = queue.public.clone();
+        tokio::spawn(async move {
+            queue
+                .issue_token(pb::IssueTokenRequest {
+                    concert_id: "c".into(),
+                    user_id: user.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .ticket
+                .unwrap()
+        })
+    };
+    let blocker = issue("blocker");
+    eventually(Duration::from_secs(10), "the blocker is parked", || {
+        let admin = admin.clone();
+        async move {
+            let parked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database()
+                    AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+            )
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+            (parked == 1).then_some(())
+        }
+    })
+    .await;
+    let (fan_again, idle_again) = (issue("fan"), issue("idle"));
+    // Time for both calls to reach the replica and queue for the line's next batch.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    for statement in [
+        // `stalled`'s window has ended, `fan`'s ends during the stall, and `idle` crosses
+        // the ghost deadline (2.5 s) half a second into it.
+        "UPDATE queue.tokens SET expire_time = CASE user_id
+             WHEN 'stalled' THEN now() - interval '1 second'
+             ELSE now() + interval '300 milliseconds' END
+          WHERE user_id IN ('stalled', 'fan')",
+        "UPDATE queue.tokens SET last_seen = now() - interval '2 seconds' WHERE user_id = 'idle'",
+    ] {
+        sqlx::query(statement).execute(&admin).await.unwrap();
+    }
+    sqlx::query("SELECT pg_advisory_unlock(4343)")
+        .execute(&mut *gate)
+        .await
+        .unwrap();
+
+    blocker.await.unwrap();
+    let fan_again = fan_again.await.unwrap();
+    assert_ne!(
+        fan_again.token, fan.token,
+        "the fan whose window ended got a new token"
+    );
+    // `fan`'s ended window freed a slot, and `idle` is next in line: admitted, not expired
+    // behind the answer's back (which then said WAITING of a row that was EXPIRED).
+    let idle_again = idle_again.await.unwrap();
+    assert_eq!(idle_again.token, idle.token);
+    let (row,): (String,) = database
+        .row("SELECT status FROM queue.tokens WHERE user_id = 'idle'")
+        .await;
+    assert_eq!(
+        (idle_again.status(), row.as_str()),
+        (pb::TokenStatus::Active, "ACTIVE")
     );
 }
