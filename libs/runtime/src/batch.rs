@@ -168,10 +168,14 @@ struct KeyedInner<K, I, O> {
     waiting: KeyQueues<K, Call<I, O>>,
     /// A permit per batch running, across keys.
     running: Arc<Semaphore>,
-    /// Dropped with the last handle and the last running batch, which ends the task that
-    /// [`KeyedBatcher::spawn`] returns.
-    _alive: mpsc::Sender<()>,
+    /// Hands each key's driver to the task that [`KeyedBatcher::spawn`] returns, which runs
+    /// them all: aborting that task (a crash drill, `ServiceHandle::abort`) stops every
+    /// batch, as a killed process would. The channel closes with the last handle and the
+    /// last driver, which ends the task.
+    drivers: mpsc::UnboundedSender<KeyDriver>,
 }
+
+type KeyDriver = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl<K, I, O> Clone for KeyedBatcher<K, I, O> {
     fn clone(&self) -> Self {
@@ -194,15 +198,30 @@ where
         F: Fn(K, Vec<I>) -> BatchFuture<O> + Send + Sync + 'static,
     {
         assert!(limits.max_batch > 0 && limits.concurrent > 0 && limits.queue_depth > 0);
-        let (alive, mut gone) = mpsc::channel::<()>(1);
+        let (drivers, mut started) = mpsc::unbounded_channel::<KeyDriver>();
         let inner = Arc::new(KeyedInner {
             work: Box::new(work),
             waiting: KeyQueues::new(limits.max_batch, limits.queue_depth),
             running: Arc::new(Semaphore::new(limits.concurrent)),
-            _alive: alive,
+            drivers,
         });
-        // Nothing is ever sent: `recv` returns once the last sender is dropped.
-        let finished = tokio::spawn(async move { while gone.recv().await.is_some() {} });
+        let finished = tokio::spawn(async move {
+            // Each driver is a task of its own; the set only owns them, so that dropping it
+            // (this task aborted) aborts them.
+            let mut drivers = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    driver = started.recv() => match driver {
+                        Some(driver) => {
+                            drivers.spawn(driver);
+                        }
+                        // Every handle and every driver is gone.
+                        None => break,
+                    },
+                    Some(_) = drivers.join_next(), if !drivers.is_empty() => {}
+                }
+            }
+        });
         (Self { inner }, finished)
     }
 
@@ -215,8 +234,8 @@ where
             Enqueued::Drive(first) => {
                 // This caller found the key idle: its batches run on a task of their own until
                 // nobody is waiting, so that this caller's going away stops nothing.
-                let inner = self.inner.clone();
-                tokio::spawn(async move {
+                let (inner, driven) = (self.inner.clone(), key.clone());
+                let driver = Box::pin(async move {
                     let run = |key, calls: Vec<Call<I, O>>| {
                         let (inputs, replies): (Vec<I>, Vec<_>) = calls
                             .into_iter()
@@ -229,8 +248,13 @@ where
                             answer_each(replies, batch.await);
                         }
                     };
-                    inner.waiting.drive(key, first, run).await
+                    inner.waiting.drive(driven, first, run).await
                 });
+                if self.inner.drivers.send(driver).is_err() {
+                    // The batcher's task was aborted: the driver, and this caller's reply
+                    // with it, were dropped unrun. Free the key for whoever asks next.
+                    self.inner.waiting.keys().remove(&key);
+                }
             }
             Enqueued::Full => {
                 return Err(ApiError::new(
@@ -657,6 +681,55 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(5), forgotten)
             .await
             .expect("idle keys are forgotten");
+    }
+
+    /// `ServiceHandle::abort` (a crash drill) aborts the task `spawn` returned: the batches
+    /// in flight stop as in a killed process, and their callers hear UNAVAILABLE.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn aborting_a_keyed_batcher_stops_its_batches_like_a_crash() {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let (started, finished_batches) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (batcher, task) = KeyedBatcher::spawn(limits(100, 4), {
+            let (started, finished_batches) = (started.clone(), finished_batches.clone());
+            move |_key: u8, inputs: Vec<u32>| -> BatchFuture<u32> {
+                let (started, finished_batches) = (started.clone(), finished_batches.clone());
+                let mut released = released.clone();
+                Box::pin(async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    let _ = released.wait_for(|released| *released).await;
+                    finished_batches.fetch_add(1, Ordering::SeqCst);
+                    inputs.into_iter().map(Ok).collect()
+                })
+            }
+        });
+        let call = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.call(1, 7).await }
+        });
+        while started.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        task.abort();
+        // A bound only so that a regression fails instead of hanging the run.
+        let crashed = tokio::time::timeout(std::time::Duration::from_secs(5), call)
+            .await
+            .expect("the batch outlived the abort")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(crashed.code(), tonic::Code::Unavailable);
+        release.send(true).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(
+            finished_batches.load(Ordering::SeqCst),
+            0,
+            "the batch ran on"
+        );
+        // Later calls fail at once rather than queueing for a driver that will never run.
+        let after = tokio::time::timeout(std::time::Duration::from_secs(5), batcher.call(1, 8))
+            .await
+            .expect("a call after the abort hung");
+        assert_eq!(after.unwrap_err().code(), tonic::Code::Unavailable);
     }
 
     #[tokio::test]
