@@ -2,19 +2,19 @@ use std::time::Duration;
 
 use stagedoor_proto::queue::v1 as pb;
 use stagedoor_runtime::time::from_timestamp;
-use stagedoor_testkit::{eventually, TestDatabase};
+use stagedoor_testkit::TestDatabase;
 use tonic::Code;
 
-use crate::{config, reason, start};
+use crate::{open_line, reason, Gate};
 
 #[tokio::test]
 async fn an_active_window_ends_and_the_next_fan_gets_in() {
     let database = TestDatabase::create().await;
-    let mut settings = config(&database);
-    settings.max_active = 1;
-    settings.active_ttl = Duration::from_millis(800);
-    let queue = start(settings).await;
-    queue.open(&["c"]).await;
+    let queue = open_line(&database, |settings| {
+        settings.max_active = 1;
+        settings.active_ttl = Duration::from_millis(800);
+    })
+    .await;
 
     let first = queue.issue("c", "first").await;
     let second = queue.issue("c", "second").await;
@@ -51,11 +51,11 @@ async fn an_active_window_ends_and_the_next_fan_gets_in() {
 #[tokio::test]
 async fn a_waiting_fan_who_stops_polling_expires() {
     let database = TestDatabase::create().await;
-    let mut settings = config(&database);
-    settings.max_active = 1;
-    settings.idle_ttl = Duration::from_millis(600);
-    let queue = start(settings).await;
-    queue.open(&["c"]).await;
+    let queue = open_line(&database, |settings| {
+        settings.max_active = 1;
+        settings.idle_ttl = Duration::from_millis(600);
+    })
+    .await;
 
     let holder = queue.issue("c", "holder").await; // ACTIVE, holds the only slot
     let ghost = queue.issue("c", "ghost").await; // never polls again
@@ -91,12 +91,12 @@ async fn a_waiting_fan_who_stops_polling_expires() {
 #[tokio::test]
 async fn complete_token_frees_the_slot_at_once_and_is_idempotent() {
     let database = TestDatabase::create().await;
-    let mut settings = config(&database);
-    settings.max_active = 1;
-    // A slow tick: the next fan must be admitted by CompleteToken itself, not by the loop.
-    settings.tick = Duration::from_secs(60);
-    let queue = start(settings).await;
-    queue.open(&["c"]).await;
+    let queue = open_line(&database, |settings| {
+        settings.max_active = 1;
+        // A slow tick: the next fan must be admitted by CompleteToken itself, not by the loop.
+        settings.tick = Duration::from_secs(60);
+    })
+    .await;
 
     let paying = queue.issue("c", "paying").await;
     let next = queue.issue("c", "next").await;
@@ -144,12 +144,12 @@ async fn a_window_that_ends_while_the_fan_asks_again_gets_a_new_token() {
     // was handed the dead token instead of a new one. A trigger that stalls the expiry of
     // another fan's window (1 s) makes the gap long enough to land in every time.
     let database = TestDatabase::create().await;
-    let mut settings = config(&database);
-    settings.max_active = 5;
-    // No background tick: only the IssueToken call under test expires windows.
-    settings.tick = Duration::from_secs(3_600);
-    let queue = start(settings).await;
-    queue.open(&["c"]).await;
+    let queue = open_line(&database, |settings| {
+        settings.max_active = 5;
+        // No background tick: only the IssueToken call under test expires windows.
+        settings.tick = Duration::from_secs(3_600);
+    })
+    .await;
     let stalled = queue.issue("c", "stalled").await;
     let fan = queue.issue("c", "fan").await;
     assert_eq!(fan.status(), pb::TokenStatus::Active);
@@ -187,13 +187,13 @@ async fn a_fan_who_polls_just_before_the_idle_deadline_keeps_the_place() {
     // polled in time could be swept before the write landed. A trigger slows every flush by
     // 300 ms, which puts the write past the TTL every time.
     let database = TestDatabase::create().await;
-    let mut settings = config(&database);
-    settings.max_active = 1;
-    // Heartbeats every 500 ms, flushed every 125 ms; ghosts after 2 s + 4 flushes.
-    settings.idle_ttl = Duration::from_secs(2);
-    settings.tick = Duration::from_millis(10);
-    let queue = start(settings).await;
-    queue.open(&["c"]).await;
+    let queue = open_line(&database, |settings| {
+        settings.max_active = 1;
+        // Heartbeats every 500 ms, flushed every 125 ms; ghosts after 2 s + 4 flushes.
+        settings.idle_ttl = Duration::from_secs(2);
+        settings.tick = Duration::from_millis(10);
+    })
+    .await;
     let admin = database.admin().await;
     for statement in [
         // A statement trigger fires before the flush locks any row, so the slow flush
@@ -244,12 +244,12 @@ async fn a_ghost_never_reaches_a_slot_even_when_no_background_tick_gets_the_line
     // ACTIVE slots they would sit on for the whole window. No tick at all here: the
     // CompleteToken that frees the slot must skip the ghost by itself.
     let database = TestDatabase::create().await;
-    let mut settings = config(&database);
-    settings.max_active = 1;
-    settings.idle_ttl = Duration::from_secs(1);
-    settings.tick = Duration::from_secs(3_600);
-    let queue = start(settings).await;
-    queue.open(&["c"]).await;
+    let queue = open_line(&database, |settings| {
+        settings.max_active = 1;
+        settings.idle_ttl = Duration::from_secs(1);
+        settings.tick = Duration::from_secs(3_600);
+    })
+    .await;
 
     let holder = queue.issue("c", "holder").await; // ACTIVE, holds the only slot
     let ghost = queue.issue("c", "ghost").await; // next in line, never polls again
@@ -295,12 +295,12 @@ async fn a_fan_read_as_waiting_is_not_expired_as_a_ghost_later_in_the_same_batch
     // that the second pass runs; `fan` and `idle` are queued behind a parked call, so that
     // they share one batch.
     let database = TestDatabase::create().await;
-    let mut settings = config(&database);
-    settings.max_active = 2;
-    settings.idle_ttl = Duration::from_secs(2); // ghosts after 2.5 s
-    settings.tick = Duration::from_secs(3_600); // no background sweep
-    let queue = start(settings).await;
-    queue.open(&["c"]).await;
+    let queue = open_line(&database, |settings| {
+        settings.max_active = 2;
+        settings.idle_ttl = Duration::from_secs(2); // ghosts after 2.5 s
+        settings.tick = Duration::from_secs(3_600); // no background sweep
+    })
+    .await;
     let stalled = queue.issue("c", "stalled").await;
     let fan = queue.issue("c", "fan").await;
     let idle = queue.issue("c", "idle").await;
@@ -310,29 +310,16 @@ async fn a_fan_read_as_waiting_is_not_expired_as_a_ghost_later_in_the_same_batch
 
     let admin = database.admin().await;
     for statement in [
-        "CREATE FUNCTION queue.park() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN
-                PERFORM pg_advisory_lock_shared(4343);
-                PERFORM pg_advisory_unlock_shared(4343);
-                RETURN NEW;
-              END $$",
-        "CREATE TRIGGER park BEFORE INSERT ON queue.tokens FOR EACH ROW
-           WHEN (NEW.user_id = 'blocker') EXECUTE FUNCTION queue.park()",
-        // Created now: DDL on the table would wait for the parked transaction. It fires only
-        // once `stalled`'s window has ended, which is set below.
         "CREATE FUNCTION queue.stall() RETURNS trigger LANGUAGE plpgsql AS
            $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$",
+        // Fires only once `stalled`'s window has ended, which is set below.
         "CREATE TRIGGER stall BEFORE UPDATE ON queue.tokens FOR EACH ROW
            WHEN (OLD.user_id = 'stalled' AND NEW.status = 'EXPIRED')
            EXECUTE FUNCTION queue.stall()",
     ] {
         sqlx::query(statement).execute(&admin).await.unwrap();
     }
-    let mut gate = admin.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(4343)")
-        .execute(&mut *gate)
-        .await
-        .unwrap();
+    let gate = Gate::on_inserts(&database, "NEW.user_id = 'blocker'").await;
     let issue = |user: &'static str| {
         let mut queue = queue.public.clone();
         tokio::spawn(async move {
@@ -349,21 +336,7 @@ async fn a_fan_read_as_waiting_is_not_expired_as_a_ghost_later_in_the_same_batch
         })
     };
     let blocker = issue("blocker");
-    eventually(Duration::from_secs(10), "the blocker is parked", || {
-        let admin = admin.clone();
-        async move {
-            let parked: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database()
-                    AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
-            )
-            .fetch_one(&admin)
-            .await
-            .unwrap();
-            (parked == 1).then_some(())
-        }
-    })
-    .await;
+    gate.wait_for_parked().await;
     let (fan_again, idle_again) = (issue("fan"), issue("idle"));
     // Time for both calls to reach the replica and queue for the line's next batch.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -379,10 +352,7 @@ async fn a_fan_read_as_waiting_is_not_expired_as_a_ghost_later_in_the_same_batch
     ] {
         sqlx::query(statement).execute(&admin).await.unwrap();
     }
-    sqlx::query("SELECT pg_advisory_unlock(4343)")
-        .execute(&mut *gate)
-        .await
-        .unwrap();
+    gate.open().await;
 
     blocker.await.unwrap();
     let fan_again = fan_again.await.unwrap();

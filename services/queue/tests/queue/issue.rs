@@ -1,9 +1,9 @@
 use std::{collections::HashSet, time::Duration};
 
 use stagedoor_proto::queue::v1 as pb;
-use stagedoor_testkit::{eventually, TestDatabase};
+use stagedoor_testkit::TestDatabase;
 
-use crate::{config, start};
+use crate::{config, start, Gate};
 
 #[tokio::test]
 async fn the_same_fan_gets_the_same_token_and_place() {
@@ -165,24 +165,7 @@ async fn a_line_stuck_in_the_database_does_not_hold_up_another_concerts_fans() {
     let database = TestDatabase::create().await;
     let queue = start(config(&database)).await;
     queue.open(&["a", "b"]).await;
-    let admin = database.admin().await;
-    for statement in [
-        "CREATE FUNCTION queue.park() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN
-                PERFORM pg_advisory_lock_shared(4242);
-                PERFORM pg_advisory_unlock_shared(4242);
-                RETURN NEW;
-              END $$",
-        "CREATE TRIGGER park BEFORE INSERT ON queue.tokens FOR EACH ROW
-           WHEN (NEW.concert_id = 'a') EXECUTE FUNCTION queue.park()",
-    ] {
-        sqlx::query(statement).execute(&admin).await.unwrap();
-    }
-    let mut gate = admin.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(4242)")
-        .execute(&mut *gate)
-        .await
-        .unwrap();
+    let gate = Gate::on_inserts(&database, "NEW.concert_id = 'a'").await;
 
     let parked = tokio::spawn({
         let queue = queue.public.clone();
@@ -196,25 +179,7 @@ async fn a_line_stuck_in_the_database_does_not_hold_up_another_concerts_fans() {
                 .await
         }
     });
-    eventually(
-        Duration::from_secs(10),
-        "a's insert waits at the gate",
-        || {
-            let admin = admin.clone();
-            async move {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database()
-                    AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
-                )
-                .fetch_one(&admin)
-                .await
-                .unwrap();
-                (waiting == 1).then_some(())
-            }
-        },
-    )
-    .await;
+    gate.wait_for_parked().await;
 
     // A bound only so that a regression fails instead of hanging the run.
     let other = tokio::time::timeout(Duration::from_secs(30), queue.issue("b", "fan-b"))
@@ -223,10 +188,7 @@ async fn a_line_stuck_in_the_database_does_not_hold_up_another_concerts_fans() {
     assert_eq!(other.status(), pb::TokenStatus::Active);
     assert!(!parked.is_finished(), "a's fan was never parked");
 
-    sqlx::query("SELECT pg_advisory_unlock(4242)")
-        .execute(&mut *gate)
-        .await
-        .unwrap();
+    gate.open().await;
     let ticket = parked.await.unwrap().unwrap().into_inner().ticket.unwrap();
     assert_eq!(ticket.status(), pb::TokenStatus::Active);
 }

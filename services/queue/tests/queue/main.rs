@@ -34,6 +34,15 @@ pub fn config(database: &TestDatabase) -> QueueConfig {
     config
 }
 
+/// A queue server with the test settings as `tune` leaves them, and concert `c`'s line open.
+pub async fn open_line(database: &TestDatabase, tune: impl FnOnce(&mut QueueConfig)) -> Queue {
+    let mut settings = config(database);
+    tune(&mut settings);
+    let queue = start(settings).await;
+    queue.open(&["c"]).await;
+    queue
+}
+
 /// Starts a queue server with `config` and connects to it.
 pub async fn start(config: QueueConfig) -> Queue {
     let (handle, channel) =
@@ -127,4 +136,79 @@ pub async fn count_rows(database: &TestDatabase) -> (i64, i64) {
     database
         .row("SELECT (SELECT count(*) FROM queue.tokens), (SELECT count(*) FROM queue.lines)")
         .await
+}
+
+/// Holds chosen token inserts inside Postgres until the test opens it: a trigger makes each
+/// such insert wait on an advisory lock the gate holds. For tests that need a batch stuck in
+/// the middle of its transaction, holding its line's lock. Create any other trigger first:
+/// DDL on the table waits for the parked transaction.
+pub struct Gate {
+    admin: sqlx::PgPool,
+    lock: sqlx::pool::PoolConnection<sqlx::Postgres>,
+}
+
+/// The advisory lock key of [`Gate`].
+const GATE_KEY: i64 = 4242;
+
+impl Gate {
+    /// Closes a gate on inserts into `queue.tokens` whose row matches `when`, a trigger
+    /// condition on `NEW` (`NEW.concert_id = 'a'`).
+    pub async fn on_inserts(database: &TestDatabase, when: &str) -> Gate {
+        let admin = database.admin().await;
+        for statement in [
+            format!(
+                "CREATE FUNCTION queue.park() RETURNS trigger LANGUAGE plpgsql AS
+                   $$ BEGIN
+                        PERFORM pg_advisory_lock_shared({GATE_KEY});
+                        PERFORM pg_advisory_unlock_shared({GATE_KEY});
+                        RETURN NEW;
+                      END $$"
+            ),
+            format!(
+                "CREATE TRIGGER park BEFORE INSERT ON queue.tokens FOR EACH ROW
+                   WHEN ({when}) EXECUTE FUNCTION queue.park()"
+            ),
+        ] {
+            sqlx::query(&statement).execute(&admin).await.unwrap();
+        }
+        let mut lock = admin.acquire().await.unwrap();
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(GATE_KEY)
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        Gate { admin, lock }
+    }
+
+    /// Waits until one transaction is parked at the gate.
+    pub async fn wait_for_parked(&self) {
+        eventually(
+            Duration::from_secs(10),
+            "an insert parked at the gate",
+            || {
+                let admin = self.admin.clone();
+                async move {
+                    let parked: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = current_database()
+                        AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+                    )
+                    .fetch_one(&admin)
+                    .await
+                    .unwrap();
+                    (parked == 1).then_some(())
+                }
+            },
+        )
+        .await
+    }
+
+    /// Lets the parked inserts through.
+    pub async fn open(mut self) {
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(GATE_KEY)
+            .execute(&mut *self.lock)
+            .await
+            .unwrap();
+    }
 }
