@@ -66,7 +66,7 @@ pub async fn start(
     }));
     background.push(tokio::spawn({
         let (heartbeats, pool, shutdown) = (heartbeats.clone(), pool.clone(), trigger.subscribe());
-        let period = policy.heartbeat_flush;
+        let period = config.heartbeat_flush();
         async move { heartbeats.run_flusher(pool, period, shutdown).await }
     }));
 

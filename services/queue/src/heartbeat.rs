@@ -27,10 +27,14 @@ const FLUSH_CHUNK: usize = 10_000;
 impl Heartbeats {
     /// Notes that a WAITING token's fan is still there.
     pub fn seen(&self, token: Uuid) {
+        self.note([token]);
+    }
+
+    fn note(&self, tokens: impl IntoIterator<Item = Uuid>) {
         self.pending
             .lock()
             .expect("heartbeat set poisoned")
-            .insert(token);
+            .extend(tokens);
     }
 
     fn take(&self) -> Vec<Uuid> {
@@ -52,10 +56,7 @@ impl Heartbeats {
                 // for a whole heartbeat period (their cache entries were just marked seen),
                 // and the sweeper's grace is only a few flush periods.
                 tracing::warn!(%error, tokens = chunk.len(), "heartbeat flush failed");
-                self.pending
-                    .lock()
-                    .expect("heartbeat set poisoned")
-                    .extend(chunk.iter().copied());
+                self.note(chunk.iter().copied());
             }
         }
     }

@@ -29,7 +29,6 @@ pub struct AdmissionPolicy {
     /// A WAITING token unseen for this long is a ghost (`QueueConfig::ghost_after`).
     pub ghost_after: Duration,
     pub heartbeat_every: Duration,
-    pub heartbeat_flush: Duration,
 }
 
 impl From<&QueueConfig> for AdmissionPolicy {
@@ -41,7 +40,6 @@ impl From<&QueueConfig> for AdmissionPolicy {
             active_ttl: config.active_ttl,
             ghost_after: config.ghost_after(),
             heartbeat_every: config.heartbeat_every(),
-            heartbeat_flush: config.heartbeat_flush(),
         }
     }
 }
