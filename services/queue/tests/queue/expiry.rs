@@ -5,7 +5,7 @@ use stagedoor_runtime::time::from_timestamp;
 use stagedoor_testkit::TestDatabase;
 use tonic::Code;
 
-use crate::{open_line, reason, Gate};
+use crate::{open_line, reason, stall_expiry_of, Gate};
 
 #[tokio::test]
 async fn an_active_window_ends_and_the_next_fan_gets_in() {
@@ -154,20 +154,17 @@ async fn a_window_that_ends_while_the_fan_asks_again_gets_a_new_token() {
     let fan = queue.issue("c", "fan").await;
     assert_eq!(fan.status(), pb::TokenStatus::Active);
 
+    stall_expiry_of(&database, "stalled").await;
+    // `stalled`'s window has ended; `fan`'s ends during the stall.
     let admin = database.admin().await;
-    for statement in [
-        "CREATE FUNCTION queue.stall() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$",
-        "CREATE TRIGGER stall BEFORE UPDATE ON queue.tokens FOR EACH ROW
-           WHEN (OLD.user_id = 'stalled' AND NEW.status = 'EXPIRED')
-           EXECUTE FUNCTION queue.stall()",
-        // `stalled`'s window has ended; `fan`'s ends during the stall.
+    sqlx::query(
         "UPDATE queue.tokens SET expire_time = CASE user_id
              WHEN 'stalled' THEN now() - interval '1 second'
              ELSE now() + interval '300 milliseconds' END",
-    ] {
-        sqlx::query(statement).execute(&admin).await.unwrap();
-    }
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
     admin.close().await;
 
     let again = queue.issue("c", "fan").await;
@@ -308,39 +305,19 @@ async fn a_fan_read_as_waiting_is_not_expired_as_a_ghost_later_in_the_same_batch
     assert_eq!(fan.status(), pb::TokenStatus::Active);
     assert_eq!(idle.status(), pb::TokenStatus::Waiting);
 
-    let admin = database.admin().await;
-    for statement in [
-        "CREATE FUNCTION queue.stall() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$",
-        // Fires only once `stalled`'s window has ended, which is set below.
-        "CREATE TRIGGER stall BEFORE UPDATE ON queue.tokens FOR EACH ROW
-           WHEN (OLD.user_id = 'stalled' AND NEW.status = 'EXPIRED')
-           EXECUTE FUNCTION queue.stall()",
-    ] {
-        sqlx::query(statement).execute(&admin).await.unwrap();
-    }
+    // Fires only once `stalled`'s window has ended, which is set below.
+    stall_expiry_of(&database, "stalled").await;
     let gate = Gate::on_inserts(&database, "NEW.user_id = 'blocker'").await;
-    let issue = |user: &'static str| {
-        let mut queue = queue.public.clone();
-        tokio::spawn(async move {
-            queue
-                .issue_token(pb::IssueTokenRequest {
-                    concert_id: "c".into(),
-                    user_id: user.into(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .ticket
-                .unwrap()
-        })
-    };
-    let blocker = issue("blocker");
+    let blocker = queue.issue_in_background("c", "blocker");
     gate.wait_for_parked().await;
-    let (fan_again, idle_again) = (issue("fan"), issue("idle"));
+    let (fan_again, idle_again) = (
+        queue.issue_in_background("c", "fan"),
+        queue.issue_in_background("c", "idle"),
+    );
     // Time for both calls to reach the replica and queue for the line's next batch.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    let admin = database.admin().await;
     for statement in [
         // `stalled`'s window has ended, `fan`'s ends during the stall, and `idle` crosses
         // the ghost deadline (2.5 s) half a second into it.

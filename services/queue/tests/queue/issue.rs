@@ -167,18 +167,7 @@ async fn a_line_stuck_in_the_database_does_not_hold_up_another_concerts_fans() {
     queue.open(&["a", "b"]).await;
     let gate = Gate::on_inserts(&database, "NEW.concert_id = 'a'").await;
 
-    let parked = tokio::spawn({
-        let queue = queue.public.clone();
-        async move {
-            queue
-                .clone()
-                .issue_token(pb::IssueTokenRequest {
-                    concert_id: "a".into(),
-                    user_id: "fan-a".into(),
-                })
-                .await
-        }
-    });
+    let parked = queue.issue_in_background("a", "fan-a");
     gate.wait_for_parked().await;
 
     // A bound only so that a regression fails instead of hanging the run.
@@ -189,6 +178,6 @@ async fn a_line_stuck_in_the_database_does_not_hold_up_another_concerts_fans() {
     assert!(!parked.is_finished(), "a's fan was never parked");
 
     gate.open().await;
-    let ticket = parked.await.unwrap().unwrap().into_inner().ticket.unwrap();
+    let ticket = parked.await.unwrap();
     assert_eq!(ticket.status(), pb::TokenStatus::Active);
 }

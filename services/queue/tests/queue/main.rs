@@ -68,17 +68,16 @@ impl Queue {
     }
 
     pub async fn issue(&self, concert_id: &str, user_id: &str) -> pb::QueueTicket {
-        self.public
-            .clone()
-            .issue_token(pb::IssueTokenRequest {
-                concert_id: concert_id.into(),
-                user_id: user_id.into(),
-            })
-            .await
-            .unwrap_or_else(|status| panic!("IssueToken({concert_id}, {user_id}): {status:?}"))
-            .into_inner()
-            .ticket
-            .unwrap()
+        issue_with(self.public.clone(), concert_id, user_id).await
+    }
+
+    /// [`Queue::issue`] on a task of its own, for a call the test must not wait on yet.
+    pub fn issue_in_background(
+        &self,
+        concert_id: &'static str,
+        user_id: &'static str,
+    ) -> tokio::task::JoinHandle<pb::QueueTicket> {
+        tokio::spawn(issue_with(self.public.clone(), concert_id, user_id))
     }
 
     pub async fn status(&self, token: &str) -> pb::QueueTicket {
@@ -136,6 +135,43 @@ pub async fn count_rows(database: &TestDatabase) -> (i64, i64) {
     database
         .row("SELECT (SELECT count(*) FROM queue.tokens), (SELECT count(*) FROM queue.lines)")
         .await
+}
+
+async fn issue_with(
+    mut client: QueueServiceClient<Channel>,
+    concert_id: &str,
+    user_id: &str,
+) -> pb::QueueTicket {
+    client
+        .issue_token(pb::IssueTokenRequest {
+            concert_id: concert_id.into(),
+            user_id: user_id.into(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("IssueToken({concert_id}, {user_id}): {status:?}"))
+        .into_inner()
+        .ticket
+        .unwrap()
+}
+
+/// Makes the expiry of `user_id`'s token take a second inside Postgres (a trigger sleeps
+/// when the row turns EXPIRED), to widen the gap between two statements of one transaction.
+/// Create it before closing a [`Gate`]: DDL on the table waits for a parked transaction.
+pub async fn stall_expiry_of(database: &TestDatabase, user_id: &str) {
+    let admin = database.admin().await;
+    for statement in [
+        "CREATE FUNCTION queue.stall() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$"
+            .to_owned(),
+        format!(
+            "CREATE TRIGGER stall BEFORE UPDATE ON queue.tokens FOR EACH ROW
+               WHEN (OLD.user_id = '{user_id}' AND NEW.status = 'EXPIRED')
+               EXECUTE FUNCTION queue.stall()"
+        ),
+    ] {
+        sqlx::query(&statement).execute(&admin).await.unwrap();
+    }
+    admin.close().await;
 }
 
 /// Holds chosen token inserts inside Postgres until the test opens it: a trigger makes each
