@@ -15,7 +15,7 @@ use stagedoor_runtime::{
 use tokio::net::TcpListener;
 
 use crate::{
-    batcher::{CompleteBatcher, IssueBatcher, TicketReader},
+    batcher::{self, EndBatcher, IssueBatcher, TicketReader},
     board::LineBoard,
     cache::WaitingCache,
     config::QueueConfig,
@@ -49,11 +49,13 @@ pub async fn start(
     let heartbeats = Arc::new(Heartbeats::default());
     let (batcher, batch_worker) = IssueBatcher::spawn_issue(pool.clone(), policy.clone());
     let (completer, complete_worker) =
-        CompleteBatcher::spawn_complete(pool.clone(), policy.clone());
+        EndBatcher::spawn_end(pool.clone(), policy.clone(), batcher::LINE_LIMITS);
+    let (leaver, leave_worker) =
+        EndBatcher::spawn_end(pool.clone(), policy.clone(), batcher::LEAVE_LIMITS);
 
     let (reader, read_worker) = TicketReader::spawn(pool.clone(), policy.clone());
 
-    let mut background = vec![batch_worker, complete_worker, read_worker];
+    let mut background = vec![batch_worker, complete_worker, leave_worker, read_worker];
     background.push(tokio::spawn(run_admitter(
         pool.clone(),
         policy.clone(),
@@ -78,6 +80,7 @@ pub async fn start(
         policy,
         batcher,
         completer,
+        leaver,
         reader,
         board,
         heartbeats,

@@ -1,6 +1,6 @@
 //! Group commit for the calls that must lock a concert's line row: IssueToken (every new
-//! token takes the line's next place) and CompleteToken (every completion frees a slot and
-//! admits the next fan), and group reads of token rows.
+//! token takes the line's next place), CompleteToken and LeaveQueue (every ending frees a
+//! slot and admits the next fan), and group reads of token rows.
 //!
 //! One transaction per call would cap a rush at what one hot row allows: a few hundred to a
 //! few thousand lock-commit cycles per second, with every other caller of the line queued
@@ -20,19 +20,26 @@ use stagedoor_runtime::{
 use uuid::Uuid;
 
 use crate::{
-    domain::{QueueError, Ticket, TokenStatus},
+    domain::{Ending, QueueError, Ticket, TokenStatus},
     store,
     store::AdmissionPolicy,
 };
 
-/// Line batches: one transaction at a time per line (each takes the line's lock), at most
-/// four lines at once per replica and kind, so that IssueToken and CompleteToken together
+/// Line batches of IssueToken and CompleteToken: one transaction at a time per line (each
+/// takes the line's lock), at most four lines at once per replica and kind, so that the two
 /// hold at most half of the default pool of 16 however many lines are busy (or made up), and
 /// 20,000 calls may wait for one line before more are refused.
-const LINE_LIMITS: BatchLimits = BatchLimits {
+pub const LINE_LIMITS: BatchLimits = BatchLimits {
     max_batch: 1_000,
     concurrent: 4,
     queue_depth: 20_000,
+};
+
+/// LeaveQueue's line batches: as [`LINE_LIMITS`], with two lines at once, so that all three
+/// kinds together leave six of the default 16 connections to reads and background work.
+pub const LEAVE_LIMITS: BatchLimits = BatchLimits {
+    concurrent: 2,
+    ..LINE_LIMITS
 };
 
 /// A batcher whose calls each belong to one concert's line: one transaction at a time per
@@ -53,29 +60,30 @@ impl<I, O> Clone for LineBatcher<I, O> {
 
 /// IssueToken's batcher: a user id in, the fan's ticket out.
 pub type IssueBatcher = LineBatcher<String, Ticket>;
-/// CompleteToken's batcher: an ACTIVE token in, its final status out.
-pub type CompleteBatcher = LineBatcher<Uuid, TokenStatus>;
+/// The batcher of CompleteToken or of LeaveQueue: a live token and how it ends in, its
+/// ticket afterwards out. Both free a slot under the line lock with the same transaction
+/// (`store::end_batch`); each RPC has a batcher of its own, so neither queues behind the other.
+pub type EndBatcher = LineBatcher<(Uuid, Ending), Ticket>;
 
 impl<I: Send + 'static, O: Send + 'static> LineBatcher<I, O> {
     /// Starts the batcher; `line_batch(concert_id, inputs)` does one batch of a line in one
     /// transaction and answers each input in order (arrival order, which is what FIFO means
     /// for IssueToken).
-    fn spawn<F, Fut>(line_batch: F) -> (Self, tokio::task::JoinHandle<()>)
+    fn spawn<F, Fut>(limits: BatchLimits, line_batch: F) -> (Self, tokio::task::JoinHandle<()>)
     where
         F: Fn(String, Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<O>, ApiError>> + Send + 'static,
     {
-        let (calls, finished) =
-            KeyedBatcher::spawn(LINE_LIMITS, move |concert_id, inputs: Vec<I>| {
-                let count = inputs.len();
-                let batch = line_batch(concert_id, inputs);
-                Box::pin(async move {
-                    match batch.await {
-                        Ok(outputs) => outputs.into_iter().map(Ok).collect(),
-                        Err(error) => batch::fail_all(count, error),
-                    }
-                }) as BatchFuture<O>
-            });
+        let (calls, finished) = KeyedBatcher::spawn(limits, move |concert_id, inputs: Vec<I>| {
+            let count = inputs.len();
+            let batch = line_batch(concert_id, inputs);
+            Box::pin(async move {
+                match batch.await {
+                    Ok(outputs) => outputs.into_iter().map(Ok).collect(),
+                    Err(error) => batch::fail_all(count, error),
+                }
+            }) as BatchFuture<O>
+        });
         (Self { calls }, finished)
     }
 
@@ -89,7 +97,7 @@ impl IssueBatcher {
         pool: PgPool,
         policy: AdmissionPolicy,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        Self::spawn(move |concert_id, user_ids: Vec<String>| {
+        Self::spawn(LINE_LIMITS, move |concert_id, user_ids: Vec<String>| {
             let (pool, policy) = (pool.clone(), policy.clone());
             async move {
                 let tickets = store::issue_batch(&pool, &policy, &concert_id, &user_ids)
@@ -124,20 +132,27 @@ impl IssueBatcher {
     }
 }
 
-impl CompleteBatcher {
-    pub fn spawn_complete(
+impl EndBatcher {
+    /// Starts an ending batcher with `limits` (CompleteToken and LeaveQueue have one each).
+    pub fn spawn_end(
         pool: PgPool,
         policy: AdmissionPolicy,
+        limits: BatchLimits,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        Self::spawn(move |concert_id, tokens: Vec<Uuid>| {
+        Self::spawn(limits, move |concert_id, endings: Vec<(Uuid, Ending)>| {
             let (pool, policy) = (pool.clone(), policy.clone());
-            async move { Ok(store::complete_batch(&pool, &policy, &concert_id, &tokens).await?) }
+            async move { Ok(store::end_batch(&pool, &policy, &concert_id, &endings).await?) }
         })
     }
 
-    /// Completes an ACTIVE token of `concert_id`; the token's status afterwards.
+    /// Completes an ACTIVE token of `concert_id` (its fan paid); the token's status afterwards.
     pub async fn complete(&self, concert_id: &str, token: Uuid) -> Result<TokenStatus, ApiError> {
-        self.call(concert_id, token).await
+        Ok(self.call(concert_id, (token, Ending::Paid)).await?.status)
+    }
+
+    /// Ends a WAITING or ACTIVE token of `concert_id` (its fan left); its ticket afterwards.
+    pub async fn leave(&self, concert_id: &str, token: Uuid) -> Result<Ticket, ApiError> {
+        self.call(concert_id, (token, Ending::Left)).await
     }
 }
 

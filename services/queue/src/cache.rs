@@ -13,12 +13,19 @@
 //!   pointer reaches it, the fan was admitted or skipped, and only the row can say which).
 //!
 //! Polls answered from memory still keep the token alive through the heartbeat buffer.
+//!
+//! A token that ends through this replica (its fan called LeaveQueue here) is remembered as
+//! ended for the trust window, so a poll that read the row just before the leave committed
+//! cannot put it back as WAITING, and this replica's watchers of it are woken at once
+//! ([`EndAlarm`]). Other replicas learn of it when their entry's trust runs out.
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
+
+use tokio::sync::Notify;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -46,8 +53,45 @@ struct CachedTicket {
 /// WAITING tickets this replica has read from Postgres.
 pub struct WaitingCache {
     entries: Mutex<HashMap<Uuid, CachedTicket>>,
+    /// Tokens that ended through this replica, and when: never cached as WAITING again
+    /// within the trust window (a read that started before the end may still arrive).
+    ended: Mutex<HashMap<Uuid, Instant>>,
+    /// This replica's open watches, by token (a fan may watch from two tabs).
+    alarms: Alarms,
     trust: Duration,
     heartbeat_every: Duration,
+}
+
+type Alarms = Arc<Mutex<HashMap<Uuid, Vec<Arc<Notify>>>>>;
+
+/// Rings when the watched token ends through this replica; unregisters itself when dropped.
+pub struct EndAlarm {
+    token: Uuid,
+    bell: Arc<Notify>,
+    alarms: Alarms,
+}
+
+impl EndAlarm {
+    /// Resolves once the token has ended here since the alarm was set. A ring that comes
+    /// while the watcher is busy elsewhere is kept for its next wait (`Notify`'s permit).
+    pub async fn rung(&self) {
+        self.bell.notified().await;
+    }
+}
+
+impl Drop for EndAlarm {
+    fn drop(&mut self) {
+        let mut alarms = self
+            .alarms
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if let Some(bells) = alarms.get_mut(&self.token) {
+            bells.retain(|bell| !Arc::ptr_eq(bell, &self.bell));
+            if bells.is_empty() {
+                alarms.remove(&self.token);
+            }
+        }
+    }
 }
 
 impl WaitingCache {
@@ -55,6 +99,8 @@ impl WaitingCache {
     pub fn new(trust: Duration, heartbeat_every: Duration) -> Self {
         Self {
             entries: Mutex::new(HashMap::new()),
+            ended: Mutex::new(HashMap::new()),
+            alarms: Alarms::default(),
             trust,
             heartbeat_every,
         }
@@ -62,11 +108,21 @@ impl WaitingCache {
 
     /// Remembers a ticket just read from Postgres if it is WAITING, forgets it otherwise.
     pub fn remember(&self, ticket: &Ticket) {
-        let mut entries = self.entries.lock().expect("cache poisoned");
         if ticket.status != TokenStatus::Waiting {
-            entries.remove(&ticket.token);
+            self.entries
+                .lock()
+                .expect("cache poisoned")
+                .remove(&ticket.token);
             return;
         }
+        // Lock order: `ended`, then `entries` (as in `ended_here`).
+        let ended = self.ended.lock().expect("cache poisoned");
+        if let Some(at) = ended.get(&ticket.token) {
+            if at.elapsed() <= self.trust {
+                return; // read before it ended here: stale
+            }
+        }
+        let mut entries = self.entries.lock().expect("cache poisoned");
         if entries.len() >= MAX_ENTRIES {
             entries.clear();
         }
@@ -83,6 +139,41 @@ impl WaitingCache {
                 seen_at: now,
             },
         );
+    }
+
+    /// Notes that `token` has just ended through this replica: it is forgotten, kept from
+    /// being cached again as WAITING for the trust window, and its watchers here are woken.
+    pub fn ended_here(&self, token: Uuid) {
+        {
+            let mut ended = self.ended.lock().expect("cache poisoned");
+            if ended.len() >= MAX_ENTRIES {
+                // Only tombstones older than the trust window are useless; at this size a
+                // sweep is rare and cheaper than a second structure ordered by time.
+                ended.retain(|_, at| at.elapsed() <= self.trust);
+            }
+            ended.insert(token, Instant::now());
+            self.entries.lock().expect("cache poisoned").remove(&token);
+        }
+        let alarms = self.alarms.lock().expect("cache poisoned");
+        for bell in alarms.get(&token).into_iter().flatten() {
+            bell.notify_one();
+        }
+    }
+
+    /// An alarm that rings when `token` ends through this replica (for a watch).
+    pub fn alarm(&self, token: Uuid) -> EndAlarm {
+        let bell = Arc::new(Notify::new());
+        self.alarms
+            .lock()
+            .expect("cache poisoned")
+            .entry(token)
+            .or_default()
+            .push(bell.clone());
+        EndAlarm {
+            token,
+            bell,
+            alarms: self.alarms.clone(),
+        }
     }
 
     /// The ticket, if it can be answered from memory (see the module notes).
@@ -185,6 +276,32 @@ mod tests {
             cache.lookup(ticket.token, &LineBoard::default()).is_none(),
             "line unknown"
         );
+    }
+
+    /// A poll that read the row just before the fan left through this replica must not
+    /// put the token back as WAITING; a watch of it is woken.
+    #[tokio::test]
+    async fn a_token_that_ended_here_is_not_cached_again_and_wakes_its_watchers() {
+        let cache = WaitingCache::new(Duration::from_secs(60), Duration::from_secs(60));
+        let ticket = waiting_ticket(10);
+        cache.remember(&ticket);
+        let alarm = cache.alarm(ticket.token);
+        let other = cache.alarm(Uuid::new_v4());
+
+        cache.ended_here(ticket.token);
+        cache.remember(&ticket); // the stale read arrives after the leave
+        assert!(cache.lookup(ticket.token, &board_at(0)).is_none());
+        tokio::time::timeout(Duration::from_secs(1), alarm.rung())
+            .await
+            .expect("the watch of the token that ended is woken");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), other.rung())
+                .await
+                .is_err(),
+            "other watches are not"
+        );
+        drop((alarm, other));
+        assert!(cache.alarms.lock().unwrap().is_empty(), "alarms unregister");
     }
 
     #[test]

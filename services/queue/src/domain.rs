@@ -52,6 +52,15 @@ impl TokenStatus {
     }
 }
 
+/// How a live token is ended before its window runs out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Its fan paid (CompleteToken): an ACTIVE token becomes DONE.
+    Paid,
+    /// Its fan left the line (LeaveQueue): a WAITING or ACTIVE token becomes EXPIRED.
+    Left,
+}
+
 /// A token with where it stands, as read from the database in one query.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ticket {

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
-    batcher::{CompleteBatcher, IssueBatcher, TicketReader},
+    batcher::{EndBatcher, IssueBatcher, TicketReader},
     board::LineBoard,
     cache::WaitingCache,
     domain::{self, parse_token, QueueError, Ticket, TokenStatus},
@@ -29,7 +29,10 @@ pub struct QueueState {
     pub policy: AdmissionPolicy,
     pub batcher: IssueBatcher,
     /// CompleteToken's group commit.
-    pub completer: CompleteBatcher,
+    pub completer: EndBatcher,
+    /// LeaveQueue's group commit: a queue of its own, so that a wave of fans leaving never
+    /// fills the queue that payments' completions wait in.
+    pub leaver: EndBatcher,
     /// Fresh reads of token rows, coalesced.
     pub reader: TicketReader,
     pub board: Arc<LineBoard>,
@@ -160,6 +163,30 @@ impl QueueService for QueueApi {
         tokio::spawn(watch(self.state.clone(), ticket, sender));
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
+
+    async fn leave_queue(
+        &self,
+        request: Request<pb::LeaveQueueRequest>,
+    ) -> Result<Response<pb::LeaveQueueResponse>, Status> {
+        // Read fresh (not from the replica's view): the line to lock is the token's, and a
+        // token that has ended is answered as it is, without locking anything.
+        let ticket = self.ticket(&request.into_inner().token).await?;
+        let ticket = if ticket.status.is_final() {
+            ticket
+        } else {
+            // Group-committed with the line's other leaves (see `batcher`).
+            self.state
+                .leaver
+                .leave(&ticket.concert_id, ticket.token)
+                .await?
+        };
+        // This replica answers the token's polls from the row from now on, and its watches
+        // of the token end now.
+        self.state.waiting.ended_here(ticket.token);
+        Ok(Response::new(pb::LeaveQueueResponse {
+            ticket: Some(self.to_proto(&ticket)),
+        }))
+    }
 }
 
 /// How long a watcher waits between two position updates, given `far`, the pause of a fan
@@ -201,6 +228,12 @@ async fn watch(
     // row at every flush (10,000 watchers: 10,000 row writes every 2 s in the demo, each
     // locking rows that admission then waited for).
     let mut noted_at = tokio::time::Instant::now();
+    // When the stream last checked the ticket against its row (its first message may come
+    // from a cache entry verified up to one period earlier).
+    let mut verified_at = tokio::time::Instant::now();
+    // Rings if the fan leaves through this replica: the stream ends with EXPIRED at once.
+    let ended_here = state.waiting.alarm(ticket.token);
+    let mut rung = false;
     // Resolves when this replica's board sees the admission pointer reach the fan's place.
     // Registered once per stream and kept across pauses; `None` once it has fired.
     let mut reached = (ticket.status == TokenStatus::Waiting)
@@ -235,7 +268,10 @@ async fn watch(
         let waiting = ticket.status == TokenStatus::Waiting;
         let pause = tokio::time::sleep(update_interval(ticket.position(), state.watch_interval));
         let recheck = if waiting {
-            state.policy.heartbeat_every
+            // Due from the last check, not from this wake: a line that moves just often
+            // enough to wake the watcher must not put the check off period after period.
+            (verified_at + state.policy.heartbeat_every)
+                .saturating_duration_since(tokio::time::Instant::now())
         } else {
             ACTIVE_RECHECK
         };
@@ -252,20 +288,39 @@ async fn watch(
                     let _ = reached.await;
                 }
             }, if waiting && reached.is_some() => reached = None,
+            _ = ended_here.rung() => rung = true,
             _ = tokio::time::sleep(window_end(&ticket)) => {}
             _ = tokio::time::sleep(recheck) => {}
         }
 
         let counters = *line.borrow_and_update();
-        if ticket.status == TokenStatus::Waiting && counters.admitted_through < ticket.place {
+        let check_due = verified_at.elapsed() >= state.policy.heartbeat_every;
+        if ticket.status == TokenStatus::Waiting
+            && counters.admitted_through < ticket.place
+            && !check_due
+            && !rung
+        {
             // Still behind the admission pointer: the position follows from the board alone.
             ticket.admitted_through = ticket.admitted_through.max(counters.admitted_through);
             continue;
         }
-        // Admitted, skipped, completed or expired: only the row can say which.
+        // Admitted, skipped, completed, expired or left: only the row can say which. A WAITING
+        // ticket is also checked once per `heartbeat_every` (the trust window of a cached
+        // poll), however far back: its fan may have left through another replica, or been
+        // expired as a ghost, and the stream must end with EXPIRED rather than count down
+        // to a place nobody will take. One batched row read per watcher per period (30 s by
+        // default) is a small price beside the updates the stream sends.
+        let only_a_check = ticket.status == TokenStatus::Waiting
+            && counters.admitted_through < ticket.place
+            && !rung;
+        verified_at = tokio::time::Instant::now();
+        rung = false;
         match state.reader.read(ticket.token).await {
             Ok(Some(fresh)) => ticket = fresh,
             Ok(None) => return,
+            // A periodic check that fails is tried again next period: far-back watchers
+            // must not all lose their streams to one slow moment of the database.
+            Err(_) if only_a_check => {}
             Err(error) => {
                 deliver(&sender, stopped.as_mut(), Err(error.into())).await;
                 return;

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::{
     config::QueueConfig,
-    domain::{Ticket, TokenStatus},
+    domain::{Ending, Ticket, TokenStatus},
 };
 
 /// The admission bounds and clocks, read once from the configuration.
@@ -432,51 +432,90 @@ pub async fn issue_batch(
     Ok(Some(tickets))
 }
 
-/// Completes ACTIVE tokens of one concert's line in one transaction (see `batcher`): each
-/// becomes DONE if it is still ACTIVE inside its window, the freed slots go to the next fans
-/// at once, and the answer is each token's status afterwards, in the order given. A token
-/// already DONE or EXPIRED is left as it is (completing is idempotent).
-pub async fn complete_batch(
+/// Ends live tokens of one concert's line in one transaction (see `batcher`): paid tokens
+/// become DONE if still ACTIVE inside their window, left ones EXPIRED if still WAITING or
+/// ACTIVE. The freed slots go to the next fans at once, and the answer is each token's ticket
+/// afterwards, in the order given. A token already DONE or EXPIRED is left as it is (ending
+/// is idempotent), and so is a token of another line.
+pub async fn end_batch(
     pool: &PgPool,
     policy: &AdmissionPolicy,
     concert_id: &str,
-    tokens: &[Uuid],
-) -> Result<Vec<TokenStatus>, sqlx::Error> {
+    endings: &[(Uuid, Ending)],
+) -> Result<Vec<Ticket>, sqlx::Error> {
+    let with = |wanted: Ending| -> Vec<Uuid> {
+        endings
+            .iter()
+            .filter(|(_, ending)| *ending == wanted)
+            .map(|(token, _)| *token)
+            .collect()
+    };
+    let (paid, left) = (with(Ending::Paid), with(Ending::Left));
     let mut tx = pool.begin().await?;
     // The line lock: the ACTIVE count and admission change together, for every replica.
+    // A WAITING fan leaves under it too. Without it, admission could make the token ACTIVE
+    // between the caller's read and this UPDATE, and the slot it took would then have to be
+    // given back with the line locked anyway; with it, no token of the line changes status
+    // behind this transaction's back.
     let Some(mut line) = lock_line(&mut tx, concert_id, false).await? else {
         return Err(sqlx::Error::RowNotFound);
     };
-    // Conditional on still being ACTIVE inside its window: a concurrent completion or the
-    // expiry sweeper may have ended a token since the caller read it. And on the line this
-    // transaction locked: the count it corrects is that line's, so a token of another
-    // concert must never be counted here, whoever grouped the batch.
-    let completed = sqlx::query(
-        "UPDATE tokens SET status = 'DONE', end_time = statement_timestamp()
-          WHERE token = ANY($1) AND concert_id = $2
-            AND status = 'ACTIVE' AND expire_time > statement_timestamp()",
-    )
-    .bind(tokens)
-    .bind(concert_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    line.active_count -= completed as i64;
+    // Every UPDATE below is conditional on the token's status and on the line this
+    // transaction locked: a concurrent completion, a leave or the expiry sweeper may have
+    // ended a token since the caller read it, and the count corrected here is this line's,
+    // so a token of another concert must never be counted, whoever grouped the batch.
+    if !paid.is_empty() {
+        let completed = sqlx::query(
+            "UPDATE tokens SET status = 'DONE', end_time = statement_timestamp()
+              WHERE token = ANY($1) AND concert_id = $2
+                AND status = 'ACTIVE' AND expire_time > statement_timestamp()",
+        )
+        .bind(&paid)
+        .bind(concert_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        line.active_count -= completed as i64;
+    }
+    if !left.is_empty() {
+        // An ACTIVE token gives its slot back (even past its window: it is still counted
+        // until expired); a WAITING one holds no slot, and admission simply never reaches it.
+        // The two parts touch disjoint rows (by status, in one snapshot), and Postgres runs
+        // both to completion though only the first is counted.
+        let left_active: i64 = sqlx::query_scalar(
+            "WITH left_active AS (
+                 UPDATE tokens SET status = 'EXPIRED', end_time = statement_timestamp()
+                  WHERE token = ANY($1) AND concert_id = $2 AND status = 'ACTIVE'
+                 RETURNING 1),
+             left_waiting AS (
+                 UPDATE tokens SET status = 'EXPIRED', end_time = statement_timestamp()
+                  WHERE token = ANY($1) AND concert_id = $2 AND status = 'WAITING')
+             SELECT count(*) FROM left_active",
+        )
+        .bind(&left)
+        .bind(concert_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        line.active_count -= left_active;
+    }
     // The freed slots go to the next fans now, not at the next tick.
     advance(&mut tx, policy, &mut line).await?;
-    let statuses: Vec<(Uuid, String)> =
-        sqlx::query_as("SELECT token, status FROM tokens WHERE token = ANY($1)")
-            .bind(tokens)
-            .fetch_all(&mut *tx)
-            .await?;
+    let tokens: Vec<Uuid> = endings.iter().map(|(token, _)| *token).collect();
+    let rows: Vec<TicketRow> = sqlx::query_as(&format!("{TICKET_SELECT} WHERE t.token = ANY($1)"))
+        .bind(&tokens)
+        .fetch_all(&mut *tx)
+        .await?;
     tx.commit().await?;
-    let statuses: std::collections::HashMap<Uuid, TokenStatus> = statuses
+    let tickets: HashMap<Uuid, Ticket> = rows
         .into_iter()
-        .map(|(token, status)| (token, TokenStatus::from_db(&status)))
+        .map(|row| {
+            let ticket = row.into_ticket(policy.heartbeat_every);
+            (ticket.token, ticket)
+        })
         .collect();
     tokens
         .iter()
-        .map(|token| statuses.get(token).copied().ok_or(sqlx::Error::RowNotFound))
+        .map(|token| tickets.get(token).cloned().ok_or(sqlx::Error::RowNotFound))
         .collect()
 }
 

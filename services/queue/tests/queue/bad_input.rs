@@ -152,6 +152,12 @@ async fn malformed_tokens_are_refused_on_every_rpc() {
                 })
                 .await
                 .map(|_| ()),
+            public
+                .leave_queue(pb::LeaveQueueRequest {
+                    token: token.into(),
+                })
+                .await
+                .map(|_| ()),
             internal
                 .validate_token(pb::ValidateTokenRequest {
                     token: token.into(),

@@ -6,6 +6,7 @@ mod bad_input;
 mod expiry;
 mod infra;
 mod issue;
+mod leave;
 mod watch;
 
 use std::time::Duration;
@@ -91,6 +92,17 @@ impl Queue {
             .into_inner()
             .ticket
             .unwrap()
+    }
+
+    /// LeaveQueue through this replica.
+    pub async fn leave(&self, token: &str) -> Result<pb::QueueTicket, tonic::Status> {
+        self.public
+            .clone()
+            .leave_queue(pb::LeaveQueueRequest {
+                token: token.into(),
+            })
+            .await
+            .map(|response| response.into_inner().ticket.unwrap())
     }
 
     pub async fn validate(&self, token: &str) -> Result<pb::ValidateTokenResponse, tonic::Status> {
