@@ -2,8 +2,10 @@
 //!
 //! Every fan arrives the instant the sale opens, takes a queue token, watches the line (the
 //! server stream) until admitted, browses the dates and seats, holds 1 to 4 free seats,
-//! charges points when short and pays. Some fans abandon after browsing, some let their
-//! hold expire, some double-click Pay. When the last seat is sold the waiting fans go home.
+//! charges points when short and pays. Some fans abandon after browsing and leave the line
+//! (LeaveQueue, which gives their place to the next fan at once), some walk away from a hold
+//! and let it and their token expire, some double-click Pay. When the last seat is sold the
+//! waiting fans go home.
 //!
 //! Then the verdict, checked through the services' own RPCs and a read-only audit of the
 //! database: seats sold == seats of completed payments, no seat sold twice, points
@@ -204,6 +206,7 @@ struct Live {
     holds_left_to_expire: AtomicUsize,
     double_clicks: AtomicUsize,
     went_home: AtomicUsize,
+    left_queue: AtomicUsize,
     points_charged: AtomicI64,
 }
 
@@ -405,6 +408,7 @@ async fn sale(
         holds_left_to_expire: sale.live.holds_left_to_expire.load(Ordering::Relaxed),
         double_clicks: sale.live.double_clicks.load(Ordering::Relaxed),
         went_home: sale.live.went_home.load(Ordering::Relaxed),
+        left_queue: sale.live.left_queue.load(Ordering::Relaxed),
         max_active: max_active.load(Ordering::Relaxed),
         rpcs,
         admission_heard,
@@ -479,10 +483,22 @@ const LOOK_AGAIN: Duration = Duration::from_millis(200);
 enum Persona {
     /// Holds seats and pays (charging points first when short).
     Buyer { double_click: bool },
-    /// Browses the seats and leaves.
+    /// Browses the seats and leaves the line.
     Abandons,
-    /// Holds seats and never pays: the hold expires and the seats come back.
+    /// Holds seats and walks away without a word: the hold expires and the seats come back,
+    /// and the token keeps its slot until its window runs out.
     LetsHoldExpire,
+}
+
+/// How an admitted fan's visit ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// Paid: the payment made the token DONE.
+    Paid,
+    /// Presses "leave" (LeaveQueue): done browsing, out of patience, or refused at Pay.
+    Leaves,
+    /// Closes the tab, or the sale ended: the token is left to run out.
+    WalksAway,
 }
 
 /// One fan's visit, start to end.
@@ -523,7 +539,24 @@ async fn fan(sale: &Sale, index: usize) {
     }
     sale.live.admitted.fetch_add(1, Ordering::Relaxed);
     sale.live.active.fetch_add(1, Ordering::Relaxed);
-    shop(sale, &mut rng, &user_id, &ticket.token, persona).await;
+    let exit = shop(sale, &mut rng, &user_id, &ticket.token, persona).await;
+    // A fan who leaves gives the slot to the next fan in line now, instead of holding it
+    // until the token's window ends (which, before LeaveQueue, kept the last fans waiting
+    // while the last seats came back from expired holds). Not once the sale is over: then
+    // nobody is waiting for the slot.
+    if exit == Exit::Leaves && !sale.stopped() {
+        let left = sale
+            .call(
+                "queue.LeaveQueue",
+                queue.leave_queue(queue_pb::LeaveQueueRequest {
+                    token: ticket.token.clone(),
+                }),
+            )
+            .await;
+        if left.is_ok() {
+            sale.live.left_queue.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     sale.live.active.fetch_sub(1, Ordering::Relaxed);
 }
 
@@ -564,8 +597,8 @@ async fn wait_for_admission(
     }
 }
 
-/// An admitted fan: browse, hold, (charge,) pay.
-async fn shop(sale: &Sale, rng: &mut Rng, user_id: &str, token: &str, persona: Persona) {
+/// An admitted fan: browse, hold, (charge,) pay. Says how the visit ended.
+async fn shop(sale: &Sale, rng: &mut Rng, user_id: &str, token: &str, persona: Persona) -> Exit {
     let mut concert = sale.concerts[rng.below(sale.concerts.len() as u64) as usize].clone();
     // A fan who finds nothing free looks again, pausing like a person refreshing the page,
     // until their patience runs out. (Counting looks instead of time made fans give up
@@ -573,8 +606,11 @@ async fn shop(sale: &Sale, rng: &mut Rng, user_id: &str, token: &str, persona: P
     // holds after every admitted fan had left, and waited for tokens to time out.)
     let give_up_at = Instant::now() + sale.patience;
     loop {
-        if sale.stopped() || Instant::now() >= give_up_at {
-            return;
+        if sale.stopped() {
+            return Exit::WalksAway;
+        }
+        if Instant::now() >= give_up_at {
+            return Exit::Leaves;
         }
         let Ok(dates) = sale
             .call(
@@ -588,7 +624,7 @@ async fn shop(sale: &Sale, rng: &mut Rng, user_id: &str, token: &str, persona: P
             )
             .await
         else {
-            return;
+            return Exit::Leaves;
         };
         if dates.schedules.is_empty() {
             // Every seat SOLD or held: held ones may come back when their hold expires.
@@ -608,7 +644,7 @@ async fn shop(sale: &Sale, rng: &mut Rng, user_id: &str, token: &str, persona: P
             )
             .await
         else {
-            return;
+            return Exit::Leaves;
         };
         let mut free: Vec<(i32, i64)> = seats
             .seats
@@ -622,7 +658,7 @@ async fn shop(sale: &Sale, rng: &mut Rng, user_id: &str, token: &str, persona: P
         }
         if persona == Persona::Abandons {
             sale.live.abandoned.fetch_add(1, Ordering::Relaxed);
-            return;
+            return Exit::Leaves;
         }
         let want = (1 + rng.below(4) as usize).min(free.len());
         let mut chosen = Vec::with_capacity(want);
@@ -647,18 +683,21 @@ async fn shop(sale: &Sale, rng: &mut Rng, user_id: &str, token: &str, persona: P
             Ok(response) => response.hold.unwrap_or_default(),
             // Someone was quicker: look again.
             Err(status) if status.code() == Code::Aborted => continue,
-            Err(_) => return,
+            Err(_) => return Exit::Leaves,
         };
         match persona {
             Persona::LetsHoldExpire => {
                 sale.live
                     .holds_left_to_expire
                     .fetch_add(1, Ordering::Relaxed);
-                return;
+                return Exit::WalksAway;
             }
             Persona::Buyer { double_click } => {
-                pay(sale, rng, user_id, token, &hold, double_click).await;
-                return;
+                return if pay(sale, rng, user_id, token, &hold, double_click).await {
+                    Exit::Paid
+                } else {
+                    Exit::Leaves
+                };
             }
             Persona::Abandons => unreachable!("abandoning fans left before holding"),
         }
@@ -666,7 +705,7 @@ async fn shop(sale: &Sale, rng: &mut Rng, user_id: &str, token: &str, persona: P
 }
 
 /// Charges what the fan is short of, then pays (twice at once with one request id for a
-/// double-clicker).
+/// double-clicker). True when the fan paid.
 async fn pay(
     sale: &Sale,
     rng: &mut Rng,
@@ -674,7 +713,7 @@ async fn pay(
     token: &str,
     hold: &concert_pb::Hold,
     double_click: bool,
-) {
+) -> bool {
     let mut point = sale.points[rng.below(sale.points.len() as u64) as usize].clone();
     let Ok(balance) = sale
         .call(
@@ -685,7 +724,7 @@ async fn pay(
         )
         .await
     else {
-        return;
+        return false;
     };
     if balance.balance < hold.total_price {
         // Short: charge the difference and a little more, as people do.
@@ -701,7 +740,7 @@ async fn pay(
             )
             .await;
         if charged.is_err() {
-            return;
+            return false;
         }
         sale.live
             .points_charged
@@ -765,9 +804,11 @@ async fn pay(
                 // Sold out: the fans still in line go home.
                 sale.stop.send_replace(true);
             }
+            true
         }
         Err(_) => {
             sale.live.payments_failed.fetch_add(1, Ordering::Relaxed);
+            false
         }
     }
 }
@@ -1053,6 +1094,9 @@ struct Report {
     holds_left_to_expire: usize,
     double_clicks: usize,
     went_home: usize,
+    /// Admitted fans who pressed "leave" (LeaveQueue answered; their token may have ended
+    /// already).
+    left_queue: usize,
     max_active: i64,
     rpcs: HashMap<&'static str, RpcTimes>,
     /// How long after admission each watching fan heard of it.
@@ -1104,7 +1148,7 @@ impl Report {
             ),
         }
         println!(
-            "  fans {} · admitted {} · paid {} · payments refused {} · abandoned {} · holds left to expire {} · double clicks {} · went home from the line {} · max ACTIVE {}",
+            "  fans {} · admitted {} · paid {} · payments refused {} · abandoned {} · holds left to expire {} · double clicks {} · left the line {} · went home from the line {} · max ACTIVE {}",
             self.fans,
             self.admitted,
             self.payments,
@@ -1112,6 +1156,7 @@ impl Report {
             self.abandoned,
             self.holds_left_to_expire,
             self.double_clicks,
+            self.left_queue,
             self.went_home,
             self.max_active
         );
@@ -1187,7 +1232,7 @@ impl Report {
             "{{\"verdict\":\"{}\",\"fans\":{},\"seats\":{},\"cap\":{},\"rate\":{},\"seed\":{seed},\
              \"sale_seconds\":{},\"sold_out_seconds\":{},\"seats_sold\":{},\"payments\":{},\
              \"payments_refused\":{},\"admitted\":{},\"abandoned\":{},\"holds_left_to_expire\":{},\
-             \"double_clicks\":{},\"max_active\":{},\"admission_heard_p50_ms\":{},\
+             \"double_clicks\":{},\"left_queue\":{},\"went_home\":{},\"max_active\":{},\"admission_heard_p50_ms\":{},\
              \"admission_heard_p99_ms\":{},\"rpcs\":[{}],\"checks\":[{}]}}\n",
             if self.passed() { "PASS" } else { "FAIL" },
             self.fans,
@@ -1205,6 +1250,8 @@ impl Report {
             self.abandoned,
             self.holds_left_to_expire,
             self.double_clicks,
+            self.left_queue,
+            self.went_home,
             self.max_active,
             ms(self.admission_heard.quantile(0.50)),
             ms(self.admission_heard.quantile(0.99)),
