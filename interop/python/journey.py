@@ -131,6 +131,14 @@ def journey(args) -> None:
     assert balance == 0, balance
     status = queue.GetQueueStatus(queue_pb2.GetQueueStatusRequest(token=ticket.token), timeout=10)
     assert status.ticket.status == queue_pb2.TOKEN_STATUS_DONE, status
+    # Leaving after paying changes nothing; a fan who enters and leaves ends EXPIRED.
+    left = queue.LeaveQueue(queue_pb2.LeaveQueueRequest(token=ticket.token), timeout=10).ticket
+    assert left.status == queue_pb2.TOKEN_STATUS_DONE, left
+    other = queue.IssueToken(
+        queue_pb2.IssueTokenRequest(concert_id=args.concert_id, user_id=f"{user}-b"), timeout=10
+    ).ticket
+    left = queue.LeaveQueue(queue_pb2.LeaveQueueRequest(token=other.token), timeout=10).ticket
+    assert left.status == queue_pb2.TOKEN_STATUS_EXPIRED and left.token == other.token, left
 
     print(f"python interop: {user} paid {receipt.amount} for seats {list(receipt.seat_numbers)}: ok")
 
