@@ -110,7 +110,7 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     );
     let (postgres, database) = crate::database(args.database_url.as_deref(), &name).await?;
     let local = "127.0.0.1:0".parse()?;
-    let mesh = Mesh::start(
+    let started = Mesh::start(
         &database,
         &MeshOptions {
             queue_addr: local,
@@ -125,7 +125,18 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
             hold_ttl: Some(args.hold_ttl),
         },
     )
-    .await?;
+    .await;
+    let mesh = match started {
+        Ok(mesh) => mesh,
+        Err(error) => {
+            // Refused before the sale (too few connections free, a port taken): the fresh
+            // database is nobody's, and must not be left behind.
+            if !args.keep_database {
+                let _ = database.drop_database().await;
+            }
+            return Err(error);
+        }
+    };
     println!(
         "stagedoor demo: {} fans, {} seats, cap {} ACTIVE, {} admitted/s, seed {seed}",
         args.fans, args.seats, args.cap, args.rate

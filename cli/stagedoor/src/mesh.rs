@@ -93,6 +93,32 @@ impl MeshOptions {
     }
 }
 
+/// Connections the mesh leaves free for its caller (the demo's audit pool, a psql).
+const SPARE_CONNECTIONS: i64 = 4;
+/// The smallest pool a service is started with: fewer, and one slow statement stalls it.
+const MIN_POOL: i64 = 4;
+
+/// The most connections each of the four services' pools may open: what the server has free
+/// for them, shared equally, less the spare. Four pools of 16 are 64 connections at the
+/// height of a sale; on a server with Postgres's default of 100 that other clients share (a
+/// second demo, a test run, an application), pools of 16 would run into "too many clients",
+/// which a pool only reports as a timeout after waiting for a connection
+/// (DATABASE_UNAVAILABLE, and calls seconds slow). Smaller pools only make calls queue.
+async fn pool_cap(database: &Database) -> Result<u32, Box<dyn std::error::Error>> {
+    let (free, max_connections) = db::free_connections(&database.admin_url).await?;
+    let share = (free - SPARE_CONNECTIONS) / 4;
+    if share < MIN_POOL {
+        return Err(format!(
+            "Postgres accepts only {free} more connections (max_connections = \
+             {max_connections}, the rest are in use); the four services need at least {}. \
+             Stop other clients of this server, or raise its max_connections.",
+            4 * MIN_POOL + SPARE_CONNECTIONS
+        )
+        .into());
+    }
+    Ok(u32::try_from(share).unwrap_or(u32::MAX))
+}
+
 /// The four services running in this process, each on its own port with its own role.
 pub struct Mesh {
     pub queue: ServiceHandle,
@@ -114,6 +140,19 @@ impl Mesh {
         let mut concert = options.settings("stagedoor-concert", || ConcertConfig::new("", ""))?;
         let mut payment =
             options.settings("stagedoor-payment", || PaymentConfig::new("", "", "", ""))?;
+        let cap = pool_cap(database).await?;
+        let pools = [
+            &mut queue.database_max_connections,
+            &mut point.database_max_connections,
+            &mut concert.database_max_connections,
+            &mut payment.database_max_connections,
+        ];
+        if pools.iter().any(|pool| **pool > cap) {
+            println!("  Postgres has few connections free: each service's pool is capped at {cap}");
+        }
+        for pool in pools {
+            *pool = (*pool).min(cap);
+        }
         queue.database_url = database.url(db::QUEUE);
         queue.max_active = options.max_active.unwrap_or(queue.max_active);
         queue.admit_rate = options.admit_rate.unwrap_or(queue.admit_rate);

@@ -54,6 +54,54 @@ fn a_demo_that_cannot_run_says_why_and_exits_2() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// On a Postgres whose connections are nearly all taken, the demo says so and how to fix
+/// it, instead of starting pools that would time out mid-sale; and it leaves no database.
+/// (Runs alone, as every demo test does: see .config/nextest.toml.)
+#[tokio::test]
+async fn a_demo_on_a_crowded_postgres_says_why_and_leaves_nothing() {
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(200)
+        .connect(&admin_url())
+        .await
+        .unwrap();
+    let demo_databases = "SELECT count(*) FROM pg_database WHERE datname LIKE 'stagedoor_demo_%'";
+    let before: i64 = sqlx::query_scalar(demo_databases)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    // Take connections (as the superuser, who may also use the reserved ones) until fewer
+    // than the mesh's minimum are left for the services' roles.
+    let mut taken = Vec::new();
+    loop {
+        let (free, _) = stagedoor_runtime::db::free_connections(&admin_url())
+            .await
+            .unwrap();
+        if free < 12 {
+            break;
+        }
+        taken.push(admin.acquire().await.unwrap());
+    }
+    let output = tokio::task::spawn_blocking(|| {
+        stagedoor()
+            .args(["demo", "--fans", "10", "--seats", "5"])
+            .env("DATABASE_URL", admin_url())
+            .output()
+            .expect("stagedoor runs")
+    })
+    .await
+    .unwrap();
+    drop(taken);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("max_connections"), "{stderr}");
+    let after: i64 = sqlx::query_scalar(demo_databases)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(after, before, "the demo's database was dropped");
+    admin.close().await;
+}
+
 #[tokio::test]
 async fn health_exits_zero_for_a_serving_service_and_non_zero_otherwise() {
     let database = stagedoor_testkit::TestDatabase::create().await;

@@ -223,6 +223,28 @@ async fn connect_admin(
         })
 }
 
+/// How many more connections the server behind `admin_url` accepts from roles that are not
+/// superusers (every service's role), and its `max_connections`. Connections beyond it are
+/// refused ("too many clients"), which a pool reports as a timeout after waiting for them:
+/// anything that starts several pools on a shared server sizes them from this first.
+pub async fn free_connections(admin_url: &str) -> Result<(i64, i64), StartupError> {
+    let mut admin = connect_admin(admin_url, |options| options).await?;
+    // Slots kept for superusers (and, from Postgres 16, for pg_use_reserved_connections)
+    // are not for the services; every client backend, this one included, takes one.
+    let free = sqlx::query_as(
+        "SELECT current_setting('max_connections')::int8
+                - current_setting('superuser_reserved_connections')::int8
+                - coalesce(current_setting('reserved_connections', true), '0')::int8
+                - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'),
+                current_setting('max_connections')::int8",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .map_err(StartupError::Provision);
+    let _ = admin.close().await;
+    free
+}
+
 /// Drops `database` through an admin connection, closing whatever is still connected to it
 /// (`WITH (FORCE)`): for throwaway databases of tests and load runs.
 pub async fn drop_database(admin_url: &str, database: &str) -> Result<(), sqlx::Error> {
