@@ -132,7 +132,9 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
             // Refused before the sale (too few connections free, a port taken): the fresh
             // database is nobody's, and must not be left behind.
             if !args.keep_database {
-                let _ = database.drop_database().await;
+                if let Err(drop_error) = database.drop_database().await {
+                    eprintln!("stagedoor demo: the demo database was not dropped: {drop_error}");
+                }
             }
             return Err(error);
         }

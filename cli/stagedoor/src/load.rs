@@ -877,50 +877,82 @@ impl Target {
             running: Vec::new(),
             database: None,
         };
-        for service in needs {
-            // Replicas of one service share its database; replica i reaches replica i of
-            // each peer (the peers' own count wrapping), so service-to-service calls spread
-            // over the replicas as the load's own calls do.
-            for replica in 0..usize::from(load.replicas) {
-                let handle = match service {
-                    Service::Queue => {
-                        let mut config = QueueConfig::for_database(database.url(db::QUEUE));
-                        config.max_active = load.max_active.max(active_fans);
-                        config.admit_rate = if active_fans > 0 {
-                            1_000_000
-                        } else {
-                            load.admit_rate
-                        };
-                        mesh::start_on(local, |listener| stagedoor_queue::start(config, listener))
+        // Everything started from here on is undone if a later step fails: the services
+        // already running are stopped and the throwaway database dropped.
+        let started: Result<(), Box<dyn std::error::Error>> = async {
+            // Every pool gets its share of what the server has free (see mesh::pool_cap).
+            let pools = needs.len() * usize::from(load.replicas);
+            // (Every service's default pool is the same size; the queue's stands for all.)
+            let default_pool = QueueConfig::for_database("").database_max_connections;
+            let cap = mesh::pool_cap(&database.admin_url, &vec![default_pool; pools]).await?;
+            for service in needs {
+                // Replicas of one service share its database; replica i reaches replica i of
+                // each peer (the peers' own count wrapping), so service-to-service calls spread
+                // over the replicas as the load's own calls do.
+                for replica in 0..usize::from(load.replicas) {
+                    let handle = match service {
+                        Service::Queue => {
+                            let mut config = QueueConfig::for_database(database.url(db::QUEUE));
+                            config.database_max_connections = cap.min(default_pool);
+                            config.max_active = load.max_active.max(active_fans);
+                            config.admit_rate = if active_fans > 0 {
+                                1_000_000
+                            } else {
+                                load.admit_rate
+                            };
+                            mesh::start_on(local, |listener| {
+                                stagedoor_queue::start(config, listener)
+                            })
                             .await?
-                    }
-                    Service::Concert => {
-                        let config = ConcertConfig::new(
-                            database.url(db::CONCERT),
-                            target.url_of(Service::Queue, replica),
-                        );
-                        mesh::start_on(local, |listener| stagedoor_concert::start(config, listener))
+                        }
+                        Service::Concert => {
+                            let mut config = ConcertConfig::new(
+                                database.url(db::CONCERT),
+                                target.url_of(Service::Queue, replica),
+                            );
+                            config.database_max_connections = cap.min(default_pool);
+                            mesh::start_on(local, |listener| {
+                                stagedoor_concert::start(config, listener)
+                            })
                             .await?
-                    }
-                    Service::Point => {
-                        let config = PointConfig::for_database(database.url(db::POINT));
-                        mesh::start_on(local, |listener| stagedoor_point::start(config, listener))
+                        }
+                        Service::Point => {
+                            let mut config = PointConfig::for_database(database.url(db::POINT));
+                            config.database_max_connections = cap.min(default_pool);
+                            mesh::start_on(local, |listener| {
+                                stagedoor_point::start(config, listener)
+                            })
                             .await?
-                    }
-                    Service::Payment => {
-                        let config = PaymentConfig::new(
-                            database.url(db::PAYMENT),
-                            target.url_of(Service::Queue, replica),
-                            target.url_of(Service::Concert, replica),
-                            target.url_of(Service::Point, replica),
-                        );
-                        mesh::start_on(local, |listener| stagedoor_payment::start(config, listener))
+                        }
+                        Service::Payment => {
+                            let mut config = PaymentConfig::new(
+                                database.url(db::PAYMENT),
+                                target.url_of(Service::Queue, replica),
+                                target.url_of(Service::Concert, replica),
+                                target.url_of(Service::Point, replica),
+                            );
+                            config.database_max_connections = cap.min(default_pool);
+                            mesh::start_on(local, |listener| {
+                                stagedoor_payment::start(config, listener)
+                            })
                             .await?
-                    }
-                };
-                target.urls.push((*service, handle.url()));
-                target.running.push(handle);
+                        }
+                    };
+                    target.urls.push((*service, handle.url()));
+                    target.running.push(handle);
+                }
             }
+            Ok(())
+        }
+        .await;
+        if let Err(error) = started {
+            for handle in target.running.drain(..) {
+                handle.abort();
+            }
+            if let Err(drop_error) = database.drop_database().await {
+                eprintln!("stagedoor load: the load database was not dropped: {drop_error}");
+            }
+            return Err(error);
         }
         target.database = Some((database, postgres));
         Ok(target)

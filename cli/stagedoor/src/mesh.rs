@@ -98,25 +98,42 @@ const SPARE_CONNECTIONS: i64 = 4;
 /// The smallest pool a service is started with: fewer, and one slow statement stalls it.
 const MIN_POOL: i64 = 4;
 
-/// The most connections each of the four services' pools may open: what the server has free
-/// for them, shared equally, less the spare. Four pools of 16 are 64 connections at the
-/// height of a sale; on a server with Postgres's default of 100 that other clients share (a
-/// second demo, a test run, an application), pools of 16 would run into "too many clients",
-/// which a pool only reports as a timeout after waiting for a connection
-/// (DATABASE_UNAVAILABLE, and calls seconds slow). Smaller pools only make calls queue.
-async fn pool_cap(database: &Database) -> Result<u32, Box<dyn std::error::Error>> {
-    let (free, max_connections) = db::free_connections(&database.admin_url).await?;
-    let share = (free - SPARE_CONNECTIONS) / 4;
-    if share < MIN_POOL {
+/// The most connections each of the pools about to start (`configured`: their sizes as
+/// configured) may open: what the server has free, shared equally, less the spare. Four
+/// pools of 16 are 64 connections at the height of a sale; on a server with Postgres's
+/// default of 100 that other clients share (an application, a test run, a second demo that
+/// has already grown its pools), pools of 16 would run into "too many clients", which a pool
+/// only reports as a timeout after waiting for a connection (DATABASE_UNAVAILABLE, and calls
+/// seconds slow). Smaller pools only make calls queue. Best effort: a client that starts at
+/// the same moment, or has not opened its connections yet, is not seen.
+pub async fn pool_cap(
+    admin_url: &str,
+    configured: &[u32],
+) -> Result<u32, Box<dyn std::error::Error>> {
+    let (free, max_connections) = db::free_connections(admin_url).await?;
+    let needed: i64 = configured
+        .iter()
+        .map(|pool| i64::from(*pool).min(MIN_POOL))
+        .sum::<i64>()
+        + SPARE_CONNECTIONS;
+    if free < needed {
         return Err(format!(
-            "Postgres accepts only {free} more connections (max_connections = \
-             {max_connections}, the rest are in use); the four services need at least {}. \
-             Stop other clients of this server, or raise its max_connections.",
-            4 * MIN_POOL + SPARE_CONNECTIONS
+            "Postgres accepts only {} more connections (max_connections = {max_connections}, \
+             the rest are in use); the services need at least {needed}. Stop other clients \
+             of this server, or raise its max_connections.",
+            free.max(0)
         )
         .into());
     }
-    Ok(u32::try_from(share).unwrap_or(u32::MAX))
+    let share = (free - SPARE_CONNECTIONS) / configured.len().max(1) as i64;
+    let cap = u32::try_from(share.max(1)).unwrap_or(u32::MAX);
+    if configured.iter().any(|pool| *pool > cap) {
+        println!(
+            "  Postgres has {free} connections free (max_connections = {max_connections}): \
+             each service's pool is capped at {cap}"
+        );
+    }
+    Ok(cap)
 }
 
 /// The four services running in this process, each on its own port with its own role.
@@ -140,16 +157,14 @@ impl Mesh {
         let mut concert = options.settings("stagedoor-concert", || ConcertConfig::new("", ""))?;
         let mut payment =
             options.settings("stagedoor-payment", || PaymentConfig::new("", "", "", ""))?;
-        let cap = pool_cap(database).await?;
         let pools = [
             &mut queue.database_max_connections,
             &mut point.database_max_connections,
             &mut concert.database_max_connections,
             &mut payment.database_max_connections,
         ];
-        if pools.iter().any(|pool| **pool > cap) {
-            println!("  Postgres has few connections free: each service's pool is capped at {cap}");
-        }
+        let configured: Vec<u32> = pools.iter().map(|pool| **pool).collect();
+        let cap = pool_cap(&database.admin_url, &configured).await?;
         for pool in pools {
             *pool = (*pool).min(cap);
         }

@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+use stagedoor_runtime::db::free_connections;
+
 fn admin_url() -> String {
     std::env::var("ADMIN_DATABASE_URL")
         .unwrap_or_else(|_| stagedoor_testkit::DEFAULT_ADMIN_URL.to_owned())
@@ -59,8 +61,9 @@ fn a_demo_that_cannot_run_says_why_and_exits_2() {
 /// (Runs alone, as every demo test does: see .config/nextest.toml.)
 #[tokio::test]
 async fn a_demo_on_a_crowded_postgres_says_why_and_leaves_nothing() {
+    use sqlx::Connection;
     let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(200)
+        .max_connections(1)
         .connect(&admin_url())
         .await
         .unwrap();
@@ -70,16 +73,16 @@ async fn a_demo_on_a_crowded_postgres_says_why_and_leaves_nothing() {
         .await
         .unwrap();
     // Take connections (as the superuser, who may also use the reserved ones) until fewer
-    // than the mesh's minimum are left for the services' roles.
+    // than 12 are left for the services' roles: below the 20 the mesh needs, with room for
+    // a few connections of others to close meanwhile.
+    let (_, max_connections) = free_connections(&admin_url()).await.unwrap();
     let mut taken = Vec::new();
-    loop {
-        let (free, _) = stagedoor_runtime::db::free_connections(&admin_url())
-            .await
-            .unwrap();
-        if free < 12 {
-            break;
-        }
-        taken.push(admin.acquire().await.unwrap());
+    while free_connections(&admin_url()).await.unwrap().0 >= 12 {
+        assert!(
+            (taken.len() as i64) < max_connections,
+            "the server never ran short of connections"
+        );
+        taken.push(sqlx::PgConnection::connect(&admin_url()).await.unwrap());
     }
     let output = tokio::task::spawn_blocking(|| {
         stagedoor()
@@ -90,7 +93,9 @@ async fn a_demo_on_a_crowded_postgres_says_why_and_leaves_nothing() {
     })
     .await
     .unwrap();
-    drop(taken);
+    for connection in taken {
+        connection.close().await.unwrap();
+    }
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("max_connections"), "{stderr}");

@@ -230,12 +230,15 @@ async fn connect_admin(
 pub async fn free_connections(admin_url: &str) -> Result<(i64, i64), StartupError> {
     let mut admin = connect_admin(admin_url, |options| options).await?;
     // Slots kept for superusers (and, from Postgres 16, for pg_use_reserved_connections)
-    // are not for the services; every client backend, this one included, takes one.
+    // are not for the services; every client backend, this one included, takes one. An
+    // admin without pg_read_all_stats sees other roles' sessions with a NULL backend_type:
+    // they are counted too (a background worker among them only makes the answer safer).
     let free = sqlx::query_as(
         "SELECT current_setting('max_connections')::int8
                 - current_setting('superuser_reserved_connections')::int8
                 - coalesce(current_setting('reserved_connections', true), '0')::int8
-                - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'),
+                - (SELECT count(*) FROM pg_stat_activity
+                    WHERE backend_type = 'client backend' OR backend_type IS NULL),
                 current_setting('max_connections')::int8",
     )
     .fetch_one(&mut admin)
