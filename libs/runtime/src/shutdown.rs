@@ -40,6 +40,14 @@ impl ShutdownTrigger {
     }
 }
 
+/// A new, unfired signal with no observer yet ([`ShutdownTrigger::subscribe`] makes them),
+/// for code that hands the trigger on before anyone watches it.
+impl Default for ShutdownTrigger {
+    fn default() -> Self {
+        Self::new().0
+    }
+}
+
 impl Drop for ShutdownTrigger {
     fn drop(&mut self) {
         self.sender.send_replace(true);

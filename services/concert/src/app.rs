@@ -123,7 +123,7 @@ pub async fn start(
     .await?;
     db::migrate(&pool, db::CONCERT.schema, &MIGRATOR).await?;
 
-    let (trigger, _) = ShutdownTrigger::new();
+    let trigger = ShutdownTrigger::default();
     let ttl = config.hold_ttl;
     let (holds, hold_worker) = spawn_hold_writes(
         HOLD_LIMITS,

@@ -48,7 +48,7 @@ pub async fn start(
     .await?;
     db::migrate(&pool, db::PAYMENT.schema, &MIGRATOR).await?;
 
-    let (trigger, _) = ShutdownTrigger::new();
+    let trigger = ShutdownTrigger::default();
     let (writes, mut background) = PaymentWrites::spawn(pool.clone(), config.lease);
     let saga = Arc::new(Saga {
         pool: pool.clone(),

@@ -30,7 +30,7 @@ pub async fn start(
     db::migrate(&pool, db::POINT.schema, &MIGRATOR).await?;
 
     let api = PointApi::new(pool, &config);
-    let (trigger, _) = ShutdownTrigger::new();
+    let trigger = ShutdownTrigger::default();
     let service = GrpcServer::new()
         .add_service(PointServiceServer::new(api.clone()))
         .add_service(PointInternalServiceServer::new(api))

@@ -254,7 +254,7 @@ impl Mesh {
         let service = hanging.clone();
         self.point_handle = Some(
             serve_on(self.point_addr, |listener| async move {
-                let (trigger, _) = stagedoor_runtime::ShutdownTrigger::new();
+                let trigger = stagedoor_runtime::ShutdownTrigger::default();
                 stagedoor_runtime::server::GrpcServer::new()
                     .add_service(PointInternalServiceServer::new(service))
                     .spawn(listener, trigger, Vec::new())
