@@ -271,8 +271,8 @@ pub async fn drop_database(admin_url: &str, database: &str) -> Result<(), sqlx::
 /// `password` (see [`role_password`]) is given to a role this call creates. A role that
 /// exists keeps its password: roles are shared by the whole cluster, and one made by hand or
 /// by docker-compose's init script belongs to whoever made it. The statement carries the
-/// password, so the admin connection must not log statements
-/// (`ConnectOptions::disable_statement_logging`).
+/// password's SCRAM secret, never the password itself (see [`scram_secret`]); the admin
+/// connection does not log it either (`ConnectOptions::disable_statement_logging`).
 async fn provision(
     admin: &mut sqlx::PgConnection,
     service: ServiceSchema,
@@ -280,27 +280,23 @@ async fn provision(
 ) -> Result<(), StartupError> {
     let role = quote_ident(service.role);
     let create = match password {
-        Some(password) => {
-            // Inside a `DO $$ ... $$` body, a `$$` in the literal would end the body.
-            if password.contains('$') || password.contains('\\') {
-                return Err(StartupError::Config(format!(
-                    "the password of role {role} may not contain `$` or `\\`"
-                )));
-            }
-            format!(
-                "CREATE ROLE {role} LOGIN PASSWORD {}",
-                quote_literal(password)
-            )
-        }
+        // Postgres stores a password given in this form as it is: the statement (which a
+        // server with `log_statement = 'ddl'` writes to its log) never holds the password.
+        Some(password) => format!(
+            "CREATE ROLE {role} LOGIN PASSWORD {}",
+            quote_literal(&scram_secret(password, uuid::Uuid::new_v4().as_bytes()))
+        ),
         None => format!("CREATE ROLE {role} LOGIN"),
     };
     // Roles are shared by every database of the cluster and parallel provisioners (tests,
-    // replicas) may race to create one: losing that race is fine.
+    // replicas) may race to create one: losing that race is fine. (The body's quote tag
+    // cannot occur in a SCRAM secret: its `$`s are followed by digits or base64 that ends
+    // in `=`, never by `role$`.)
     let create_role = format!(
-        "DO $$ BEGIN
+        "DO $role$ BEGIN
              {create};
          EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
-         END $$"
+         END $role$"
     );
     (&mut *admin)
         .execute(create_role.as_str())
@@ -315,6 +311,43 @@ async fn provision(
         Err(error) if crate::error::is_unique_violation(&error, None) => Ok(()),
         Err(error) => Err(StartupError::Provision(error)),
     }
+}
+
+/// The SCRAM-SHA-256 secret of `password` with `salt`, as Postgres stores it in
+/// `pg_authid.rolpassword` (RFC 5802 and 7677, 4,096 iterations as Postgres's default):
+/// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, base64. Postgres first
+/// normalizes a password with SASLprep, which leaves the ASCII of [`role_password`]'s hex
+/// digits as they are; a password with other characters would need it here too.
+fn scram_secret(password: &str, salt: &[u8]) -> String {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+    use hmac::{Hmac, Mac};
+    use sha2::{Digest, Sha256};
+    const ITERATIONS: u32 = 4096;
+    let hmac = |key: &[u8], parts: &[&[u8]]| -> [u8; 32] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+        for part in parts {
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().into()
+    };
+    // Hi(password, salt, i): PBKDF2 with HMAC-SHA-256, one block.
+    let mut block = hmac(password.as_bytes(), &[salt, &1u32.to_be_bytes()]);
+    let mut salted = block;
+    for _ in 1..ITERATIONS {
+        block = hmac(password.as_bytes(), &[&block]);
+        for (byte, next) in salted.iter_mut().zip(block) {
+            *byte ^= next;
+        }
+    }
+    let client_key = hmac(&salted, &[b"Client Key"]);
+    let stored_key = Sha256::digest(client_key);
+    let server_key = hmac(&salted, &[b"Server Key"]);
+    format!(
+        "SCRAM-SHA-256${ITERATIONS}:{}${}:{}",
+        STANDARD.encode(salt),
+        STANDARD.encode(stored_key),
+        STANDARD.encode(server_key)
+    )
 }
 
 /// The password of `service`'s role on the cluster the admin reaches with `admin_url`: none
@@ -412,6 +445,21 @@ pub fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// RFC 7677's example (password "pencil", its salt): the ServerKey below signs that
+    /// exchange's AuthMessage into the RFC's ServerSignature `6rriTRBi...`, checked with
+    /// Python's hashlib and hmac when this test was written.
+    #[test]
+    fn scram_secret_matches_rfc_7677() {
+        use base64::{engine::general_purpose::STANDARD, Engine};
+        let salt = STANDARD.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
+        assert_eq!(
+            scram_secret("pencil", &salt),
+            "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$\
+             WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:\
+             wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU="
+        );
+    }
     use super::*;
 
     #[test]
