@@ -53,9 +53,9 @@ struct CachedTicket {
 /// WAITING tickets this replica has read from Postgres.
 pub struct WaitingCache {
     entries: Mutex<HashMap<Uuid, CachedTicket>>,
-    /// Tokens that ended through this replica, and when: never cached as WAITING again
-    /// within the trust window (a read that started before the end may still arrive).
-    ended: Mutex<HashMap<Uuid, Instant>>,
+    /// Tokens that ended through this replica within the trust window: never cached as
+    /// WAITING again meanwhile (a read that started before the end may still arrive).
+    ended: Mutex<Tombstones>,
     /// This replica's open watches, by token (a fan may watch from two tabs).
     alarms: Alarms,
     trust: Duration,
@@ -63,6 +63,37 @@ pub struct WaitingCache {
 }
 
 type Alarms = Arc<Mutex<HashMap<Uuid, Vec<Arc<Notify>>>>>;
+
+/// Tokens that ended here, by token and in the order they ended, so that those older than
+/// the trust window leave from the front as new ones come in: the set holds one window's
+/// worth of leaves, whatever the replica's lifetime total.
+#[derive(Default)]
+struct Tombstones {
+    at: HashMap<Uuid, Instant>,
+    order: std::collections::VecDeque<(Instant, Uuid)>,
+}
+
+impl Tombstones {
+    fn insert(&mut self, token: Uuid, now: Instant, trust: Duration) {
+        while let Some(&(at, old)) = self.order.front() {
+            if now.duration_since(at) <= trust {
+                break;
+            }
+            self.order.pop_front();
+            // A token that ended twice keeps its newer stone.
+            if self.at.get(&old) == Some(&at) {
+                self.at.remove(&old);
+            }
+        }
+        self.at.insert(token, now);
+        self.order.push_back((now, token));
+    }
+
+    /// Whether `token` ended here within `trust`.
+    fn holds(&self, token: &Uuid, trust: Duration) -> bool {
+        self.at.get(token).is_some_and(|at| at.elapsed() <= trust)
+    }
+}
 
 /// Rings when the watched token ends through this replica; unregisters itself when dropped.
 pub struct EndAlarm {
@@ -99,7 +130,7 @@ impl WaitingCache {
     pub fn new(trust: Duration, heartbeat_every: Duration) -> Self {
         Self {
             entries: Mutex::new(HashMap::new()),
-            ended: Mutex::new(HashMap::new()),
+            ended: Mutex::new(Tombstones::default()),
             alarms: Alarms::default(),
             trust,
             heartbeat_every,
@@ -117,10 +148,8 @@ impl WaitingCache {
         }
         // Lock order: `ended`, then `entries` (as in `ended_here`).
         let ended = self.ended.lock().expect("cache poisoned");
-        if let Some(at) = ended.get(&ticket.token) {
-            if at.elapsed() <= self.trust {
-                return; // read before it ended here: stale
-            }
+        if ended.holds(&ticket.token, self.trust) {
+            return; // read before it ended here: stale
         }
         let mut entries = self.entries.lock().expect("cache poisoned");
         if entries.len() >= MAX_ENTRIES {
@@ -146,12 +175,7 @@ impl WaitingCache {
     pub fn ended_here(&self, token: Uuid) {
         {
             let mut ended = self.ended.lock().expect("cache poisoned");
-            if ended.len() >= MAX_ENTRIES {
-                // Only tombstones older than the trust window are useless; at this size a
-                // sweep is rare and cheaper than a second structure ordered by time.
-                ended.retain(|_, at| at.elapsed() <= self.trust);
-            }
-            ended.insert(token, Instant::now());
+            ended.insert(token, Instant::now(), self.trust);
             self.entries.lock().expect("cache poisoned").remove(&token);
         }
         let alarms = self.alarms.lock().expect("cache poisoned");
@@ -302,6 +326,26 @@ mod tests {
         );
         drop((alarm, other));
         assert!(cache.alarms.lock().unwrap().is_empty(), "alarms unregister");
+    }
+
+    /// Tombstones older than the trust window leave as new ones come in; a token that ended
+    /// twice keeps its newer one.
+    #[test]
+    fn tombstones_hold_one_trust_window() {
+        let trust = Duration::from_secs(30);
+        let start = Instant::now();
+        let (first, again, later) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let mut stones = Tombstones::default();
+        stones.insert(first, start, trust);
+        stones.insert(again, start, trust);
+        stones.insert(again, start + Duration::from_secs(20), trust);
+        stones.insert(later, start + Duration::from_secs(40), trust);
+        assert!(!stones.at.contains_key(&first), "past the window: gone");
+        assert!(
+            stones.at.contains_key(&again),
+            "its newer stone is within the window"
+        );
+        assert_eq!(stones.order.len(), 2);
     }
 
     #[test]

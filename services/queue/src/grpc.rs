@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::{
     batcher::{EndBatcher, IssueBatcher, TicketReader},
     board::LineBoard,
-    cache::WaitingCache,
+    cache::{EndAlarm, WaitingCache},
     domain::{self, parse_token, QueueError, Ticket, TokenStatus},
     heartbeat::Heartbeats,
     store::{self, AdmissionPolicy},
@@ -68,8 +68,7 @@ impl QueueApi {
 
     /// A ticket as GetQueueStatus and WatchQueueStatus answer it: from this replica's memory
     /// of WAITING tickets when the cache's rules allow (`cache.rs`), else from its row.
-    async fn current_ticket(&self, token: &str) -> Result<Ticket, QueueError> {
-        let token = parse_token(token)?;
+    async fn current_ticket(&self, token: Uuid) -> Result<Ticket, QueueError> {
         let state = &self.state;
         if let Some(ticket) = state.waiting.lookup(token, &state.board) {
             return Ok(ticket);
@@ -143,7 +142,8 @@ impl QueueService for QueueApi {
         &self,
         request: Request<pb::GetQueueStatusRequest>,
     ) -> Result<Response<pb::GetQueueStatusResponse>, Status> {
-        let ticket = self.current_ticket(&request.into_inner().token).await?;
+        let token = parse_token(&request.into_inner().token)?;
+        let ticket = self.current_ticket(token).await?;
         self.keep_alive(&ticket);
         Ok(Response::new(pb::GetQueueStatusResponse {
             ticket: Some(self.to_proto(&ticket)),
@@ -158,9 +158,13 @@ impl QueueService for QueueApi {
         request: Request<pb::WatchQueueStatusRequest>,
     ) -> Result<Response<Self::WatchQueueStatusStream>, Status> {
         // A bad or unknown token fails the call itself, before any message is streamed.
-        let ticket = self.current_ticket(&request.into_inner().token).await?;
+        let token = parse_token(&request.into_inner().token)?;
+        // Set before the ticket is read, so that a leave through this replica between the
+        // read and the stream's start still rings it.
+        let ended_here = self.state.waiting.alarm(token);
+        let ticket = self.current_ticket(token).await?;
         let (sender, receiver) = mpsc::channel(4);
-        tokio::spawn(watch(self.state.clone(), ticket, sender));
+        tokio::spawn(watch(self.state.clone(), ticket, ended_here, sender));
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
@@ -171,18 +175,23 @@ impl QueueService for QueueApi {
         // Read fresh (not from the replica's view): the line to lock is the token's, and a
         // token that has ended is answered as it is, without locking anything.
         let ticket = self.ticket(&request.into_inner().token).await?;
-        let ticket = if ticket.status.is_final() {
-            ticket
-        } else {
-            // Group-committed with the line's other leaves (see `batcher`).
-            self.state
-                .leaver
-                .leave(&ticket.concert_id, ticket.token)
-                .await?
-        };
-        // This replica answers the token's polls from the row from now on, and its watches
-        // of the token end now.
-        self.state.waiting.ended_here(ticket.token);
+        // On a task of its own: the leave commits even if the client hangs up meanwhile (its
+        // batch runs apart from this call), and then this replica must still answer the
+        // token's polls from the row from now on and end its watches of the token.
+        let state = self.state.clone();
+        let ended = tokio::spawn(async move {
+            let ticket = if ticket.status.is_final() {
+                ticket
+            } else {
+                // Group-committed with the line's other leaves (see `batcher`).
+                state.leaver.leave(&ticket.concert_id, ticket.token).await?
+            };
+            state.waiting.ended_here(ticket.token);
+            Ok::<_, ApiError>(ticket)
+        });
+        let ticket = ended.await.map_err(|failed| {
+            ApiError::internal(format!("LeaveQueue's task failed: {failed}"))
+        })??;
         Ok(Response::new(pb::LeaveQueueResponse {
             ticket: Some(self.to_proto(&ticket)),
         }))
@@ -218,6 +227,7 @@ const ACTIVE_RECHECK: Duration = Duration::from_secs(2);
 async fn watch(
     state: Arc<QueueState>,
     mut ticket: Ticket,
+    ended_here: EndAlarm,
     sender: mpsc::Sender<Result<pb::WatchQueueStatusResponse, Status>>,
 ) {
     let mut line = state.board.subscribe(&ticket.concert_id);
@@ -231,8 +241,8 @@ async fn watch(
     // When the stream last checked the ticket against its row (its first message may come
     // from a cache entry verified up to one period earlier).
     let mut verified_at = tokio::time::Instant::now();
-    // Rings if the fan leaves through this replica: the stream ends with EXPIRED at once.
-    let ended_here = state.waiting.alarm(ticket.token);
+    // `ended_here` rings if the fan leaves through this replica: the stream ends with
+    // EXPIRED at once.
     let mut rung = false;
     // Resolves when this replica's board sees the admission pointer reach the fan's place.
     // Registered once per stream and kept across pauses; `None` once it has fired.
@@ -319,8 +329,12 @@ async fn watch(
             Ok(Some(fresh)) => ticket = fresh,
             Ok(None) => return,
             // A periodic check that fails is tried again next period: far-back watchers
-            // must not all lose their streams to one slow moment of the database.
-            Err(_) if only_a_check => {}
+            // must not all lose their streams to one slow moment of the database. The
+            // position still follows the board meanwhile.
+            Err(error) if only_a_check => {
+                tracing::warn!(token = %ticket.token, %error, "a watch's periodic check failed; trying again next period");
+                ticket.admitted_through = ticket.admitted_through.max(counters.admitted_through);
+            }
             Err(error) => {
                 deliver(&sender, stopped.as_mut(), Err(error.into())).await;
                 return;
