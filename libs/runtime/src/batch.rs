@@ -45,6 +45,19 @@ impl BatchLimits {
         concurrent: 4,
         queue_depth: 20_000,
     };
+
+    /// These limits with at most one `share`-th of a pool of `pool` connections in running
+    /// batches (at least one batch): a service started with a small pool (`stagedoor up` on
+    /// a crowded server) keeps connections for the rest of its work.
+    pub fn within(self, pool: u32, share: u32) -> Self {
+        let most = usize::try_from(pool / share.max(1))
+            .unwrap_or(usize::MAX)
+            .max(1);
+        Self {
+            concurrent: self.concurrent.min(most),
+            ..self
+        }
+    }
 }
 
 /// The work of one batch: an answer per input, in the order of the inputs.
@@ -492,6 +505,16 @@ pub fn fail_all<O>(count: usize, error: impl Into<ApiError>) -> Vec<Result<O, Ap
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn limits_within_a_pool_keep_connections_for_other_work() {
+        let reads = BatchLimits::READS;
+        assert_eq!(reads.within(16, 4).concurrent, 4, "the default pool: as before");
+        assert_eq!(reads.within(64, 4).concurrent, 4, "never more than asked");
+        assert_eq!(reads.within(5, 4).concurrent, 1);
+        assert_eq!(reads.within(2, 8).concurrent, 1, "at least one batch");
+        assert_eq!(reads.within(5, 4).max_batch, reads.max_batch);
+    }
 
     fn limits(max_batch: usize, concurrent: usize) -> BatchLimits {
         BatchLimits {

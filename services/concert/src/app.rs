@@ -50,7 +50,9 @@ fn spawn_reads(pool: &PgPool) -> (Reads, tokio::task::JoinHandle<()>) {
             async move { store::available_dates(&pool, &concert_id).await }
         }
     });
-    let (holds, hold_worker) = Batcher::spawn(BatchLimits::READS, {
+    // A quarter of the pool at most, fewer connections with a smaller pool (see BatchLimits).
+    let hold_reads = BatchLimits::READS.within(pool.options().get_max_connections(), 4);
+    let (holds, hold_worker) = Batcher::spawn(hold_reads, {
         let pool = pool.clone();
         move |hold_ids: Vec<Uuid>| {
             let pool = pool.clone();
@@ -125,15 +127,19 @@ pub async fn start(
 
     let trigger = ShutdownTrigger::default();
     let ttl = config.hold_ttl;
+    // Each kind of batch holds at most an eighth of the pool (two of the default 16), fewer
+    // with a smaller pool, and the reads a quarter (see `spawn_reads`).
+    let connections = config.database_max_connections;
     let (holds, hold_worker) = spawn_hold_writes(
-        HOLD_LIMITS,
+        HOLD_LIMITS.within(connections, 8),
         pool.clone(),
         move |pool, requests| async move { store::hold_batch(&pool, ttl, &requests).await },
     );
-    let (confirms, confirm_worker) =
-        spawn_hold_writes(CONFIRM_LIMITS, pool.clone(), |pool, requests| async move {
-            store::confirm_batch(&pool, &requests).await
-        });
+    let (confirms, confirm_worker) = spawn_hold_writes(
+        CONFIRM_LIMITS.within(connections, 8),
+        pool.clone(),
+        |pool, requests| async move { store::confirm_batch(&pool, &requests).await },
+    );
     let (reads, read_worker) = spawn_reads(&pool);
     let mut background = vec![read_worker, hold_worker, confirm_worker];
     background.push(tokio::spawn(run_hold_sweeper(

@@ -8,6 +8,7 @@ use stagedoor_proto::queue::v1::{
     queue_service_server::QueueServiceServer,
 };
 use stagedoor_runtime::{
+    batch::BatchLimits,
     db::{self, PoolConfig, StartupError},
     server::{GrpcServer, ServiceHandle},
     Shutdown, ShutdownTrigger,
@@ -47,13 +48,29 @@ pub async fn start(
     let (trigger, shutdown) = ShutdownTrigger::new();
     let board = Arc::new(LineBoard::default());
     let heartbeats = Arc::new(Heartbeats::default());
-    let (batcher, batch_worker) = IssueBatcher::spawn_issue(pool.clone(), policy.clone());
-    let (completer, complete_worker) =
-        EndBatcher::spawn_end(pool.clone(), policy.clone(), batcher::LINE_LIMITS);
-    let (leaver, leave_worker) =
-        EndBatcher::spawn_end(pool.clone(), policy.clone(), batcher::LEAVE_LIMITS);
-
-    let (reader, read_worker) = TicketReader::spawn(pool.clone(), policy.clone());
+    // Each kind of batch may hold a share of the pool at once (four of the default 16, two
+    // for leaves), fewer with a smaller pool, so that batches never take every connection.
+    let connections = config.database_max_connections;
+    let (batcher, batch_worker) = IssueBatcher::spawn_issue(
+        pool.clone(),
+        policy.clone(),
+        batcher::LINE_LIMITS.within(connections, 4),
+    );
+    let (completer, complete_worker) = EndBatcher::spawn_end(
+        pool.clone(),
+        policy.clone(),
+        batcher::LINE_LIMITS.within(connections, 4),
+    );
+    let (leaver, leave_worker) = EndBatcher::spawn_end(
+        pool.clone(),
+        policy.clone(),
+        batcher::LEAVE_LIMITS.within(connections, 8),
+    );
+    let (reader, read_worker) = TicketReader::spawn(
+        pool.clone(),
+        policy.clone(),
+        BatchLimits::READS.within(connections, 4),
+    );
 
     let mut background = vec![batch_worker, complete_worker, leave_worker, read_worker];
     background.push(tokio::spawn(run_admitter(

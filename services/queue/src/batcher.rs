@@ -26,17 +26,19 @@ use crate::{
 };
 
 /// Line batches of IssueToken and CompleteToken: one transaction at a time per line (each
-/// takes the line's lock), at most four lines at once per replica and kind, so that the two
-/// hold at most half of the default pool of 16 however many lines are busy (or made up), and
-/// 20,000 calls may wait for one line before more are refused.
+/// takes the line's lock), at most four lines at once per replica and kind (a quarter of
+/// the pool each, see `app.rs`), however many lines are busy (or made up), and 20,000 calls
+/// may wait for one line before more are refused.
 pub const LINE_LIMITS: BatchLimits = BatchLimits {
     max_batch: 1_000,
     concurrent: 4,
     queue_depth: 20_000,
 };
 
-/// LeaveQueue's line batches: as [`LINE_LIMITS`], with two lines at once, so that all three
-/// kinds together leave six of the default 16 connections to reads and background work.
+/// LeaveQueue's line batches: as [`LINE_LIMITS`], with two lines at once (an eighth of the
+/// pool). With the token reads' four, the batches of a default pool of 16 hold at most 14
+/// connections at once, and the background work (admission ticks, the board, heartbeat
+/// flushes) queues for the rest in the worst moment of a rush.
 pub const LEAVE_LIMITS: BatchLimits = BatchLimits {
     concurrent: 2,
     ..LINE_LIMITS
@@ -96,8 +98,9 @@ impl IssueBatcher {
     pub fn spawn_issue(
         pool: PgPool,
         policy: AdmissionPolicy,
+        limits: BatchLimits,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        Self::spawn(LINE_LIMITS, move |concert_id, user_ids: Vec<String>| {
+        Self::spawn(limits, move |concert_id, user_ids: Vec<String>| {
             let (pool, policy) = (pool.clone(), policy.clone());
             async move {
                 let tickets = store::issue_batch(&pool, &policy, &concert_id, &user_ids)
@@ -168,8 +171,12 @@ pub struct TicketReader {
 }
 
 impl TicketReader {
-    pub fn spawn(pool: PgPool, policy: AdmissionPolicy) -> (Self, tokio::task::JoinHandle<()>) {
-        let (reads, worker) = Batcher::spawn(BatchLimits::READS, {
+    pub fn spawn(
+        pool: PgPool,
+        policy: AdmissionPolicy,
+        limits: BatchLimits,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (reads, worker) = Batcher::spawn(limits, {
             let (pool, policy) = (pool.clone(), policy.clone());
             move |tokens: Vec<Uuid>| {
                 let (pool, policy) = (pool.clone(), policy.clone());
