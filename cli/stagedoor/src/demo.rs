@@ -706,11 +706,23 @@ async fn shop(sale: &Sale, rng: &mut Rng, user_id: &str, token: &str, persona: P
                 return Exit::WalksAway;
             }
             Persona::Buyer { double_click } => {
-                return if pay(sale, rng, user_id, token, &hold, double_click).await {
-                    Exit::Paid
-                } else {
-                    Exit::Leaves
-                };
+                if pay(sale, rng, user_id, token, &hold, double_click).await {
+                    return Exit::Paid;
+                }
+                // Refused: give the seats back before leaving, as the proto advises, rather
+                // than keep them from other fans until the hold expires.
+                let _ = sale
+                    .call(
+                        "concert.ReleaseHold",
+                        concert.release_hold(with_bearer(
+                            concert_pb::ReleaseHoldRequest {
+                                hold_id: hold.hold_id.clone(),
+                            },
+                            token,
+                        )),
+                    )
+                    .await;
+                return Exit::Leaves;
             }
             Persona::Abandons => unreachable!("abandoning fans left before holding"),
         }
