@@ -509,7 +509,11 @@ mod tests {
     #[test]
     fn limits_within_a_pool_keep_connections_for_other_work() {
         let reads = BatchLimits::READS;
-        assert_eq!(reads.within(16, 4).concurrent, 4, "the default pool: as before");
+        assert_eq!(
+            reads.within(16, 4).concurrent,
+            4,
+            "the default pool: as before"
+        );
         assert_eq!(reads.within(64, 4).concurrent, 4, "never more than asked");
         assert_eq!(reads.within(5, 4).concurrent, 1);
         assert_eq!(reads.within(2, 8).concurrent, 1, "at least one batch");

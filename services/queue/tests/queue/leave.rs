@@ -15,7 +15,7 @@ use tokio::time::timeout;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::{config, open_line, reason, start};
+use crate::{config, open_line, reason, start, watch::next};
 
 /// A WAITING fan who leaves is never admitted: the next slot goes to the fan behind, and the
 /// replica that answered the leave says EXPIRED at once (not WAITING from its memory of the
@@ -165,25 +165,20 @@ async fn watch_then_leave(idle_ttl: Duration, watch_on: usize) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(next(&mut stream).await, Some(pb::TokenStatus::Waiting));
-    replicas[0].leave(&leaver.token).await.unwrap();
-    assert_eq!(next(&mut stream).await, Some(pb::TokenStatus::Expired));
+    let status = |ticket: Option<pb::QueueTicket>| ticket.map(|ticket| ticket.status());
     assert_eq!(
-        next(&mut stream).await,
-        None,
+        status(next(&mut stream).await),
+        Some(pb::TokenStatus::Waiting)
+    );
+    replicas[0].leave(&leaver.token).await.unwrap();
+    assert_eq!(
+        status(next(&mut stream).await),
+        Some(pb::TokenStatus::Expired)
+    );
+    assert!(
+        next(&mut stream).await.is_none(),
         "the stream ends after EXPIRED"
     );
-}
-
-/// The status in the next message of a watch, within 5 seconds; `None` when it ended.
-async fn next(
-    stream: &mut tonic::Streaming<pb::WatchQueueStatusResponse>,
-) -> Option<pb::TokenStatus> {
-    timeout(Duration::from_secs(5), stream.message())
-        .await
-        .expect("a message within 5 s")
-        .expect("no stream error")
-        .map(|message| message.ticket.unwrap().status())
 }
 
 /// 600 fans rush one concert over TWO replicas; a third of them leave at once, through the

@@ -7,7 +7,7 @@ use tokio::time::timeout;
 use crate::{config, reason, start, Queue};
 
 /// The next message of a watch stream, within 5 seconds; `None` when the stream ended.
-async fn next(
+pub async fn next(
     stream: &mut tonic::Streaming<pb::WatchQueueStatusResponse>,
 ) -> Option<pb::QueueTicket> {
     timeout(Duration::from_secs(5), stream.message())
