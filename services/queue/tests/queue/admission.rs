@@ -1,7 +1,7 @@
 use std::{
     collections::HashSet,
     sync::{
-        atomic::{AtomicBool, AtomicI64, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc,
     },
     time::Duration,
@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use stagedoor_proto::queue::v1 as pb;
 use stagedoor_testkit::TestDatabase;
 
-use crate::{config, start};
+use crate::{config, sample_active, start};
 
 /// 2,000 fans rush one concert through TWO queue replicas on one database while a third party
 /// keeps completing ACTIVE tokens, and a sampler watches the ACTIVE count the whole time.
@@ -28,28 +28,7 @@ async fn a_rush_over_two_replicas_keeps_the_line_exact() {
 
     // The sampler: ACTIVE rows as Postgres sees them, as often as it can while the race runs.
     let racing = Arc::new(AtomicBool::new(true));
-    let highest_active = Arc::new(AtomicI64::new(0));
-    let samples = Arc::new(AtomicI64::new(0));
-    let sampler = tokio::spawn({
-        let (admin, racing, highest, samples) = (
-            admin.clone(),
-            racing.clone(),
-            highest_active.clone(),
-            samples.clone(),
-        );
-        async move {
-            while racing.load(Ordering::Relaxed) {
-                let active: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM queue.tokens WHERE status = 'ACTIVE' AND concert_id = 'rush'",
-                )
-                .fetch_one(&admin)
-                .await
-                .unwrap();
-                highest.fetch_max(active, Ordering::Relaxed);
-                samples.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    });
+    let sampler = sample_active(admin.clone(), racing.clone());
 
     // Fans who got in finish (pay) while others are still arriving, so admission keeps
     // moving on both replicas during the race.
@@ -108,7 +87,7 @@ async fn a_rush_over_two_replicas_keeps_the_line_exact() {
     // Let admission and completion run on for a moment after the last arrival.
     tokio::time::sleep(Duration::from_millis(300)).await;
     racing.store(false, Ordering::Relaxed);
-    sampler.await.unwrap();
+    let (highest, samples) = sampler.await.unwrap();
     let completed = completer.await.unwrap();
 
     // Every token distinct; places exactly 1..=FANS, no gap, no duplicate.
@@ -119,11 +98,7 @@ async fn a_rush_over_two_replicas_keeps_the_line_exact() {
     assert_eq!(places, (1..=FANS as i64).collect::<Vec<_>>());
 
     // Never above the cap, at any sampled instant.
-    let highest = highest_active.load(Ordering::Relaxed);
-    assert!(
-        samples.load(Ordering::Relaxed) > 10,
-        "the sampler must really sample"
-    );
+    assert!(samples > 10, "the sampler must really sample");
     assert!(
         highest <= CAP,
         "{highest} tokens were ACTIVE at once with a cap of {CAP}"

@@ -2,7 +2,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicI64, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc,
     },
     time::Duration,
@@ -15,7 +15,7 @@ use tokio::time::timeout;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::{config, open_line, reason, start, watch::next};
+use crate::{config, open_line, reason, sample_active, start, watch::next};
 
 /// A WAITING fan who leaves is never admitted: the next slot goes to the fan behind, and the
 /// replica that answered the leave says EXPIRED at once (not WAITING from its memory of the
@@ -199,23 +199,7 @@ async fn fans_leaving_in_a_rush_over_two_replicas_strand_nobody() {
 
     let racing = Arc::new(AtomicBool::new(true));
     let arrived = Arc::new(AtomicBool::new(false));
-    let highest_active = Arc::new(AtomicI64::new(0));
-    let sampler = tokio::spawn({
-        let (admin, racing, highest) = (admin.clone(), racing.clone(), highest_active.clone());
-        async move {
-            let mut samples = 0;
-            while racing.load(Ordering::Relaxed) {
-                let active: i64 =
-                    sqlx::query_scalar("SELECT count(*) FROM queue.tokens WHERE status = 'ACTIVE'")
-                        .fetch_one(&admin)
-                        .await
-                        .unwrap();
-                highest.fetch_max(active, Ordering::Relaxed);
-                samples += 1;
-            }
-            samples
-        }
-    });
+    let sampler = sample_active(admin.clone(), racing.clone());
     // The payer: completes ACTIVE tokens through both replicas until every fan has arrived
     // and every fan who stayed has been admitted and paid. A token its fan left meanwhile
     // answers EXPIRED.
@@ -287,11 +271,8 @@ async fn fans_leaving_in_a_rush_over_two_replicas_strand_nobody() {
         .expect("every fan who stayed is admitted and pays within a minute")
         .unwrap();
     racing.store(false, Ordering::Relaxed);
-    assert!(
-        sampler.await.unwrap() > 10,
-        "the sampler must really sample"
-    );
-    let highest = highest_active.load(Ordering::Relaxed);
+    let (highest, samples) = sampler.await.unwrap();
+    assert!(samples > 10, "the sampler must really sample");
     assert!(highest <= CAP, "{highest} ACTIVE at once, cap {CAP}");
     assert!(completed >= FANS - leavers.len());
 

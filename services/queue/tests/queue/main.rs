@@ -142,6 +142,28 @@ impl Queue {
 
 pub use stagedoor_testkit::reason;
 
+/// Samples the ACTIVE tokens of concert `rush` as Postgres sees them, as often as it can,
+/// until `racing` turns false; answers the highest count seen and how many samples it took.
+pub fn sample_active(
+    admin: sqlx::PgPool,
+    racing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(i64, u64)> {
+    tokio::spawn(async move {
+        let (mut highest, mut samples) = (0, 0);
+        while racing.load(std::sync::atomic::Ordering::Relaxed) {
+            let active: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM queue.tokens WHERE status = 'ACTIVE' AND concert_id = 'rush'",
+            )
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+            highest = highest.max(active);
+            samples += 1;
+        }
+        (highest, samples)
+    })
+}
+
 /// Rows of the queue's tables, read as the superuser.
 pub async fn count_rows(database: &TestDatabase) -> (i64, i64) {
     database
