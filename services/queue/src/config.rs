@@ -54,7 +54,8 @@ pub struct QueueConfig {
     #[arg(long, env = "QUEUE_IDLE_TTL", default_value = DEFAULT_IDLE_TTL, value_parser = parse_duration)]
     pub idle_ttl: Duration,
 
-    /// Period of the admission and expiry loop. The rate bound is smooth to within one tick.
+    /// Period of the admission and expiry loop. Admissions are spread over the ticks, never
+    /// more than `admit_rate` in any one second.
     #[arg(long, env = "QUEUE_TICK", default_value = DEFAULT_TICK, value_parser = parse_duration)]
     pub tick: Duration,
 
@@ -130,7 +131,8 @@ impl QueueConfig {
     }
 
     /// The token bucket's size: one tick's worth of admissions (at least one fan), so that
-    /// admissions over any window stay within `admit_rate` per second plus one tick.
+    /// admissions are spread over the ticks. (The bucket alone would let a second hold a tick's
+    /// worth more than `admit_rate`; admission also counts the last second, see `store::admit`.)
     pub fn admit_burst(&self) -> f64 {
         (f64::from(self.admit_rate) * self.tick.as_secs_f64()).max(1.0)
     }
