@@ -41,7 +41,7 @@ pub struct QueueConfig {
     #[arg(long, env = "QUEUE_MAX_ACTIVE", default_value_t = DEFAULT_MAX_ACTIVE)]
     pub max_active: u32,
 
-    /// Most fans admitted per second per concert (R).
+    /// Most fans admitted in any one second, per concert (R).
     #[arg(long, env = "QUEUE_ADMIT_RATE", default_value_t = DEFAULT_ADMIT_RATE)]
     pub admit_rate: u32,
 
@@ -54,8 +54,9 @@ pub struct QueueConfig {
     #[arg(long, env = "QUEUE_IDLE_TTL", default_value = DEFAULT_IDLE_TTL, value_parser = parse_duration)]
     pub idle_ttl: Duration,
 
-    /// Period of the admission and expiry loop. Admissions are spread over the ticks, never
-    /// more than `admit_rate` in any one second.
+    /// Period of the admission and expiry loop. With a short tick admissions are spread over
+    /// the ticks (a long one lets up to `admit_rate` in at once); never more than `admit_rate`
+    /// in any one second.
     #[arg(long, env = "QUEUE_TICK", default_value = DEFAULT_TICK, value_parser = parse_duration)]
     pub tick: Duration,
 
@@ -130,10 +131,14 @@ impl QueueConfig {
         self.idle_ttl + 4 * self.heartbeat_flush()
     }
 
-    /// The token bucket's size: one tick's worth of admissions (at least one fan), so that
-    /// admissions are spread over the ticks. (The bucket alone would let a second hold a tick's
-    /// worth more than `admit_rate`; admission also counts the last second, see `store::admit`.)
+    /// The token bucket's size: two ticks' worth of admissions (at least one fan), so that
+    /// admissions are spread over the ticks. The bucket alone would let a second hold more
+    /// than `admit_rate`, so admission also counts the last second (`store::admit`). That
+    /// count blocks the tick that comes just as the batch of a second ago is still inside
+    /// the window; one tick deep, the bucket would then throw that tick's refill away, and a
+    /// line limited by the rate would drain at about R / (1 + tick) instead of R. Two deep,
+    /// the next tick admits what the blocked one could not.
     pub fn admit_burst(&self) -> f64 {
-        (f64::from(self.admit_rate) * self.tick.as_secs_f64()).max(1.0)
+        (f64::from(self.admit_rate) * 2.0 * self.tick.as_secs_f64()).max(1.0)
     }
 }

