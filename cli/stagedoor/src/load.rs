@@ -885,6 +885,7 @@ impl Target {
             // (Every service's default pool is the same size; the queue's stands for all.)
             let default_pool = QueueConfig::for_database("").database_max_connections;
             let cap = mesh::pool_cap(&database.admin_url, &vec![default_pool; pools]).await?;
+            let pool_size = cap.min(default_pool);
             for service in needs {
                 // Replicas of one service share its database; replica i reaches replica i of
                 // each peer (the peers' own count wrapping), so service-to-service calls spread
@@ -893,7 +894,7 @@ impl Target {
                     let handle = match service {
                         Service::Queue => {
                             let mut config = QueueConfig::for_database(database.url(db::QUEUE));
-                            config.database_max_connections = cap.min(default_pool);
+                            config.database_max_connections = pool_size;
                             config.max_active = load.max_active.max(active_fans);
                             config.admit_rate = if active_fans > 0 {
                                 1_000_000
@@ -910,7 +911,7 @@ impl Target {
                                 database.url(db::CONCERT),
                                 target.url_of(Service::Queue, replica),
                             );
-                            config.database_max_connections = cap.min(default_pool);
+                            config.database_max_connections = pool_size;
                             mesh::start_on(local, |listener| {
                                 stagedoor_concert::start(config, listener)
                             })
@@ -918,7 +919,7 @@ impl Target {
                         }
                         Service::Point => {
                             let mut config = PointConfig::for_database(database.url(db::POINT));
-                            config.database_max_connections = cap.min(default_pool);
+                            config.database_max_connections = pool_size;
                             mesh::start_on(local, |listener| {
                                 stagedoor_point::start(config, listener)
                             })
@@ -931,7 +932,7 @@ impl Target {
                                 target.url_of(Service::Concert, replica),
                                 target.url_of(Service::Point, replica),
                             );
-                            config.database_max_connections = cap.min(default_pool);
+                            config.database_max_connections = pool_size;
                             mesh::start_on(local, |listener| {
                                 stagedoor_payment::start(config, listener)
                             })

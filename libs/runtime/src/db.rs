@@ -445,6 +445,7 @@ pub fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     /// RFC 7677's example (password "pencil", its salt): the ServerKey below signs that
     /// exchange's AuthMessage into the RFC's ServerSignature `6rriTRBi...`, checked with
@@ -460,7 +461,6 @@ mod tests {
              wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU="
         );
     }
-    use super::*;
 
     #[test]
     fn redacts_passwords() {

@@ -304,12 +304,12 @@ async fn watch(
         }
 
         let counters = *line.borrow_and_update();
-        let check_due = verified_at.elapsed() >= state.policy.heartbeat_every;
-        if ticket.status == TokenStatus::Waiting
+        // Nothing but a periodic check could tell this watch anything new: still WAITING,
+        // still behind the admission pointer, and no leave here.
+        let behind = ticket.status == TokenStatus::Waiting
             && counters.admitted_through < ticket.place
-            && !check_due
-            && !rung
-        {
+            && !rung;
+        if behind && verified_at.elapsed() < state.policy.heartbeat_every {
             // Still behind the admission pointer: the position follows from the board alone.
             ticket.admitted_through = ticket.admitted_through.max(counters.admitted_through);
             continue;
@@ -320,9 +320,6 @@ async fn watch(
         // expired as a ghost, and the stream must end with EXPIRED rather than count down
         // to a place nobody will take. One batched row read per watcher per period (30 s by
         // default) is a small price beside the updates the stream sends.
-        let only_a_check = ticket.status == TokenStatus::Waiting
-            && counters.admitted_through < ticket.place
-            && !rung;
         verified_at = tokio::time::Instant::now();
         rung = false;
         match state.reader.read(ticket.token).await {
@@ -331,7 +328,7 @@ async fn watch(
             // A periodic check that fails is tried again next period: far-back watchers
             // must not all lose their streams to one slow moment of the database. The
             // position still follows the board meanwhile.
-            Err(error) if only_a_check => {
+            Err(error) if behind => {
                 tracing::warn!(token = %ticket.token, %error, "a watch's periodic check failed; trying again next period");
                 ticket.admitted_through = ticket.admitted_through.max(counters.admitted_through);
             }

@@ -90,15 +90,16 @@ impl TicketRow {
 }
 
 /// Reads tokens with their lines' admission pointers: one indexed lookup per token, no
-/// counting. Unknown tokens are simply absent from the answer.
-pub async fn read_tickets(
-    pool: &PgPool,
+/// counting. Unknown tokens are simply absent from the answer. Through the pool, or inside
+/// a transaction that has just changed them (`end_batch`).
+pub async fn read_tickets<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
     policy: &AdmissionPolicy,
     tokens: &[Uuid],
 ) -> Result<Vec<Ticket>, sqlx::Error> {
     let rows: Vec<TicketRow> = sqlx::query_as(&format!("{TICKET_SELECT} WHERE t.token = ANY($1)"))
         .bind(tokens)
-        .fetch_all(pool)
+        .fetch_all(executor)
         .await?;
     Ok(rows
         .into_iter()
@@ -520,17 +521,11 @@ pub async fn end_batch(
     // The freed slots go to the next fans now, not at the next tick.
     advance(&mut tx, policy, &mut line).await?;
     let tokens: Vec<Uuid> = endings.iter().map(|(token, _)| *token).collect();
-    let rows: Vec<TicketRow> = sqlx::query_as(&format!("{TICKET_SELECT} WHERE t.token = ANY($1)"))
-        .bind(&tokens)
-        .fetch_all(&mut *tx)
-        .await?;
+    let tickets = read_tickets(&mut *tx, policy, &tokens).await?;
     tx.commit().await?;
-    let tickets: HashMap<Uuid, Ticket> = rows
+    let tickets: HashMap<Uuid, Ticket> = tickets
         .into_iter()
-        .map(|row| {
-            let ticket = row.into_ticket(policy.heartbeat_every);
-            (ticket.token, ticket)
-        })
+        .map(|ticket| (ticket.token, ticket))
         .collect();
     tokens
         .iter()
