@@ -260,8 +260,8 @@ async fn admit(
         // window ever holds more than `admit_rate` (every admission of this line happens
         // under its lock, and is stamped later than this count). One range scan of the
         // `tokens_admitted_by_time` index, only when a slot and the bucket allow anyone in:
-        // at most a second's admissions, about 0.1 ms at the default rate of 200 and a few
-        // milliseconds at rates in the thousands (measured by review on 10,000 entries).
+        // at most a second's admissions: 0.05-0.09 ms for 200 of them (the default rate),
+        // 2-7 ms for 10,000 just admitted (BENCHMARKS.md, session of 2026-12-03).
         let last_second: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM tokens
               WHERE concert_id = $1 AND admit_time > statement_timestamp() - interval '1 second'",
