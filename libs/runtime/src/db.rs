@@ -7,7 +7,7 @@ use std::{str::FromStr, time::Duration};
 use sqlx::{
     migrate::Migrator,
     postgres::{PgConnectOptions, PgPoolOptions},
-    ConnectOptions, Connection, Executor, PgPool,
+    ConnectOptions, Connection, Executor, PgConnection, PgPool,
 };
 
 /// A service's database identity: the role it logs in as and the schema it owns.
@@ -127,12 +127,31 @@ pub async fn connect(config: &PoolConfig) -> Result<PgPool, StartupError> {
 }
 
 /// Runs the service's migrations inside its schema (sqlx's bookkeeping table included).
-/// Replicas starting together are safe: sqlx serialises them with an advisory lock.
+///
+/// Replicas starting together take turns through an advisory lock of the service's schema
+/// (services sharing a database do not wait for each other). The lock is *polled*, never
+/// waited for inside a statement: a `CREATE INDEX CONCURRENTLY` waits for every transaction
+/// of the database whose snapshot is older than its build, and a replica blocked inside
+/// `SELECT pg_advisory_lock(..)` holds such a snapshot while it waits for the lock the builder
+/// holds. Postgres breaks that deadlock by failing one of them, so sqlx's own lock (blocking,
+/// one per database) made a replica or a neighbouring service fail its start-up whenever
+/// another one was building an index.
+///
+/// Under the lock, before migrating, indexes an interrupted build left INVALID are repaired
+/// (see [`repair_invalid_indexes`]).
 pub async fn migrate(
     pool: &PgPool,
     schema: &'static str,
-    migrator: &Migrator,
+    mut migrator: Migrator,
 ) -> Result<(), StartupError> {
+    let connect_error = |source| StartupError::Connect {
+        url: "(pool)".into(),
+        source,
+    };
+    let migrate_error = |source| StartupError::Migrate {
+        schema: schema.into(),
+        source,
+    };
     let (role, owns): (String, bool) = sqlx::query_as(
         "SELECT current_user::text,
                 coalesce((SELECT nspowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)
@@ -141,23 +160,96 @@ pub async fn migrate(
     .bind(schema)
     .fetch_one(pool)
     .await
-    .map_err(|source| StartupError::Connect {
-        url: "(pool)".into(),
-        source,
-    })?;
+    .map_err(connect_error)?;
     if !owns {
         return Err(StartupError::SchemaMissing {
             schema: schema.into(),
             role,
         });
     }
-    migrator
-        .run(pool)
+    // The session lock lives and dies with this one connection, which never goes back to the
+    // pool: whatever happens below (an error, a panic, a cancelled start-up), closing or
+    // dropping it releases the lock.
+    let mut conn = pool.acquire().await.map_err(connect_error)?.detach();
+    take_migration_lock(&mut conn, schema)
         .await
-        .map_err(|source| StartupError::Migrate {
-            schema: schema.into(),
-            source,
-        })
+        .map_err(connect_error)?;
+    repair_invalid_indexes(&mut conn, schema)
+        .await
+        .map_err(|error| migrate_error(sqlx::migrate::MigrateError::Execute(error)))?;
+    // Our lock already serialises the replicas; sqlx's must not be taken as well.
+    migrator.set_locking(false);
+    // `run_direct` is `run` on a connection we hold (sqlx's own way around `run(&mut conn)`
+    // failing its `Send` proof when a start-up future is spawned).
+    migrator
+        .run_direct(&mut conn)
+        .await
+        .map_err(migrate_error)?;
+    // Closing ends the session, and with it the lock.
+    conn.close().await.map_err(connect_error)
+}
+
+/// How often a replica asks again for the lock another replica holds while it migrates.
+const MIGRATION_LOCK_POLL: Duration = Duration::from_millis(100);
+
+/// Takes the session-level advisory lock of `schema`'s migrations, asking every
+/// [`MIGRATION_LOCK_POLL`] until it is free. Between two asks the connection is idle and
+/// holds no snapshot, so another replica's `CREATE INDEX CONCURRENTLY` never waits for it.
+async fn take_migration_lock(conn: &mut PgConnection, schema: &str) -> Result<(), sqlx::Error> {
+    let started = std::time::Instant::now();
+    let mut said_so = false;
+    loop {
+        let taken: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_lock(hashtext('stagedoor migrations of ' || $1))",
+        )
+        .bind(schema)
+        .fetch_one(&mut *conn)
+        .await?;
+        if taken {
+            return Ok(());
+        }
+        if !said_so && started.elapsed() > Duration::from_secs(2) {
+            tracing::info!(
+                schema,
+                "waiting for another replica to finish its migrations"
+            );
+            said_so = true;
+        }
+        tokio::time::sleep(MIGRATION_LOCK_POLL).await;
+    }
+}
+
+/// Repairs the indexes of `schema` that an interrupted concurrent build left INVALID (a
+/// replica killed or failed during `CREATE INDEX CONCURRENTLY` or `REINDEX CONCURRENTLY`).
+/// Postgres keeps such an index, writes to it and never reads it; the migration that builds
+/// it with `IF NOT EXISTS` would see it there next time and record itself as applied, leaving
+/// the statements it was made for without their index for good. So, as Postgres's manual
+/// advises: an index is rebuilt in place (`REINDEX INDEX CONCURRENTLY`), and the transient
+/// copy of an interrupted reindex (suffixed `_ccnew` or `_ccold`) is dropped.
+///
+/// Runs under the migration lock, where no migration of this schema is building anything.
+async fn repair_invalid_indexes(conn: &mut PgConnection, schema: &str) -> Result<(), sqlx::Error> {
+    let invalid: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT format('%I.%I', n.nspname, c.relname), c.relname ~ '_cc(new|old)[0-9]*$'
+           FROM pg_index i
+           JOIN pg_class c ON c.oid = i.indexrelid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = $1 AND NOT i.indisvalid",
+    )
+    .bind(schema)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (index, transient) in invalid {
+        // `index` was quoted by Postgres's own `format('%I')`.
+        let statement = if transient {
+            format!("DROP INDEX CONCURRENTLY IF EXISTS {index}")
+        } else {
+            format!("REINDEX INDEX CONCURRENTLY {index}")
+        };
+        tracing::warn!(%index, %statement, "repairing an index an interrupted build left invalid");
+        conn.execute(statement.as_str()).await?;
+    }
+    Ok(())
 }
 
 /// Creates `database` (when missing) through an admin connection to any database of the

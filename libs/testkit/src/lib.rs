@@ -51,7 +51,7 @@ impl TestDatabase {
 
     /// Runs a service's `migrator` in its schema as its own role, as the service does when
     /// it starts: for tests that shape a schema before (or without) starting the service.
-    pub async fn migrate(&self, service: ServiceSchema, migrator: &sqlx::migrate::Migrator) {
+    pub async fn migrate(&self, service: ServiceSchema, migrator: sqlx::migrate::Migrator) {
         let pool = db::connect(&db::PoolConfig::new(self.url(service), service.schema, 1))
             .await
             .expect("the service's role connects");

@@ -101,8 +101,11 @@ where
     })
 }
 
-/// The concert service's migrations, embedded in the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The concert service's migrations, embedded in the binary (a fresh `Migrator` each time: `db::migrate`
+/// sets how it locks).
+pub fn migrator() -> sqlx::migrate::Migrator {
+    sqlx::migrate!("./migrations")
+}
 
 /// Connects, migrates and starts serving on `listener`.
 pub async fn start(
@@ -123,7 +126,7 @@ pub async fn start(
         config.database_max_connections,
     ))
     .await?;
-    db::migrate(&pool, db::CONCERT.schema, &MIGRATOR).await?;
+    db::migrate(&pool, db::CONCERT.schema, migrator()).await?;
 
     let trigger = ShutdownTrigger::default();
     let ttl = config.hold_ttl;

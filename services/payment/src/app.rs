@@ -21,8 +21,11 @@ use crate::{
     writes::PaymentWrites,
 };
 
-/// The payment service's migrations, embedded in the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The payment service's migrations, embedded in the binary (a fresh `Migrator` each time: `db::migrate`
+/// sets how it locks).
+pub fn migrator() -> sqlx::migrate::Migrator {
+    sqlx::migrate!("./migrations")
+}
 
 /// Connects, migrates, starts the recovery worker and serves on `listener`.
 pub async fn start(
@@ -46,7 +49,7 @@ pub async fn start(
         config.database_max_connections,
     ))
     .await?;
-    db::migrate(&pool, db::PAYMENT.schema, &MIGRATOR).await?;
+    db::migrate(&pool, db::PAYMENT.schema, migrator()).await?;
 
     let trigger = ShutdownTrigger::default();
     let (writes, mut background) = PaymentWrites::spawn(pool.clone(), config.lease);

@@ -13,8 +13,11 @@ use tokio::net::TcpListener;
 
 use crate::{config::PointConfig, grpc::PointApi};
 
-/// The point service's migrations, embedded in the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The point service's migrations, embedded in the binary (a fresh `Migrator` each time: `db::migrate`
+/// sets how it locks).
+pub fn migrator() -> sqlx::migrate::Migrator {
+    sqlx::migrate!("./migrations")
+}
 
 /// Connects, migrates and starts serving on `listener`.
 pub async fn start(
@@ -27,7 +30,7 @@ pub async fn start(
         config.database_max_connections,
     ))
     .await?;
-    db::migrate(&pool, db::POINT.schema, &MIGRATOR).await?;
+    db::migrate(&pool, db::POINT.schema, migrator()).await?;
 
     let api = PointApi::new(pool, &config);
     let trigger = ShutdownTrigger::default();

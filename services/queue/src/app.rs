@@ -25,8 +25,11 @@ use crate::{
     store::{self, AdmissionPolicy},
 };
 
-/// The queue's migrations, embedded in the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The queue's migrations, embedded in the binary (a fresh `Migrator` each time: `db::migrate`
+/// sets how it locks).
+pub fn migrator() -> sqlx::migrate::Migrator {
+    sqlx::migrate!("./migrations")
+}
 
 /// How often each replica refreshes its view of the busy lines.
 const BOARD_REFRESH: Duration = Duration::from_millis(100);
@@ -42,7 +45,7 @@ pub async fn start(
         config.database_max_connections,
     ))
     .await?;
-    db::migrate(&pool, db::QUEUE.schema, &MIGRATOR).await?;
+    db::migrate(&pool, db::QUEUE.schema, migrator()).await?;
 
     let policy = AdmissionPolicy::from(&config);
     let (trigger, shutdown) = ShutdownTrigger::new();

@@ -30,7 +30,7 @@ async fn a_concert_that_predates_its_line_gets_one_when_a_replica_starts() {
     // the concert schema as its migrations leave it.
     let mesh = mesh(0, |_, _| {}).await;
     mesh.database
-        .migrate(db::CONCERT, &stagedoor_concert::app::MIGRATOR)
+        .migrate(db::CONCERT, stagedoor_concert::app::migrator())
         .await;
     // A concert created before lines were opened at creation (or whose line a restored queue
     // database lost): the row exists, the queue knows nothing of it.

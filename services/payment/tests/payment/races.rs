@@ -232,7 +232,7 @@ async fn a_database_where_one_admission_paid_twice_still_migrates() {
 
     // Panics if the migration cannot build its index over the old twin payments.
     mesh.database
-        .migrate(db::PAYMENT, &stagedoor_payment::app::MIGRATOR)
+        .migrate(db::PAYMENT, stagedoor_payment::app::migrator())
         .await;
 
     let (exclusive, exempt): (i64, i64) = sqlx::query_as(
@@ -263,7 +263,7 @@ async fn batches_holding_one_fans_payments_in_opposite_orders_do_not_deadlock() 
 
     let database = stagedoor_testkit::TestDatabase::create().await;
     database
-        .migrate(db::PAYMENT, &stagedoor_payment::app::MIGRATOR)
+        .migrate(db::PAYMENT, stagedoor_payment::app::migrator())
         .await;
     let admin = database.admin().await;
     for statement in [

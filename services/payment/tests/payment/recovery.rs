@@ -321,7 +321,7 @@ async fn a_drive_whose_lease_was_taken_over_changes_nothing_even_in_its_own_proc
     // batched writer both drives share in a process, and must change nothing at all.
     const PAYMENTS: usize = 200;
     let database = TestDatabase::create().await;
-    database.migrate(db::PAYMENT, &app::MIGRATOR).await;
+    database.migrate(db::PAYMENT, app::migrator()).await;
     let pool = db::connect(&db::PoolConfig::new(
         database.url(db::PAYMENT),
         db::PAYMENT.schema,

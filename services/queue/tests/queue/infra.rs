@@ -147,3 +147,133 @@ async fn the_queue_role_cannot_touch_other_schemas() {
         .unwrap();
     queue_role.close().await;
 }
+
+/// Migrates as one replica of the queue does when it starts, on a pool of its own.
+async fn migrate_url(database_url: String) -> Result<(), db::StartupError> {
+    let pool = db::connect(&db::PoolConfig::new(database_url, db::QUEUE.schema, 2)).await?;
+    let migrated = db::migrate(&pool, db::QUEUE.schema, stagedoor_queue::app::migrator()).await;
+    pool.close().await;
+    migrated
+}
+
+/// Is the queue's admissions index (built CONCURRENTLY by migration 0003) there and valid,
+/// and is 0003 recorded as applied?
+async fn admissions_index_is_valid_and_recorded(database: &TestDatabase) -> (bool, bool) {
+    database
+        .row(
+            "SELECT coalesce((SELECT indisvalid FROM pg_index
+                               WHERE indexrelid = to_regclass('queue.tokens_admitted_by_time')),
+                             false),
+                    EXISTS (SELECT 1 FROM queue._sqlx_migrations WHERE version = 3 AND success)",
+        )
+        .await
+}
+
+/// A rolling upgrade whose migration builds an index CONCURRENTLY, started on two replicas
+/// at once while a replica of the previous version is writing. The build waits for every
+/// older snapshot of the database; a second replica blocked inside `pg_advisory_lock` (sqlx's
+/// own migration lock) held one while waiting for the builder's lock, and Postgres broke that
+/// deadlock by failing one of the two start-ups. Both must start, and the index be valid.
+#[tokio::test]
+async fn two_replicas_migrating_while_an_index_builds_both_start() {
+    let database = TestDatabase::create().await;
+    database
+        .migrate(db::QUEUE, stagedoor_queue::app::migrator())
+        .await;
+    let admin = database.admin().await;
+    // The database as the version before migration 0003 left it.
+    for statement in [
+        "DROP INDEX queue.tokens_admitted_by_time",
+        "DELETE FROM queue._sqlx_migrations WHERE version = 3",
+    ] {
+        sqlx::query(statement).execute(&admin).await.unwrap();
+    }
+    // The old version's replica, in the middle of a write to `tokens`: the build waits for it.
+    let mut writer = admin.begin().await.unwrap();
+    sqlx::query("LOCK TABLE queue.tokens IN ROW EXCLUSIVE MODE")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+
+    let first = tokio::spawn({
+        let database_url = database.url(db::QUEUE);
+        async move { migrate_url(database_url).await }
+    });
+    stagedoor_testkit::eventually(
+        std::time::Duration::from_secs(20),
+        "the first replica's index build waits for the writer",
+        || async {
+            let building: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE pid <> pg_backend_pid() AND wait_event_type = 'Lock'
+                    AND query LIKE '%CREATE INDEX CONCURRENTLY%'",
+            )
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+            (building == 1).then_some(())
+        },
+    )
+    .await;
+    let second = tokio::spawn({
+        let database_url = database.url(db::QUEUE);
+        async move { migrate_url(database_url).await }
+    });
+    // Long enough for the second replica to be waiting for the migration lock.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    writer.commit().await.unwrap();
+
+    for (replica, started) in [("first", first), ("second", second)] {
+        let migrated = tokio::time::timeout(std::time::Duration::from_secs(30), started)
+            .await
+            .unwrap_or_else(|_| panic!("the {replica} replica's migrations are stuck"))
+            .unwrap();
+        if let Err(error) = migrated {
+            panic!("the {replica} replica failed to start: {error}");
+        }
+    }
+    admin.close().await;
+    assert_eq!(
+        admissions_index_is_valid_and_recorded(&database).await,
+        (true, true)
+    );
+}
+
+/// A replica killed (or failed) while building an index CONCURRENTLY leaves the index INVALID:
+/// Postgres keeps it, writes it and never reads it, and the migration's `IF NOT EXISTS` would
+/// then skip it for good. The next start rebuilds it, and drops what an interrupted REINDEX
+/// CONCURRENTLY leaves behind.
+#[tokio::test]
+async fn indexes_an_interrupted_build_left_invalid_are_repaired_at_start() {
+    let database = TestDatabase::create().await;
+    database
+        .migrate(db::QUEUE, stagedoor_queue::app::migrator())
+        .await;
+    let admin = database.admin().await;
+    // The state a build killed mid-way leaves: the index there but invalid, the migration not
+    // recorded, and a transient copy of an interrupted reindex beside it.
+    for statement in [
+        "DELETE FROM queue._sqlx_migrations WHERE version = 3",
+        "CREATE INDEX tokens_admitted_by_time_ccnew ON queue.tokens (concert_id, admit_time)",
+        "UPDATE pg_index SET indisvalid = false
+          WHERE indexrelid IN ('queue.tokens_admitted_by_time'::regclass,
+                               'queue.tokens_admitted_by_time_ccnew'::regclass)",
+    ] {
+        sqlx::query(statement).execute(&admin).await.unwrap();
+    }
+    admin.close().await;
+    assert_eq!(
+        admissions_index_is_valid_and_recorded(&database).await,
+        (false, false)
+    );
+
+    let _queue = start(config(&database)).await;
+    assert_eq!(
+        admissions_index_is_valid_and_recorded(&database).await,
+        (true, true)
+    );
+    let (leftovers,): (i64,) = database
+        .row("SELECT count(*) FROM pg_class WHERE relname LIKE '%\\_ccnew%'")
+        .await;
+    assert_eq!(leftovers, 0, "the interrupted reindex's copy is dropped");
+}
