@@ -61,17 +61,18 @@ struct UpArgs {
     /// The database the services share (each in its own schema, as its own role).
     #[arg(long, default_value = "stagedoor")]
     database: String,
-    /// Where the queue service listens.
-    #[arg(long, default_value = "0.0.0.0:50051")]
+    /// Where the queue service listens. Every port also serves the internal and admin APIs
+    /// (README, "What to expose"), so the mesh listens on loopback unless told otherwise.
+    #[arg(long, default_value = "127.0.0.1:50051")]
     queue_addr: SocketAddr,
     /// Where the concert service listens.
-    #[arg(long, default_value = "0.0.0.0:50052")]
+    #[arg(long, default_value = "127.0.0.1:50052")]
     concert_addr: SocketAddr,
     /// Where the point service listens.
-    #[arg(long, default_value = "0.0.0.0:50053")]
+    #[arg(long, default_value = "127.0.0.1:50053")]
     point_addr: SocketAddr,
     /// Where the payment service listens.
-    #[arg(long, default_value = "0.0.0.0:50054")]
+    #[arg(long, default_value = "127.0.0.1:50054")]
     payment_addr: SocketAddr,
     /// How long a hold keeps its seats [default: CONCERT_HOLD_TTL, else 5m].
     ///

@@ -6,6 +6,30 @@
 
 use std::time::Duration;
 
+/// Settings of the process around a service, the same for all four (each service's config
+/// flattens them in).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProcessSettings {
+    /// On SIGTERM or Ctrl-C, how long the server goes on answering (new connections included)
+    /// while grpc.health.v1 reports NOT_SERVING, before it drains: the time load balancers
+    /// need to stop routing to it. A second signal cuts it short.
+    #[arg(long, env = "SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+}
+
+impl Default for ProcessSettings {
+    fn default() -> Self {
+        Self {
+            shutdown_delay: DEFAULT_SHUTDOWN_DELAY,
+        }
+    }
+}
+
+/// Default `SHUTDOWN_DELAY`: a balancer's health probe every few seconds sees NOT_SERVING
+/// before the listener closes. With the 20 s drain limit it stays inside the 30 s an
+/// orchestrator usually allows before it kills the process.
+pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
+
 /// Parses a human duration: a whole number followed by `ms`, `s`, `m` or `h` (`250ms`,
 /// `30s`, `5m`, `1h`). A bare number is seconds. Used for every TTL and interval so that tests
 /// and operators write them the same way.

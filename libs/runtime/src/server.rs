@@ -25,7 +25,7 @@ use tonic::{
         Server,
     },
 };
-use tonic_health::ServingStatus;
+use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::Shutdown;
 
@@ -121,13 +121,25 @@ impl GrpcServer {
         let local_addr = listener
             .local_addr()
             .map_err(crate::db::StartupError::Listen)?;
-        let server = tokio::spawn(self.serve(listener, trigger.subscribe()));
+        let service_names = self.service_names.clone();
+        let (server, health) = self.with_health();
+        let server =
+            tokio::spawn(server.serve_reporting(listener, trigger.subscribe(), health.clone()));
         Ok(ServiceHandle {
             local_addr,
             trigger,
             server,
             background,
+            health,
+            service_names,
         })
+    }
+
+    /// Adds grpc.health.v1 to the routes, and returns the reporter that sets its statuses.
+    fn with_health(mut self) -> (Self, HealthReporter) {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        self.routes.add_service(service);
+        (self, reporter)
     }
 
     /// Serves on `listener` until `shutdown` fires, then stops accepting connections and waits
@@ -139,6 +151,17 @@ impl GrpcServer {
         listener: TcpListener,
         shutdown: Shutdown,
     ) -> Result<(), tonic::transport::Error> {
+        let (server, health) = self.with_health();
+        server.serve_reporting(listener, shutdown, health).await
+    }
+
+    /// [`GrpcServer::serve`], its health statuses set through `health`.
+    async fn serve_reporting(
+        self,
+        listener: TcpListener,
+        shutdown: Shutdown,
+        health: HealthReporter,
+    ) -> Result<(), tonic::transport::Error> {
         let Self {
             mut routes,
             service_names,
@@ -146,14 +169,7 @@ impl GrpcServer {
         } = self;
         let local_addr: Option<SocketAddr> = listener.local_addr().ok();
 
-        let (health, health_service) = tonic_health::server::health_reporter();
-        for name in &service_names {
-            health
-                .set_service_status(*name, ServingStatus::Serving)
-                .await;
-        }
-        // The empty name is the whole server, what `grpc_health_probe` asks by default.
-        health.set_service_status("", ServingStatus::Serving).await;
+        report(&health, &service_names, ServingStatus::Serving).await;
 
         // Reflection advertises exactly what this process serves (the descriptor set holds
         // every stagedoor contract), and resolves google.rpc error details for clients.
@@ -185,7 +201,6 @@ impl GrpcServer {
             .build_v1alpha()
             .expect("the stagedoor descriptor set is generated at build time and valid");
         routes
-            .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
 
@@ -193,15 +208,9 @@ impl GrpcServer {
         let drain_started = shutdown.clone();
         let stopping = async move {
             shutdown.wait().await;
-            // Tell load balancers first, so they stop sending new calls our way.
-            for name in &service_names {
-                health
-                    .set_service_status(*name, ServingStatus::NotServing)
-                    .await;
-            }
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
+            // Said already when the process was asked to stop (`ServiceHandle::shutdown_after`),
+            // and said again for a server stopped another way.
+            report(&health, &service_names, ServingStatus::NotServing).await;
         };
         // tonic's graceful shutdown waits for every call without limit, and runs each
         // connection in a task of its own, which dropping `serving` would leave running. So
@@ -229,6 +238,15 @@ impl GrpcServer {
             }
         }
     }
+}
+
+/// Sets the grpc.health.v1 status of every service in `names`, and of the empty name, the whole
+/// server (what `grpc_health_probe` and most balancers ask by default).
+async fn report(health: &HealthReporter, names: &[&'static str], status: ServingStatus) {
+    for name in names {
+        health.set_service_status(*name, status).await;
+    }
+    health.set_service_status("", status).await;
 }
 
 /// An accepted connection's socket that fails every read and write once `closed` resolves
@@ -341,6 +359,8 @@ pub struct ServiceHandle {
     trigger: crate::ShutdownTrigger,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     background: Vec<tokio::task::JoinHandle<()>>,
+    health: HealthReporter,
+    service_names: Vec<&'static str>,
 }
 
 impl ServiceHandle {
@@ -384,9 +404,38 @@ impl ServiceHandle {
         served
     }
 
-    /// Runs until SIGINT or SIGTERM, then shuts down gracefully. Returns early if the server
-    /// fails on its own.
-    pub async fn run_until_os_signal(mut self) -> Result<(), tonic::transport::Error> {
+    /// Leaves the load balancers' rotation, then stops: grpc.health.v1 reports NOT_SERVING
+    /// at once while the server goes on answering, new connections included, for
+    /// `not_serving_for` (or until `cut_short` resolves); then the graceful [`shutdown`].
+    ///
+    /// Balancers learn of a stopping replica from its health (a Watch at once, a Check at
+    /// their next probe) while an orchestrator sends SIGTERM at the same time: a server that
+    /// closed its listener on the signal would refuse the calls still routed to it meanwhile.
+    ///
+    /// [`shutdown`]: ServiceHandle::shutdown
+    pub async fn shutdown_after(
+        self,
+        not_serving_for: Duration,
+        cut_short: impl Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error> {
+        report(&self.health, &self.service_names, ServingStatus::NotServing).await;
+        if !not_serving_for.is_zero() {
+            tracing::info!(?not_serving_for, "reporting NOT_SERVING before draining");
+            tokio::select! {
+                () = tokio::time::sleep(not_serving_for) => {}
+                () = cut_short => tracing::info!("second stop signal; draining now"),
+            }
+        }
+        self.shutdown().await
+    }
+
+    /// Runs until SIGINT or SIGTERM, then leaves the rotation and shuts down gracefully
+    /// ([`ServiceHandle::shutdown_after`]; a second signal skips the NOT_SERVING period).
+    /// Returns early if the server fails on its own.
+    pub async fn run_until_os_signal(
+        mut self,
+        not_serving_for: Duration,
+    ) -> Result<(), tonic::transport::Error> {
         tokio::select! {
             _ = crate::shutdown::os_signal() => {}
             finished = &mut self.server => {
@@ -397,8 +446,9 @@ impl ServiceHandle {
                 return finished.unwrap_or(Ok(()));
             }
         }
-        tracing::info!("shutdown signal received; finishing calls in flight");
-        self.shutdown().await
+        tracing::info!("shutdown signal received");
+        self.shutdown_after(not_serving_for, crate::shutdown::os_signal())
+            .await
     }
 
     /// Crash: stops everything at once, mid-call, as a killed process would. For failure drills.
@@ -411,11 +461,15 @@ impl ServiceHandle {
 }
 
 /// The body of every service binary after its configuration is parsed: bind, start, serve
-/// until SIGINT/SIGTERM, shut down gracefully. Failures print one line (no stack trace) and
-/// give a non-zero exit code.
+/// until SIGINT/SIGTERM, leave the rotation and shut down gracefully. Failures print one line
+/// (no stack trace) and give a non-zero exit code.
+///
+/// A signal during start-up (connecting, waiting for another replica's migrations) stops the
+/// process at once: as a container's PID 1 it would otherwise ignore SIGTERM until killed.
 pub async fn run_binary<F, Fut>(
     name: &str,
     listen_addr: SocketAddr,
+    process: &crate::config::ProcessSettings,
     start: F,
 ) -> std::process::ExitCode
 where
@@ -430,14 +484,21 @@ where
             return ExitCode::FAILURE;
         }
     };
-    let service = match start(listener).await {
+    let started = tokio::select! {
+        started = start(listener) => started,
+        () = crate::shutdown::os_signal() => {
+            eprintln!("{name}: stopped during start-up");
+            return ExitCode::FAILURE;
+        }
+    };
+    let service = match started {
         Ok(service) => service,
         Err(error) => {
             eprintln!("{name}: {error}");
             return ExitCode::FAILURE;
         }
     };
-    match service.run_until_os_signal().await {
+    match service.run_until_os_signal(process.shutdown_delay).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{name}: server failed: {error}");

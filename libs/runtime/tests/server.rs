@@ -2,7 +2,9 @@
 //! service replica's calls to another (a thousand fans' token checks) or a BFF's arrive.
 
 use stagedoor_runtime::{server::GrpcServer, ShutdownTrigger};
-use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
 
 /// HTTP/2 peers (h2) close a connection with ENHANCE_YOUR_CALM when too many small DATA
 /// frames sit unread, a budget of half the connection window. Every unary call's request is
@@ -96,4 +98,62 @@ async fn shutdown_closes_streams_still_open_after_the_drain_limit() {
         matches!(closed, Ok(Err(_)) | Ok(Ok(None))),
         "the watcher's stream is closed: {closed:?}"
     );
+}
+
+/// The grpc.health.v1 status of the whole server, asked on a connection of its own (as a
+/// balancer's probe would); `None` when the server no longer takes connections.
+async fn probe(url: &str) -> Option<ServingStatus> {
+    let channel = stagedoor_runtime::client::endpoint(url)
+        .unwrap()
+        .connect()
+        .await
+        .ok()?;
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    Some(answer.status())
+}
+
+/// An orchestrator sends SIGTERM while the balancers are still routing calls to the replica;
+/// they learn it is going from its health. So a stopping server first reports NOT_SERVING and
+/// goes on answering, new connections included, and closes its listener only after that
+/// period; a second signal cuts the period short.
+#[tokio::test]
+async fn a_stopping_server_reports_not_serving_while_it_still_answers() {
+    use stagedoor_runtime::server::ServiceHandle;
+
+    async fn spawn() -> ServiceHandle {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        GrpcServer::new()
+            .spawn(listener, ShutdownTrigger::default(), Vec::new())
+            .unwrap()
+    }
+
+    let server = spawn().await;
+    let url = server.url();
+    assert_eq!(probe(&url).await, Some(ServingStatus::Serving));
+    let stopping = tokio::spawn(
+        server.shutdown_after(std::time::Duration::from_secs(2), std::future::pending()),
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        probe(&url).await,
+        Some(ServingStatus::NotServing),
+        "during the period a new connection is answered, with NOT_SERVING"
+    );
+    stopping.await.unwrap().unwrap();
+    assert_eq!(probe(&url).await, None, "then the listener is closed");
+
+    let server = spawn().await;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        server.shutdown_after(std::time::Duration::from_secs(3600), async {}),
+    )
+    .await
+    .expect("a second signal skips the NOT_SERVING period")
+    .unwrap();
 }

@@ -17,8 +17,8 @@ async fn main() -> ExitCode {
         eprintln!("stagedoor-payment: {problem}");
         return ExitCode::from(2);
     }
-    let listen_addr = config.listen_addr;
-    server::run_binary("stagedoor-payment", listen_addr, |listener| {
+    let (listen_addr, process) = (config.listen_addr, config.process.clone());
+    server::run_binary("stagedoor-payment", listen_addr, &process, |listener| {
         stagedoor_payment::start(config, listener)
     })
     .await

@@ -3,6 +3,8 @@
 
 use std::net::SocketAddr;
 
+use stagedoor_runtime::config::ProcessSettings;
+
 /// Default `LISTEN_ADDR` (DESIGN.md: point listens on 50053).
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50053";
 /// Default `DATABASE_URL`: the point service's own role on a local Postgres.
@@ -18,6 +20,9 @@ pub struct PointConfig {
     /// Address the gRPC server listens on.
     #[arg(long, env = "LISTEN_ADDR", default_value = DEFAULT_LISTEN_ADDR)]
     pub listen_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub process: ProcessSettings,
 
     /// Postgres URL of the point service's own role; its tables live in schema `point`.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
@@ -42,6 +47,7 @@ impl PointConfig {
     pub fn for_database(database_url: impl Into<String>) -> Self {
         Self {
             listen_addr: "127.0.0.1:0".parse().expect("valid address"),
+            process: ProcessSettings::default(),
             database_url: database_url.into(),
             database_max_connections: DEFAULT_MAX_CONNECTIONS,
             max_amount: DEFAULT_MAX_AMOUNT,

@@ -17,8 +17,8 @@ async fn main() -> ExitCode {
         eprintln!("stagedoor-point: {problem}");
         return ExitCode::from(2);
     }
-    let listen_addr = config.listen_addr;
-    server::run_binary("stagedoor-point", listen_addr, |listener| {
+    let (listen_addr, process) = (config.listen_addr, config.process.clone());
+    server::run_binary("stagedoor-point", listen_addr, &process, |listener| {
         stagedoor_point::start(config, listener)
     })
     .await

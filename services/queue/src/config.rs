@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use stagedoor_runtime::config::parse_duration;
+use stagedoor_runtime::config::{parse_duration, ProcessSettings};
 
 /// Default `LISTEN_ADDR` (DESIGN.md: queue listens on 50051).
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50051";
@@ -28,6 +28,9 @@ pub struct QueueConfig {
     /// Address the gRPC server listens on.
     #[arg(long, env = "LISTEN_ADDR", default_value = DEFAULT_LISTEN_ADDR)]
     pub listen_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub process: ProcessSettings,
 
     /// Postgres URL of the queue's own role; its tables live in schema `queue`.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
@@ -77,6 +80,7 @@ impl QueueConfig {
         let duration = |text| parse_duration(text).expect("default durations parse");
         Self {
             listen_addr: "127.0.0.1:0".parse().expect("valid address"),
+            process: ProcessSettings::default(),
             database_url: database_url.into(),
             database_max_connections: DEFAULT_MAX_CONNECTIONS,
             max_active: DEFAULT_MAX_ACTIVE,
