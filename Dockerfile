@@ -35,7 +35,9 @@ RUN groupadd --system --gid 10001 stagedoor \
 COPY --from=builder /out/ /usr/local/bin/
 # Numeric, so that an orchestrator's runAsNonRoot can verify it.
 USER 10001:10001
-ENV RUST_LOG=info
+# The services' own default filter (libs/runtime/src/telemetry.rs), spelled out: RUST_LOG
+# replaces all of it.
+ENV RUST_LOG=info,sqlx=warn,h2=warn,tower=warn,hyper=warn
 # No transparent huge pages, even where the host's THP mode is `always`: under a rush the
 # kernel spent more time zeroing them than the services spent answering (libs/runtime).
 ENV MIMALLOC_ALLOW_THP=0
