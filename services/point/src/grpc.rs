@@ -97,7 +97,23 @@ impl PointService for PointApi {
         let request = request.into_inner();
         let user_id = validate::id("user_id", &request.user_id)?;
         let request_id = validate::id("request_id", &request.request_id)?;
-        let amount = self.charge_amount(request.amount)?;
+        let amount = match self.charge_amount(request.amount) {
+            Ok(amount) => amount,
+            // Over today's limit, yet perhaps charged under a higher one: a retry gets its
+            // receipt whatever the limit is now (`store::charged_before`).
+            Err(over) if request.amount > 0 => {
+                let pool = &self.state.pool;
+                return match store::charged_before(pool, user_id, request.amount, request_id)
+                    .await?
+                {
+                    Some(entry) => Ok(Response::new(pb::ChargePointsResponse {
+                        entry: Some(entry.to_proto()),
+                    })),
+                    None => Err(over.into()),
+                };
+            }
+            Err(never_valid) => return Err(never_valid.into()),
+        };
         let entry = store::charge(
             &self.state.pool,
             user_id,
@@ -148,7 +164,22 @@ impl PointInternalService for PointApi {
         let request = request.into_inner();
         let user_id = validate::id("user_id", &request.user_id)?;
         let payment_id = validate::id("payment_id", &request.payment_id)?;
-        let amount = self.spend_amount(request.amount)?;
+        let amount = match self.spend_amount(request.amount) {
+            Ok(amount) => amount,
+            // Over today's cap, yet perhaps spent under a higher one: the saga's replay after
+            // a crash must get its receipt, not a refusal it would take as final
+            // (`store::spent_before`).
+            Err(over) if request.amount > 0 => {
+                let pool = &self.state.pool;
+                return match store::spent_before(pool, user_id, request.amount, payment_id).await? {
+                    Some(entry) => Ok(Response::new(pb::SpendPointsResponse {
+                        entry: Some(entry.to_proto()),
+                    })),
+                    None => Err(over.into()),
+                };
+            }
+            Err(never_valid) => return Err(never_valid.into()),
+        };
         let entry = store::spend(&self.state.pool, user_id, amount, payment_id).await?;
         Ok(Response::new(pb::SpendPointsResponse {
             entry: Some(entry.to_proto()),

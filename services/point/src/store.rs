@@ -156,6 +156,39 @@ pub async fn charge(
     }
 }
 
+/// The charge already made under `request_id`, as its retry's answer, or `None`.
+///
+/// Asked before a configured limit (`POINT_MAX_AMOUNT`, `POINT_BALANCE_CAP`) refuses an
+/// amount: the limit may have been lowered since the call went through, and a retry of a
+/// call that went through must get its receipt whatever the settings are now. The payment
+/// saga replays SpendPoints after a crash and takes a refusal as final; answering it with
+/// AMOUNT_OUT_OF_RANGE would fail a payment whose points were spent and seats sold.
+pub async fn charged_before(
+    pool: &PgPool,
+    user_id: &str,
+    amount: i64,
+    request_id: &str,
+) -> Result<Option<Entry>, PointError> {
+    match charge_entry(pool, user_id, request_id).await? {
+        Some(entry) => replay_charge(entry, amount).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The spend already made for `payment_id`, as its retry's answer, or `None`; see
+/// [`charged_before`].
+pub async fn spent_before(
+    pool: &PgPool,
+    user_id: &str,
+    amount: i64,
+    payment_id: &str,
+) -> Result<Option<Entry>, PointError> {
+    match payment_entry(pool, payment_id, EntryKind::Spend).await? {
+        Some(entry) => replay_spend(entry, user_id, amount).map(Some),
+        None => Ok(None),
+    }
+}
+
 fn replay_charge(entry: Entry, amount: i64) -> Result<Entry, PointError> {
     if entry.amount == amount {
         Ok(entry)

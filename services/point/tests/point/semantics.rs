@@ -177,3 +177,41 @@ async fn the_ledger_is_append_only() {
     role.close().await;
     assert_eq!(audit(&database).await, 1);
 }
+
+/// POINT_MAX_AMOUNT and POINT_BALANCE_CAP are settings and may be lowered while charges and
+/// spends made under the old ones are still being retried. A retry of a call that went
+/// through gets its receipt whatever the limits are now: the payment saga replays
+/// SpendPoints after a crash and takes a refusal as final, so an AMOUNT_OUT_OF_RANGE there
+/// would fail a payment whose points were spent and seats sold. New calls over the limits
+/// are still refused.
+#[tokio::test]
+async fn retries_of_calls_made_under_higher_limits_get_their_receipts() {
+    let database = TestDatabase::create().await;
+    let before = start(config(&database)).await;
+    before.charge("fan", 50_000, "top-up").await.unwrap();
+    let charged = before.charge("fan", 40_000, "top-up-2").await.unwrap();
+    let spent = before.spend("fan", 60_000, "pay-1").await.unwrap();
+    drop(before);
+
+    let mut lowered = config(&database);
+    (lowered.max_amount, lowered.balance_cap) = (10_000, 20_000);
+    let after = start(lowered).await;
+    assert_eq!(
+        after.charge("fan", 40_000, "top-up-2").await.unwrap(),
+        charged
+    );
+    assert_eq!(after.spend("fan", 60_000, "pay-1").await.unwrap(), spent);
+
+    for refused in [
+        after.charge("fan", 40_000, "top-up-3").await.unwrap_err(),
+        after.spend("fan", 25_000, "pay-2").await.unwrap_err(),
+    ] {
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert_eq!(reason(&refused), "AMOUNT_OUT_OF_RANGE");
+    }
+    // A different amount under a used key is still a reused key, not a receipt.
+    let reused = after.spend("fan", 70_000, "pay-1").await.unwrap_err();
+    assert_eq!(reason(&reused), "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(after.balance("fan").await, 30_000);
+    assert_eq!(audit(&database).await, 3);
+}
