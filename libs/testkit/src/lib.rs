@@ -147,6 +147,15 @@ pub fn reason(status: &tonic::Status) -> String {
     info.reason
 }
 
+/// One entry of a failed call's `google.rpc.ErrorInfo` metadata (`payment_id`, `status`, ...).
+pub fn detail(status: &tonic::Status, key: &str) -> Option<String> {
+    use tonic_types::StatusExt;
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    info.metadata.get(key).cloned()
+}
+
 /// Waits for something a background task does (an admission tick, a sweeper, a recovery
 /// worker): asks `probe` every 20 ms until it answers `Some`, and returns that answer.
 /// Panics naming `what` once `within` has passed, a probe that hangs included, so a test

@@ -95,8 +95,13 @@ const FAILURE_REASONS: [(&str, Code); 4] = [
 pub enum PaymentError {
     #[error("no hold {0} of yours")]
     HoldNotFound(String),
+    /// `payment_id`: the payment that bought it, when one did (else empty).
     #[error("hold {hold_id} is {status}: it cannot be paid")]
-    HoldNotHeld { hold_id: String, status: String },
+    HoldNotHeld {
+        hold_id: String,
+        status: String,
+        payment_id: String,
+    },
     #[error("hold {0} expired unpaid and was retired: it cannot be paid any more")]
     HoldExpired(String),
     #[error("hold {hold_id} already has payment {payment_id}")]
@@ -108,8 +113,11 @@ pub enum PaymentError {
         token_concert: String,
         concert: String,
     },
-    #[error("request_id {0} was used for another hold")]
-    IdempotencyKeyReused(String),
+    #[error("request_id {request_id} was used for another hold (payment {payment_id})")]
+    IdempotencyKeyReused {
+        request_id: String,
+        payment_id: String,
+    },
     #[error("payment {0} not found")]
     PaymentNotFound(String),
     #[error("payment {0} is still in progress (a service it needs is slow or down); it will finish on its own: retry Pay with the same request_id or read it with GetPayment")]
@@ -137,9 +145,16 @@ impl From<PaymentError> for ApiError {
             PaymentError::HoldNotFound(_) => {
                 ApiError::new(Code::NotFound, "HOLD_NOT_FOUND", message)
             }
-            PaymentError::HoldNotHeld { status, .. } => {
-                ApiError::new(Code::FailedPrecondition, "HOLD_NOT_HELD", message)
-                    .with_metadata("status", status)
+            PaymentError::HoldNotHeld {
+                status, payment_id, ..
+            } => {
+                let error = ApiError::new(Code::FailedPrecondition, "HOLD_NOT_HELD", message)
+                    .with_metadata("status", status);
+                if payment_id.is_empty() {
+                    error
+                } else {
+                    error.with_metadata("payment_id", payment_id)
+                }
             }
             PaymentError::HoldExpired(hold_id) => {
                 ApiError::new(Code::FailedPrecondition, "HOLD_EXPIRED", message)
@@ -172,9 +187,10 @@ impl From<PaymentError> for ApiError {
                 ApiError::new(Code::PermissionDenied, "TOKEN_WRONG_CONCERT", message)
                     .with_metadata("token_concert_id", token_concert)
             }
-            PaymentError::IdempotencyKeyReused(_) => {
+            PaymentError::IdempotencyKeyReused { payment_id, .. } => {
                 ApiError::new(Code::InvalidArgument, "IDEMPOTENCY_KEY_REUSED", message)
                     .with_metadata("field", "request_id")
+                    .with_metadata("payment_id", payment_id)
             }
             PaymentError::PaymentNotFound(_) => {
                 ApiError::new(Code::NotFound, "PAYMENT_NOT_FOUND", message)
@@ -244,5 +260,32 @@ mod tests {
                 (Code::Aborted, "CONCURRENT_UPDATE")
             );
         }
+    }
+
+    #[test]
+    fn a_hold_that_was_bought_names_its_payment() {
+        let not_held = |status: &str, payment_id: &str| {
+            ApiError::from(PaymentError::HoldNotHeld {
+                hold_id: "h".into(),
+                status: status.into(),
+                payment_id: payment_id.into(),
+            })
+        };
+        let sold = not_held("CONFIRMED", "p");
+        assert_eq!(
+            (sold.code(), sold.reason()),
+            (Code::FailedPrecondition, "HOLD_NOT_HELD")
+        );
+        assert_eq!(
+            sold.metadata(),
+            [
+                ("status", "CONFIRMED".to_owned()),
+                ("payment_id", "p".to_owned())
+            ]
+        );
+        assert_eq!(
+            not_held("RELEASED", "").metadata(),
+            [("status", "RELEASED".to_owned())]
+        );
     }
 }

@@ -59,7 +59,10 @@ impl PaymentApi {
         hold_id: Uuid,
     ) -> Result<pb::PayResponse, PaymentError> {
         if existing.hold_id != hold_id {
-            return Err(PaymentError::IdempotencyKeyReused(existing.request_id));
+            return Err(PaymentError::IdempotencyKeyReused {
+                request_id: existing.request_id,
+                payment_id: existing.payment_id.to_string(),
+            });
         }
         self.answer_when_settled(existing).await
     }
@@ -112,7 +115,7 @@ impl PaymentApi {
                     .await?
                 {
                     Some(existing) => self.replay(existing, hold_id).await,
-                    None => Err(refused.into()),
+                    None => Err(self.naming_its_payment(refused, &token).await?.into()),
                 }
             }
         };
@@ -190,6 +193,25 @@ impl PaymentApi {
         }
     }
 
+    /// The queue's refusal of a token, naming the payment that used the token up when one
+    /// did: a second tab's Pay or a late double click with a fresh request id finds the token
+    /// DONE, and with the payment's id the client can show the receipt (GetPayment).
+    async fn naming_its_payment(
+        &self,
+        refused: ApiError,
+        token: &str,
+    ) -> Result<ApiError, PaymentError> {
+        if refused.reason() != "TOKEN_NOT_ACTIVE" {
+            return Ok(refused);
+        }
+        Ok(
+            match store::live_for_token(&self.state.pool, token).await? {
+                Some(payment_id) => refused.with_metadata("payment_id", payment_id.to_string()),
+                None => refused,
+            },
+        )
+    }
+
     /// A fresh Pay was refused; but if this fan used this request id before, the answer is
     /// that payment's, whatever the hold looks like now (a replay of a paid hold finds it
     /// SOLD, and must still get its receipt). Only refusals pay for this read: a smooth Pay
@@ -258,6 +280,7 @@ fn new_payment(
                     .as_str_name()
                     .trim_start_matches("HOLD_STATUS_")
                     .to_owned(),
+                payment_id: hold.payment_id,
             })
         }
     }

@@ -98,6 +98,17 @@ async fn pay_spends_sells_completes_the_token_and_admits_the_next_fan() {
     // receipt, charges nothing.
     let again = mesh.pay(0, &fan, &hold.hold_id, "pay-1").await.unwrap();
     assert_eq!(again, receipt);
+    // A second tab's Pay, with a request id of its own, finds the token used up; the refusal
+    // names the payment that used it, so that tab can show the receipt too.
+    let other_tab = mesh.pay(0, &fan, &hold.hold_id, "pay-2").await.unwrap_err();
+    assert_eq!(
+        (other_tab.code(), reason(&other_tab).as_str()),
+        (Code::FailedPrecondition, "TOKEN_NOT_ACTIVE")
+    );
+    assert_eq!(
+        stagedoor_testkit::detail(&other_tab, "payment_id"),
+        Some(receipt.payment_id.clone())
+    );
     assert_eq!(mesh.ledger("fan-1").await.len(), 2);
     mesh.audit().await;
 }
@@ -396,7 +407,7 @@ async fn bad_calls_get_a_clear_status_and_change_nothing() {
     );
 
     // A request id used for one hold cannot pay another.
-    mesh.pay(0, &fan, &hold.hold_id, "r5").await.unwrap();
+    let paid_by_r5 = mesh.pay(0, &fan, &hold.hold_id, "r5").await.unwrap();
     let second_hold = mesh.hold(&other, &[2]).await;
     let reused = mesh
         .pay(0, &other, &second_hold.hold_id, "r6")
@@ -414,6 +425,11 @@ async fn bad_calls_get_a_clear_status_and_change_nothing() {
     assert_eq!(
         (reused.code(), reason(&reused).as_str()),
         (Code::InvalidArgument, "IDEMPOTENCY_KEY_REUSED")
+    );
+    // It names the payment the request id made.
+    assert_eq!(
+        stagedoor_testkit::detail(&reused, "payment_id"),
+        Some(paid_by_r5.payment_id)
     );
     mesh.audit().await;
 }
