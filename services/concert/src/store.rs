@@ -386,18 +386,21 @@ pub async fn hold_batch(
     // up during a rush, and a plan cached while `holds` was empty (a scan) would be kept as
     // it grows (see the plan note in libs/runtime/src/db.rs). Planning once per batch is cheap.
     let mut tx = pool.begin().await?;
-    // One fan's holds of one date are serialised, so two concurrent holds of the same fan
-    // (in two batches, or on two replicas) cannot both pass the 4-seat limit. The lock is the
-    // fan's and the date's only: other fans never wait on it. It is its own statement: the
-    // next ones' snapshots then see whatever the previous holder of a lock committed.
+    // One fan's holds are serialised, so two concurrent holds of the same fan (in two
+    // batches, or on two replicas) cannot both pass the 4-seat limit, nor both take one
+    // request_id: keys are the fan's across dates (holds_request_once), so the lock is the
+    // fan's, whatever the date. (Per fan and date, two batches of one fan on two dates both
+    // found a reused key free; the later insert was skipped after its batch had refused other
+    // fans the seat it thought taken, a seat then refused for nobody.) Other fans never wait
+    // on it. It is its own statement: the next ones' snapshots then see whatever the previous
+    // holder of a lock committed.
     sqlx::query(
         "SELECT pg_advisory_xact_lock(key)
-           FROM (SELECT DISTINCT hashtextextended(user_id || '/' || schedule_id, 0) AS key
-                   FROM unnest($1::text[], $2::text[]) AS fan (user_id, schedule_id)
+           FROM (SELECT DISTINCT hashtextextended('hold/' || user_id, 0) AS key
+                   FROM unnest($1::text[]) AS fan (user_id)
                   ORDER BY key) AS keys",
     )
     .bind(&users)
-    .bind(&dates)
     .persistent(false)
     .execute(&mut *tx)
     .await?;

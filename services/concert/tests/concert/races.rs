@@ -528,3 +528,108 @@ async fn confirms_racing_the_sweepers_end_each_hold_sold_or_retired() {
          {sold} sold, {retired} retired"
     );
 }
+
+/// A fan's request ids are theirs across dates (a hold is unique per fan and request_id). Two
+/// batches holding for one fan on two dates under the same key must therefore not both decide
+/// a hold: the later insert would be skipped after its batch had refused other fans the seat
+/// it believed taken, leaving that seat free and those fans refused for nobody. The fan's
+/// lock covers all of their dates, so the second batch decides after the first committed.
+#[tokio::test]
+async fn a_key_reused_on_two_dates_at_once_never_refuses_a_seat_for_nobody() {
+    let mesh = mesh(1, |_, _| {}).await;
+    let (first_concert, first_date) = mesh.catalog(10).await;
+    let (second_concert, second_date) = mesh.catalog(10).await;
+    let pool = db::connect(&db::PoolConfig::new(
+        mesh.database.url(db::CONCERT),
+        db::CONCERT.schema,
+        4,
+    ))
+    .await
+    .unwrap();
+    let request = |user: &str, concert: &str, date: &str, key: &str| store::HoldRequest {
+        schedule_id: date.into(),
+        concert_id: concert.into(),
+        user_id: user.into(),
+        seat_numbers: vec![1],
+        request_id: key.into(),
+        start_time: chrono::Utc::now() + chrono::Duration::days(30),
+    };
+    let ttl = Duration::from_secs(300);
+
+    // Another transaction has seat 1 of the first date locked: the first batch, past its
+    // look-up of earlier keys, waits there.
+    let admin = mesh.database.admin().await;
+    let mut blocker = admin.begin().await.unwrap();
+    sqlx::query(
+        "SELECT 1 FROM concert.seats WHERE schedule_id = $1 AND seat_number = 1 FOR UPDATE",
+    )
+    .bind(&first_date)
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+    let first = tokio::spawn({
+        let (pool, batch) = (
+            pool.clone(),
+            vec![
+                request("fan", &first_concert, &first_date, "k"),
+                request("rival", &first_concert, &first_date, "r"),
+            ],
+        );
+        async move { store::hold_batch(&pool, ttl, &batch).await.unwrap() }
+    });
+    stagedoor_testkit::eventually(
+        Duration::from_secs(20),
+        "the first batch waits for the locked seat",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE wait_event_type = 'Lock' AND usename = 'stagedoor_concert'",
+            )
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+            (waiting == 1).then_some(())
+        },
+    )
+    .await;
+    let second = tokio::spawn({
+        let (pool, batch) = (
+            pool.clone(),
+            vec![request("fan", &second_concert, &second_date, "k")],
+        );
+        async move { store::hold_batch(&pool, ttl, &batch).await.unwrap() }
+    });
+    // Time for the second batch to get as far as it may.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    blocker.commit().await.unwrap();
+
+    let answers: Vec<String> = first
+        .await
+        .unwrap()
+        .into_iter()
+        .chain(second.await.unwrap())
+        .map(|answer| match answer {
+            Ok(hold) => format!("held {}", hold.schedule_id),
+            Err(error) => ApiError::from(error).reason().to_owned(),
+        })
+        .collect();
+    let holder: Option<String> = sqlx::query_scalar(
+        "SELECT h.user_id FROM concert.seats s JOIN concert.holds h ON h.hold_id = s.held_by
+          WHERE s.schedule_id = $1 AND s.seat_number = 1",
+    )
+    .bind(&first_date)
+    .fetch_optional(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    pool.close().await;
+    if answers[1] == "SEAT_UNAVAILABLE" {
+        assert!(
+            holder.is_some(),
+            "the rival was refused seat 1 of the first date, which nobody holds: {answers:?}"
+        );
+    }
+    // The first batch decided first, so the fan holds that seat and the key is spent there.
+    assert_eq!(holder.as_deref(), Some("fan"), "{answers:?}");
+    assert_eq!(answers[2], "IDEMPOTENCY_KEY_REUSED", "{answers:?}");
+}
