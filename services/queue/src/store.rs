@@ -486,7 +486,8 @@ pub async fn end_batch(
     // so a token of another concert must never be counted, whoever grouped the batch.
     if !paid.is_empty() {
         let completed = sqlx::query(
-            "UPDATE tokens SET status = 'DONE', end_time = statement_timestamp()
+            "UPDATE tokens SET status = 'DONE', end_time = statement_timestamp(),
+                               expire_time = statement_timestamp()
               WHERE token = ANY($1) AND concert_id = $2
                 AND status = 'ACTIVE' AND expire_time > statement_timestamp()",
         )
@@ -501,10 +502,12 @@ pub async fn end_batch(
         // An ACTIVE token gives its slot back (even past its window: it is still counted
         // until expired); a WAITING one holds no slot, and admission simply never reaches it.
         // The two parts touch disjoint rows (by status, in one snapshot), and Postgres runs
-        // both to completion though only the first is counted.
+        // both to completion though only the first is counted. An ended window ends at the
+        // ending, for whoever reads the ticket's `expire_time` (as a payment's does above).
         let left_active: i64 = sqlx::query_scalar(
             "WITH left_active AS (
-                 UPDATE tokens SET status = 'EXPIRED', end_time = statement_timestamp()
+                 UPDATE tokens SET status = 'EXPIRED', end_time = statement_timestamp(),
+                                   expire_time = least(expire_time, statement_timestamp())
                   WHERE token = ANY($1) AND concert_id = $2 AND status = 'ACTIVE'
                  RETURNING 1),
              left_waiting AS (

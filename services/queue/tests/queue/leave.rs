@@ -10,6 +10,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use stagedoor_proto::queue::v1 as pb;
+use stagedoor_runtime::time::from_timestamp;
 use stagedoor_testkit::TestDatabase;
 use tokio::time::timeout;
 use tonic::Code;
@@ -83,6 +84,9 @@ async fn a_fan_who_leaves_while_active_frees_the_slot_at_once() {
     let left = queue.leave(&leaver.token).await.unwrap();
     assert_eq!(left.status(), pb::TokenStatus::Expired);
     assert!(left.admit_time.is_some(), "it was admitted before leaving");
+    // Its window ended with the leave, not 30 minutes later.
+    let window_end = left.expire_time.as_ref().and_then(from_timestamp).unwrap();
+    assert!(window_end <= Utc::now(), "{window_end}");
     assert_eq!(
         queue.validate(&behind.token).await.unwrap().user_id,
         "behind",
@@ -113,6 +117,9 @@ async fn leaving_after_paying_changes_nothing() {
     queue.complete(&paid.token).await.unwrap();
     let left = queue.leave(&paid.token).await.unwrap();
     assert_eq!(left.status(), pb::TokenStatus::Done);
+    // The window ended with the payment, not 30 minutes later.
+    let window_end = left.expire_time.as_ref().and_then(from_timestamp).unwrap();
+    assert!(window_end <= Utc::now(), "{window_end}");
     let refused = queue.validate(&paid.token).await.unwrap_err();
     let info = refused.get_details_error_info().unwrap();
     assert_eq!(
