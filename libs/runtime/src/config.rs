@@ -6,21 +6,29 @@
 
 use std::time::Duration;
 
-/// Settings of the process around a service, the same for all four (each service's config
-/// flattens them in).
+/// Settings of the gRPC server and the process around a service, the same for all four (each
+/// service's config flattens them in).
 #[derive(Debug, Clone, clap::Args)]
-pub struct ProcessSettings {
+pub struct ServerSettings {
     /// On SIGTERM or Ctrl-C, how long the server goes on answering (new connections included)
     /// while grpc.health.v1 reports NOT_SERVING, before it drains: the time load balancers
     /// need to stop routing to it. A second signal cuts it short.
     #[arg(long, env = "SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_delay: Duration,
+
+    /// How long a client connection may live before the server asks the client to open a new
+    /// one (HTTP/2 GOAWAY; calls in flight finish on the old one). A client re-resolves the
+    /// address when it reconnects, so behind DNS or a TCP balancer connections spread over
+    /// replicas that joined since. `0s`: for ever.
+    #[arg(long, env = "MAX_CONNECTION_AGE", default_value = "0s", value_parser = parse_duration)]
+    pub max_connection_age: Duration,
 }
 
-impl Default for ProcessSettings {
+impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             shutdown_delay: DEFAULT_SHUTDOWN_DELAY,
+            max_connection_age: Duration::ZERO,
         }
     }
 }

@@ -64,6 +64,7 @@ pub struct GrpcServer {
     routes: RoutesBuilder,
     service_names: Vec<&'static str>,
     drain_limit: Duration,
+    max_connection_age: Option<Duration>,
 }
 
 impl Default for GrpcServer {
@@ -72,6 +73,7 @@ impl Default for GrpcServer {
             routes: RoutesBuilder::default(),
             service_names: Vec::new(),
             drain_limit: DRAIN_LIMIT,
+            max_connection_age: None,
         }
     }
 }
@@ -85,6 +87,14 @@ impl GrpcServer {
     /// Replaces [`DRAIN_LIMIT`], the time calls in flight get once shutdown begins.
     pub fn drain_limit(mut self, limit: Duration) -> Self {
         self.drain_limit = limit;
+        self
+    }
+
+    /// Applies the operator's settings (`MAX_CONNECTION_AGE`; see [`ServerSettings`]).
+    ///
+    /// [`ServerSettings`]: crate::config::ServerSettings
+    pub fn configured(mut self, settings: &crate::config::ServerSettings) -> Self {
+        self.max_connection_age = Some(settings.max_connection_age).filter(|age| !age.is_zero());
         self
     }
 
@@ -166,6 +176,7 @@ impl GrpcServer {
             mut routes,
             service_names,
             drain_limit,
+            max_connection_age,
         } = self;
         let local_addr: Option<SocketAddr> = listener.local_addr().ok();
 
@@ -219,8 +230,13 @@ impl GrpcServer {
         let (closing, closed) = crate::ShutdownTrigger::new();
         let incoming = accepted(listener)
             .map(move |accepted| accepted.map(|socket| Closable::new(socket, closed.clone())));
-        let serving = Server::builder()
-            .initial_connection_window_size(CONNECTION_WINDOW)
+        let mut builder = Server::builder().initial_connection_window_size(CONNECTION_WINDOW);
+        if let Some(age) = max_connection_age {
+            // No grace after the GOAWAY: a long WatchQueueStatus keeps its old connection
+            // until it ends, while every new call goes to the new one.
+            builder = builder.max_connection_age(age);
+        }
+        let serving = builder
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, stopping);
         tokio::pin!(serving);
@@ -469,7 +485,7 @@ impl ServiceHandle {
 pub async fn run_binary<F, Fut>(
     name: &str,
     listen_addr: SocketAddr,
-    process: &crate::config::ProcessSettings,
+    settings: &crate::config::ServerSettings,
     start: F,
 ) -> std::process::ExitCode
 where
@@ -498,7 +514,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match service.run_until_os_signal(process.shutdown_delay).await {
+    match service.run_until_os_signal(settings.shutdown_delay).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{name}: server failed: {error}");

@@ -157,3 +157,86 @@ async fn a_stopping_server_reports_not_serving_while_it_still_answers() {
     .expect("a second signal skips the NOT_SERVING period")
     .unwrap();
 }
+
+/// The connections a client opens to `server` through a TCP hop that stands for a balancer
+/// (DNS, a layer-4 proxy): each connection counted as it is accepted.
+async fn through_a_tcp_hop(
+    server: std::net::SocketAddr,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::{atomic::AtomicUsize, atomic::Ordering, Arc};
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", front.local_addr().unwrap());
+    let opened = Arc::new(AtomicUsize::new(0));
+    let counter = opened.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = front.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut outbound = tokio::net::TcpStream::connect(server).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    (url, opened)
+}
+
+/// A client keeps one HTTP/2 connection, so behind DNS or a TCP balancer it stays on one
+/// replica for good, and replicas added later get none of its calls. With
+/// MAX_CONNECTION_AGE the server asks it (GOAWAY) to open a new connection, which the
+/// balancer may send elsewhere; the client's calls go on succeeding across the change.
+#[tokio::test]
+async fn connections_past_their_max_age_are_replaced_without_failing_a_call() {
+    use stagedoor_runtime::config::ServerSettings;
+    use std::sync::atomic::Ordering;
+    for (max_connection_age, expected) in [
+        (std::time::Duration::from_millis(300), "several"),
+        (std::time::Duration::ZERO, "one"),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = listener.local_addr().unwrap();
+        let settings = ServerSettings {
+            max_connection_age,
+            ..ServerSettings::default()
+        };
+        let _server = GrpcServer::new()
+            .configured(&settings)
+            .spawn(listener, ShutdownTrigger::default(), Vec::new())
+            .unwrap();
+        let (url, opened) = through_a_tcp_hop(server_addr).await;
+        let channel = stagedoor_runtime::client::endpoint(&url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        // Ten callers at once on the one channel, so calls are in flight at every GOAWAY.
+        let callers: Vec<_> = (0..10)
+            .map(|_| {
+                let mut health = HealthClient::new(channel.clone());
+                tokio::spawn(async move {
+                    for call in 0..40 {
+                        if let Err(status) = health
+                            .check(HealthCheckRequest {
+                                service: String::new(),
+                            })
+                            .await
+                        {
+                            panic!("call {call} failed: {status:?}");
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.await.unwrap();
+        }
+        let opened = opened.load(Ordering::SeqCst);
+        match expected {
+            "one" => assert_eq!(opened, 1, "no max age: one connection for good"),
+            _ => assert!(
+                opened >= 3,
+                "2 s at a 300 ms max age opened {opened} connections"
+            ),
+        }
+    }
+}

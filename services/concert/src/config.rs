@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use stagedoor_runtime::config::{parse_duration, ProcessSettings};
+use stagedoor_runtime::config::{parse_duration, ServerSettings};
 
 /// Default `LISTEN_ADDR` (DESIGN.md: concert listens on 50052).
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50052";
@@ -31,7 +31,7 @@ pub struct ConcertConfig {
     pub listen_addr: SocketAddr,
 
     #[command(flatten)]
-    pub process: ProcessSettings,
+    pub server: ServerSettings,
 
     /// Postgres URL of the concert service's own role; its tables live in schema `concert`.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
@@ -80,7 +80,7 @@ impl ConcertConfig {
     pub fn new(database_url: impl Into<String>, queue_url: impl Into<String>) -> Self {
         Self {
             listen_addr: "127.0.0.1:0".parse().expect("valid address"),
-            process: ProcessSettings::default(),
+            server: ServerSettings::default(),
             database_url: database_url.into(),
             database_max_connections: DEFAULT_MAX_CONNECTIONS,
             queue_url: queue_url.into(),

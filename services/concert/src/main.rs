@@ -17,9 +17,12 @@ async fn main() -> ExitCode {
         eprintln!("stagedoor-concert: {problem}");
         return ExitCode::from(2);
     }
-    let (listen_addr, process) = (config.listen_addr, config.process.clone());
-    server::run_binary("stagedoor-concert", listen_addr, &process, |listener| {
-        stagedoor_concert::start(config, listener)
-    })
+    let (listen_addr, server_settings) = (config.listen_addr, config.server.clone());
+    server::run_binary(
+        "stagedoor-concert",
+        listen_addr,
+        &server_settings,
+        |listener| stagedoor_concert::start(config, listener),
+    )
     .await
 }

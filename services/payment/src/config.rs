@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use stagedoor_runtime::config::{parse_duration, ProcessSettings};
+use stagedoor_runtime::config::{parse_duration, ServerSettings};
 
 use crate::domain::Fault;
 
@@ -34,7 +34,7 @@ pub struct PaymentConfig {
     pub listen_addr: SocketAddr,
 
     #[command(flatten)]
-    pub process: ProcessSettings,
+    pub server: ServerSettings,
 
     /// Postgres URL of the payment service's own role; its tables live in schema `payment`.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
@@ -97,7 +97,7 @@ impl PaymentConfig {
         let duration = |text| parse_duration(text).expect("default parses");
         Self {
             listen_addr: "127.0.0.1:0".parse().expect("valid address"),
-            process: ProcessSettings::default(),
+            server: ServerSettings::default(),
             database_url: database_url.into(),
             database_max_connections: DEFAULT_MAX_CONNECTIONS,
             queue_url: queue_url.into(),

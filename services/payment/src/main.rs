@@ -17,9 +17,12 @@ async fn main() -> ExitCode {
         eprintln!("stagedoor-payment: {problem}");
         return ExitCode::from(2);
     }
-    let (listen_addr, process) = (config.listen_addr, config.process.clone());
-    server::run_binary("stagedoor-payment", listen_addr, &process, |listener| {
-        stagedoor_payment::start(config, listener)
-    })
+    let (listen_addr, server_settings) = (config.listen_addr, config.server.clone());
+    server::run_binary(
+        "stagedoor-payment",
+        listen_addr,
+        &server_settings,
+        |listener| stagedoor_payment::start(config, listener),
+    )
     .await
 }

@@ -35,6 +35,7 @@ pub async fn start(
     let api = PointApi::new(pool, &config);
     let trigger = ShutdownTrigger::default();
     let service = GrpcServer::new()
+        .configured(&config.server)
         .add_service(PointServiceServer::new(api.clone()))
         .add_service(PointInternalServiceServer::new(api))
         .spawn(listener, trigger, Vec::new())?;

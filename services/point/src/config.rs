@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use stagedoor_runtime::config::ProcessSettings;
+use stagedoor_runtime::config::ServerSettings;
 
 /// Default `LISTEN_ADDR` (DESIGN.md: point listens on 50053).
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50053";
@@ -22,7 +22,7 @@ pub struct PointConfig {
     pub listen_addr: SocketAddr,
 
     #[command(flatten)]
-    pub process: ProcessSettings,
+    pub server: ServerSettings,
 
     /// Postgres URL of the point service's own role; its tables live in schema `point`.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
@@ -47,7 +47,7 @@ impl PointConfig {
     pub fn for_database(database_url: impl Into<String>) -> Self {
         Self {
             listen_addr: "127.0.0.1:0".parse().expect("valid address"),
-            process: ProcessSettings::default(),
+            server: ServerSettings::default(),
             database_url: database_url.into(),
             database_max_connections: DEFAULT_MAX_CONNECTIONS,
             max_amount: DEFAULT_MAX_AMOUNT,

@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use stagedoor_runtime::config::{parse_duration, ProcessSettings};
+use stagedoor_runtime::config::{parse_duration, ServerSettings};
 
 /// Default `LISTEN_ADDR` (DESIGN.md: queue listens on 50051).
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50051";
@@ -30,7 +30,7 @@ pub struct QueueConfig {
     pub listen_addr: SocketAddr,
 
     #[command(flatten)]
-    pub process: ProcessSettings,
+    pub server: ServerSettings,
 
     /// Postgres URL of the queue's own role; its tables live in schema `queue`.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
@@ -80,7 +80,7 @@ impl QueueConfig {
         let duration = |text| parse_duration(text).expect("default durations parse");
         Self {
             listen_addr: "127.0.0.1:0".parse().expect("valid address"),
-            process: ProcessSettings::default(),
+            server: ServerSettings::default(),
             database_url: database_url.into(),
             database_max_connections: DEFAULT_MAX_CONNECTIONS,
             max_active: DEFAULT_MAX_ACTIVE,

@@ -17,9 +17,12 @@ async fn main() -> ExitCode {
         eprintln!("stagedoor-queue: {problem}");
         return ExitCode::from(2);
     }
-    let (listen_addr, process) = (config.listen_addr, config.process.clone());
-    server::run_binary("stagedoor-queue", listen_addr, &process, |listener| {
-        stagedoor_queue::start(config, listener)
-    })
+    let (listen_addr, server_settings) = (config.listen_addr, config.server.clone());
+    server::run_binary(
+        "stagedoor-queue",
+        listen_addr,
+        &server_settings,
+        |listener| stagedoor_queue::start(config, listener),
+    )
     .await
 }
