@@ -207,10 +207,18 @@ async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
     println!();
     println!("Ctrl-C stops it.");
     stagedoor_runtime::shutdown::os_signal().await;
-    println!("stopping: finishing calls in flight ...");
-    mesh.shutdown().await;
+    println!("stopping: finishing calls in flight (Ctrl-C again to stop at once) ...");
+    // The services stop one after another, payment first, so the sagas in flight can still
+    // reach their peers; each may take its drain limit when clients keep streams open. A
+    // second signal gives up on them (a payment cut short is finished by recovery on the
+    // next start), still stopping a throwaway Postgres below.
+    tokio::select! {
+        () = mesh.shutdown() => println!("stagedoor stopped cleanly"),
+        () = stagedoor_runtime::shutdown::os_signal() => {
+            println!("stagedoor: stopped at once; calls still in flight were cut off");
+        }
+    }
     drop(postgres);
-    println!("stagedoor stopped cleanly");
     Ok(())
 }
 
