@@ -25,7 +25,8 @@
   : "${PAYMENT_DB_PASSWORD:?PAYMENT_DB_PASSWORD must be set}"
 
   # Passwords travel as psql variables and are quoted by psql (:'name'), never pasted into
-  # SQL text. The heredoc is quoted ('SQL') so that the shell expands nothing in it.
+  # SQL text, and the session stops the server from logging its statements. The heredoc is
+  # quoted ('SQL') so that the shell expands nothing in it.
   psql --no-psqlrc -v ON_ERROR_STOP=1 \
     --username "${POSTGRES_USER:-postgres}" --dbname postgres \
     -v queue_pw="$QUEUE_DB_PASSWORD" \
@@ -35,6 +36,11 @@
     <<'SQL'
 CREATE DATABASE stagedoor;
 \connect stagedoor
+-- The statements below carry passwords: keep them out of the server's log whatever it is
+-- set to log (statements, slow statements, failed statements), for this session only.
+SET log_statement = 'none';
+SET log_min_duration_statement = -1;
+SET log_min_error_statement = panic;
 
 CREATE ROLE stagedoor_queue LOGIN PASSWORD :'queue_pw';
 CREATE SCHEMA queue AUTHORIZATION stagedoor_queue;
