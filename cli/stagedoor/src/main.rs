@@ -155,6 +155,8 @@ pub async fn database(
 }
 
 async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
+    // Listened for from here on, so that no Ctrl-C is lost between two waits.
+    let mut signals = stagedoor_runtime::shutdown::StopSignals::new();
     let (postgres, database) = database(args.database_url.as_deref(), &args.database).await?;
     let mesh = mesh::Mesh::start(
         &database,
@@ -206,7 +208,7 @@ async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
     println!("    {point}/stagedoor.point.v1.PointService/ChargePoints");
     println!();
     println!("Ctrl-C stops it.");
-    stagedoor_runtime::shutdown::os_signal().await;
+    signals.recv().await;
     println!("stopping: finishing calls in flight (Ctrl-C again to stop at once) ...");
     // The services stop one after another, payment first, so the sagas in flight can still
     // reach their peers; each may take its drain limit when clients keep streams open. A
@@ -214,7 +216,7 @@ async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
     // next start), still stopping a throwaway Postgres below.
     tokio::select! {
         () = mesh.shutdown() => println!("stagedoor stopped cleanly"),
-        () = stagedoor_runtime::shutdown::os_signal() => {
+        () = signals.recv() => {
             println!("stagedoor: stopped at once; calls still in flight were cut off");
         }
     }

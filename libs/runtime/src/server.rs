@@ -131,17 +131,20 @@ impl GrpcServer {
         let local_addr = listener
             .local_addr()
             .map_err(crate::db::StartupError::Listen)?;
-        let service_names = self.service_names.clone();
         let (server, health) = self.with_health();
-        let server =
-            tokio::spawn(server.serve_reporting(listener, trigger.subscribe(), health.clone()));
+        let leaving = crate::ShutdownTrigger::default();
+        let server = tokio::spawn(server.serve_reporting(
+            listener,
+            trigger.subscribe(),
+            health,
+            leaving.subscribe(),
+        ));
         Ok(ServiceHandle {
             local_addr,
             trigger,
+            leaving,
             server,
             background,
-            health,
-            service_names,
         })
     }
 
@@ -162,15 +165,20 @@ impl GrpcServer {
         shutdown: Shutdown,
     ) -> Result<(), tonic::transport::Error> {
         let (server, health) = self.with_health();
-        server.serve_reporting(listener, shutdown, health).await
+        let leaving = shutdown.clone();
+        server
+            .serve_reporting(listener, shutdown, health, leaving)
+            .await
     }
 
-    /// [`GrpcServer::serve`], its health statuses set through `health`.
+    /// [`GrpcServer::serve`], its health statuses set through `health`: SERVING at first,
+    /// NOT_SERVING once `leaving` or `shutdown` fires (see [`ServiceHandle::leave_rotation`]).
     async fn serve_reporting(
         self,
         listener: TcpListener,
         shutdown: Shutdown,
         health: HealthReporter,
+        leaving: Shutdown,
     ) -> Result<(), tonic::transport::Error> {
         let Self {
             mut routes,
@@ -181,6 +189,19 @@ impl GrpcServer {
         let local_addr: Option<SocketAddr> = listener.local_addr().ok();
 
         report(&health, &service_names, ServingStatus::Serving).await;
+        // Out of the balancers' rotation once asked to leave or to stop, whichever comes
+        // first. Reported by a task started after the SERVING above: a stop requested the
+        // moment the server was spawned is never overwritten by the start-up's SERVING.
+        tokio::spawn({
+            let (names, shutdown) = (service_names.clone(), shutdown.clone());
+            async move {
+                tokio::select! {
+                    () = leaving.wait() => {}
+                    () = shutdown.wait() => {}
+                }
+                report(&health, &names, ServingStatus::NotServing).await;
+            }
+        });
 
         // Reflection advertises exactly what this process serves (the descriptor set holds
         // every stagedoor contract), and resolves google.rpc error details for clients.
@@ -217,12 +238,7 @@ impl GrpcServer {
 
         tracing::info!(addr = ?local_addr, services = ?service_names, "gRPC server listening");
         let drain_started = shutdown.clone();
-        let stopping = async move {
-            shutdown.wait().await;
-            // Said already when the process was asked to stop (`ServiceHandle::shutdown_after`),
-            // and said again for a server stopped another way.
-            report(&health, &service_names, ServingStatus::NotServing).await;
-        };
+        let stopping = shutdown.wait();
         // tonic's graceful shutdown waits for every call without limit, and runs each
         // connection in a task of its own, which dropping `serving` would leave running. So
         // every connection's socket is wrapped to fail once `closing` fires, and it fires when
@@ -373,10 +389,10 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub struct ServiceHandle {
     local_addr: SocketAddr,
     trigger: crate::ShutdownTrigger,
+    /// Takes the server out of the balancers' rotation (NOT_SERVING) while it still serves.
+    leaving: crate::ShutdownTrigger,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     background: Vec<tokio::task::JoinHandle<()>>,
-    health: HealthReporter,
-    service_names: Vec<&'static str>,
 }
 
 impl ServiceHandle {
@@ -420,40 +436,39 @@ impl ServiceHandle {
         served
     }
 
-    /// Leaves the load balancers' rotation, then stops: grpc.health.v1 reports NOT_SERVING
-    /// at once while the server goes on answering, new connections included, for
-    /// `not_serving_for` (or until `cut_short` resolves); then the graceful [`shutdown`].
+    /// Leaves the load balancers' rotation: grpc.health.v1 reports NOT_SERVING at once while
+    /// the server goes on answering, new connections included, for `not_serving_for` (or
+    /// until `cut_short` resolves). [`ServiceHandle::shutdown`] then drains it.
     ///
     /// Balancers learn of a stopping replica from its health (a Watch at once, a Check at
     /// their next probe) while an orchestrator sends SIGTERM at the same time: a server that
     /// closed its listener on the signal would refuse the calls still routed to it meanwhile.
-    ///
-    /// [`shutdown`]: ServiceHandle::shutdown
-    pub async fn shutdown_after(
-        self,
+    pub async fn leave_rotation(
+        &self,
         not_serving_for: Duration,
         cut_short: impl Future<Output = ()>,
-    ) -> Result<(), tonic::transport::Error> {
-        report(&self.health, &self.service_names, ServingStatus::NotServing).await;
+    ) {
+        self.leaving.fire();
         if !not_serving_for.is_zero() {
             tracing::info!(?not_serving_for, "reporting NOT_SERVING before draining");
             tokio::select! {
                 () = tokio::time::sleep(not_serving_for) => {}
-                () = cut_short => tracing::info!("second stop signal; draining now"),
+                () = cut_short => tracing::info!("another stop signal; draining now"),
             }
         }
-        self.shutdown().await
     }
 
-    /// Runs until SIGINT or SIGTERM, then leaves the rotation and shuts down gracefully
-    /// ([`ServiceHandle::shutdown_after`]; a second signal skips the NOT_SERVING period).
-    /// Returns early if the server fails on its own.
-    pub async fn run_until_os_signal(
+    /// Runs until SIGINT or SIGTERM, then leaves the rotation for `not_serving_for` and shuts
+    /// down gracefully. A second signal skips the rest of the NOT_SERVING period, a third
+    /// stops without waiting for the calls in flight. Returns early if the server fails on
+    /// its own.
+    pub async fn run_until_stopped(
         mut self,
+        mut signals: crate::shutdown::StopSignals,
         not_serving_for: Duration,
     ) -> Result<(), tonic::transport::Error> {
         tokio::select! {
-            _ = crate::shutdown::os_signal() => {}
+            () = signals.recv() => {}
             finished = &mut self.server => {
                 self.trigger.fire();
                 for task in self.background {
@@ -462,9 +477,15 @@ impl ServiceHandle {
                 return finished.unwrap_or(Ok(()));
             }
         }
-        tracing::info!("shutdown signal received");
-        self.shutdown_after(not_serving_for, crate::shutdown::os_signal())
-            .await
+        tracing::info!("stop signal received");
+        self.leave_rotation(not_serving_for, signals.recv()).await;
+        tokio::select! {
+            stopped = self.shutdown() => stopped,
+            () = signals.recv() => {
+                tracing::warn!("another stop signal; not waiting for the calls still in flight");
+                Ok(())
+            }
+        }
     }
 
     /// Crash: stops everything at once, mid-call, as a killed process would. For failure drills.
@@ -493,6 +514,7 @@ where
     Fut: std::future::Future<Output = Result<ServiceHandle, crate::db::StartupError>>,
 {
     use std::process::ExitCode;
+    let mut signals = crate::shutdown::StopSignals::new();
     let listener = match bind(listen_addr).await {
         Ok(listener) => listener,
         Err(error) => {
@@ -502,7 +524,7 @@ where
     };
     let started = tokio::select! {
         started = start(listener) => started,
-        () = crate::shutdown::os_signal() => {
+        () = signals.recv() => {
             eprintln!("{name}: stopped during start-up");
             return ExitCode::FAILURE;
         }
@@ -514,7 +536,10 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match service.run_until_os_signal(settings.shutdown_delay).await {
+    match service
+        .run_until_stopped(signals, settings.shutdown_delay)
+        .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{name}: server failed: {error}");

@@ -136,9 +136,12 @@ async fn a_stopping_server_reports_not_serving_while_it_still_answers() {
     let server = spawn().await;
     let url = server.url();
     assert_eq!(probe(&url).await, Some(ServingStatus::Serving));
-    let stopping = tokio::spawn(
-        server.shutdown_after(std::time::Duration::from_secs(2), std::future::pending()),
-    );
+    let stopping = tokio::spawn(async move {
+        server
+            .leave_rotation(std::time::Duration::from_secs(2), std::future::pending())
+            .await;
+        server.shutdown().await
+    });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(
         probe(&url).await,
@@ -148,14 +151,27 @@ async fn a_stopping_server_reports_not_serving_while_it_still_answers() {
     stopping.await.unwrap().unwrap();
     assert_eq!(probe(&url).await, None, "then the listener is closed");
 
+    // Asked to leave the moment it was spawned, before its task first ran: the start-up's
+    // SERVING must not overwrite that.
+    let server = spawn().await;
+    let url = server.url();
+    let leaving = tokio::spawn(async move {
+        server
+            .leave_rotation(std::time::Duration::from_secs(2), std::future::pending())
+            .await;
+        server
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(probe(&url).await, Some(ServingStatus::NotServing));
+    leaving.await.unwrap().shutdown().await.unwrap();
+
     let server = spawn().await;
     tokio::time::timeout(
         std::time::Duration::from_secs(20),
-        server.shutdown_after(std::time::Duration::from_secs(3600), async {}),
+        server.leave_rotation(std::time::Duration::from_secs(3600), async {}),
     )
     .await
-    .expect("a second signal skips the NOT_SERVING period")
-    .unwrap();
+    .expect("a second signal skips the NOT_SERVING period");
 }
 
 /// The connections a client opens to `server` through a TCP hop that stands for a balancer
