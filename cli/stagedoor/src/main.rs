@@ -155,9 +155,39 @@ pub async fn database(
 }
 
 async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
-    // Listened for from here on, so that no Ctrl-C is lost between two waits.
+    // Listened for from here on, so that no Ctrl-C is lost between two waits. One during
+    // start-up (a throwaway cluster starting, migrations waiting for another replica's,
+    // the seeding) stops there: what was started is dropped, a throwaway cluster included.
     let mut signals = stagedoor_runtime::shutdown::StopSignals::new();
+    let (postgres, mesh) = tokio::select! {
+        started = start_up(&args) => started?,
+        () = signals.recv() => {
+            println!("stagedoor: stopped during start-up");
+            return Ok(());
+        }
+    };
+    println!("Ctrl-C stops it.");
+    signals.recv().await;
+    println!("stopping: finishing calls in flight (Ctrl-C again to stop at once) ...");
+    // The services stop one after another, payment first, so the sagas in flight can still
+    // reach their peers; each may take its drain limit when clients keep streams open. A
+    // second signal gives up on them (a payment cut short is finished by recovery on the
+    // next start), still stopping a throwaway Postgres below.
+    tokio::select! {
+        () = mesh.shutdown() => println!("stagedoor stopped cleanly"),
+        () = signals.recv() => {
+            println!("stagedoor: stopped at once; calls still in flight were cut off");
+        }
+    }
+    drop(postgres);
+    Ok(())
+}
+
+/// `up` until the mesh serves: Postgres found (or started), the services started on their
+/// ports, the demo catalog seeded, and where everything listens printed.
+async fn start_up(args: &UpArgs) -> Result<(pg::Postgres, mesh::Mesh), Box<dyn std::error::Error>> {
     let (postgres, database) = database(args.database_url.as_deref(), &args.database).await?;
+
     let mesh = mesh::Mesh::start(
         &database,
         &mesh::MeshOptions {
@@ -207,21 +237,7 @@ async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("    {point}/stagedoor.point.v1.PointService/ChargePoints");
     println!();
-    println!("Ctrl-C stops it.");
-    signals.recv().await;
-    println!("stopping: finishing calls in flight (Ctrl-C again to stop at once) ...");
-    // The services stop one after another, payment first, so the sagas in flight can still
-    // reach their peers; each may take its drain limit when clients keep streams open. A
-    // second signal gives up on them (a payment cut short is finished by recovery on the
-    // next start), still stopping a throwaway Postgres below.
-    tokio::select! {
-        () = mesh.shutdown() => println!("stagedoor stopped cleanly"),
-        () = signals.recv() => {
-            println!("stagedoor: stopped at once; calls still in flight were cut off");
-        }
-    }
-    drop(postgres);
-    Ok(())
+    Ok((postgres, mesh))
 }
 
 /// `stagedoor health <url>`: grpc.health.v1 Check of the whole server; exit 0 when SERVING.

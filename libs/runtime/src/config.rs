@@ -12,7 +12,7 @@ use std::time::Duration;
 pub struct ServerSettings {
     /// On SIGTERM or Ctrl-C, how long the server goes on answering (new connections included)
     /// while grpc.health.v1 reports NOT_SERVING, before it drains: the time load balancers
-    /// need to stop routing to it. A second signal cuts it short.
+    /// need to stop routing to it. Another signal cuts it short.
     #[arg(long, env = "SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_delay: Duration,
 

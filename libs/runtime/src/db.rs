@@ -239,7 +239,8 @@ async fn repair_invalid_indexes(conn: &mut PgConnection, schema: &str) -> Result
            JOIN pg_namespace n ON n.oid = c.relnamespace
           WHERE n.nspname = $1 AND NOT i.indisvalid
             AND NOT EXISTS (SELECT 1 FROM pg_stat_progress_create_index p
-                             WHERE p.index_relid = i.indexrelid)",
+                             WHERE p.index_relid = i.indexrelid
+                               AND p.datname = current_database())",
     )
     .bind(schema)
     .fetch_all(&mut *conn)

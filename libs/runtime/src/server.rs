@@ -190,10 +190,12 @@ impl GrpcServer {
 
         report(&health, &service_names, ServingStatus::Serving).await;
         // Out of the balancers' rotation once asked to leave or to stop, whichever comes
-        // first. Reported by a task started after the SERVING above: a stop requested the
-        // moment the server was spawned is never overwritten by the start-up's SERVING.
-        tokio::spawn({
-            let (names, shutdown) = (service_names.clone(), shutdown.clone());
+        // first. Run by this future, after the SERVING above, so a stop requested the moment
+        // the server was spawned is never overwritten by it; and dropped with it, so a server
+        // aborted as a crash drill says nothing, as a killed process would not.
+        let out_of_rotation = {
+            let (health, names, shutdown) =
+                (health.clone(), service_names.clone(), shutdown.clone());
             async move {
                 tokio::select! {
                     () = leaving.wait() => {}
@@ -201,7 +203,7 @@ impl GrpcServer {
                 }
                 report(&health, &names, ServingStatus::NotServing).await;
             }
-        });
+        };
 
         // Reflection advertises exactly what this process serves (the descriptor set holds
         // every stagedoor contract), and resolves google.rpc error details for clients.
@@ -238,7 +240,12 @@ impl GrpcServer {
 
         tracing::info!(addr = ?local_addr, services = ?service_names, "gRPC server listening");
         let drain_started = shutdown.clone();
-        let stopping = shutdown.wait();
+        // Stopped without leaving the rotation first (`ServiceHandle::shutdown`, `serve`): say
+        // NOT_SERVING before the listener closes all the same.
+        let stopping = async move {
+            shutdown.wait().await;
+            report(&health, &service_names, ServingStatus::NotServing).await;
+        };
         // tonic's graceful shutdown waits for every call without limit, and runs each
         // connection in a task of its own, which dropping `serving` would leave running. So
         // every connection's socket is wrapped to fail once `closing` fires, and it fires when
@@ -260,15 +267,18 @@ impl GrpcServer {
             drain_started.wait().await;
             tokio::time::sleep(drain_limit).await;
         };
-        tokio::select! {
-            served = &mut serving => served,
-            () = drained => {
-                tracing::warn!(?drain_limit,
-                    "calls still open after the drain limit; closing their connections");
-                closing.fire();
-                serving.await
+        let served = async {
+            tokio::select! {
+                served = &mut serving => served,
+                () = drained => {
+                    tracing::warn!(?drain_limit,
+                        "calls still open after the drain limit; closing their connections");
+                    closing.fire();
+                    serving.await
+                }
             }
-        }
+        };
+        tokio::join!(served, out_of_rotation).0
     }
 }
 
@@ -381,6 +391,15 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     })
 }
 
+/// How [`ServiceHandle::run_until_stopped`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every call in flight finished (or the drain limit closed what was left).
+    Cleanly,
+    /// Another stop signal came during the drain: calls in flight were cut off.
+    Forced,
+}
+
 /// A service running in this process: its gRPC server and background tasks, made by
 /// [`GrpcServer::spawn`].
 ///
@@ -459,14 +478,14 @@ impl ServiceHandle {
     }
 
     /// Runs until SIGINT or SIGTERM, then leaves the rotation for `not_serving_for` and shuts
-    /// down gracefully. A second signal skips the rest of the NOT_SERVING period, a third
-    /// stops without waiting for the calls in flight. Returns early if the server fails on
-    /// its own.
+    /// down gracefully. Another signal during the NOT_SERVING period cuts it short; one during
+    /// the drain stops without waiting for the calls in flight ([`Stopped::Forced`]). Returns
+    /// early if the server fails on its own.
     pub async fn run_until_stopped(
         mut self,
         mut signals: crate::shutdown::StopSignals,
         not_serving_for: Duration,
-    ) -> Result<(), tonic::transport::Error> {
+    ) -> Result<Stopped, tonic::transport::Error> {
         tokio::select! {
             () = signals.recv() => {}
             finished = &mut self.server => {
@@ -474,16 +493,16 @@ impl ServiceHandle {
                 for task in self.background {
                     let _ = task.await;
                 }
-                return finished.unwrap_or(Ok(()));
+                return finished.unwrap_or(Ok(())).map(|()| Stopped::Cleanly);
             }
         }
         tracing::info!("stop signal received");
         self.leave_rotation(not_serving_for, signals.recv()).await;
         tokio::select! {
-            stopped = self.shutdown() => stopped,
+            stopped = self.shutdown() => stopped.map(|()| Stopped::Cleanly),
             () = signals.recv() => {
                 tracing::warn!("another stop signal; not waiting for the calls still in flight");
-                Ok(())
+                Ok(Stopped::Forced)
             }
         }
     }
@@ -540,7 +559,11 @@ where
         .run_until_stopped(signals, settings.shutdown_delay)
         .await
     {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Stopped::Cleanly) => ExitCode::SUCCESS,
+        Ok(Stopped::Forced) => {
+            eprintln!("{name}: stopped before the calls in flight finished");
+            ExitCode::FAILURE
+        }
         Err(error) => {
             eprintln!("{name}: server failed: {error}");
             ExitCode::FAILURE

@@ -139,7 +139,11 @@ impl StopSignals {
                 }
             }
             if self.interrupt.is_none() && self.terminate.is_none() {
-                let _ = tokio::signal::ctrl_c().await;
+                // Nothing to listen for (already logged): never resolves, rather than
+                // pretending a signal came.
+                if tokio::signal::ctrl_c().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
                 return;
             }
             tokio::select! {
@@ -149,7 +153,9 @@ impl StopSignals {
         }
         #[cfg(not(unix))]
         {
-            let _ = tokio::signal::ctrl_c().await;
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 }

@@ -151,8 +151,9 @@ async fn a_stopping_server_reports_not_serving_while_it_still_answers() {
     stopping.await.unwrap().unwrap();
     assert_eq!(probe(&url).await, None, "then the listener is closed");
 
-    // Asked to leave the moment it was spawned, before its task first ran: the start-up's
-    // SERVING must not overwrite that.
+    // Asked to leave the moment it was spawned: NOT_SERVING, whatever the order of the two
+    // tasks (the server's own future reports both, SERVING first, so the order cannot be
+    // reversed; this checks the outcome).
     let server = spawn().await;
     let url = server.url();
     let leaving = tokio::spawn(async move {
