@@ -15,20 +15,12 @@ pub struct ServerSettings {
     /// need to stop routing to it. Another signal cuts it short.
     #[arg(long, env = "SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_delay: Duration,
-
-    /// How long a client connection may live before the server asks the client to open a new
-    /// one (HTTP/2 GOAWAY; calls in flight finish on the old one). A client re-resolves the
-    /// address when it reconnects, so behind DNS or a TCP balancer connections spread over
-    /// replicas that joined since. `0s`: for ever.
-    #[arg(long, env = "MAX_CONNECTION_AGE", default_value = "0s", value_parser = parse_duration)]
-    pub max_connection_age: Duration,
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             shutdown_delay: DEFAULT_SHUTDOWN_DELAY,
-            max_connection_age: Duration::ZERO,
         }
     }
 }

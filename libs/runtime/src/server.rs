@@ -64,7 +64,6 @@ pub struct GrpcServer {
     routes: RoutesBuilder,
     service_names: Vec<&'static str>,
     drain_limit: Duration,
-    max_connection_age: Option<Duration>,
 }
 
 impl Default for GrpcServer {
@@ -73,7 +72,6 @@ impl Default for GrpcServer {
             routes: RoutesBuilder::default(),
             service_names: Vec::new(),
             drain_limit: DRAIN_LIMIT,
-            max_connection_age: None,
         }
     }
 }
@@ -87,14 +85,6 @@ impl GrpcServer {
     /// Replaces [`DRAIN_LIMIT`], the time calls in flight get once shutdown begins.
     pub fn drain_limit(mut self, limit: Duration) -> Self {
         self.drain_limit = limit;
-        self
-    }
-
-    /// Applies the operator's settings (`MAX_CONNECTION_AGE`; see [`ServerSettings`]).
-    ///
-    /// [`ServerSettings`]: crate::config::ServerSettings
-    pub fn configured(mut self, settings: &crate::config::ServerSettings) -> Self {
-        self.max_connection_age = Some(settings.max_connection_age).filter(|age| !age.is_zero());
         self
     }
 
@@ -184,7 +174,6 @@ impl GrpcServer {
             mut routes,
             service_names,
             drain_limit,
-            max_connection_age,
         } = self;
         let local_addr: Option<SocketAddr> = listener.local_addr().ok();
 
@@ -253,13 +242,8 @@ impl GrpcServer {
         let (closing, closed) = crate::ShutdownTrigger::new();
         let incoming = accepted(listener)
             .map(move |accepted| accepted.map(|socket| Closable::new(socket, closed.clone())));
-        let mut builder = Server::builder().initial_connection_window_size(CONNECTION_WINDOW);
-        if let Some(age) = max_connection_age {
-            // No grace after the GOAWAY: a long WatchQueueStatus keeps its old connection
-            // until it ends, while every new call goes to the new one.
-            builder = builder.max_connection_age(age);
-        }
-        let serving = builder
+        let serving = Server::builder()
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, stopping);
         tokio::pin!(serving);

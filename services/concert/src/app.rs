@@ -166,7 +166,6 @@ pub async fn start(
         lines,
     });
     let service = GrpcServer::new()
-        .configured(&config.server)
         .add_service(ConcertServiceServer::new(api.clone()))
         .add_service(ConcertInternalServiceServer::new(api.clone()))
         .add_service(ConcertAdminServiceServer::new(api))

@@ -77,7 +77,6 @@ pub async fn start(
         patience: config.pay_patience,
     });
     let service = GrpcServer::new()
-        .configured(&config.server)
         .add_service(PaymentServiceServer::new(api))
         .spawn(listener, trigger, background)?;
     tracing::info!(local_addr = %service.local_addr(), queue = %config.queue_url,

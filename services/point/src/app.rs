@@ -35,7 +35,6 @@ pub async fn start(
     let api = PointApi::new(pool, &config);
     let trigger = ShutdownTrigger::default();
     let service = GrpcServer::new()
-        .configured(&config.server)
         .add_service(PointServiceServer::new(api.clone()))
         .add_service(PointInternalServiceServer::new(api))
         .spawn(listener, trigger, Vec::new())?;

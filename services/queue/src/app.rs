@@ -109,7 +109,6 @@ pub async fn start(
         watch_interval: config.watch_interval,
     });
     let service = GrpcServer::new()
-        .configured(&config.server)
         .add_service(QueueServiceServer::new(api.clone()))
         .add_service(QueueInternalServiceServer::new(api))
         .spawn(listener, trigger, background)?;
