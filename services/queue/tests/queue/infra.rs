@@ -156,6 +156,20 @@ async fn migrate_url(database_url: String) -> Result<(), db::StartupError> {
     migrated
 }
 
+/// A fresh database with the queue's schema migrated, then `statements` run on it as the
+/// superuser (the state a test starts from), and that superuser's pool.
+async fn migrated_then(statements: &[&str]) -> (TestDatabase, sqlx::PgPool) {
+    let database = TestDatabase::create().await;
+    database
+        .migrate(db::QUEUE, stagedoor_queue::app::migrator())
+        .await;
+    let admin = database.admin().await;
+    for statement in statements {
+        sqlx::query(statement).execute(&admin).await.unwrap();
+    }
+    (database, admin)
+}
+
 /// Is the queue's admissions index (built CONCURRENTLY by migration 0003) there and valid,
 /// and is 0003 recorded as applied?
 async fn admissions_index_is_valid_and_recorded(database: &TestDatabase) -> (bool, bool) {
@@ -176,18 +190,12 @@ async fn admissions_index_is_valid_and_recorded(database: &TestDatabase) -> (boo
 /// deadlock by failing one of the two start-ups. Both must start, and the index be valid.
 #[tokio::test]
 async fn two_replicas_migrating_while_an_index_builds_both_start() {
-    let database = TestDatabase::create().await;
-    database
-        .migrate(db::QUEUE, stagedoor_queue::app::migrator())
-        .await;
-    let admin = database.admin().await;
     // The database as the version before migration 0003 left it.
-    for statement in [
+    let (database, admin) = migrated_then(&[
         "DROP INDEX queue.tokens_admitted_by_time",
         "DELETE FROM queue._sqlx_migrations WHERE version = 3",
-    ] {
-        sqlx::query(statement).execute(&admin).await.unwrap();
-    }
+    ])
+    .await;
     // The old version's replica, in the middle of a write to `tokens`: the build waits for it.
     let mut writer = admin.begin().await.unwrap();
     sqlx::query("LOCK TABLE queue.tokens IN ROW EXCLUSIVE MODE")
@@ -245,22 +253,16 @@ async fn two_replicas_migrating_while_an_index_builds_both_start() {
 /// CONCURRENTLY leaves behind.
 #[tokio::test]
 async fn indexes_an_interrupted_build_left_invalid_are_repaired_at_start() {
-    let database = TestDatabase::create().await;
-    database
-        .migrate(db::QUEUE, stagedoor_queue::app::migrator())
-        .await;
-    let admin = database.admin().await;
     // The state a build killed mid-way leaves: the index there but invalid, the migration not
     // recorded, and a transient copy of an interrupted reindex beside it.
-    for statement in [
+    let (database, admin) = migrated_then(&[
         "DELETE FROM queue._sqlx_migrations WHERE version = 3",
         "CREATE INDEX tokens_admitted_by_time_ccnew ON queue.tokens (concert_id, admit_time)",
         "UPDATE pg_index SET indisvalid = false
           WHERE indexrelid IN ('queue.tokens_admitted_by_time'::regclass,
                                'queue.tokens_admitted_by_time_ccnew'::regclass)",
-    ] {
-        sqlx::query(statement).execute(&admin).await.unwrap();
-    }
+    ])
+    .await;
     admin.close().await;
     assert_eq!(
         admissions_index_is_valid_and_recorded(&database).await,
