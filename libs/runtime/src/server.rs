@@ -262,7 +262,16 @@ impl GrpcServer {
                 }
             }
         };
-        tokio::join!(served, out_of_rotation).0
+        // The report runs beside the server and never ends it: the server's end, a failure
+        // included, ends both.
+        let reporting = async {
+            out_of_rotation.await;
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            result = served => result,
+            () = reporting => unreachable!("reporting never ends"),
+        }
     }
 }
 
