@@ -173,14 +173,17 @@ async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
     // reach their peers; each may take its drain limit when clients keep streams open. A
     // second signal gives up on them (a payment cut short is finished by recovery on the
     // next start), still stopping a throwaway Postgres below.
-    tokio::select! {
-        () = mesh.shutdown() => println!("stagedoor stopped cleanly"),
-        () = signals.recv() => {
-            println!("stagedoor: stopped at once; calls still in flight were cut off");
-        }
-    }
+    let stopped: Result<(), Box<dyn std::error::Error>> = tokio::select! {
+        clean = mesh.shutdown() => if clean {
+            println!("stagedoor stopped cleanly");
+            Ok(())
+        } else {
+            Err("a service stopped with an error (above)".into())
+        },
+        () = signals.recv() => Err("stopped at once; calls still in flight were cut off".into()),
+    };
     drop(postgres);
-    Ok(())
+    stopped
 }
 
 /// `up` until the mesh serves: Postgres found (or started), the services started on their

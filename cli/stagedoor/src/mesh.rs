@@ -210,7 +210,8 @@ impl Mesh {
     }
 
     /// Graceful stop, callers first: nothing calls a service after it stopped.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(self) -> bool {
+        let mut clean = true;
         for (name, service) in [
             ("payment", self.payment),
             ("concert", self.concert),
@@ -219,7 +220,9 @@ impl Mesh {
         ] {
             if let Err(error) = service.shutdown().await {
                 eprintln!("stagedoor: {name} stopped with an error: {error}");
+                clean = false;
             }
         }
+        clean
     }
 }

@@ -486,7 +486,15 @@ impl ServiceHandle {
                 for task in self.background {
                     let _ = task.await;
                 }
-                return finished.unwrap_or(Ok(())).map(|()| Stopped::Cleanly);
+                return match finished {
+                    Ok(served) => served.map(|()| Stopped::Cleanly),
+                    // As in `wait`: a panic of the server is this process's, and must not
+                    // pass for a clean stop (exit 0) with a supervisor that restarts failures.
+                    Err(join_error) if join_error.is_panic() => {
+                        std::panic::resume_unwind(join_error.into_panic())
+                    }
+                    Err(_) => Ok(Stopped::Cleanly),
+                };
             }
         }
         tracing::info!("stop signal received");
