@@ -36,21 +36,25 @@ impl PointApi {
         }
     }
 
-    /// A charge's amount: 1 to the configured maximum of one charge.
+    /// A charge's amount: 1 to the configured maximum of one charge. The maximum is
+    /// `store::charge`'s to apply, after its look-up of an earlier charge under the key.
     fn charge_amount(&self, amount: i64) -> Result<i64, PointError> {
-        amount_within(amount, self.state.max_amount)
+        at_least_one(amount, self.state.max_amount)
     }
 
-    /// A spend's amount: 1 to the balance cap. A spend pays a whole hold (up to four seats),
-    /// which may cost more than one charge may add, so the charge maximum does not apply;
-    /// no wallet can hold more than the cap, so a larger spend could never succeed.
+    /// A spend's amount: 1 to the balance cap, which `store::spend` applies. A spend pays a
+    /// whole hold (up to four seats), which may cost more than one charge may add, so the
+    /// charge maximum does not apply; no wallet can hold more than the cap, so a larger
+    /// spend could never succeed.
     fn spend_amount(&self, amount: i64) -> Result<i64, PointError> {
-        amount_within(amount, self.state.balance_cap)
+        at_least_one(amount, self.state.balance_cap)
     }
 }
 
-fn amount_within(amount: i64, max: i64) -> Result<i64, PointError> {
-    if (1..=max).contains(&amount) {
+/// `amount` when it is at least 1, the bound no setting moves; `max` names the upper one in
+/// the refusal.
+fn at_least_one(amount: i64, max: i64) -> Result<i64, PointError> {
+    if amount >= 1 {
         Ok(amount)
     } else {
         Err(PointError::AmountOutOfRange { amount, max })
@@ -97,28 +101,13 @@ impl PointService for PointApi {
         let request = request.into_inner();
         let user_id = validate::id("user_id", &request.user_id)?;
         let request_id = validate::id("request_id", &request.request_id)?;
-        let amount = match self.charge_amount(request.amount) {
-            Ok(amount) => amount,
-            // Over today's limit, yet perhaps charged under a higher one: a retry gets its
-            // receipt whatever the limit is now (`store::charged_before`).
-            Err(over) if request.amount > 0 => {
-                let pool = &self.state.pool;
-                return match store::charged_before(pool, user_id, request.amount, request_id)
-                    .await?
-                {
-                    Some(entry) => Ok(Response::new(pb::ChargePointsResponse {
-                        entry: Some(entry.to_proto()),
-                    })),
-                    None => Err(over.into()),
-                };
-            }
-            Err(never_valid) => return Err(never_valid.into()),
-        };
+        let amount = self.charge_amount(request.amount)?;
         let entry = store::charge(
             &self.state.pool,
             user_id,
             amount,
             request_id,
+            self.state.max_amount,
             self.state.balance_cap,
         )
         .await?;
@@ -164,23 +153,15 @@ impl PointInternalService for PointApi {
         let request = request.into_inner();
         let user_id = validate::id("user_id", &request.user_id)?;
         let payment_id = validate::id("payment_id", &request.payment_id)?;
-        let amount = match self.spend_amount(request.amount) {
-            Ok(amount) => amount,
-            // Over today's cap, yet perhaps spent under a higher one: the saga's replay after
-            // a crash must get its receipt, not a refusal it would take as final
-            // (`store::spent_before`).
-            Err(over) if request.amount > 0 => {
-                let pool = &self.state.pool;
-                return match store::spent_before(pool, user_id, request.amount, payment_id).await? {
-                    Some(entry) => Ok(Response::new(pb::SpendPointsResponse {
-                        entry: Some(entry.to_proto()),
-                    })),
-                    None => Err(over.into()),
-                };
-            }
-            Err(never_valid) => return Err(never_valid.into()),
-        };
-        let entry = store::spend(&self.state.pool, user_id, amount, payment_id).await?;
+        let amount = self.spend_amount(request.amount)?;
+        let entry = store::spend(
+            &self.state.pool,
+            user_id,
+            amount,
+            payment_id,
+            self.state.balance_cap,
+        )
+        .await?;
         Ok(Response::new(pb::SpendPointsResponse {
             entry: Some(entry.to_proto()),
         }))

@@ -119,73 +119,51 @@ enum Applied {
 // lock is held for a single commit: on one hot wallet that is what bounds throughput.
 
 /// Adds `amount` to the user's wallet (opening it on the first charge), once per request_id.
+///
+/// `amount` is at least 1; `max_amount` and `balance_cap` are today's limits. A retry of a
+/// charge that was made is answered with it whatever they are now: a limit lowered since
+/// must not turn its receipt into a refusal. So an amount over the maximum is refused only
+/// after the look-up that every refusal makes.
 pub async fn charge(
     pool: &PgPool,
     user_id: &str,
     amount: i64,
     request_id: &str,
+    max_amount: i64,
     balance_cap: i64,
 ) -> Result<Entry, PointError> {
-    // amount <= max_amount <= cap, so `cap - amount` cannot overflow; the sum is only
-    // computed when it fits under the cap.
-    let sql = format!(
-        "WITH wallet AS (
-             INSERT INTO wallets AS w (user_id, balance) VALUES ($1, $2)
-             ON CONFLICT (user_id) DO UPDATE
-                 SET balance = w.balance + excluded.balance, update_time = now()
-               WHERE w.balance <= $3 - excluded.balance
-             RETURNING balance)
-         INSERT INTO ledger (user_id, kind, amount, balance_after, request_id)
-         SELECT $1, 'CHARGE', $2, balance, $4 FROM wallet
-         RETURNING {ENTRY_COLUMNS}"
-    );
-    let statement = sqlx::query_as::<_, EntryRow>(&sql)
-        .bind(user_id)
-        .bind(amount)
-        .bind(balance_cap)
-        .bind(request_id);
-    match apply(statement, pool).await? {
-        Applied::Done(entry) => Ok(entry),
-        // A retry of a charge that was made is answered with it, even at the cap.
-        Applied::Refused | Applied::AlreadyDone => {
-            match charge_entry(pool, user_id, request_id).await? {
-                Some(entry) => replay_charge(entry, amount),
-                None => Err(PointError::BalanceCapExceeded { cap: balance_cap }),
-            }
+    if amount <= max_amount {
+        // amount <= max_amount <= cap, so `cap - amount` cannot overflow; the sum is only
+        // computed when it fits under the cap.
+        let sql = format!(
+            "WITH wallet AS (
+                 INSERT INTO wallets AS w (user_id, balance) VALUES ($1, $2)
+                 ON CONFLICT (user_id) DO UPDATE
+                     SET balance = w.balance + excluded.balance, update_time = now()
+                   WHERE w.balance <= $3 - excluded.balance
+                 RETURNING balance)
+             INSERT INTO ledger (user_id, kind, amount, balance_after, request_id)
+             SELECT $1, 'CHARGE', $2, balance, $4 FROM wallet
+             RETURNING {ENTRY_COLUMNS}"
+        );
+        let statement = sqlx::query_as::<_, EntryRow>(&sql)
+            .bind(user_id)
+            .bind(amount)
+            .bind(balance_cap)
+            .bind(request_id);
+        if let Applied::Done(entry) = apply(statement, pool).await? {
+            return Ok(entry);
         }
     }
-}
-
-/// The charge already made under `request_id`, as its retry's answer, or `None`.
-///
-/// Asked before a configured limit (`POINT_MAX_AMOUNT`, `POINT_BALANCE_CAP`) refuses an
-/// amount: the limit may have been lowered since the call went through, and a retry of a
-/// call that went through must get its receipt whatever the settings are now. The payment
-/// saga replays SpendPoints after a crash and takes a refusal as final; answering it with
-/// AMOUNT_OUT_OF_RANGE would fail a payment whose points were spent and seats sold.
-pub async fn charged_before(
-    pool: &PgPool,
-    user_id: &str,
-    amount: i64,
-    request_id: &str,
-) -> Result<Option<Entry>, PointError> {
+    // Refused (over the maximum or the cap) or already done: a retry of a charge that was
+    // made is answered with it.
     match charge_entry(pool, user_id, request_id).await? {
-        Some(entry) => replay_charge(entry, amount).map(Some),
-        None => Ok(None),
-    }
-}
-
-/// The spend already made for `payment_id`, as its retry's answer, or `None`; see
-/// [`charged_before`].
-pub async fn spent_before(
-    pool: &PgPool,
-    user_id: &str,
-    amount: i64,
-    payment_id: &str,
-) -> Result<Option<Entry>, PointError> {
-    match payment_entry(pool, payment_id, EntryKind::Spend).await? {
-        Some(entry) => replay_spend(entry, user_id, amount).map(Some),
-        None => Ok(None),
+        Some(entry) => replay_charge(entry, amount),
+        None if amount > max_amount => Err(PointError::AmountOutOfRange {
+            amount,
+            max: max_amount,
+        }),
+        None => Err(PointError::BalanceCapExceeded { cap: balance_cap }),
     }
 }
 
@@ -198,39 +176,52 @@ fn replay_charge(entry: Entry, amount: i64) -> Result<Entry, PointError> {
 }
 
 /// Takes `amount` from the user's wallet for a payment, once per payment.
+///
+/// `amount` is at least 1 and `balance_cap` today's cap, the most a spend may take. As for
+/// [`charge`], a repeated spend is answered with its entry whatever the cap is now: the
+/// payment saga replays SpendPoints after a crash and takes a refusal as final, so an
+/// AMOUNT_OUT_OF_RANGE there would fail a payment whose points were spent and seats sold.
 pub async fn spend(
     pool: &PgPool,
     user_id: &str,
     amount: i64,
     payment_id: &str,
+    balance_cap: i64,
 ) -> Result<Entry, PointError> {
-    // `balance >= $2` in the UPDATE is the rule: concurrent spends queue on the row lock and
-    // each re-checks it against the balance the previous one left, so none goes below zero.
-    let sql = format!(
-        "WITH wallet AS (
-             UPDATE wallets SET balance = balance - $2, update_time = now()
-              WHERE user_id = $1 AND balance >= $2
-             RETURNING balance)
-         INSERT INTO ledger (user_id, kind, amount, balance_after, payment_id)
-         SELECT $1, 'SPEND', -$2, balance, $3 FROM wallet
-         RETURNING {ENTRY_COLUMNS}"
-    );
-    let statement = sqlx::query_as::<_, EntryRow>(&sql)
-        .bind(user_id)
-        .bind(amount)
-        .bind(payment_id);
-    match apply(statement, pool).await? {
-        Applied::Done(entry) => Ok(entry),
-        Applied::Refused | Applied::AlreadyDone => {
-            if let Some(entry) = payment_entry(pool, payment_id, EntryKind::Spend).await? {
-                return replay_spend(entry, user_id, amount);
-            }
-            let balance = balance(pool, user_id)
-                .await?
-                .map_or(0, |(balance, _)| balance);
-            Err(PointError::InsufficientBalance { balance, amount })
+    if amount <= balance_cap {
+        // `balance >= $2` in the UPDATE is the rule: concurrent spends queue on the row lock
+        // and each re-checks it against the balance the previous one left, so none goes
+        // below zero.
+        let sql = format!(
+            "WITH wallet AS (
+                 UPDATE wallets SET balance = balance - $2, update_time = now()
+                  WHERE user_id = $1 AND balance >= $2
+                 RETURNING balance)
+             INSERT INTO ledger (user_id, kind, amount, balance_after, payment_id)
+             SELECT $1, 'SPEND', -$2, balance, $3 FROM wallet
+             RETURNING {ENTRY_COLUMNS}"
+        );
+        let statement = sqlx::query_as::<_, EntryRow>(&sql)
+            .bind(user_id)
+            .bind(amount)
+            .bind(payment_id);
+        if let Applied::Done(entry) = apply(statement, pool).await? {
+            return Ok(entry);
         }
     }
+    if let Some(entry) = payment_entry(pool, payment_id, EntryKind::Spend).await? {
+        return replay_spend(entry, user_id, amount);
+    }
+    if amount > balance_cap {
+        return Err(PointError::AmountOutOfRange {
+            amount,
+            max: balance_cap,
+        });
+    }
+    let balance = balance(pool, user_id)
+        .await?
+        .map_or(0, |(balance, _)| balance);
+    Err(PointError::InsufficientBalance { balance, amount })
 }
 
 fn replay_spend(entry: Entry, user_id: &str, amount: i64) -> Result<Entry, PointError> {
