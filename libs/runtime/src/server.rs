@@ -178,18 +178,14 @@ impl GrpcServer {
         let local_addr: Option<SocketAddr> = listener.local_addr().ok();
 
         report(&health, &service_names, ServingStatus::Serving).await;
-        // Out of the balancers' rotation once asked to leave or to stop, whichever comes
-        // first. Run by this future, after the SERVING above, so a stop requested the moment
-        // the server was spawned is never overwritten by it; and dropped with it, so a server
-        // aborted as a crash drill says nothing, as a killed process would not.
+        // Out of the balancers' rotation once asked to leave (a stop says so through
+        // `stopping` below). Run by this future, after the SERVING above, so a leave requested
+        // the moment the server was spawned is never overwritten by it; and dropped with it,
+        // so a server aborted as a crash drill says nothing, as a killed process would not.
         let out_of_rotation = {
-            let (health, names, shutdown) =
-                (health.clone(), service_names.clone(), shutdown.clone());
+            let (health, names) = (health.clone(), service_names.clone());
             async move {
-                tokio::select! {
-                    () = leaving.wait() => {}
-                    () = shutdown.wait() => {}
-                }
+                leaving.wait().await;
                 report(&health, &names, ServingStatus::NotServing).await;
             }
         };
