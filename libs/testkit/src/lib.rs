@@ -139,21 +139,22 @@ where
 /// The `google.rpc.ErrorInfo` reason of a failed call; checks that the detail is there and
 /// that its domain is stagedoor's.
 pub fn reason(status: &tonic::Status) -> String {
-    use tonic_types::StatusExt;
-    let info = status
-        .get_details_error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    let info = error_info(status);
     assert_eq!(info.domain, stagedoor_runtime::DOMAIN);
     info.reason
 }
 
 /// One entry of a failed call's `google.rpc.ErrorInfo` metadata (`payment_id`, `status`, ...).
 pub fn detail(status: &tonic::Status, key: &str) -> Option<String> {
+    error_info(status).metadata.remove(key)
+}
+
+/// The `google.rpc.ErrorInfo` detail every stagedoor error carries.
+fn error_info(status: &tonic::Status) -> tonic_types::ErrorInfo {
     use tonic_types::StatusExt;
-    let info = status
+    status
         .get_details_error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    info.metadata.get(key).cloned()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"))
 }
 
 /// Waits for something a background task does (an admission tick, a sweeper, a recovery
