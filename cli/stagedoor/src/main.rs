@@ -190,7 +190,6 @@ async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
 /// ports, the demo catalog seeded, and where everything listens printed.
 async fn start_up(args: &UpArgs) -> Result<(pg::Postgres, mesh::Mesh), Box<dyn std::error::Error>> {
     let (postgres, database) = database(args.database_url.as_deref(), &args.database).await?;
-
     let mesh = mesh::Mesh::start(
         &database,
         &mesh::MeshOptions {

@@ -101,8 +101,8 @@ where
     })
 }
 
-/// The concert service's migrations, embedded in the binary (a fresh `Migrator` each time: `db::migrate`
-/// sets how it locks).
+/// The concert service's migrations, embedded in the binary: a fresh `Migrator` each time, since
+/// `db::migrate` sets how it locks.
 pub fn migrator() -> sqlx::migrate::Migrator {
     sqlx::migrate!("./migrations")
 }

@@ -21,8 +21,8 @@ use crate::{
     writes::PaymentWrites,
 };
 
-/// The payment service's migrations, embedded in the binary (a fresh `Migrator` each time: `db::migrate`
-/// sets how it locks).
+/// The payment service's migrations, embedded in the binary: a fresh `Migrator` each time, since
+/// `db::migrate` sets how it locks.
 pub fn migrator() -> sqlx::migrate::Migrator {
     sqlx::migrate!("./migrations")
 }

@@ -13,8 +13,8 @@ use tokio::net::TcpListener;
 
 use crate::{config::PointConfig, grpc::PointApi};
 
-/// The point service's migrations, embedded in the binary (a fresh `Migrator` each time: `db::migrate`
-/// sets how it locks).
+/// The point service's migrations, embedded in the binary: a fresh `Migrator` each time, since
+/// `db::migrate` sets how it locks.
 pub fn migrator() -> sqlx::migrate::Migrator {
     sqlx::migrate!("./migrations")
 }

@@ -25,8 +25,8 @@ use crate::{
     store::{self, AdmissionPolicy},
 };
 
-/// The queue's migrations, embedded in the binary (a fresh `Migrator` each time: `db::migrate`
-/// sets how it locks).
+/// The queue's migrations, embedded in the binary: a fresh `Migrator` each time, since
+/// `db::migrate` sets how it locks.
 pub fn migrator() -> sqlx::migrate::Migrator {
     sqlx::migrate!("./migrations")
 }
