@@ -82,6 +82,26 @@ pub async fn mesh(
 }
 
 impl Mesh {
+    /// A transaction holding the row lock of seat `seat_number` of `schedule_id`, as another
+    /// replica's batch would, until it is committed or dropped.
+    pub async fn lock_seat(
+        &self,
+        schedule_id: &str,
+        seat_number: i32,
+    ) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let admin = self.database.admin().await;
+        let mut blocker = admin.begin().await.unwrap();
+        sqlx::query(
+            "SELECT 1 FROM concert.seats WHERE schedule_id = $1 AND seat_number = $2 FOR UPDATE",
+        )
+        .bind(schedule_id)
+        .bind(seat_number)
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+        blocker
+    }
+
     /// A concert with one date of `seat_count` seats (VIP 1-10 dearer, the rest cheaper).
     pub async fn catalog(&self, seat_count: i32) -> (String, String) {
         let mut admin = self.concerts[0].admin.clone();

@@ -558,15 +558,8 @@ async fn a_key_reused_on_two_dates_at_once_never_refuses_a_seat_for_nobody() {
 
     // Another transaction has seat 1 of the first date locked: the first batch, past its
     // look-up of earlier keys, waits there.
+    let blocker = mesh.lock_seat(&first_date, 1).await;
     let admin = mesh.database.admin().await;
-    let mut blocker = admin.begin().await.unwrap();
-    sqlx::query(
-        "SELECT 1 FROM concert.seats WHERE schedule_id = $1 AND seat_number = 1 FOR UPDATE",
-    )
-    .bind(&first_date)
-    .execute(&mut *blocker)
-    .await
-    .unwrap();
     let first = tokio::spawn({
         let (pool, batch) = (
             pool.clone(),

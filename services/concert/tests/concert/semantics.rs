@@ -95,15 +95,7 @@ async fn a_hold_that_expires_during_a_lock_wait_no_longer_counts() {
 
     // Another transaction sits on seat 7's lock (as another replica's batch would) until
     // well after alice's hold has run out.
-    let admin = mesh.database.admin().await;
-    let mut blocker = admin.begin().await.unwrap();
-    sqlx::query(
-        "SELECT 1 FROM concert.seats WHERE schedule_id = $1 AND seat_number = 7 FOR UPDATE",
-    )
-    .bind(&schedule_id)
-    .execute(&mut *blocker)
-    .await
-    .unwrap();
+    let blocker = mesh.lock_seat(&schedule_id, 7).await;
     let mut public = mesh.concerts[0].public.clone();
     let request = with_bearer(
         pb::HoldSeatsRequest {
@@ -122,7 +114,6 @@ async fn a_hold_that_expires_during_a_lock_wait_no_longer_counts() {
     // Past alice's 600 ms (counted from before her hold was made), then let bob through.
     tokio::time::sleep(Duration::from_millis(600)).await;
     blocker.commit().await.unwrap();
-    admin.close().await;
 
     let taken = waiting
         .await
