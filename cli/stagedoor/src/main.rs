@@ -159,7 +159,7 @@ async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
     // start-up (a throwaway cluster starting, migrations waiting for another replica's,
     // the seeding) stops there: what was started is dropped, a throwaway cluster included.
     let mut signals = stagedoor_runtime::shutdown::StopSignals::new();
-    let (postgres, mesh) = tokio::select! {
+    let (postgres, mut mesh) = tokio::select! {
         started = start_up(&args) => started?,
         () = signals.recv() => {
             println!("stagedoor: stopped during start-up");
@@ -167,8 +167,16 @@ async fn up(args: UpArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     println!("Ctrl-C stops it.");
-    signals.recv().await;
-    println!("stopping: finishing calls in flight (Ctrl-C again to stop at once) ...");
+    tokio::select! {
+        () = signals.recv() => {
+            println!("stopping: finishing calls in flight (Ctrl-C again to stop at once) ...");
+        }
+        // A mesh with one service down would answer half a journey: stop it all, and say why
+        // (its error is printed by the shutdown below), rather than run on until Ctrl-C.
+        service = mesh.ended() => {
+            println!("stagedoor: the {service} service stopped on its own; stopping the others ...");
+        }
+    }
     // The services stop one after another, payment first, so the sagas in flight can still
     // reach their peers; each may take its drain limit when clients keep streams open. A
     // second signal gives up on them (a payment cut short is finished by recovery on the

@@ -209,6 +209,17 @@ impl Mesh {
         })
     }
 
+    /// Resolves when one of the services has ended without being asked to (its transport or
+    /// a background task failed: `ServiceHandle::ended`), with its name. Cancel-safe.
+    pub async fn ended(&mut self) -> &'static str {
+        tokio::select! {
+            () = self.queue.ended() => "queue",
+            () = self.concert.ended() => "concert",
+            () = self.point.ended() => "point",
+            () = self.payment.ended() => "payment",
+        }
+    }
+
     /// Graceful stop, callers first: nothing calls a service after it stopped.
     pub async fn shutdown(self) -> bool {
         let mut clean = true;

@@ -4,6 +4,7 @@
 //! domain errors to `tonic::Status` with a `google.rpc.ErrorInfo` detail.
 
 pub mod auth;
+pub mod background;
 pub mod batch;
 pub mod client;
 pub mod config;

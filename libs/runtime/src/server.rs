@@ -27,7 +27,22 @@ use tonic::{
 };
 use tonic_health::{server::HealthReporter, ServingStatus};
 
-use crate::Shutdown;
+use crate::{
+    background::{Background, BackgroundFailure, NamedTask},
+    Shutdown,
+};
+
+/// Why a server ended other than by being asked to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The transport failed (the listener, most likely).
+    #[error("server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// One of the service's background tasks ended while it served (see
+    /// [`crate::background`]); the server drained and stopped.
+    #[error("{0}; the service stopped")]
+    Background(#[from] BackgroundFailure),
+}
 
 /// HTTP/2 connection-level flow-control window of every server: how much request data one
 /// connection may have sent that handlers have not read yet.
@@ -111,29 +126,42 @@ impl GrpcServer {
     /// Starts serving on `listener` in a task of its own: what every service's `start` ends
     /// with. `trigger` stops the server (see [`GrpcServer::serve`]) and `background`, the
     /// service's other tasks, which must watch the same trigger to leave when it fires. The
-    /// handle owns all of them, so a service is stopped, awaited or aborted as one.
+    /// handle owns all of them, so a service is stopped, awaited or aborted as one; and a
+    /// background task that ends while the service serves stops the server
+    /// ([`ServerError::Background`]).
     pub fn spawn(
         self,
         listener: TcpListener,
         trigger: crate::ShutdownTrigger,
-        background: Vec<tokio::task::JoinHandle<()>>,
+        background: Vec<NamedTask>,
     ) -> Result<ServiceHandle, crate::db::StartupError> {
         let local_addr = listener
             .local_addr()
             .map_err(crate::db::StartupError::Listen)?;
         let (server, health) = self.with_health();
         let leaving = crate::ShutdownTrigger::default();
+        let (background, failure) = Background::watch(background, trigger.subscribe());
+        // A receiver whose supervisor ended without a failure (every task left after the
+        // stop) never resolves: that is no reason to stop.
+        let background_failed = async move {
+            match failure.await {
+                Ok(failure) => failure,
+                Err(_) => std::future::pending().await,
+            }
+        };
         let server = tokio::spawn(server.serve_reporting(
             listener,
             trigger.subscribe(),
             health,
             leaving.subscribe(),
+            background_failed,
         ));
         Ok(ServiceHandle {
             local_addr,
             trigger,
             leaving,
             server,
+            ended: None,
             background,
         })
     }
@@ -149,27 +177,26 @@ impl GrpcServer {
     /// for calls in flight to finish, for the drain limit at most: server streams should end
     /// on the same signal themselves, and whatever is still open then (a stream whose client
     /// stopped reading, a load balancer's grpc.health.v1 Watch) has its connection closed.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        shutdown: Shutdown,
-    ) -> Result<(), tonic::transport::Error> {
+    pub async fn serve(self, listener: TcpListener, shutdown: Shutdown) -> Result<(), ServerError> {
         let (server, health) = self.with_health();
         let leaving = shutdown.clone();
         server
-            .serve_reporting(listener, shutdown, health, leaving)
+            .serve_reporting(listener, shutdown, health, leaving, std::future::pending())
             .await
     }
 
     /// [`GrpcServer::serve`], its health statuses set through `health`: SERVING at first,
     /// NOT_SERVING once `leaving` or `shutdown` fires (see [`ServiceHandle::leave_rotation`]).
+    /// `background_failed` resolving stops the server as `shutdown` would, and it ends with
+    /// that failure.
     async fn serve_reporting(
         self,
         listener: TcpListener,
         shutdown: Shutdown,
         health: HealthReporter,
         leaving: Shutdown,
-    ) -> Result<(), tonic::transport::Error> {
+        background_failed: impl Future<Output = BackgroundFailure>,
+    ) -> Result<(), ServerError> {
         let Self {
             mut routes,
             service_names,
@@ -224,11 +251,25 @@ impl GrpcServer {
             .add_service(reflection_v1alpha);
 
         tracing::info!(addr = ?local_addr, services = ?service_names, "gRPC server listening");
-        let drain_started = shutdown.clone();
-        // Stopped without leaving the rotation first (`ServiceHandle::shutdown`, `serve`): say
-        // NOT_SERVING before the listener closes all the same.
+        // The server stops when asked to, or when a background task failed: a replica that
+        // can no longer do its whole job leaves rather than answer half of it.
+        let (stop, stopped) = crate::ShutdownTrigger::new();
+        let drain_started = stopped.clone();
+        let stop_cause = async move {
+            let failure = tokio::select! {
+                () = shutdown.wait() => None,
+                failure = background_failed => {
+                    tracing::error!(%failure, "stopping the server");
+                    Some(failure)
+                }
+            };
+            stop.fire();
+            failure
+        };
+        // Stopped without leaving the rotation first (`ServiceHandle::shutdown`, `serve`, a
+        // failure): say NOT_SERVING before the listener closes all the same.
         let stopping = async move {
-            shutdown.wait().await;
+            stopped.wait().await;
             report(&health, &service_names, ServingStatus::NotServing).await;
         };
         // tonic's graceful shutdown waits for every call without limit, and runs each
@@ -264,9 +305,20 @@ impl GrpcServer {
             out_of_rotation.await;
             std::future::pending::<()>().await
         };
-        tokio::select! {
-            result = served => result,
-            () = reporting => unreachable!("reporting never ends"),
+        tokio::pin!(served, reporting, stop_cause);
+        let failure = tokio::select! {
+            // Ended before any stop: the transport failed.
+            result = &mut served => return result.map_err(ServerError::from),
+            failure = &mut stop_cause => failure,
+            () = &mut reporting => unreachable!("reporting never ends"),
+        };
+        let drained = tokio::select! {
+            result = &mut served => result,
+            () = &mut reporting => unreachable!("reporting never ends"),
+        };
+        match failure {
+            Some(failure) => Err(failure.into()),
+            None => drained.map_err(ServerError::from),
         }
     }
 }
@@ -399,8 +451,10 @@ pub struct ServiceHandle {
     trigger: crate::ShutdownTrigger,
     /// Takes the server out of the balancers' rotation (NOT_SERVING) while it still serves.
     leaving: crate::ShutdownTrigger,
-    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-    background: Vec<tokio::task::JoinHandle<()>>,
+    server: tokio::task::JoinHandle<Result<(), ServerError>>,
+    /// How the server ended, once [`ServiceHandle::ended`] saw it end.
+    ended: Option<Result<(), ServerError>>,
+    background: Background,
 }
 
 impl ServiceHandle {
@@ -424,24 +478,38 @@ impl ServiceHandle {
     }
 
     /// Graceful stop: no new calls, calls in flight finish, background tasks leave.
-    pub async fn shutdown(self) -> Result<(), tonic::transport::Error> {
+    pub async fn shutdown(self) -> Result<(), ServerError> {
         self.trigger.fire();
         self.wait().await
     }
 
-    /// Waits until the service stops (after its trigger fired, e.g. by an OS signal).
-    pub async fn wait(self) -> Result<(), tonic::transport::Error> {
-        let served = match self.server.await {
+    /// Waits until the service stops (after its trigger fired, e.g. by an OS signal, or on
+    /// its own: see [`ServiceHandle::ended`]). Its background tasks are then stopped and
+    /// awaited too.
+    pub async fn wait(mut self) -> Result<(), ServerError> {
+        self.ended().await;
+        self.trigger.fire();
+        self.background.wait().await;
+        self.ended.take().unwrap_or(Ok(()))
+    }
+
+    /// Resolves once the server has ended: asked to stop, or on its own when its transport
+    /// or a background task failed ([`ServerError`]). Cancel-safe, so it can be raced against
+    /// stop signals; [`ServiceHandle::wait`] then returns how it ended.
+    pub async fn ended(&mut self) {
+        if self.ended.is_some() {
+            return;
+        }
+        let ended = match (&mut self.server).await {
             Ok(result) => result,
+            // A panic of the server is this process's, and must not pass for a clean stop
+            // (exit 0) with a supervisor that restarts failures.
             Err(join_error) if join_error.is_panic() => {
                 std::panic::resume_unwind(join_error.into_panic())
             }
             Err(_) => Ok(()),
         };
-        for task in self.background {
-            let _ = task.await;
-        }
-        served
+        self.ended = Some(ended);
     }
 
     /// Leaves the load balancers' rotation: grpc.health.v1 reports NOT_SERVING at once while
@@ -474,24 +542,10 @@ impl ServiceHandle {
         mut self,
         mut signals: crate::shutdown::StopSignals,
         not_serving_for: Duration,
-    ) -> Result<Stopped, tonic::transport::Error> {
+    ) -> Result<Stopped, ServerError> {
         tokio::select! {
             () = signals.recv() => {}
-            finished = &mut self.server => {
-                self.trigger.fire();
-                for task in self.background {
-                    let _ = task.await;
-                }
-                return match finished {
-                    Ok(served) => served.map(|()| Stopped::Cleanly),
-                    // As in `wait`: a panic of the server is this process's, and must not
-                    // pass for a clean stop (exit 0) with a supervisor that restarts failures.
-                    Err(join_error) if join_error.is_panic() => {
-                        std::panic::resume_unwind(join_error.into_panic())
-                    }
-                    Err(_) => Ok(Stopped::Cleanly),
-                };
-            }
+            () = self.ended() => return self.wait().await.map(|()| Stopped::Cleanly),
         }
         tracing::info!("stop signal received");
         self.leave_rotation(not_serving_for, signals.recv()).await;
@@ -507,9 +561,7 @@ impl ServiceHandle {
     /// Crash: stops everything at once, mid-call, as a killed process would. For failure drills.
     pub fn abort(self) {
         self.server.abort();
-        for task in &self.background {
-            task.abort();
-        }
+        self.background.abort();
     }
 }
 
@@ -562,7 +614,7 @@ where
             ExitCode::FAILURE
         }
         Err(error) => {
-            eprintln!("{name}: server failed: {error}");
+            eprintln!("{name}: {error}");
             ExitCode::FAILURE
         }
     }

@@ -174,3 +174,77 @@ async fn a_stopping_server_reports_not_serving_while_it_still_answers() {
     .await
     .expect("a second signal skips the NOT_SERVING period");
 }
+
+/// A background task that ends while its service serves (a panic in the queue's admission
+/// loop, a batch worker that returned) leaves a replica that still answers, but no longer
+/// admits anyone or finishes its batches. The server takes the whole service out instead:
+/// NOT_SERVING, drained, ended with the task's failure (the binary then exits non-zero for
+/// its supervisor to restart it), its other tasks stopped.
+#[tokio::test]
+async fn a_background_task_that_ends_while_serving_stops_its_server() {
+    use stagedoor_runtime::server::ServerError;
+
+    for panics in [true, false] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let trigger = ShutdownTrigger::default();
+        let (left, steady_left) = tokio::sync::oneshot::channel();
+        let steady = tokio::spawn({
+            let shutdown = trigger.subscribe();
+            async move {
+                shutdown.wait().await;
+                let _ = left.send(());
+            }
+        });
+        let (end, ending) = tokio::sync::oneshot::channel::<()>();
+        let failing = tokio::spawn(async move {
+            let _ = ending.await;
+            assert!(!panics, "the admission loop broke");
+        });
+        let mut server = GrpcServer::new()
+            .drain_limit(std::time::Duration::from_millis(300))
+            .spawn(
+                listener,
+                trigger,
+                vec![("steady", steady), ("admission", failing)],
+            )
+            .unwrap();
+        let url = server.url();
+        let channel = stagedoor_runtime::client::endpoint(&url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut watch = HealthClient::new(channel)
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(watch.message().await.unwrap().unwrap().status, 1, "SERVING");
+
+        end.send(()).unwrap();
+        let leaving = watch.message().await.unwrap().unwrap();
+        assert_eq!(leaving.status, 2, "NOT_SERVING once the task ended");
+        // Not a speed check: a bound so that a server that serves on fails instead of hanging.
+        tokio::time::timeout(std::time::Duration::from_secs(30), server.ended())
+            .await
+            .expect("the server stops on its own");
+        match server.wait().await {
+            Err(ServerError::Background(failure)) => {
+                assert_eq!(failure.task, "admission");
+                let expected = if panics {
+                    "panicked: the admission loop broke"
+                } else {
+                    "returned"
+                };
+                assert_eq!(failure.how, expected);
+            }
+            other => panic!("expected the background failure, got {other:?}"),
+        }
+        steady_left
+            .await
+            .expect("the service's other tasks were told to stop");
+        assert_eq!(probe(&url).await, None, "the listener is closed");
+    }
+}

@@ -144,18 +144,28 @@ pub async fn start(
         |pool, requests| async move { store::confirm_batch(&pool, &requests).await },
     );
     let (reads, read_worker) = spawn_reads(&pool);
-    let mut background = vec![read_worker, hold_worker, confirm_worker];
-    background.push(tokio::spawn(run_hold_sweeper(
-        pool.clone(),
-        config.hold_sweep_after,
-        config.hold_sweep_every,
-        trigger.subscribe(),
-    )));
-    background.push(tokio::spawn(lines::keep_every_line_open(
-        pool.clone(),
-        lines.clone(),
-        trigger.subscribe(),
-    )));
+    let background = vec![
+        ("catalog reads", read_worker),
+        ("hold batches", hold_worker),
+        ("confirm batches", confirm_worker),
+        (
+            "hold sweeper",
+            tokio::spawn(run_hold_sweeper(
+                pool.clone(),
+                config.hold_sweep_after,
+                config.hold_sweep_every,
+                trigger.subscribe(),
+            )),
+        ),
+        (
+            "line opener",
+            tokio::spawn(lines::keep_every_line_open(
+                pool.clone(),
+                lines.clone(),
+                trigger.subscribe(),
+            )),
+        ),
+    ];
     let api = ConcertApi::new(ConcertState {
         pool,
         dates: Default::default(),

@@ -65,11 +65,14 @@ pub async fn start(
             fault: config.fault,
         },
     });
-    background.push(tokio::spawn(recovery::run(
-        saga.clone(),
-        config.recovery_interval,
-        trigger.subscribe(),
-    )));
+    background.push((
+        "payment recovery",
+        tokio::spawn(recovery::run(
+            saga.clone(),
+            config.recovery_interval,
+            trigger.subscribe(),
+        )),
+    ));
     let api = PaymentApi::new(PaymentState {
         pool,
         saga,

@@ -10,10 +10,10 @@ use std::{collections::HashSet, time::Duration};
 
 use sqlx::PgPool;
 use stagedoor_runtime::{
+    background::NamedTask,
     batch::{self, BatchFuture, BatchLimits, Batcher},
     ApiError,
 };
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::{
@@ -38,7 +38,7 @@ pub struct PaymentWrites {
 
 impl PaymentWrites {
     /// Starts the workers. Rows are leased for `lease`.
-    pub fn spawn(pool: PgPool, lease: Duration) -> (Self, Vec<JoinHandle<()>>) {
+    pub fn spawn(pool: PgPool, lease: Duration) -> (Self, Vec<NamedTask>) {
         let (inserts, insert_worker) = Batcher::spawn(WRITE_LIMITS, {
             let pool = pool.clone();
             move |payments: Vec<NewPayment>| {
@@ -54,7 +54,10 @@ impl PaymentWrites {
         });
         (
             Self { inserts, advances },
-            vec![insert_worker, advance_worker],
+            vec![
+                ("payment inserts", insert_worker),
+                ("payment advances", advance_worker),
+            ],
         )
     }
 

@@ -75,22 +75,36 @@ pub async fn start(
         BatchLimits::READS.within(connections, 4),
     );
 
-    let mut background = vec![batch_worker, complete_worker, leave_worker, read_worker];
-    background.push(tokio::spawn(run_admitter(
-        pool.clone(),
-        policy.clone(),
-        config.tick,
-        trigger.subscribe(),
-    )));
-    background.push(tokio::spawn({
-        let (board, pool, shutdown) = (board.clone(), pool.clone(), trigger.subscribe());
-        async move { board.run_refresher(pool, BOARD_REFRESH, shutdown).await }
-    }));
-    background.push(tokio::spawn({
-        let (heartbeats, pool, shutdown) = (heartbeats.clone(), pool.clone(), trigger.subscribe());
-        let period = config.heartbeat_flush();
-        async move { heartbeats.run_flusher(pool, period, shutdown).await }
-    }));
+    let background = vec![
+        ("issue batches", batch_worker),
+        ("complete batches", complete_worker),
+        ("leave batches", leave_worker),
+        ("ticket reads", read_worker),
+        (
+            "admission ticks",
+            tokio::spawn(run_admitter(
+                pool.clone(),
+                policy.clone(),
+                config.tick,
+                trigger.subscribe(),
+            )),
+        ),
+        (
+            "line board refresher",
+            tokio::spawn({
+                let (board, pool, shutdown) = (board.clone(), pool.clone(), trigger.subscribe());
+                async move { board.run_refresher(pool, BOARD_REFRESH, shutdown).await }
+            }),
+        ),
+        (
+            "heartbeat flusher",
+            tokio::spawn({
+                let (heartbeats, pool) = (heartbeats.clone(), pool.clone());
+                let (period, shutdown) = (config.heartbeat_flush(), trigger.subscribe());
+                async move { heartbeats.run_flusher(pool, period, shutdown).await }
+            }),
+        ),
+    ];
 
     // A cached WAITING ticket is re-read from Postgres after a quarter of the idle TTL, the
     // same period as its heartbeat.

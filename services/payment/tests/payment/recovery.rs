@@ -459,7 +459,7 @@ async fn a_drive_whose_lease_was_taken_over_changes_nothing_even_in_its_own_proc
         .await
         .unwrap();
     assert_eq!(steps, vec![("CONFIRM".to_owned(),)]);
-    for worker in workers {
+    for (_, worker) in workers {
         worker.abort();
     }
     pool.close().await;

@@ -1,0 +1,114 @@
+//! A service's background tasks (admission ticks, batch workers, sweepers, recovery), watched
+//! while the service serves.
+//!
+//! Each task is meant to run until the service stops. One that ends before (a panic, a loop
+//! that returned) leaves a replica that still answers and still reports SERVING, yet no longer
+//! admits anyone, sweeps holds or finishes payments, and nothing would tell an operator or a
+//! balancer. So the first such end is a failure of the whole service: the server reports
+//! NOT_SERVING, drains and ends with [`crate::server::ServerError::Background`], and the
+//! binary exits non-zero for its supervisor to restart it.
+
+use std::any::Any;
+
+use tokio::{
+    sync::oneshot,
+    task::{AbortHandle, JoinError, JoinHandle, JoinSet},
+};
+
+use crate::Shutdown;
+
+/// A background task and the name it is reported under (`"admission ticks"`).
+pub type NamedTask = (&'static str, JoinHandle<()>);
+
+/// How a background task ended while its service was serving.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("background task `{task}` {how}")]
+pub struct BackgroundFailure {
+    /// The name the task was started under.
+    pub task: &'static str,
+    /// `panicked: <message>` or `returned`.
+    pub how: String,
+}
+
+/// The tasks of one service, awaited by a supervisor task of their own.
+pub(crate) struct Background {
+    supervisor: JoinHandle<()>,
+    tasks: Vec<AbortHandle>,
+}
+
+impl Background {
+    /// Starts watching `tasks`. The first to end before `shutdown` fires is sent through the
+    /// returned receiver; ends after it are the normal way out and are not reported.
+    pub(crate) fn watch(
+        tasks: Vec<NamedTask>,
+        shutdown: Shutdown,
+    ) -> (Self, oneshot::Receiver<BackgroundFailure>) {
+        let (failed, failure) = oneshot::channel();
+        let aborts = tasks.iter().map(|(_, task)| task.abort_handle()).collect();
+        let supervisor = tokio::spawn(supervise(tasks, shutdown, failed));
+        let background = Self {
+            supervisor,
+            tasks: aborts,
+        };
+        (background, failure)
+    }
+
+    /// Waits until every task has ended.
+    pub(crate) async fn wait(self) {
+        // The supervisor only awaits the tasks; it cannot panic, and is aborted only with them.
+        let _ = self.supervisor.await;
+    }
+
+    /// Stops every task at once (a crash drill).
+    pub(crate) fn abort(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.supervisor.abort();
+    }
+}
+
+async fn supervise(
+    tasks: Vec<NamedTask>,
+    shutdown: Shutdown,
+    failed: oneshot::Sender<BackgroundFailure>,
+) {
+    let mut running = JoinSet::new();
+    for (name, task) in tasks {
+        running.spawn(async move { (name, task.await) });
+    }
+    let mut failed = Some(failed);
+    while let Some(Ok((task, ended))) = running.join_next().await {
+        // Nobody left to tell once the server has ended (its receiver is dropped), as when a
+        // failure already stopped it: the batch workers then end too, fed no more.
+        let nobody_listens = failed.as_ref().is_none_or(|failed| failed.is_closed());
+        let how = match ended {
+            Ok(()) if shutdown.is_fired() || nobody_listens => continue,
+            Ok(()) => "returned".to_owned(),
+            // Aborted with the whole service (`ServiceHandle::abort`): nobody to tell.
+            Err(error) if error.is_cancelled() => continue,
+            Err(error) => format!("panicked: {}", panic_message(error)),
+        };
+        // A panic is a bug even after the stop, where it used to be discarded without a word.
+        tracing::error!(task, %how, "background task ended");
+        // A panic during the stop is logged only: the stop is already under way.
+        if shutdown.is_fired() {
+            continue;
+        }
+        if let Some(failed) = failed.take() {
+            let _ = failed.send(BackgroundFailure { task, how });
+        }
+    }
+}
+
+/// The message a panic was raised with, when it was a string (as `panic!` and `expect` make).
+fn panic_message(error: JoinError) -> String {
+    let payload: Box<dyn Any + Send> = error.into_panic();
+    if let Some(message) = payload.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = payload.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "a non-string payload".to_owned()
+    }
+}
