@@ -78,8 +78,9 @@ struct UpArgs {
     ///
     /// Every other setting of the services comes from the environment variables their own
     /// binaries read (README "Configuration"): QUEUE_TICK, PAYMENT_LEASE, POINT_MAX_AMOUNT, ...
-    /// `DATABASE_URL` and `LISTEN_ADDR` are the exceptions: `up` gives each service its own
-    /// role on `--database` and the address of its flag here.
+    /// `DATABASE_URL`, `LISTEN_ADDR` and `SHUTDOWN_DELAY` are the exceptions: `up` gives each
+    /// service its own role on `--database` and the address of its flag here, and stops at
+    /// once on Ctrl-C (no balancer routes to it).
     #[arg(long, value_parser = parse_duration)]
     hold_ttl: Option<Duration>,
     /// Most tokens ACTIVE at once per concert [default: QUEUE_MAX_ACTIVE, else 1000].

@@ -81,10 +81,12 @@ impl MeshOptions {
         defaults: impl FnOnce() -> C,
     ) -> Result<C, Box<dyn std::error::Error>> {
         if self.from_environment {
-            // The address is given on the command line, which clap ranks above the
-            // environment: a LISTEN_ADDR meant for something else (Go's `:8080`, say) is
-            // then never parsed, as `up` promises to ignore it. The value is unused.
-            C::try_parse_from([binary, "--listen-addr", "127.0.0.1:0"]).map_err(|error| {
+            // The address and the shutdown delay are given on the command line, which clap
+            // ranks above the environment: a LISTEN_ADDR or SHUTDOWN_DELAY meant for
+            // something else (Go's `:8080`, say) is then never parsed, as `up` promises to
+            // ignore them. The values are unused.
+            let ignored = ["--listen-addr", "127.0.0.1:0", "--shutdown-delay", "0s"];
+            C::try_parse_from(std::iter::once(binary).chain(ignored)).map_err(|error| {
                 format!("{binary}'s settings from the environment: {error}").into()
             })
         } else {
