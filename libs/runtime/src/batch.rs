@@ -884,21 +884,37 @@ mod tests {
         assert_eq!(error.reason(), "INTERNAL");
     }
 
+    /// A graceful shutdown drops the last handle (the server's routes) while calls it accepted
+    /// still wait in the channel for a slot: they are answered all the same.
     #[tokio::test]
     async fn calls_accepted_before_the_last_handle_drops_are_answered() {
-        let (batcher, worker) = Batcher::spawn(limits(10, 2), |inputs: Vec<u32>| {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let (batcher, worker) = Batcher::spawn(limits(10, 1), move |inputs: Vec<u32>| {
+            let mut released = released.clone();
             Box::pin(async move {
-                tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+                let _ = released.wait_for(|released| *released).await;
                 inputs.into_iter().map(Ok).collect()
             }) as BatchFuture<u32>
         });
-        let pending = tokio::spawn({
-            let batcher = batcher.clone();
-            async move { batcher.call(7).await }
-        });
-        tokio::task::yield_now().await;
+        // The calls go in through the handle's sender rather than `call`, whose future would
+        // keep the handle alive until answered. The first call's batch takes the only slot
+        // and waits; the second is accepted into the channel behind it.
+        let (first_reply, first_answer) = oneshot::channel();
+        let first = Call {
+            input: 1,
+            reply: first_reply,
+        };
+        batcher.calls.send(first).await.unwrap();
+        let (reply, answer) = oneshot::channel();
+        batcher.calls.send(Call { input: 7, reply }).await.unwrap();
         drop(batcher);
-        assert_eq!(pending.await.unwrap().unwrap(), 7);
+        release.send(true).unwrap();
+        assert_eq!(first_answer.await.unwrap().unwrap(), 1);
+        assert_eq!(
+            answer.await.unwrap().unwrap(),
+            7,
+            "the queued call was answered"
+        );
         worker.await.unwrap();
     }
 }

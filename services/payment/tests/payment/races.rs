@@ -8,7 +8,7 @@ use tonic::Code;
 
 use crate::{mesh, reason, Fan, SEAT_PRICE};
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_request_id_fifty_times_at_once_pays_once() {
     let mesh = Arc::new(mesh(50, |settings| settings.payment_replicas = 2).await);
     let fan = mesh.fan("clicker", 1_000_000).await;
@@ -40,7 +40,7 @@ async fn the_same_request_id_fifty_times_at_once_pays_once() {
     mesh.audit().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_request_ids_for_one_hold_charge_once() {
     let mesh = Arc::new(mesh(50, |settings| settings.payment_replicas = 2).await);
     let fan = mesh.fan("eager", 1_000_000).await;
@@ -83,7 +83,7 @@ async fn fifty_request_ids_for_one_hold_charge_once() {
     mesh.audit().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_fans_paying_at_once_over_two_replicas_keep_every_invariant() {
     let mesh = Arc::new(mesh(400, |settings| settings.payment_replicas = 2).await);
     let mut fans = Vec::new();
@@ -126,7 +126,7 @@ async fn two_hundred_fans_paying_at_once_over_two_replicas_keep_every_invariant(
     mesh.audit().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_admission_pays_for_one_hold_however_many_dates_it_holds() {
     // A hundred fans, each holding one seat on each of three dates and charged for all
     // three, pay the three holds at once (different request ids, two replicas): 300 Pays.
@@ -204,7 +204,7 @@ async fn one_admission_pays_for_one_hold_however_many_dates_it_holds() {
     mesh.audit().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_where_one_admission_paid_twice_still_migrates() {
     // A database from before the one-payment-per-token rule may hold exactly what the rule
     // forbids: two live payments of one token. Its index must still build, and leave them be.

@@ -136,6 +136,10 @@ async fn open_lines_is_idempotent_and_refuses_bad_ids() {
 async fn malformed_tokens_are_refused_on_every_rpc() {
     let database = TestDatabase::create().await;
     let queue = start(config(&database)).await;
+    queue.open(&["c"]).await;
+    // A real ACTIVE token beside them, which no malformed one may reach.
+    let alice = queue.issue("c", "alice").await;
+    assert_eq!(alice.status(), pb::TokenStatus::Active);
     for token in ["", "not-a-token", "Bearer 123", &"f".repeat(200)] {
         let mut public = queue.public.clone();
         let mut internal = queue.internal.clone();
@@ -177,7 +181,9 @@ async fn malformed_tokens_are_refused_on_every_rpc() {
             assert_eq!(reason(&status), "MALFORMED_TOKEN");
         }
     }
-    assert_eq!(count_rows(&database).await, (0, 0), "no row written");
+    assert_eq!(count_rows(&database).await, (1, 1), "no row written");
+    let still = queue.validate(&alice.token).await.unwrap();
+    assert_eq!(still.user_id, "alice", "the real token is still ACTIVE");
 }
 
 #[tokio::test]
