@@ -102,6 +102,30 @@ impl Mesh {
         blocker
     }
 
+    /// Waits (20 s at most) until `count` of the concert service's connections to this test's
+    /// database wait for a lock (a row's, or a fan's advisory lock): a batch parked behind
+    /// [`Mesh::lock_seat`] has got that far, however slow the machine.
+    pub async fn until_lock_waiters(&self, count: i64) {
+        let admin = self.database.admin().await;
+        stagedoor_testkit::eventually(
+            std::time::Duration::from_secs(20),
+            &format!("{count} batches wait for a lock"),
+            || async {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE wait_event_type = 'Lock' AND usename = 'stagedoor_concert'
+                        AND datname = current_database()",
+                )
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+                (waiting == count).then_some(())
+            },
+        )
+        .await;
+        admin.close().await;
+    }
+
     /// A concert with one date of `seat_count` seats (VIP 1-10 dearer, the rest cheaper).
     pub async fn catalog(&self, seat_count: i32) -> (String, String) {
         let mut admin = self.concerts[0].admin.clone();

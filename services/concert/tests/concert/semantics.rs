@@ -106,11 +106,8 @@ async fn a_hold_that_expires_during_a_lock_wait_no_longer_counts() {
         &bob,
     );
     let waiting = tokio::spawn(async move { public.hold_seats(request).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        !waiting.is_finished(),
-        "bob's hold waits on the seat's lock"
-    );
+    // Bob's batch waits on the seat's lock.
+    mesh.until_lock_waiters(1).await;
     // Past alice's 600 ms (counted from before her hold was made), then let bob through.
     tokio::time::sleep(Duration::from_millis(600)).await;
     blocker.commit().await.unwrap();

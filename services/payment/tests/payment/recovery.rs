@@ -213,10 +213,28 @@ async fn concert_down_after_the_spend_keeps_the_points_until_the_seats_are_sold(
 
     let mut healthy = mesh.payment_config.clone();
     healthy.fault = Fault::None;
+    let admin = mesh.database.admin().await;
+    let attempts = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT attempts FROM payment.payments WHERE payment_id = $1::uuid",
+        )
+        .bind(&payment_id)
+        .fetch_one(&admin)
+        .await
+        .unwrap()
+    };
+    let before = attempts().await;
     mesh.start_payment(healthy).await;
     // The recovery re-spends (a replay at the point service), cannot confirm, and waits:
-    // the points stay spent, nothing is refunded on a guess.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // the points stay spent, nothing is refunded on a guess. Two rounds of it, seen in the
+    // payment's count of failed attempts.
+    eventually(
+        Duration::from_secs(20),
+        "the recovery tried twice and could not confirm",
+        || async { (attempts().await >= before + 2).then_some(()) },
+    )
+    .await;
+    admin.close().await;
     assert_eq!(
         mesh.payment(&payment_id).await.status(),
         PaymentStatus::Pending
