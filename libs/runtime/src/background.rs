@@ -5,8 +5,13 @@
 //! that returned) leaves a replica that still answers and still reports SERVING, yet no longer
 //! admits anyone, sweeps holds or finishes payments, and nothing would tell an operator or a
 //! balancer. So the first such end is a failure of the whole service: the server reports
-//! NOT_SERVING, drains and ends with [`crate::server::ServerError::Background`], and the
-//! binary exits non-zero for its supervisor to restart it.
+//! NOT_SERVING, tells the service's streams and other tasks to stop, drains and ends with
+//! [`crate::server::ServerError::Background`], and the binary exits non-zero for its
+//! supervisor to restart it.
+//!
+//! What is watched is each task itself. Work a task runs on tasks of its own (a batch, one
+//! payment's recovery drive) fails alone when it panics: its callers hear UNAVAILABLE, or the
+//! payment waits for the next round, and the panic is logged where that work is awaited.
 
 use std::any::Any;
 

@@ -141,6 +141,18 @@ impl GrpcServer {
         let (server, health) = self.with_health();
         let leaving = crate::ShutdownTrigger::default();
         let (background, failure) = Background::watch(background, trigger.subscribe());
+        // The server fires the service's own trigger when a task failed, so that its streams
+        // end and its other tasks leave as on any stop; held weakly, so that dropping the
+        // handle still fires it (the service never outlives its owner).
+        let trigger = std::sync::Arc::new(trigger);
+        let stop_service = {
+            let trigger = std::sync::Arc::downgrade(&trigger);
+            move || {
+                if let Some(trigger) = trigger.upgrade() {
+                    trigger.fire();
+                }
+            }
+        };
         // A receiver whose supervisor ended without a failure (every task left after the
         // stop) never resolves: that is no reason to stop.
         let background_failed = async move {
@@ -155,6 +167,7 @@ impl GrpcServer {
             health,
             leaving.subscribe(),
             background_failed,
+            stop_service,
         ));
         Ok(ServiceHandle {
             local_addr,
@@ -181,13 +194,21 @@ impl GrpcServer {
         let (server, health) = self.with_health();
         let leaving = shutdown.clone();
         server
-            .serve_reporting(listener, shutdown, health, leaving, std::future::pending())
+            .serve_reporting(
+                listener,
+                shutdown,
+                health,
+                leaving,
+                std::future::pending(),
+                || {},
+            )
             .await
     }
 
     /// [`GrpcServer::serve`], its health statuses set through `health`: SERVING at first,
     /// NOT_SERVING once `leaving` or `shutdown` fires (see [`ServiceHandle::leave_rotation`]).
-    /// `background_failed` resolving stops the server as `shutdown` would, and it ends with
+    /// `background_failed` resolving stops the server as `shutdown` would (`stop_service`
+    /// fires the service's own signal, which its streams and tasks watch), and it ends with
     /// that failure.
     async fn serve_reporting(
         self,
@@ -196,6 +217,7 @@ impl GrpcServer {
         health: HealthReporter,
         leaving: Shutdown,
         background_failed: impl Future<Output = BackgroundFailure>,
+        stop_service: impl FnOnce(),
     ) -> Result<(), ServerError> {
         let Self {
             mut routes,
@@ -257,11 +279,15 @@ impl GrpcServer {
         let drain_started = stopped.clone();
         let stop_cause = async move {
             let failure = tokio::select! {
-                () = shutdown.wait() => None,
+                // A failure reported just before a stop signal is still a failure: the exit
+                // code must say so.
+                biased;
                 failure = background_failed => {
-                    tracing::error!(%failure, "stopping the server");
+                    tracing::error!(%failure, "stopping the service");
+                    stop_service();
                     Some(failure)
                 }
+                () = shutdown.wait() => None,
             };
             stop.fire();
             failure
@@ -448,7 +474,8 @@ pub enum Stopped {
 /// wait on [`ServiceHandle::wait`] after wiring OS signals to the trigger.
 pub struct ServiceHandle {
     local_addr: SocketAddr,
-    trigger: crate::ShutdownTrigger,
+    /// Shared (weakly) with the server's task, which fires it when a background task failed.
+    trigger: std::sync::Arc<crate::ShutdownTrigger>,
     /// Takes the server out of the balancers' rotation (NOT_SERVING) while it still serves.
     leaving: crate::ShutdownTrigger,
     server: tokio::task::JoinHandle<Result<(), ServerError>>,

@@ -178,11 +178,15 @@ async fn a_stopping_server_reports_not_serving_while_it_still_answers() {
 /// A background task that ends while its service serves (a panic in the queue's admission
 /// loop, a batch worker that returned) leaves a replica that still answers, but no longer
 /// admits anyone or finishes its batches. The server takes the whole service out instead:
-/// NOT_SERVING, drained, ended with the task's failure (the binary then exits non-zero for
-/// its supervisor to restart it), its other tasks stopped.
+/// NOT_SERVING, its other tasks and streams told to stop at once (they watch the service's
+/// signal; the drain limit here is an hour, so only that signal can end them in time), then
+/// drained and ended with the task's failure (the binary then exits non-zero for its
+/// supervisor to restart it).
 #[tokio::test]
 async fn a_background_task_that_ends_while_serving_stops_its_server() {
     use stagedoor_runtime::server::ServerError;
+    // Not speed checks: bounds so that a server that serves on fails instead of hanging.
+    let bound = std::time::Duration::from_secs(30);
 
     for panics in [true, false] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -201,7 +205,7 @@ async fn a_background_task_that_ends_while_serving_stops_its_server() {
             assert!(!panics, "the admission loop broke");
         });
         let mut server = GrpcServer::new()
-            .drain_limit(std::time::Duration::from_millis(300))
+            .drain_limit(std::time::Duration::from_secs(3_600))
             .spawn(
                 listener,
                 trigger,
@@ -224,12 +228,22 @@ async fn a_background_task_that_ends_while_serving_stops_its_server() {
         assert_eq!(watch.message().await.unwrap().unwrap().status, 1, "SERVING");
 
         end.send(()).unwrap();
-        let leaving = watch.message().await.unwrap().unwrap();
-        assert_eq!(leaving.status, 2, "NOT_SERVING once the task ended");
-        // Not a speed check: a bound so that a server that serves on fails instead of hanging.
-        tokio::time::timeout(std::time::Duration::from_secs(30), server.ended())
+        let leaving = tokio::time::timeout(bound, watch.message())
             .await
-            .expect("the server stops on its own");
+            .expect("the watcher hears of the failure")
+            .unwrap()
+            .unwrap();
+        assert_eq!(leaving.status, 2, "NOT_SERVING once the task ended");
+        // The watch is still open, so the server is still draining: the other task was told
+        // to stop by the failure itself, not by the end of the server.
+        tokio::time::timeout(bound, steady_left)
+            .await
+            .expect("the service's other tasks are told to stop during the drain")
+            .unwrap();
+        drop(watch);
+        tokio::time::timeout(bound, server.ended())
+            .await
+            .expect("the server stops once its last stream is gone");
         match server.wait().await {
             Err(ServerError::Background(failure)) => {
                 assert_eq!(failure.task, "admission");
@@ -242,9 +256,41 @@ async fn a_background_task_that_ends_while_serving_stops_its_server() {
             }
             other => panic!("expected the background failure, got {other:?}"),
         }
-        steady_left
-            .await
-            .expect("the service's other tasks were told to stop");
         assert_eq!(probe(&url).await, None, "the listener is closed");
+    }
+}
+
+/// Tasks that end because the service stops (on its signal, or later, as a batch worker does
+/// once the server that fed it is gone) are no failure: a stop is clean every time.
+#[tokio::test]
+async fn tasks_that_end_with_their_service_are_no_failure() {
+    for _ in 0..20 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let trigger = ShutdownTrigger::default();
+        let on_signal = tokio::spawn(trigger.subscribe().wait());
+        let (feeding, fed) = tokio::sync::oneshot::channel::<()>();
+        let fed_until_stop = tokio::spawn({
+            let shutdown = trigger.subscribe();
+            async move {
+                shutdown.wait().await;
+                tokio::task::yield_now().await;
+                drop(feeding);
+            }
+        });
+        let worker = tokio::spawn(async move {
+            let _ = fed.await;
+        });
+        let server = GrpcServer::new()
+            .spawn(
+                listener,
+                trigger,
+                vec![
+                    ("on signal", on_signal),
+                    ("feeder", fed_until_stop),
+                    ("worker", worker),
+                ],
+            )
+            .unwrap();
+        server.shutdown().await.expect("a clean stop");
     }
 }
