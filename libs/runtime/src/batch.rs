@@ -119,7 +119,14 @@ where
 {
     let slots = Arc::new(Semaphore::new(limits.concurrent));
     let mut calls = Vec::with_capacity(limits.max_batch);
+    // Each batch is a task of its own, owned by this set: aborting the worker (a crash drill,
+    // `ServiceHandle::abort`) drops the set, which aborts the batches in flight as a killed
+    // process would stop them, rather than letting them commit afterwards.
+    let mut batches = tokio::task::JoinSet::new();
     loop {
+        while let Some(ended) = batches.try_join_next() {
+            log_panic(ended);
+        }
         // A slot first, calls second: while every slot is busy the calls wait in the channel,
         // and the batch that takes the freed slot takes them all.
         let slot = slots
@@ -133,13 +140,25 @@ where
         let (inputs, replies): (Vec<I>, Vec<_>) =
             calls.drain(..).map(|call| (call.input, call.reply)).unzip();
         let batch = work(inputs);
-        tokio::spawn(async move {
+        batches.spawn(async move {
             answer_each(replies, batch.await);
             drop(slot);
         });
     }
     // Every handle is gone: wait for the batches still running before reporting the end.
-    let _ = slots.acquire_many(limits.concurrent as u32).await;
+    while let Some(ended) = batches.join_next().await {
+        log_panic(ended);
+    }
+}
+
+/// A batch (or a keyed driver) that panicked failed its callers with UNAVAILABLE; the panic
+/// is a bug, and is logged as one.
+fn log_panic(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = ended {
+        if error.is_panic() {
+            tracing::error!(%error, "a batch panicked; its callers were told UNAVAILABLE");
+        }
+    }
 }
 
 /// Hands each caller of a batch its answer, in order.
@@ -231,7 +250,7 @@ where
                         // Every handle and every driver is gone.
                         None => break,
                     },
-                    Some(_) = drivers.join_next(), if !drivers.is_empty() => {}
+                    Some(ended) = drivers.join_next(), if !drivers.is_empty() => log_panic(ended),
                 }
             }
         });
@@ -759,6 +778,51 @@ mod tests {
         assert_eq!(after.unwrap_err().code(), tonic::Code::Unavailable);
     }
 
+    /// The same for a [`Batcher`] (the payment's writes, the concert's hold batches): a batch
+    /// in flight when the worker is aborted never finishes its work.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn aborting_a_batcher_stops_its_batches_like_a_crash() {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let (started, finished_batches) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (batcher, worker) = Batcher::spawn(limits(100, 2), {
+            let (started, finished_batches) = (started.clone(), finished_batches.clone());
+            move |inputs: Vec<u32>| -> BatchFuture<u32> {
+                let (started, finished_batches) = (started.clone(), finished_batches.clone());
+                let mut released = released.clone();
+                Box::pin(async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    let _ = released.wait_for(|released| *released).await;
+                    finished_batches.fetch_add(1, Ordering::SeqCst);
+                    inputs.into_iter().map(Ok).collect()
+                })
+            }
+        });
+        let call = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.call(7).await }
+        });
+        while started.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        worker.abort();
+        // A bound only so that a regression fails instead of hanging the run.
+        let crashed = tokio::time::timeout(std::time::Duration::from_secs(5), call)
+            .await
+            .expect("the batch outlived the abort")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(crashed.code(), tonic::Code::Unavailable);
+        // Refused once every batch (each holds a receiver) is gone, as it should be.
+        let _ = release.send(true);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(
+            finished_batches.load(Ordering::SeqCst),
+            0,
+            "the batch ran on"
+        );
+    }
+
     #[tokio::test]
     async fn a_keyed_batch_that_panics_fails_its_callers_and_frees_the_key() {
         let batches = Arc::new(AtomicUsize::new(0));
@@ -889,8 +953,10 @@ mod tests {
     #[tokio::test]
     async fn calls_accepted_before_the_last_handle_drops_are_answered() {
         let (release, released) = tokio::sync::watch::channel(false);
+        let (started, mut batch_started) = mpsc::unbounded_channel();
         let (batcher, worker) = Batcher::spawn(limits(10, 1), move |inputs: Vec<u32>| {
             let mut released = released.clone();
+            let _ = started.send(());
             Box::pin(async move {
                 let _ = released.wait_for(|released| *released).await;
                 inputs.into_iter().map(Ok).collect()
@@ -905,6 +971,7 @@ mod tests {
             reply: first_reply,
         };
         batcher.calls.send(first).await.unwrap();
+        batch_started.recv().await.unwrap();
         let (reply, answer) = oneshot::channel();
         batcher.calls.send(Call { input: 7, reply }).await.unwrap();
         drop(batcher);

@@ -50,7 +50,13 @@ pub async fn run(saga: Arc<Saga>, interval: Duration, shutdown: Shutdown) {
                 }
             });
         }
-        while drives.join_next().await.is_some() {}
+        while let Some(drove) = drives.join_next().await {
+            if let Err(error) = drove {
+                // A bug: the payment stays leased until its lease runs out, then the next
+                // round tries it again.
+                tracing::error!(%error, "a recovery drive panicked");
+            }
+        }
 
         if full && !shutdown.is_fired() {
             continue;
