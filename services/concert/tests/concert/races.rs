@@ -472,8 +472,9 @@ async fn confirms_racing_the_sweepers_end_each_hold_sold_or_retired() {
             let (mesh, hold_id) = (mesh.clone(), hold.hold_id.clone());
             let expiry = from_timestamp(hold.expire_time.as_ref().unwrap()).unwrap();
             // Half of them from 100 ms before the hold's expiry to 100 ms after it: the race.
-            // A quarter a second before (sold, however slow the machine) and a quarter a
-            // second after (retired), so that both outcomes are seen on any machine.
+            // A quarter a second before (sold, unless making the holds took most of their
+            // 3 s) and a quarter a second after (retired), so that both outcomes are seen
+            // however the race itself falls.
             let offset = match index % 4 {
                 0 => -1_000,
                 1 => 1_000,

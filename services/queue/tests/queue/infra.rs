@@ -214,6 +214,7 @@ async fn two_replicas_migrating_while_an_index_builds_both_start() {
             let building: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity
                   WHERE pid <> pg_backend_pid() AND wait_event_type = 'Lock'
+                    AND datname = current_database()
                     AND query LIKE '%CREATE INDEX CONCURRENTLY%'",
             )
             .fetch_one(&admin)
