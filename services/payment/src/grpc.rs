@@ -138,7 +138,10 @@ impl PaymentApi {
             let driven: Result<Result<(Uuid, Driven), InsertRefused>, ApiError> = match inserted? {
                 Ok(payment) => {
                     let payment_id = payment.payment_id;
-                    Ok(Ok((payment_id, saga.drive(payment, patience).await?)))
+                    Ok(Ok((
+                        payment_id,
+                        saga.drive(payment, started, patience).await?,
+                    )))
                 }
                 Err(refused) => Ok(Err(refused)),
             };

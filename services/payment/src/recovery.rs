@@ -5,7 +5,10 @@
 //! backoff. Either way its lease runs out, and the worker of whichever replica claims it
 //! first (FOR UPDATE SKIP LOCKED, see `store::claim_due`) drives it from its recorded step.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use stagedoor_runtime::Shutdown;
 use tokio::task::JoinSet;
@@ -21,6 +24,8 @@ const CLAIM_BATCH: i64 = 64;
 /// Runs until `shutdown` fires, scanning every `interval`.
 pub async fn run(saga: Arc<Saga>, interval: Duration, shutdown: Shutdown) {
     loop {
+        // Each claimed payment's lease started after this (see `Saga::drive`).
+        let asked_at = Instant::now();
         let claimed = match store::claim_due(&saga.pool, saga.settings.lease, CLAIM_BATCH).await {
             Ok(claimed) => claimed,
             Err(error) => {
@@ -39,7 +44,7 @@ pub async fn run(saga: Arc<Saga>, interval: Duration, shutdown: Shutdown) {
             let saga = saga.clone();
             drives.spawn(async move {
                 let payment_id = payment.payment_id;
-                match saga.drive(payment, Duration::ZERO).await {
+                match saga.drive(payment, asked_at, Duration::ZERO).await {
                     Ok(Driven::Settled(payment)) => {
                         tracing::info!(%payment_id, status = %payment.status, "payment recovered")
                     }

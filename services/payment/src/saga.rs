@@ -81,7 +81,9 @@ pub enum Driven {
 
 impl Saga {
     /// Drives `payment`, whose row was just leased to this drive (its `lease_owner`, by the
-    /// INSERT or the recovery worker's claim), as far as it goes.
+    /// INSERT or the recovery worker's claim), as far as it goes. `asked_at` is when that
+    /// write was asked for: no later than the lease's start in the database (`now()` of the
+    /// write's own transaction), however long the write then waited for locks or its batch.
     ///
     /// `patience` is how long to keep asking a peer whose answer is unknown before leaving
     /// the payment to the recovery worker: Pay waits a little for a slow peer, the
@@ -89,6 +91,7 @@ impl Saga {
     pub async fn drive(
         &self,
         mut payment: PaymentRow,
+        asked_at: Instant,
         patience: Duration,
     ) -> Result<Driven, ApiError> {
         // This drive's fencing token: every record, renewal and release names it.
@@ -103,25 +106,31 @@ impl Saga {
         // The step the row says. `payment.step` runs ahead of it while successful steps are
         // carried in memory (see `Next::Proceed`).
         let mut recorded = payment.step();
-        // When this driver's lease was last set (the INSERT or the claim just before this
-        // call, then every record and renewal). A step carried in memory (`Next::Proceed`)
-        // writes nothing, so without a check here two slow calls in a row could outlast the
-        // lease and let recovery drive the same payment alongside.
-        let mut leased_at = Instant::now();
+        // When this driver's lease was last set, as this process can know it: when the write
+        // that set it (the INSERT or the claim before this call, then every record and
+        // renewal) was asked for. The database starts the lease later than that (at its
+        // transaction's start), never earlier: counted from here, the lease left is never
+        // overestimated, however long a write waited for locks. (Counted from the write's
+        // answer, a write that waited most of a lease on a lock would leave this driver
+        // believing in a lease the database had nearly ended, and recovery would claim the
+        // payment while it still drove it.) A step carried in memory (`Next::Proceed`)
+        // writes nothing, so without the check below two slow calls in a row could outlast
+        // the lease too.
+        let mut leased_at = asked_at;
         loop {
             let step = payment.step();
             // The lease must outlast the call about to be made, with one more call's deadline
-            // to spare (for the time between the lease's start and `leased_at`): renew it
-            // when less is left. With the default 30 s lease and 5 s deadline this never
-            // happens on a smooth payment; at the smallest lease allowed (two deadlines) it
-            // happens before every call.
+            // to spare for recording its outcome: renew it when less is left. With the
+            // default 30 s lease and 5 s deadline this never happens on a smooth payment; at
+            // the smallest lease allowed (two deadlines) it happens before every call.
             if step != Step::Done
                 && leased_at.elapsed() + self.settings.call_deadline * 2 > self.settings.lease
             {
+                let asked_at = Instant::now();
                 if !self.renew(&payment, lease_owner, recorded).await? {
                     return Ok(Driven::Elsewhere);
                 }
-                leased_at = Instant::now();
+                leased_at = asked_at;
             }
             let next = match step {
                 Step::Done => return Ok(Driven::Settled(payment)),
@@ -136,11 +145,12 @@ impl Saga {
                     pause = FIRST_PAUSE;
                 }
                 Next::Record(change) => {
+                    let asked_at = Instant::now();
                     match self.record(&payment, lease_owner, recorded, change).await? {
                         Some(next) => payment = next,
                         None => return Ok(Driven::Elsewhere),
                     }
-                    leased_at = Instant::now();
+                    leased_at = asked_at;
                     recorded = payment.step();
                     pause = FIRST_PAUSE;
                 }
@@ -183,10 +193,11 @@ impl Saga {
                     // process's own, too) claims the payment under a new lease; this drive
                     // could then record nothing, but its calls would still race the new
                     // driver's, and the payment would wait out a recovery round for nothing.
+                    let asked_at = Instant::now();
                     if !self.renew(&payment, lease_owner, step).await? {
                         return Ok(Driven::Elsewhere);
                     }
-                    leased_at = Instant::now();
+                    leased_at = asked_at;
                     tokio::time::sleep(wait).await;
                     pause = (pause * 2).min(MAX_PAUSE);
                 }

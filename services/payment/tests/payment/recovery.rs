@@ -197,6 +197,80 @@ async fn a_driver_whose_peer_hangs_keeps_its_lease_and_drives_alone() {
     mesh.audit().await;
 }
 
+/// A payment whose INSERT waited most of its lease on a lock (here on an uncommitted row with
+/// the same key, which the INSERT must wait out to know whether it conflicts) starts its drive
+/// with little of the lease left, since the database counts the lease from the INSERT's
+/// start. The driver counts
+/// it from when it asked for the INSERT, so it renews before its first call; counted from the
+/// INSERT's answer (as before), it called the hanging point service on a lease about to lapse,
+/// and the recovery worker (every 100 ms) claimed the payment and spent alongside it.
+#[tokio::test]
+async fn a_payment_whose_insert_waited_on_a_lock_renews_its_lease_before_its_first_call() {
+    // A lease of three call deadlines: at two, the driver renews before every call anyway.
+    let mut mesh = mesh(50, |settings| {
+        quick_recovery(settings); // 500 ms calls, recovery every 100 ms
+        settings.payment.lease = Duration::from_millis(1_500);
+        settings.payment.pay_patience = Duration::from_secs(3);
+    })
+    .await;
+    let fan = mesh.fan("held-up", 100_000).await;
+    let hold = mesh.hold(&fan, &[8]).await;
+    let point = mesh.hang_point(Duration::from_millis(450)).await;
+
+    let (admin, locker) = (mesh.database.admin().await, mesh.database.admin().await);
+    let mut blocker = locker.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO payment.payments
+                (payment_id, user_id, request_id, hold_id, concert_id, schedule_id, seat_numbers,
+                 amount, start_time, token, token_sha256, step, status, lease_owner, lease_until)
+         VALUES (gen_random_uuid(), 'held-up', 'pay', gen_random_uuid(), 'c', 's', '{1}',
+                 1, now(), 'another', sha256('another'), 'SPEND', 'PENDING',
+                 gen_random_uuid(), now() + interval '1 hour')",
+    )
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+    let hold_up = async {
+        eventually(
+            Duration::from_secs(20),
+            "the INSERT waits for the uncommitted row",
+            || async {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE usename = 'stagedoor_payment' AND datname = current_database()
+                        AND wait_event_type = 'Lock' AND wait_event = 'transactionid'",
+                )
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+                (waiting == 1).then_some(())
+            },
+        )
+        .await;
+        // 1.2 s of the 1.5 s lease spent waiting: the lease lapses in the database during
+        // the first call to the point service (which hangs for 450 ms), unless renewed.
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        blocker.rollback().await.unwrap();
+    };
+    let (waited, ()) = tokio::join!(mesh.pay(0, &fan, &hold.hold_id, "pay"), hold_up);
+    let payment_id = in_progress(&waited.unwrap_err());
+    assert!(point.calls() >= 1, "the drive asked the point service");
+    assert_eq!(
+        point.most_in_flight(),
+        1,
+        "two drivers of one payment spent at once"
+    );
+    admin.close().await;
+    locker.close().await;
+
+    mesh.stop_point().await;
+    mesh.restart_point().await;
+    let payment = mesh.settled(&payment_id).await;
+    assert_eq!(payment.status(), PaymentStatus::Completed);
+    assert_eq!(mesh.balance("held-up").await, 100_000 - SEAT_PRICE);
+    mesh.audit().await;
+}
+
 #[tokio::test]
 async fn concert_down_after_the_spend_keeps_the_points_until_the_seats_are_sold() {
     let mut mesh = mesh(50, |settings| {
