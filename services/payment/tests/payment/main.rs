@@ -567,11 +567,19 @@ impl HangingPoint {
     }
 
     async fn hang<T>(&self) -> Result<tonic::Response<T>, tonic::Status> {
+        /// Counts the call out however it ends: tonic drops the handler when the caller's
+        /// deadline passes first, and a count left up would read as a second driver.
+        struct InFlight<'a>(&'a AtomicUsize);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         self.calls.fetch_add(1, Ordering::SeqCst);
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        let _in_flight = InFlight(&self.in_flight);
         self.most_in_flight.fetch_max(now, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
         Err(tonic::Status::unavailable("the point service is hanging"))
     }
 }
