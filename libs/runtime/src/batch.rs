@@ -733,44 +733,18 @@ mod tests {
     /// in flight stop as in a killed process, and their callers hear UNAVAILABLE.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn aborting_a_keyed_batcher_stops_its_batches_like_a_crash() {
-        let (release, released) = tokio::sync::watch::channel(false);
-        let (started, finished_batches) =
-            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let parked = Arc::new(Parked::new());
         let (batcher, task) = KeyedBatcher::spawn(limits(100, 4), {
-            let (started, finished_batches) = (started.clone(), finished_batches.clone());
-            move |_key: u8, inputs: Vec<u32>| -> BatchFuture<u32> {
-                let (started, finished_batches) = (started.clone(), finished_batches.clone());
-                let mut released = released.clone();
-                Box::pin(async move {
-                    started.fetch_add(1, Ordering::SeqCst);
-                    let _ = released.wait_for(|released| *released).await;
-                    finished_batches.fetch_add(1, Ordering::SeqCst);
-                    inputs.into_iter().map(Ok).collect()
-                })
-            }
+            let parked = parked.clone();
+            move |_key: u8, inputs: Vec<u32>| parked.batch(inputs)
         });
         let call = tokio::spawn({
             let batcher = batcher.clone();
             async move { batcher.call(1, 7).await }
         });
-        while started.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
+        parked.until_started().await;
         task.abort();
-        // A bound only so that a regression fails instead of hanging the run.
-        let crashed = tokio::time::timeout(std::time::Duration::from_secs(5), call)
-            .await
-            .expect("the batch outlived the abort")
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(crashed.code(), tonic::Code::Unavailable);
-        release.send(true).unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        assert_eq!(
-            finished_batches.load(Ordering::SeqCst),
-            0,
-            "the batch ran on"
-        );
+        parked.assert_crashed(call).await;
         // Later calls fail at once rather than queueing for a driver that will never run.
         let after = tokio::time::timeout(std::time::Duration::from_secs(5), batcher.call(1, 8))
             .await
@@ -782,45 +756,69 @@ mod tests {
     /// in flight when the worker is aborted never finishes its work.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn aborting_a_batcher_stops_its_batches_like_a_crash() {
-        let (release, released) = tokio::sync::watch::channel(false);
-        let (started, finished_batches) =
-            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let parked = Arc::new(Parked::new());
         let (batcher, worker) = Batcher::spawn(limits(100, 2), {
-            let (started, finished_batches) = (started.clone(), finished_batches.clone());
-            move |inputs: Vec<u32>| -> BatchFuture<u32> {
-                let (started, finished_batches) = (started.clone(), finished_batches.clone());
-                let mut released = released.clone();
-                Box::pin(async move {
-                    started.fetch_add(1, Ordering::SeqCst);
-                    let _ = released.wait_for(|released| *released).await;
-                    finished_batches.fetch_add(1, Ordering::SeqCst);
-                    inputs.into_iter().map(Ok).collect()
-                })
-            }
+            let parked = parked.clone();
+            move |inputs: Vec<u32>| parked.batch(inputs)
         });
         let call = tokio::spawn({
             let batcher = batcher.clone();
             async move { batcher.call(7).await }
         });
-        while started.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
+        parked.until_started().await;
         worker.abort();
-        // A bound only so that a regression fails instead of hanging the run.
-        let crashed = tokio::time::timeout(std::time::Duration::from_secs(5), call)
-            .await
-            .expect("the batch outlived the abort")
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(crashed.code(), tonic::Code::Unavailable);
-        // Refused once every batch (each holds a receiver) is gone, as it should be.
-        let _ = release.send(true);
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        assert_eq!(
-            finished_batches.load(Ordering::SeqCst),
-            0,
-            "the batch ran on"
-        );
+        parked.assert_crashed(call).await;
+    }
+
+    /// Batches that start, then wait to be released before they answer: what a crash drill
+    /// finds in flight.
+    struct Parked {
+        release: tokio::sync::watch::Sender<bool>,
+        started: Arc<AtomicUsize>,
+        finished: Arc<AtomicUsize>,
+    }
+
+    impl Parked {
+        fn new() -> Self {
+            Self {
+                release: tokio::sync::watch::channel(false).0,
+                started: Default::default(),
+                finished: Default::default(),
+            }
+        }
+
+        /// The work of one batch: counted in, parked until released, counted out.
+        fn batch(&self, inputs: Vec<u32>) -> BatchFuture<u32> {
+            let (started, finished) = (self.started.clone(), self.finished.clone());
+            let mut released = self.release.subscribe();
+            Box::pin(async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                let _ = released.wait_for(|released| *released).await;
+                finished.fetch_add(1, Ordering::SeqCst);
+                inputs.into_iter().map(Ok).collect()
+            })
+        }
+
+        async fn until_started(&self) {
+            while self.started.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+
+        /// After the abort: `call` fails with UNAVAILABLE, and its batch never finishes, not
+        /// even once released.
+        async fn assert_crashed(&self, call: tokio::task::JoinHandle<Result<u32, ApiError>>) {
+            // A bound only so that a regression fails instead of hanging the run.
+            let crashed = tokio::time::timeout(std::time::Duration::from_secs(5), call)
+                .await
+                .expect("the batch outlived the abort")
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(crashed.code(), tonic::Code::Unavailable);
+            self.release.send_replace(true);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            assert_eq!(self.finished.load(Ordering::SeqCst), 0, "the batch ran on");
+        }
     }
 
     #[tokio::test]

@@ -68,20 +68,7 @@ async fn shutdown_closes_streams_still_open_after_the_drain_limit() {
             .drain_limit(std::time::Duration::from_millis(300))
             .serve(listener, shutdown),
     );
-    let channel = stagedoor_runtime::client::endpoint(&format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut watch = HealthClient::new(channel)
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let serving = watch.message().await.unwrap().unwrap();
-    assert_eq!(serving.status, 1, "SERVING");
+    let mut watch = watch_serving(&format!("http://{addr}")).await;
 
     trigger.fire();
     // The watcher hears NOT_SERVING first, so it can move away before the stream is closed.
@@ -98,6 +85,26 @@ async fn shutdown_closes_streams_still_open_after_the_drain_limit() {
         matches!(closed, Ok(Err(_)) | Ok(Ok(None))),
         "the watcher's stream is closed: {closed:?}"
     );
+}
+
+/// A grpc.health.v1 Watch of the whole server, as a balancer holds one, past its first
+/// answer: SERVING.
+async fn watch_serving(url: &str) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let channel = stagedoor_runtime::client::endpoint(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let serving = watch.message().await.unwrap().unwrap();
+    assert_eq!(serving.status, 1, "SERVING");
+    watch
 }
 
 /// The grpc.health.v1 status of the whole server, asked on a connection of its own (as a
@@ -213,19 +220,7 @@ async fn a_background_task_that_ends_while_serving_stops_its_server() {
             )
             .unwrap();
         let url = server.url();
-        let channel = stagedoor_runtime::client::endpoint(&url)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut watch = HealthClient::new(channel)
-            .watch(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(watch.message().await.unwrap().unwrap().status, 1, "SERVING");
+        let mut watch = watch_serving(&url).await;
 
         end.send(()).unwrap();
         let leaving = tokio::time::timeout(bound, watch.message())

@@ -191,19 +191,7 @@ async fn admission_rate_holds_over_two_replicas_in_a_rush() {
     let replicas = Arc::new([start(settings.clone()).await, start(settings).await]);
     replicas[0].open(&["slow"]).await;
 
-    let arrive = Arc::new(tokio::sync::Barrier::new(300));
-    let fans: Vec<_> = (0..300)
-        .map(|fan| {
-            let (replicas, arrive) = (replicas.clone(), arrive.clone());
-            tokio::spawn(async move {
-                arrive.wait().await;
-                replicas[fan % 2].issue("slow", &format!("fan-{fan}")).await
-            })
-        })
-        .collect();
-    for fan in fans {
-        fan.await.unwrap();
-    }
+    crate::rush(&replicas, "slow", 300).await;
     // Both replicas' ticks go on admitting the line for a few seconds (the fans' tokens are
     // far from idle expiry): windows of a rush's start and of the steady rate both counted.
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -414,19 +414,7 @@ async fn windows_ending_as_fans_pay_or_leave_over_two_replicas_free_each_slot_on
         }
     });
 
-    let arrive = Arc::new(tokio::sync::Barrier::new(600));
-    let fans: Vec<_> = (0..600)
-        .map(|fan| {
-            let (replicas, arrive) = (replicas.clone(), arrive.clone());
-            tokio::spawn(async move {
-                arrive.wait().await;
-                replicas[fan % 2].issue("rush", &format!("fan-{fan}")).await
-            })
-        })
-        .collect();
-    for fan in fans {
-        fan.await.unwrap();
-    }
+    crate::rush(&replicas, "rush", 600).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     racing.store(false, Ordering::Relaxed);
     let (highest, samples) = sampler.await.unwrap();

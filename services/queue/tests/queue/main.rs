@@ -164,6 +164,26 @@ pub fn sample_active(
     })
 }
 
+/// `fans` fans (`fan-0`, `fan-1`, ...) enter `concert_id`'s line in the same instant, every
+/// other one through each of the two replicas.
+pub async fn rush(replicas: &std::sync::Arc<[Queue; 2]>, concert_id: &'static str, fans: usize) {
+    let arrive = std::sync::Arc::new(tokio::sync::Barrier::new(fans));
+    let calls: Vec<_> = (0..fans)
+        .map(|fan| {
+            let (replicas, arrive) = (replicas.clone(), arrive.clone());
+            tokio::spawn(async move {
+                arrive.wait().await;
+                replicas[fan % 2]
+                    .issue(concert_id, &format!("fan-{fan}"))
+                    .await
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap();
+    }
+}
+
 /// Rows of the queue's tables, read as the superuser.
 pub async fn count_rows(database: &TestDatabase) -> (i64, i64) {
     database
