@@ -131,6 +131,16 @@ impl Saga {
                     return Ok(Driven::Elsewhere);
                 }
                 leased_at = asked_at;
+                // The renewal itself may have waited (for a pooled connection, a row lock) so
+                // long that what it bought will not outlast the call: the lease could lapse
+                // mid-call and recovery drive the payment alongside. Leave it to recovery
+                // instead, which claims it under a lease of its own.
+                if leased_at.elapsed() + self.settings.call_deadline > self.settings.lease {
+                    tracing::warn!(payment_id = %payment.payment_id, step = step.as_db(),
+                        "the lease's renewal took most of it; leaving the payment to recovery");
+                    self.release(&payment, lease_owner).await?;
+                    return Ok(Driven::Deferred(payment));
+                }
             }
             let next = match step {
                 Step::Done => return Ok(Driven::Settled(payment)),

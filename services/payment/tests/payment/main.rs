@@ -561,6 +561,11 @@ impl HangingPoint {
         self.calls.load(Ordering::SeqCst)
     }
 
+    /// Calls it is sitting on now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
     /// The most calls it ever sat on at once.
     pub fn most_in_flight(&self) -> usize {
         self.most_in_flight.load(Ordering::SeqCst)

@@ -271,6 +271,60 @@ async fn a_payment_whose_insert_waited_on_a_lock_renews_its_lease_before_its_fir
     mesh.audit().await;
 }
 
+/// At the smallest lease (two call deadlines) the driver renews before every call. A renewal
+/// that itself waited long (here on the payment's row, locked by another transaction while
+/// the driver paused between two tries) buys a lease counted from before the wait: too
+/// little left for the next call, which would let the lease lapse mid-call and recovery
+/// spend alongside. The driver leaves the payment to recovery instead of calling on it.
+#[tokio::test]
+async fn a_renewal_that_waited_long_is_not_called_on() {
+    let mut mesh = mesh(50, |settings| {
+        quick_recovery(settings); // a 1 s lease, 500 ms calls, recovery every 100 ms
+        settings.payment.pay_patience = Duration::from_secs(8);
+    })
+    .await;
+    let fan = mesh.fan("slow-renewal", 100_000).await;
+    let hold = mesh.hold(&fan, &[9]).await;
+    let point = mesh.hang_point(Duration::from_millis(450)).await;
+
+    let admin = mesh.database.admin().await;
+    let lock_in_a_pause = async {
+        // Pauses between tries grow to half the lease; from the fourth try on, a moment with
+        // no call in flight is almost surely one (the rest of the time between two calls
+        // is a renewal of a few milliseconds).
+        eventually(
+            Duration::from_secs(20),
+            "the driver pauses after its fourth try",
+            || async { (point.calls() >= 4 && point.in_flight() == 0).then_some(()) },
+        )
+        .await;
+        let mut blocker = admin.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM payment.payments WHERE user_id = 'slow-renewal' FOR UPDATE")
+            .execute(&mut *blocker)
+            .await
+            .unwrap();
+        // The renewal after the pause waits for this lock until most of its lease is gone.
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        blocker.commit().await.unwrap();
+    };
+    let (waited, ()) = tokio::join!(mesh.pay(0, &fan, &hold.hold_id, "pay"), lock_in_a_pause);
+    let payment_id = in_progress(&waited.unwrap_err());
+    // Recovery goes on trying (one call per round) while the point service hangs.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        point.most_in_flight(),
+        1,
+        "two drivers of one payment spent at once"
+    );
+    admin.close().await;
+
+    mesh.stop_point().await;
+    mesh.restart_point().await;
+    let payment = mesh.settled(&payment_id).await;
+    assert_eq!(payment.status(), PaymentStatus::Completed);
+    mesh.audit().await;
+}
+
 #[tokio::test]
 async fn concert_down_after_the_spend_keeps_the_points_until_the_seats_are_sold() {
     let mut mesh = mesh(50, |settings| {
