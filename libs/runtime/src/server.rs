@@ -541,13 +541,14 @@ impl ServiceHandle {
 
     /// Leaves the load balancers' rotation: grpc.health.v1 reports NOT_SERVING at once while
     /// the server goes on answering, new connections included, for `not_serving_for` (or
-    /// until `cut_short` resolves). [`ServiceHandle::shutdown`] then drains it.
+    /// until `cut_short` resolves, or the server ends on its own: a failure).
+    /// [`ServiceHandle::shutdown`] then drains it.
     ///
     /// Balancers learn of a stopping replica from its health (a Watch at once, a Check at
     /// their next probe) while an orchestrator sends SIGTERM at the same time: a server that
     /// closed its listener on the signal would refuse the calls still routed to it meanwhile.
     pub async fn leave_rotation(
-        &self,
+        &mut self,
         not_serving_for: Duration,
         cut_short: impl Future<Output = ()>,
     ) {
@@ -557,28 +558,33 @@ impl ServiceHandle {
             tokio::select! {
                 () = tokio::time::sleep(not_serving_for) => {}
                 () = cut_short => tracing::info!("another stop signal; draining now"),
+                () = self.ended() => {}
             }
         }
     }
 
-    /// Runs until SIGINT or SIGTERM, then leaves the rotation for `not_serving_for` and shuts
-    /// down gracefully. Another signal during the NOT_SERVING period cuts it short; one during
-    /// the drain stops without waiting for the calls in flight ([`Stopped::Forced`]). Returns
-    /// early if the server fails on its own.
+    /// Runs until a stop is requested (SIGINT or SIGTERM, for a binary), then leaves the
+    /// rotation for `not_serving_for` and shuts down gracefully. Another request during the
+    /// NOT_SERVING period cuts it short; one during the drain stops without waiting for the
+    /// calls in flight ([`Stopped::Forced`]). Returns early, with its failure, if the server
+    /// ends on its own, before the stop or during the NOT_SERVING period.
     pub async fn run_until_stopped(
         mut self,
-        mut signals: crate::shutdown::StopSignals,
+        mut stops: impl crate::shutdown::StopRequests,
         not_serving_for: Duration,
     ) -> Result<Stopped, ServerError> {
         tokio::select! {
-            () = signals.recv() => {}
+            () = stops.next() => {}
             () = self.ended() => return self.wait().await.map(|()| Stopped::Cleanly),
         }
         tracing::info!("stop signal received");
-        self.leave_rotation(not_serving_for, signals.recv()).await;
+        self.leave_rotation(not_serving_for, stops.next()).await;
+        if self.ended.is_some() {
+            return self.wait().await.map(|()| Stopped::Cleanly);
+        }
         tokio::select! {
             stopped = self.shutdown() => stopped.map(|()| Stopped::Cleanly),
-            () = signals.recv() => {
+            () = stops.next() => {
                 tracing::warn!("another stop signal; not waiting for the calls still in flight");
                 Ok(Stopped::Forced)
             }

@@ -160,6 +160,27 @@ impl StopSignals {
     }
 }
 
+/// Where requests to stop a running service come from: [`StopSignals`] for a binary; a
+/// channel (an unbounded receiver of `()`) for a test or an embedding program.
+pub trait StopRequests {
+    /// Resolves on the next request (never, once no more can come).
+    fn next(&mut self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl StopRequests for StopSignals {
+    fn next(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        self.recv()
+    }
+}
+
+impl StopRequests for tokio::sync::mpsc::UnboundedReceiver<()> {
+    async fn next(&mut self) {
+        if self.recv().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 impl Default for StopSignals {
     fn default() -> Self {
         Self::new()

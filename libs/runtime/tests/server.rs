@@ -125,61 +125,125 @@ async fn probe(url: &str) -> Option<ServingStatus> {
     Some(answer.status())
 }
 
+/// Waits (20 s at most) until a fresh probe of `url` answers `expected`.
+async fn until_probe(url: &str, expected: Option<ServingStatus>) {
+    let answered = async {
+        while probe(url).await != expected {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), answered)
+        .await
+        .unwrap_or_else(|_| panic!("the server never answered {expected:?}"));
+}
+
+/// A server on port 0 with `background` tasks, an hour's drain limit (only a forced stop, or
+/// the end of every stream, ends a drain in these tests) and its URL.
+fn spawn_server(
+    listener: tokio::net::TcpListener,
+    trigger: ShutdownTrigger,
+    background: Vec<stagedoor_runtime::background::NamedTask>,
+) -> (stagedoor_runtime::server::ServiceHandle, String) {
+    let server = GrpcServer::new()
+        .drain_limit(std::time::Duration::from_secs(3_600))
+        .spawn(listener, trigger, background)
+        .unwrap();
+    let url = server.url();
+    (server, url)
+}
+
 /// An orchestrator sends SIGTERM while the balancers are still routing calls to the replica;
 /// they learn it is going from its health. So a stopping server first reports NOT_SERVING and
-/// goes on answering, new connections included, and closes its listener only after that
-/// period; a second signal cuts the period short.
+/// goes on answering, new connections included, for its NOT_SERVING period (an hour here);
+/// another stop request cuts the period short and it drains; a third, during the drain,
+/// stops without waiting for what is still open (`Stopped::Forced`, exit status 1).
 #[tokio::test]
 async fn a_stopping_server_reports_not_serving_while_it_still_answers() {
-    use stagedoor_runtime::server::ServiceHandle;
+    use stagedoor_runtime::server::Stopped;
+    let bound = std::time::Duration::from_secs(30);
 
-    async fn spawn() -> ServiceHandle {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        GrpcServer::new()
-            .spawn(listener, ShutdownTrigger::default(), Vec::new())
-            .unwrap()
-    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (server, url) = spawn_server(listener, ShutdownTrigger::default(), Vec::new());
+    // A balancer's Watch: it holds the drain open, as a client still reading would.
+    let mut watch = watch_serving(&url).await;
+    let (stop, stops) = tokio::sync::mpsc::unbounded_channel();
+    let running =
+        tokio::spawn(server.run_until_stopped(stops, std::time::Duration::from_secs(3_600)));
 
-    let server = spawn().await;
-    let url = server.url();
-    assert_eq!(probe(&url).await, Some(ServingStatus::Serving));
-    let stopping = tokio::spawn(async move {
-        server
-            .leave_rotation(std::time::Duration::from_secs(2), std::future::pending())
-            .await;
-        server.shutdown().await
-    });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop.send(()).unwrap();
+    let leaving = tokio::time::timeout(bound, watch.message())
+        .await
+        .expect("the watcher hears of the stop")
+        .unwrap()
+        .unwrap();
+    assert_eq!(leaving.status, 2, "NOT_SERVING");
     assert_eq!(
         probe(&url).await,
         Some(ServingStatus::NotServing),
         "during the period a new connection is answered, with NOT_SERVING"
     );
-    stopping.await.unwrap().unwrap();
-    assert_eq!(probe(&url).await, None, "then the listener is closed");
 
-    // Asked to leave the moment it was spawned: NOT_SERVING, whatever the order of the two
+    stop.send(()).unwrap();
+    until_probe(&url, None).await; // the period cut short: the listener closed
+    assert!(!running.is_finished(), "the watch holds the drain open");
+    stop.send(()).unwrap();
+    let stopped = tokio::time::timeout(bound, running)
+        .await
+        .expect("a third request stops at once")
+        .unwrap()
+        .unwrap();
+    assert_eq!(stopped, Stopped::Forced);
+
+    // Asked to stop the moment it was spawned: NOT_SERVING, whatever the order of the two
     // tasks (the server's own future reports both, SERVING first, so the order cannot be
-    // reversed; this checks the outcome).
-    let server = spawn().await;
-    let url = server.url();
-    let leaving = tokio::spawn(async move {
-        server
-            .leave_rotation(std::time::Duration::from_secs(2), std::future::pending())
-            .await;
-        server
-    });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert_eq!(probe(&url).await, Some(ServingStatus::NotServing));
-    leaving.await.unwrap().shutdown().await.unwrap();
+    // reversed; this checks the outcome). With nothing open, its drain ends cleanly.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (server, url) = spawn_server(listener, ShutdownTrigger::default(), Vec::new());
+    let (stop, stops) = tokio::sync::mpsc::unbounded_channel();
+    stop.send(()).unwrap();
+    let running =
+        tokio::spawn(server.run_until_stopped(stops, std::time::Duration::from_secs(3_600)));
+    until_probe(&url, Some(ServingStatus::NotServing)).await;
+    stop.send(()).unwrap();
+    let stopped = tokio::time::timeout(bound, running)
+        .await
+        .expect("the drain ends with nothing open")
+        .unwrap()
+        .unwrap();
+    assert_eq!(stopped, Stopped::Cleanly);
+}
 
-    let server = spawn().await;
-    tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        server.leave_rotation(std::time::Duration::from_secs(3600), async {}),
-    )
-    .await
-    .expect("a second signal skips the NOT_SERVING period");
+/// A replica whose background work fails while it is leaving the rotation has nothing left to
+/// wait for: its NOT_SERVING period ends there, with the failure.
+#[tokio::test]
+async fn a_failure_during_the_not_serving_period_ends_it() {
+    use stagedoor_runtime::server::ServerError;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (end, ending) = tokio::sync::oneshot::channel::<()>();
+    let failing = tokio::spawn(async move {
+        let _ = ending.await;
+    });
+    let (server, url) = spawn_server(
+        listener,
+        ShutdownTrigger::default(),
+        vec![("admission", failing)],
+    );
+    let (stop, stops) = tokio::sync::mpsc::unbounded_channel();
+    let running =
+        tokio::spawn(server.run_until_stopped(stops, std::time::Duration::from_secs(3_600)));
+    stop.send(()).unwrap();
+    until_probe(&url, Some(ServingStatus::NotServing)).await;
+
+    end.send(()).unwrap();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), running)
+        .await
+        .expect("the failure ends the NOT_SERVING period")
+        .unwrap();
+    assert!(
+        matches!(&ended, Err(ServerError::Background(failure)) if failure.task == "admission"),
+        "{ended:?}"
+    );
 }
 
 /// A background task that ends while its service serves (a panic in the queue's admission
