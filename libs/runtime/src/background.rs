@@ -117,3 +117,53 @@ fn panic_message(error: JoinError) -> String {
         "a non-string payload".to_owned()
     }
 }
+
+/// Work a service's handlers start and must not cancel when their caller hangs up (a
+/// payment's saga: a client that goes away drops its handler, never the saga), owned by the
+/// service all the same, so that a crash drill ([`crate::server::ServiceHandle::abort`]) stops
+/// it with everything else, as a killed process would. A graceful stop does not touch it:
+/// the process ends after the drain, and what was cut off is recovery's to finish.
+#[derive(Clone, Default)]
+pub struct Detached {
+    tasks: std::sync::Arc<std::sync::Mutex<DetachedTasks>>,
+}
+
+#[derive(Default)]
+struct DetachedTasks {
+    running: Vec<AbortHandle>,
+    /// How many were running after the last sweep of finished ones: sweeping again only once
+    /// as many more were added keeps the cost per task constant.
+    swept_at: usize,
+}
+
+impl Detached {
+    /// Starts `work` on a task of its own, as `tokio::spawn` does.
+    pub fn spawn<F>(&self, work: F) -> JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let task = tokio::spawn(work);
+        let mut tasks = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if tasks.running.len() >= 2 * tasks.swept_at.max(64) {
+            tasks.running.retain(|task| !task.is_finished());
+            tasks.swept_at = tasks.running.len();
+        }
+        tasks.running.push(task.abort_handle());
+        task
+    }
+
+    /// Stops every task at once (a crash drill).
+    pub(crate) fn abort(&self) {
+        let mut tasks = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for task in tasks.running.drain(..) {
+            task.abort();
+        }
+    }
+}

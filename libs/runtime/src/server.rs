@@ -28,7 +28,7 @@ use tonic::{
 use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
-    background::{Background, BackgroundFailure, NamedTask},
+    background::{Background, BackgroundFailure, Detached, NamedTask},
     Shutdown,
 };
 
@@ -79,6 +79,7 @@ pub struct GrpcServer {
     routes: RoutesBuilder,
     service_names: Vec<&'static str>,
     drain_limit: Duration,
+    detached: Detached,
 }
 
 impl Default for GrpcServer {
@@ -87,6 +88,7 @@ impl Default for GrpcServer {
             routes: RoutesBuilder::default(),
             service_names: Vec::new(),
             drain_limit: DRAIN_LIMIT,
+            detached: Detached::default(),
         }
     }
 }
@@ -95,6 +97,13 @@ impl GrpcServer {
     /// An empty server; add services with [`GrpcServer::add_service`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The service's handlers start work on `detached` that outlives their calls: the handle
+    /// [`GrpcServer::spawn`] returns aborts it with the rest ([`ServiceHandle::abort`]).
+    pub fn owning(mut self, detached: &Detached) -> Self {
+        self.detached = detached.clone();
+        self
     }
 
     /// Replaces [`DRAIN_LIMIT`], the time calls in flight get once shutdown begins.
@@ -138,6 +147,7 @@ impl GrpcServer {
         let local_addr = listener
             .local_addr()
             .map_err(crate::db::StartupError::Listen)?;
+        let detached = self.detached.clone();
         let (server, health) = self.with_health();
         let leaving = crate::ShutdownTrigger::default();
         let (background, failure) = Background::watch(background, trigger.subscribe());
@@ -176,6 +186,7 @@ impl GrpcServer {
             server,
             ended: None,
             background,
+            detached,
         })
     }
 
@@ -223,6 +234,7 @@ impl GrpcServer {
             mut routes,
             service_names,
             drain_limit,
+            detached: _,
         } = self;
         let local_addr: Option<SocketAddr> = listener.local_addr().ok();
 
@@ -482,6 +494,8 @@ pub struct ServiceHandle {
     /// How the server ended, once [`ServiceHandle::ended`] saw it end.
     ended: Option<Result<(), ServerError>>,
     background: Background,
+    /// Work the handlers started that outlives their calls (see [`GrpcServer::owning`]).
+    detached: Detached,
 }
 
 impl ServiceHandle {
@@ -595,6 +609,7 @@ impl ServiceHandle {
     pub fn abort(self) {
         self.server.abort();
         self.background.abort();
+        self.detached.abort();
     }
 }
 

@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 use stagedoor_proto::payment::v1::payment_service_server::PaymentServiceServer;
 use stagedoor_runtime::{
     auth::TokenValidator,
+    background::Detached,
     db::{self, PoolConfig, StartupError},
     server::{GrpcServer, ServiceHandle},
     ShutdownTrigger,
@@ -73,13 +74,16 @@ pub async fn start(
             trigger.subscribe(),
         )),
     ));
+    let sagas = Detached::default();
     let api = PaymentApi::new(PaymentState {
         pool,
         saga,
         tokens,
         patience: config.pay_patience,
+        sagas: sagas.clone(),
     });
     let service = GrpcServer::new()
+        .owning(&sagas)
         .add_service(PaymentServiceServer::new(api))
         .spawn(listener, trigger, background)?;
     tracing::info!(local_addr = %service.local_addr(), queue = %config.queue_url,

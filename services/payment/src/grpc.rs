@@ -13,6 +13,7 @@ use stagedoor_proto::{
 };
 use stagedoor_runtime::{
     auth::{bearer_token, Fan, TokenValidator},
+    background::Detached,
     time, validate, ApiError,
 };
 use tonic::{Request, Response, Status};
@@ -35,6 +36,8 @@ pub struct PaymentState {
     pub tokens: TokenValidator,
     /// How long Pay waits for a saga that a peer is holding up.
     pub patience: Duration,
+    /// Where Pay runs its sagas, apart from the call (see `pay`).
+    pub sagas: Detached,
 }
 
 #[derive(Clone)]
@@ -131,24 +134,28 @@ impl PaymentApi {
         // out and recovery took it (PAYMENT_LEASE, 30 s by default).
         let saga = self.state.saga.clone();
         let patience = self.state.patience;
-        let recorded = tokio::spawn(async move {
-            let started = Instant::now();
-            let inserted = saga.writes.insert(new).await;
-            HOPS.record(Hop::Record, started);
-            let driven: Result<Result<(Uuid, Driven), InsertRefused>, ApiError> = match inserted? {
-                Ok(payment) => {
-                    let payment_id = payment.payment_id;
-                    Ok(Ok((
-                        payment_id,
-                        saga.drive(payment, started, patience).await?,
-                    )))
-                }
-                Err(refused) => Ok(Err(refused)),
-            };
-            driven
-        })
-        .await
-        .map_err(ApiError::internal)?;
+        let recorded = self
+            .state
+            .sagas
+            .spawn(async move {
+                let started = Instant::now();
+                let inserted = saga.writes.insert(new).await;
+                HOPS.record(Hop::Record, started);
+                let driven: Result<Result<(Uuid, Driven), InsertRefused>, ApiError> =
+                    match inserted? {
+                        Ok(payment) => {
+                            let payment_id = payment.payment_id;
+                            Ok(Ok((
+                                payment_id,
+                                saga.drive(payment, started, patience).await?,
+                            )))
+                        }
+                        Err(refused) => Ok(Err(refused)),
+                    };
+                driven
+            })
+            .await
+            .map_err(ApiError::internal)?;
         let (payment_id, driven) = match recorded? {
             Ok(driven) => driven,
             // The request id was used before (an earlier Pay, or its twin a moment ago):

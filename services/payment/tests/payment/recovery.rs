@@ -325,6 +325,44 @@ async fn a_renewal_that_waited_long_is_not_called_on() {
     mesh.audit().await;
 }
 
+/// A crash drill stops everything the replica was doing, Pay's sagas included. They run
+/// apart from the call, since a client that hangs up must not stop them, and used to run on
+/// after `ServiceHandle::abort`: the drills tested a gentler crash than a killed process.
+#[tokio::test]
+async fn a_crashed_replica_stops_driving_its_payments() {
+    let mut mesh = mesh(50, |settings| {
+        // No recovery claims the payment within the test: only the first drive calls.
+        settings.payment.lease = Duration::from_secs(3_600);
+        settings.payment.pay_patience = Duration::from_secs(60);
+    })
+    .await;
+    let fan = mesh.fan("crashed", 100_000).await;
+    let hold = mesh.hold(&fan, &[10]).await;
+    let point = mesh.hang_point(Duration::from_millis(100)).await;
+    {
+        // The client hangs up once the saga is retrying: the saga goes on without it.
+        let pay = mesh.pay(0, &fan, &hold.hold_id, "pay");
+        let retrying = eventually(
+            Duration::from_secs(20),
+            "the saga retries the point service",
+            || async { (point.calls() >= 2).then_some(()) },
+        );
+        tokio::select! {
+            paid = pay => panic!("Pay answered while the point service hangs: {paid:?}"),
+            () = retrying => {}
+        }
+    }
+    mesh.crash_payment(0);
+    let calls_at_crash = point.calls();
+    // Pauses between tries are at most a second: a drive still running would call again.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(
+        point.calls(),
+        calls_at_crash,
+        "the saga ran on after the crash"
+    );
+}
+
 #[tokio::test]
 async fn concert_down_after_the_spend_keeps_the_points_until_the_seats_are_sold() {
     let mut mesh = mesh(50, |settings| {
