@@ -131,6 +131,8 @@ pub struct Detached {
 #[derive(Default)]
 struct DetachedTasks {
     running: Vec<AbortHandle>,
+    /// Set by a crash drill: a handler still finishing then starts nothing that runs on.
+    aborted: bool,
     /// How many were running after the last sweep of finished ones: sweeping again only once
     /// as many more were added keeps the cost per task constant.
     swept_at: usize,
@@ -148,6 +150,10 @@ impl Detached {
             .tasks
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if tasks.aborted {
+            task.abort();
+            return task;
+        }
         if tasks.running.len() >= 2 * tasks.swept_at.max(64) {
             tasks.running.retain(|task| !task.is_finished());
             tasks.swept_at = tasks.running.len();
@@ -162,8 +168,32 @@ impl Detached {
             .tasks
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        tasks.aborted = true;
         for task in tasks.running.drain(..) {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A crash drill stops the work running, and whatever a handler still finishing starts
+    /// after it never runs.
+    #[tokio::test]
+    async fn detached_work_stops_with_an_abort_and_none_starts_after_it() {
+        let detached = Detached::default();
+        let running = detached.spawn(std::future::pending::<()>());
+        detached.abort();
+        assert!(running.await.unwrap_err().is_cancelled());
+
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let late = detached.spawn({
+            let ran = ran.clone();
+            async move { ran.store(true, std::sync::atomic::Ordering::SeqCst) }
+        });
+        assert!(late.await.unwrap_err().is_cancelled());
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

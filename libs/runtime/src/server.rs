@@ -580,8 +580,10 @@ impl ServiceHandle {
     /// Runs until a stop is requested (SIGINT or SIGTERM, for a binary), then leaves the
     /// rotation for `not_serving_for` and shuts down gracefully. Another request during the
     /// NOT_SERVING period cuts it short; one during the drain stops without waiting for the
-    /// calls in flight ([`Stopped::Forced`]). Returns early, with its failure, if the server
-    /// ends on its own, before the stop or during the NOT_SERVING period.
+    /// calls in flight ([`Stopped::Forced`]): it returns at once, leaving the server and its
+    /// tasks to the end of the process (a binary exits then). Returns early, with its
+    /// failure, if the server ends on its own, before the stop or during the NOT_SERVING
+    /// period.
     pub async fn run_until_stopped(
         mut self,
         mut stops: impl crate::shutdown::StopRequests,

@@ -134,7 +134,10 @@ impl Saga {
                 // The renewal itself may have waited (for a pooled connection, a row lock) so
                 // long that what it bought will not outlast the call: the lease could lapse
                 // mid-call and recovery drive the payment alongside. Leave it to recovery
-                // instead, which claims it under a lease of its own.
+                // instead, which claims it under a lease of its own. One deadline is the bound
+                // here, not the two above: enough for one driver at a time, which is what this
+                // guards (recording the outcome may then find the lease gone, and the drive
+                // ends as `Elsewhere`, which is safe).
                 if leased_at.elapsed() + self.settings.call_deadline > self.settings.lease {
                     tracing::warn!(payment_id = %payment.payment_id, step = step.as_db(),
                         "the lease's renewal took most of it; leaving the payment to recovery");
