@@ -326,9 +326,17 @@ impl GrpcServer {
             drain_started.wait().await;
             tokio::time::sleep(drain_limit).await;
         };
+        // The leave report runs beside the server until the drain starts (NOT_SERVING is
+        // said by `stopping` then) and never ends it: the server's end, a failure included,
+        // ends both.
+        let reporting = async {
+            out_of_rotation.await;
+            std::future::pending::<()>().await
+        };
         let served = async {
             tokio::select! {
                 served = &mut serving => served,
+                () = reporting => unreachable!("reporting never ends"),
                 () = drained => {
                     tracing::warn!(?drain_limit,
                         "calls still open after the drain limit; closing their connections");
@@ -337,23 +345,13 @@ impl GrpcServer {
                 }
             }
         };
-        // The report runs beside the server and never ends it: the server's end, a failure
-        // included, ends both.
-        let reporting = async {
-            out_of_rotation.await;
-            std::future::pending::<()>().await
-        };
-        tokio::pin!(served, reporting, stop_cause);
+        tokio::pin!(served, stop_cause);
         let failure = tokio::select! {
             // Ended before any stop: the transport failed.
             result = &mut served => return result.map_err(ServerError::from),
             failure = &mut stop_cause => failure,
-            () = &mut reporting => unreachable!("reporting never ends"),
         };
-        let drained = tokio::select! {
-            result = &mut served => result,
-            () = &mut reporting => unreachable!("reporting never ends"),
-        };
+        let drained = served.await;
         match failure {
             Some(failure) => Err(failure.into()),
             None => drained.map_err(ServerError::from),
