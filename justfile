@@ -31,6 +31,7 @@ bench:
     cargo run --release -p stagedoor -- load hold-race
     cargo run --release -p stagedoor -- load list-seats
     cargo run --release -p stagedoor -- load validate-token
+    cargo run --release -p stagedoor -- load health --concurrency 10000 --connections 100
     cargo run --release -p stagedoor -- load pay
     cargo run --release -p stagedoor -- load rush --json target/rush-summary.json
 

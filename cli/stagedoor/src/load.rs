@@ -36,6 +36,7 @@ use stagedoor_proto::{
 use stagedoor_queue::QueueConfig;
 use stagedoor_runtime::{auth::with_bearer, db};
 use tonic::transport::Channel;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 use crate::{mesh, stats::Summary};
 
@@ -164,6 +165,15 @@ pub enum Scenario {
         #[command(flatten)]
         load: LoadArgs,
     },
+    /// grpc.health.v1 Check on the queue: the gRPC stack alone, no database, the floor under
+    /// every other figure (`--concurrency 10000 --connections 100`: ten thousand at once).
+    Health {
+        /// Checks to make.
+        #[arg(long, default_value_t = 10_000)]
+        calls: usize,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
     /// The queue's ValidateToken alone: the hop every token-bearing call pays.
     ValidateToken {
         /// How long to call.
@@ -183,6 +193,7 @@ impl Scenario {
             | Self::HoldRace { load, .. }
             | Self::ListSeats { load, .. }
             | Self::Pay { load, .. }
+            | Self::Health { load, .. }
             | Self::ValidateToken { load, .. } => load,
             Self::Charge(wallet) | Self::Spend(wallet) => &wallet.load,
         }
@@ -191,9 +202,10 @@ impl Scenario {
     /// The services the scenario needs running.
     fn services(&self) -> &'static [Service] {
         match self {
-            Self::IssueToken { .. } | Self::QueueStatus { .. } | Self::ValidateToken { .. } => {
-                &[Service::Queue]
-            }
+            Self::IssueToken { .. }
+            | Self::QueueStatus { .. }
+            | Self::ValidateToken { .. }
+            | Self::Health { .. } => &[Service::Queue],
             Self::Charge(_) | Self::Spend(_) => &[Service::Point],
             Self::HoldSpread { .. } | Self::HoldRace { .. } | Self::ListSeats { .. } => {
                 &[Service::Queue, Service::Concert]
@@ -556,6 +568,20 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
                     async move { client.validate_token(request).await.map(|_| ()) }
                 },
             )
+            .await;
+            println!("{}", summary.line());
+        }
+        Scenario::Health { calls, .. } => {
+            let checks = clients_of(&channels, HealthClient::new);
+            let summary = drive("health", Some(calls), None, load.concurrency, move |call| {
+                let mut client = checks[call % checks.len()].clone();
+                async move {
+                    let request = HealthCheckRequest {
+                        service: "stagedoor.queue.v1.QueueService".into(),
+                    };
+                    client.check(request).await.map(|_| ())
+                }
+            })
             .await;
             println!("{}", summary.line());
         }

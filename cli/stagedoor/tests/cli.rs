@@ -43,6 +43,36 @@ fn a_small_demo_sells_out_and_passes_its_verdict() {
     assert!(!summary.contains("\"passed\":false"), "{summary}");
 }
 
+/// The benchmark harness runs its scenarios to the end: every call answered, none failed.
+/// (Its figures are for BENCHMARKS.md, not for here: this is a debug build on a busy CI.)
+#[test]
+fn load_scenarios_make_every_call_and_report_it() {
+    for (scenario, count_flag, line) in [
+        ("health", "--calls", "health"),
+        ("issue-token", "--fans", "issue-token"),
+    ] {
+        let output = stagedoor()
+            .args(["load", scenario, count_flag, "300", "--concurrency", "300"])
+            .args(["--connections", "3"])
+            .env("DATABASE_URL", admin_url())
+            .output()
+            .expect("stagedoor runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "load {scenario} failed\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let figures: Vec<&str> = stdout
+            .lines()
+            .find(|printed| printed.starts_with(line))
+            .unwrap_or_else(|| panic!("no `{line}` line: {stdout}"))
+            .split_whitespace()
+            .collect();
+        assert_eq!(figures[1..5], ["300", "ok", "0", "err"], "{stdout}");
+    }
+}
+
 #[test]
 fn a_demo_that_cannot_run_says_why_and_exits_2() {
     let output = stagedoor()
