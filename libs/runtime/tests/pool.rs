@@ -70,11 +70,25 @@ async fn backend_pid(pool: &PgPool) -> Result<i32, sqlx::Error> {
         .await
 }
 
+/// The pool's one connection of `backend_pid`, back in the pool. sqlx takes a connection
+/// back on a task of its own, after pinging it: a backend ended before that ping would be
+/// caught there, not by what the tests look at.
+async fn idle_connection_of(pool: &PgPool) -> i32 {
+    let pid = backend_pid(pool).await.unwrap();
+    for _ in 0..1_000 {
+        if pool.num_idle() == 1 {
+            return pid;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the connection did not come back to the pool");
+}
+
 #[tokio::test]
 async fn an_idle_connection_that_died_is_replaced_before_anyone_uses_it() {
     let database = Database::create().await;
     let pool = database.pool(Duration::from_millis(100)).await;
-    let first = backend_pid(&pool).await.unwrap();
+    let first = idle_connection_of(&pool).await;
     database.terminate(first).await;
     // Idle past the threshold: the pool pings it, finds it dead and opens another.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -91,7 +105,7 @@ async fn a_busy_connection_that_died_fails_one_statement_and_is_replaced() {
     let database = Database::create().await;
     // Never idle long enough to be pinged.
     let pool = database.pool(Duration::from_secs(3600)).await;
-    let first = backend_pid(&pool).await.unwrap();
+    let first = idle_connection_of(&pool).await;
     database.terminate(first).await;
 
     let failed = backend_pid(&pool).await;
