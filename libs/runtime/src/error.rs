@@ -125,6 +125,14 @@ pub const DEADLOCK_DETECTED: &str = "40P01";
 /// SQLSTATE 57014: statement timeout or cancellation.
 pub const QUERY_CANCELED: &str = "57014";
 
+/// Whether `sqlstate` says the server, not the statement, is the trouble: class 08 (the
+/// connection failed), 57P01-57P03 (Postgres is shutting down, crashed, or still starting:
+/// a restart sends 57P01 to every connection before closing it) and 53300 (too many
+/// connections). A retry, on a fresh connection, may well succeed.
+fn server_unavailable(sqlstate: &str) -> bool {
+    sqlstate.starts_with("08") || sqlstate.starts_with("57P") || sqlstate == "53300"
+}
+
 /// The SQLSTATE of a database error, if it is one.
 pub fn sqlstate(error: &sqlx::Error) -> Option<String> {
     match error {
@@ -171,17 +179,19 @@ impl From<sqlx::Error> for ApiError {
             }
             _ => {}
         }
-        match error {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                tracing::warn!(%error, "database unavailable");
-                ApiError::new(
-                    Code::Unavailable,
-                    "DATABASE_UNAVAILABLE",
-                    "the database is unavailable; retry",
-                )
-            }
-            other => ApiError::internal(other),
+        let unavailable = matches!(
+            error,
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+        ) || sqlstate(&error).is_some_and(|code| server_unavailable(&code));
+        if unavailable {
+            tracing::warn!(%error, "database unavailable");
+            return ApiError::new(
+                Code::Unavailable,
+                "DATABASE_UNAVAILABLE",
+                "the database is unavailable; retry",
+            );
         }
+        ApiError::internal(error)
     }
 }
 
@@ -205,6 +215,16 @@ mod tests {
             .get_details_bad_request()
             .expect("BadRequest attached");
         assert_eq!(bad_request.field_violations[0].field, "user_id");
+    }
+
+    #[test]
+    fn a_server_going_away_is_told_apart_from_a_bad_statement() {
+        for away in ["57P01", "57P02", "57P03", "08006", "08001", "53300"] {
+            assert!(server_unavailable(away), "{away}");
+        }
+        for statement in ["23505", "57014", "42P01", "22P02", "53100"] {
+            assert!(!server_unavailable(statement), "{statement}");
+        }
     }
 
     #[test]

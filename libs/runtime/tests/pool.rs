@@ -5,7 +5,18 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
-use stagedoor_runtime::db::{self, PoolConfig, QUEUE};
+use stagedoor_runtime::{
+    db::{self, PoolConfig, QUEUE},
+    error::ApiError,
+};
+use tonic_types::StatusExt;
+
+fn reason(status: &tonic::Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_default()
+}
 
 const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -108,11 +119,15 @@ async fn a_busy_connection_that_died_fails_one_statement_and_is_replaced() {
     let first = idle_connection_of(&pool).await;
     database.terminate(first).await;
 
-    let failed = backend_pid(&pool).await;
-    assert!(
-        failed.is_err(),
-        "a busy connection is not pinged, so its first statement meets the dead backend: {failed:?}"
-    );
+    // Not pinged, so its first statement meets the dead backend (Postgres said 57P01,
+    // admin_shutdown, before closing it, as it does to every connection when it restarts).
+    let failed = backend_pid(&pool)
+        .await
+        .expect_err("a busy connection is not pinged");
+    // Callers hear that the database is away, and may retry: not INTERNAL.
+    let status = tonic::Status::from(ApiError::from(failed));
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(reason(&status), "DATABASE_UNAVAILABLE");
     let second = backend_pid(&pool)
         .await
         .expect("the dead connection stayed in the pool");
