@@ -36,7 +36,9 @@ use stagedoor_proto::{
 use stagedoor_queue::QueueConfig;
 use stagedoor_runtime::{auth::with_bearer, db};
 use tonic::transport::Channel;
-use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
 
 use crate::{mesh, stats::Summary};
 
@@ -579,7 +581,12 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
                     let request = HealthCheckRequest {
                         service: "stagedoor.queue.v1.QueueService".into(),
                     };
-                    client.check(request).await.map(|_| ())
+                    let answer = client.check(request).await?.into_inner();
+                    // A NOT_SERVING answer is no success of the stack under load.
+                    match answer.status() {
+                        ServingStatus::Serving => Ok(()),
+                        status => Err(tonic::Status::unavailable(format!("{status:?}"))),
+                    }
                 }
             })
             .await;
@@ -804,7 +811,7 @@ where
 {
     let next = Arc::new(AtomicUsize::new(0));
     // One closure shared by every worker: it holds the run's clients, and cloning it per
-    // worker (10,000 workers for a rush) cost more CPU than the calls it made.
+    // worker (`--concurrency 10000`) took a quarter of the load process's CPU.
     let call = Arc::new(call);
     let started = Instant::now();
     let deadline = duration.map(|d| started + d);

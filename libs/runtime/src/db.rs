@@ -79,13 +79,14 @@ pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a pooled connection may sit idle before it is pinged on its way out.
 ///
 /// sqlx pings every connection before handing it out by default: one more round trip to
-/// Postgres before every transaction, a wait in front of every batch and about 3 % of the
-/// demo process's CPU in a rush (`perf`; sqlx also pings each connection it takes back, which
-/// is not configurable and runs after the caller has its answer). A connection that was in use a moment ago is very likely alive;
-/// one that sat idle may have been cut by a firewall, a proxy or a restart of Postgres, and
-/// is the one worth checking. The price: after Postgres restarts, each connection used
-/// within this window fails its next statement once (UNAVAILABLE, which clients retry) and
-/// is then closed by the pool and replaced.
+/// Postgres before every transaction, a wait in front of every batch, and about 3 % of the
+/// demo process's CPU in a rush (BENCHMARKS.md, session of 2026-12-04). sqlx also pings each
+/// connection it takes back; that one is not configurable, and runs after the caller has its
+/// answer. A connection in use a moment ago is very likely alive; one that sat idle may have
+/// been cut by a firewall, a proxy or a restart of Postgres, and is the one worth checking.
+/// The price: after Postgres restarts, each connection used within this window fails its
+/// next statement once (DATABASE_UNAVAILABLE, which clients may retry) and is then closed by
+/// the pool and replaced.
 pub const IDLE_BEFORE_PING: Duration = Duration::from_secs(10);
 
 /// Errors of start-up: they stop the process with a message that says what to do.
