@@ -305,8 +305,8 @@ async fn sale(
     mesh: &Mesh,
     audit_options: PgConnectOptions,
 ) -> Result<Report, Box<dyn std::error::Error>> {
-    // Enough HTTP/2 connections that no server's per-connection stream limit (the queue's
-    // watchers hold a stream each) becomes the bottleneck.
+    // Fans spread over many HTTP/2 connections, as many phones (or a BFF's pool) would
+    // arrive: a hundred fans per connection, each holding its watch stream there.
     let queue_connections = (args.fans / 100).clamp(1, 128);
     let queues = connect(&mesh.queue.url(), queue_connections).await?;
     let concerts = connect(&mesh.concert.url(), 8).await?;

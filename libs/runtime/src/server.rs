@@ -319,6 +319,11 @@ impl GrpcServer {
             .map(move |accepted| accepted.map(|socket| Closable::new(socket, closed.clone())));
         let serving = Server::builder()
             .initial_connection_window_size(CONNECTION_WINDOW)
+            // No cap on a connection's open streams (tonic's default, said here so that it
+            // stays): a BFF multiplexes its fans over a few connections and every waiting
+            // fan's watch holds a stream, so a cap like hyper's own 200 would queue the next
+            // watch, and every call behind it on that connection, until a watch ended.
+            .max_concurrent_streams(None)
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, stopping);
         tokio::pin!(serving);

@@ -4,7 +4,7 @@ use stagedoor_proto::queue::v1 as pb;
 use stagedoor_testkit::TestDatabase;
 use tokio::time::timeout;
 
-use crate::{config, reason, start, Queue};
+use crate::{config, open_line, reason, start, Queue};
 
 /// The next message of a watch stream, within 5 seconds; `None` when the stream ended.
 pub async fn next(
@@ -148,4 +148,48 @@ async fn shutdown_ends_open_streams_and_completes() {
     let status = ended.expect_err("the stream ends with a status, not silently");
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert_eq!(crate::reason(&status), "SHUTTING_DOWN", "{status:?}");
+}
+
+/// A BFF multiplexes its fans over a few connections, and every waiting fan's watch holds a
+/// stream open. Past a server's per-connection stream limit a client queues new streams until
+/// old ones end: with hyper's own default of 200 (which the shared server overrides), the
+/// 201st watcher and every call after it on that connection (a poll, a Pay's token check)
+/// would wait for a watch to end. (With that limit set, this test fails at the 201st.)
+#[tokio::test]
+async fn a_thousand_watchers_on_one_connection_leave_room_for_other_calls() {
+    let database = TestDatabase::create().await;
+    let queue = open_line(&database, |settings| settings.max_active = 1).await;
+    let tickets = line_of(&queue, 1_000).await;
+
+    // Every watcher on the test's one connection, each holding its stream open.
+    let mut streams = Vec::with_capacity(tickets.len());
+    for ticket in &tickets {
+        let opened = timeout(Duration::from_secs(10), watch(&queue, &ticket.token))
+            .await
+            .unwrap_or_else(|_| panic!("watcher {} could not open its stream", streams.len()));
+        streams.push(opened);
+    }
+    for stream in &mut streams {
+        assert!(
+            next(stream).await.is_some(),
+            "every watcher hears its place"
+        );
+    }
+    // A poll on the same connection is answered while all of them watch.
+    let polled = timeout(Duration::from_secs(5), queue.status(&tickets[999].token))
+        .await
+        .expect("a poll beside 1,000 open watches was answered");
+    assert_eq!(polled.place, tickets[999].place);
+}
+
+/// `count` fans in line for `c`, in place order.
+async fn line_of(queue: &Queue, count: usize) -> Vec<pb::QueueTicket> {
+    let mut calls = tokio::task::JoinSet::new();
+    for fan in 0..count {
+        let public = queue.public.clone();
+        calls.spawn(async move { crate::issue_with(public, "c", &format!("fan-{fan:04}")).await });
+    }
+    let mut tickets = calls.join_all().await;
+    tickets.sort_by_key(|ticket| ticket.place);
+    tickets
 }
