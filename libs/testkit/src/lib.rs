@@ -176,3 +176,47 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Which of a test database's sessions [`until_lock_waiters`] counts: those waiting for a
+/// lock (`wait_event_type = 'Lock'`), narrowed by whatever is set here.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LockWaiters<'a> {
+    /// Sessions of this role only (`stagedoor_concert`, ...).
+    pub role: Option<&'a str>,
+    /// Waiting for this kind of lock only (`transactionid` for a row another transaction
+    /// wrote, `advisory`, `relation`, ...).
+    pub wait_event: Option<&'a str>,
+    /// Running a statement whose text contains this.
+    pub query_contains: Option<&'a str>,
+}
+
+/// Waits (within `within`) until exactly `count` sessions of `admin`'s database, other than
+/// the probe's own, wait for a lock as `which` narrows them: a call the test parked behind a
+/// lock it holds has got that far, however slow the machine. Then the test can act on the
+/// parked call (release the lock, let time pass) knowing where the call stands.
+pub async fn until_lock_waiters(
+    admin: &PgPool,
+    which: LockWaiters<'_>,
+    count: i64,
+    within: std::time::Duration,
+) {
+    let what = format!("{count} session(s) waiting for a lock: {which:?}");
+    eventually(within, &what, || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid()
+                AND wait_event_type = 'Lock'
+                AND ($1::text IS NULL OR usename = $1)
+                AND ($2::text IS NULL OR wait_event = $2)
+                AND ($3::text IS NULL OR strpos(query, $3) > 0)",
+        )
+        .bind(which.role)
+        .bind(which.wait_event)
+        .bind(which.query_contains)
+        .fetch_one(admin)
+        .await
+        .unwrap_or_else(|error| panic!("reading pg_stat_activity: {error}"));
+        (waiting == count).then_some(())
+    })
+    .await
+}

@@ -107,20 +107,15 @@ impl Mesh {
     /// [`Mesh::lock_seat`] has got that far, however slow the machine.
     pub async fn until_lock_waiters(&self, count: i64) {
         let admin = self.database.admin().await;
-        stagedoor_testkit::eventually(
+        let concert_service = stagedoor_testkit::LockWaiters {
+            role: Some("stagedoor_concert"),
+            ..Default::default()
+        };
+        stagedoor_testkit::until_lock_waiters(
+            &admin,
+            concert_service,
+            count,
             std::time::Duration::from_secs(20),
-            &format!("{count} batches wait for a lock"),
-            || async {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity
-                      WHERE wait_event_type = 'Lock' AND usename = 'stagedoor_concert'
-                        AND datname = current_database()",
-                )
-                .fetch_one(&admin)
-                .await
-                .unwrap();
-                (waiting == count).then_some(())
-            },
         )
         .await;
         admin.close().await;

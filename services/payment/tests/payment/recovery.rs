@@ -14,7 +14,7 @@ use stagedoor_proto::{
     concert::v1::HoldStatus, payment::v1::PaymentStatus, queue::v1::TokenStatus,
 };
 use stagedoor_runtime::db;
-use stagedoor_testkit::{eventually, TestDatabase};
+use stagedoor_testkit::{eventually, until_lock_waiters, LockWaiters, TestDatabase};
 use tokio::task::JoinSet;
 use tonic::Code;
 use uuid::Uuid;
@@ -231,22 +231,13 @@ async fn a_payment_whose_insert_waited_on_a_lock_renews_its_lease_before_its_fir
     .await
     .unwrap();
     let hold_up = async {
-        eventually(
-            Duration::from_secs(20),
-            "the INSERT waits for the uncommitted row",
-            || async {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity
-                      WHERE usename = 'stagedoor_payment' AND datname = current_database()
-                        AND wait_event_type = 'Lock' AND wait_event = 'transactionid'",
-                )
-                .fetch_one(&admin)
-                .await
-                .unwrap();
-                (waiting == 1).then_some(())
-            },
-        )
-        .await;
+        // The INSERT waits for the uncommitted row.
+        let insert_on_the_row = LockWaiters {
+            role: Some("stagedoor_payment"),
+            wait_event: Some("transactionid"),
+            ..Default::default()
+        };
+        until_lock_waiters(&admin, insert_on_the_row, 1, Duration::from_secs(20)).await;
         // 1.2 s of the 1.5 s lease spent waiting: the lease lapses in the database during
         // the first call to the point service (which hangs for 450 ms), unless renewed.
         tokio::time::sleep(Duration::from_millis(1_200)).await;

@@ -207,21 +207,16 @@ async fn two_replicas_migrating_while_an_index_builds_both_start() {
         let database_url = database.url(db::QUEUE);
         async move { migrate_url(database_url).await }
     });
-    stagedoor_testkit::eventually(
+    // The first replica's index build waits for the writer.
+    let index_build = stagedoor_testkit::LockWaiters {
+        query_contains: Some("CREATE INDEX CONCURRENTLY"),
+        ..Default::default()
+    };
+    stagedoor_testkit::until_lock_waiters(
+        &admin,
+        index_build,
+        1,
         std::time::Duration::from_secs(20),
-        "the first replica's index build waits for the writer",
-        || async {
-            let building: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE pid <> pg_backend_pid() AND wait_event_type = 'Lock'
-                    AND datname = current_database()
-                    AND query LIKE '%CREATE INDEX CONCURRENTLY%'",
-            )
-            .fetch_one(&admin)
-            .await
-            .unwrap();
-            (building == 1).then_some(())
-        },
     )
     .await;
     let second = tokio::spawn({

@@ -272,25 +272,12 @@ impl Gate {
 
     /// Waits until one transaction is parked at the gate.
     pub async fn wait_for_parked(&self) {
-        eventually(
-            Duration::from_secs(10),
-            "an insert parked at the gate",
-            || {
-                let admin = self.admin.clone();
-                async move {
-                    let parked: i64 = sqlx::query_scalar(
-                        "SELECT count(*) FROM pg_stat_activity
-                      WHERE datname = current_database()
-                        AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
-                    )
-                    .fetch_one(&admin)
-                    .await
-                    .unwrap();
-                    (parked == 1).then_some(())
-                }
-            },
-        )
-        .await
+        let at_the_gate = stagedoor_testkit::LockWaiters {
+            wait_event: Some("advisory"),
+            ..Default::default()
+        };
+        stagedoor_testkit::until_lock_waiters(&self.admin, at_the_gate, 1, Duration::from_secs(10))
+            .await
     }
 
     /// Lets the parked inserts through.
