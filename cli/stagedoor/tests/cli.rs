@@ -14,22 +14,32 @@ fn stagedoor() -> Command {
     Command::new(env!("CARGO_BIN_EXE_stagedoor"))
 }
 
+/// Runs `command` against the local Postgres and returns what it printed, failing the test
+/// (with both outputs) unless it exits 0.
+fn succeeds(command: &mut Command, what: &str) -> String {
+    let output = command
+        .env("DATABASE_URL", admin_url())
+        .output()
+        .expect("stagedoor runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{what} failed\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 #[test]
 fn a_small_demo_sells_out_and_passes_its_verdict() {
     let json = std::env::temp_dir().join(format!("stagedoor-demo-{}.json", std::process::id()));
     // Fewer ACTIVE places than fans: most fans wait in line and watch it move.
-    let output = stagedoor()
-        .args(["demo", "--fans", "300", "--seats", "50", "--cap", "60"])
-        .args(["--rate", "500", "--seed", "7", "--json"])
-        .arg(&json)
-        .env("DATABASE_URL", admin_url())
-        .output()
-        .expect("stagedoor runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "demo failed\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+    let stdout = succeeds(
+        stagedoor()
+            .args(["demo", "--fans", "300", "--seats", "50", "--cap", "60"])
+            .args(["--rate", "500", "--seed", "7", "--json"])
+            .arg(&json),
+        "demo",
     );
     assert!(stdout.contains("VERDICT: PASS"), "{stdout}");
     let summary = std::fs::read_to_string(&json).expect("the JSON summary");
@@ -51,17 +61,11 @@ fn load_scenarios_make_every_call_and_report_it() {
         ("health", "--calls", "health"),
         ("issue-token", "--fans", "issue-token"),
     ] {
-        let output = stagedoor()
-            .args(["load", scenario, count_flag, "300", "--concurrency", "300"])
-            .args(["--connections", "3"])
-            .env("DATABASE_URL", admin_url())
-            .output()
-            .expect("stagedoor runs");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "load {scenario} failed\n{stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
+        let stdout = succeeds(
+            stagedoor()
+                .args(["load", scenario, count_flag, "300", "--concurrency", "300"])
+                .args(["--connections", "3"]),
+            &format!("load {scenario}"),
         );
         let figures: Vec<&str> = stdout
             .lines()
