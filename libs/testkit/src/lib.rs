@@ -190,10 +190,29 @@ pub struct LockWaiters<'a> {
     pub query_contains: Option<&'a str>,
 }
 
-/// Waits (within `within`) until exactly `count` sessions of `admin`'s database, other than
-/// the probe's own, wait for a lock as `which` narrows them: a call the test parked behind a
-/// lock it holds has got that far, however slow the machine. Then the test can act on the
-/// parked call (release the lock, let time pass) knowing where the call stands.
+/// How many sessions of `admin`'s database, other than the probe's own, wait for a lock as
+/// `which` narrows them.
+pub async fn lock_waiters(admin: &PgPool, which: LockWaiters<'_>) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid()
+            AND wait_event_type = 'Lock'
+            AND ($1::text IS NULL OR usename = $1)
+            AND ($2::text IS NULL OR wait_event = $2)
+            AND ($3::text IS NULL OR strpos(query, $3) > 0)",
+    )
+    .bind(which.role)
+    .bind(which.wait_event)
+    .bind(which.query_contains)
+    .fetch_one(admin)
+    .await
+    .unwrap_or_else(|error| panic!("reading pg_stat_activity: {error}"))
+}
+
+/// Waits (within `within`) until exactly `count` sessions wait for a lock as `which` narrows
+/// them ([`lock_waiters`]): a call the test parked behind a lock it holds has got that far,
+/// however slow the machine. Then the test can act on the parked call (release the lock, let
+/// time pass) knowing where the call stands.
 pub async fn until_lock_waiters(
     admin: &PgPool,
     which: LockWaiters<'_>,
@@ -202,21 +221,7 @@ pub async fn until_lock_waiters(
 ) {
     let what = format!("{count} session(s) waiting for a lock: {which:?}");
     eventually(within, &what, || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND pid <> pg_backend_pid()
-                AND wait_event_type = 'Lock'
-                AND ($1::text IS NULL OR usename = $1)
-                AND ($2::text IS NULL OR wait_event = $2)
-                AND ($3::text IS NULL OR strpos(query, $3) > 0)",
-        )
-        .bind(which.role)
-        .bind(which.wait_event)
-        .bind(which.query_contains)
-        .fetch_one(admin)
-        .await
-        .unwrap_or_else(|error| panic!("reading pg_stat_activity: {error}"));
-        (waiting == count).then_some(())
+        (lock_waiters(admin, which).await == count).then_some(())
     })
     .await
 }

@@ -14,7 +14,7 @@ use stagedoor_proto::{
     concert::v1::HoldStatus, payment::v1::PaymentStatus, queue::v1::TokenStatus,
 };
 use stagedoor_runtime::db;
-use stagedoor_testkit::{eventually, until_lock_waiters, LockWaiters, TestDatabase};
+use stagedoor_testkit::{eventually, lock_waiters, until_lock_waiters, LockWaiters, TestDatabase};
 use tokio::task::JoinSet;
 use tonic::Code;
 use uuid::Uuid;
@@ -280,23 +280,49 @@ async fn a_renewal_that_waited_long_is_not_called_on() {
 
     let admin = mesh.database.admin().await;
     let lock_in_a_pause = async {
-        // Pauses between tries grow to half the lease; from the fourth try on, a moment with
-        // no call in flight is almost surely one (the rest of the time between two calls
-        // is a renewal of a few milliseconds).
-        eventually(
-            Duration::from_secs(20),
-            "the driver pauses after its fourth try",
-            || async { (point.calls() >= 4 && point.in_flight() == 0).then_some(()) },
-        )
-        .await;
-        let mut blocker = admin.begin().await.unwrap();
-        sqlx::query("SELECT 1 FROM payment.payments WHERE user_id = 'slow-renewal' FOR UPDATE")
-            .execute(&mut *blocker)
-            .await
-            .unwrap();
-        // The renewal after the pause waits for this lock until most of its lease is gone.
-        tokio::time::sleep(Duration::from_millis(1_200)).await;
-        blocker.commit().await.unwrap();
+        loop {
+            // Pauses between tries grow to half the lease; from the fourth try on, a moment
+            // with no call in flight is most likely one.
+            eventually(
+                Duration::from_secs(20),
+                "the driver pauses after its fourth try",
+                || async { (point.calls() >= 4 && point.in_flight() == 0).then_some(()) },
+            )
+            .await;
+            let calls = point.calls();
+            let mut blocker = admin.begin().await.unwrap();
+            sqlx::query("SELECT 1 FROM payment.payments WHERE user_id = 'slow-renewal' FOR UPDATE")
+                .execute(&mut *blocker)
+                .await
+                .unwrap();
+            // In a pause, the renewal that ends it now waits for this lock. Otherwise the
+            // lock landed just after a renewal (the driver calls next, with a fresh lease):
+            // that tests nothing, so let go and take the next pause. Recovery's claim skips
+            // locked rows, so a payment session waiting for a lock is the renewal.
+            let renewal_waits = eventually(
+                Duration::from_secs(10),
+                "the renewal waits for the lock, or a call starts",
+                || async {
+                    if point.calls() != calls {
+                        return Some(false);
+                    }
+                    let payment_service = LockWaiters {
+                        role: Some("stagedoor_payment"),
+                        ..Default::default()
+                    };
+                    (lock_waiters(&admin, payment_service).await > 0).then_some(true)
+                },
+            )
+            .await;
+            if !renewal_waits {
+                blocker.rollback().await.unwrap();
+                continue;
+            }
+            // The renewal waits until most of its lease is gone.
+            tokio::time::sleep(Duration::from_millis(1_200)).await;
+            blocker.commit().await.unwrap();
+            break;
+        }
     };
     let (waited, ()) = tokio::join!(mesh.pay(0, &fan, &hold.hold_id, "pay"), lock_in_a_pause);
     let payment_id = in_progress(&waited.unwrap_err());
