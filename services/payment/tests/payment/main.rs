@@ -242,9 +242,19 @@ impl Mesh {
         );
     }
 
+    /// Brings the real point service back in place of a [`Mesh::hang_point`] one, and waits
+    /// for recovery to finish `payment_id`, which must end COMPLETED.
+    pub async fn point_back_then_completed(&mut self, payment_id: &str) -> pb::Payment {
+        self.stop_point().await;
+        self.restart_point().await;
+        let payment = self.settled(payment_id).await;
+        assert_eq!(payment.status(), pb::PaymentStatus::Completed);
+        payment
+    }
+
     /// Replaces the point service with one that answers every SpendPoints and RefundPoints
     /// UNAVAILABLE after `delay`: a peer that hangs rather than refuses, for as long as a
-    /// call's deadline allows. `stop_point` then `restart_point` bring the real one back.
+    /// call's deadline allows. [`Mesh::point_back_then_completed`] brings the real one back.
     pub async fn hang_point(&mut self, delay: Duration) -> HangingPoint {
         self.stop_point().await;
         let hanging = HangingPoint {

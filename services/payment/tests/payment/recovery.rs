@@ -189,10 +189,7 @@ async fn a_driver_whose_peer_hangs_keeps_its_lease_and_drives_alone() {
         assert_eq!(info.metadata["payment_id"], payment_id);
     }
 
-    mesh.stop_point().await;
-    mesh.restart_point().await;
-    let payment = mesh.settled(&payment_id).await;
-    assert_eq!(payment.status(), PaymentStatus::Completed);
+    mesh.point_back_then_completed(&payment_id).await;
     assert_eq!(mesh.balance("stuck").await, 0);
     mesh.audit().await;
 }
@@ -254,10 +251,7 @@ async fn a_payment_whose_insert_waited_on_a_lock_renews_its_lease_before_its_fir
     admin.close().await;
     locker.close().await;
 
-    mesh.stop_point().await;
-    mesh.restart_point().await;
-    let payment = mesh.settled(&payment_id).await;
-    assert_eq!(payment.status(), PaymentStatus::Completed);
+    mesh.point_back_then_completed(&payment_id).await;
     assert_eq!(mesh.balance("held-up").await, 100_000 - SEAT_PRICE);
     mesh.audit().await;
 }
@@ -335,10 +329,7 @@ async fn a_renewal_that_waited_long_is_not_called_on() {
     );
     admin.close().await;
 
-    mesh.stop_point().await;
-    mesh.restart_point().await;
-    let payment = mesh.settled(&payment_id).await;
-    assert_eq!(payment.status(), PaymentStatus::Completed);
+    mesh.point_back_then_completed(&payment_id).await;
     mesh.audit().await;
 }
 
