@@ -36,6 +36,10 @@ pub enum ConcertError {
     HoldExpired,
     #[error("this idempotency key was used for a different request")]
     IdempotencyKeyReused,
+    #[error(
+        "a request with the same request_id for other seats was refused at the same moment; retry"
+    )]
+    KeyRefusedMeanwhile,
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error(transparent)]
@@ -94,6 +98,10 @@ impl From<ConcertError> for ApiError {
             ConcertError::IdempotencyKeyReused => {
                 ApiError::new(Code::InvalidArgument, "IDEMPOTENCY_KEY_REUSED", message)
                     .with_metadata("field", "request_id")
+            }
+            // ABORTED: nothing was decided for this request; a retry is judged on its own.
+            ConcertError::KeyRefusedMeanwhile => {
+                ApiError::new(Code::Aborted, "CONCURRENT_UPDATE", message)
             }
             ConcertError::Api(api) => api,
             ConcertError::Database(db) => db.into(),

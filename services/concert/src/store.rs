@@ -405,8 +405,19 @@ pub async fn hold_batch(
     .execute(&mut *tx)
     .await?;
 
+    // Lock every seat of the batch in seat order and read it under the lock.
+    let (seat_dates, seat_numbers): (Vec<&str>, Vec<i32>) = requests
+        .iter()
+        .flat_map(|r| r.seat_numbers.iter().map(|n| (r.schedule_id.as_str(), *n)))
+        .unzip();
+    let locked = lock_seats(&mut tx, &seat_dates, &seat_numbers).await?;
+
     // Retries: a request whose key already made a hold gets that hold back (or is refused
-    // if the key was used for other seats), without touching any seat.
+    // if the key was used for other seats), and changes no seat. Read after the seat locks:
+    // ReleaseHold, ConfirmHold and the sweeper change a hold together with its seats, so a
+    // change that committed while this batch waited for those seats is in the answer ("the
+    // same hold as it is now"), where a read before the wait answered HELD for a hold the
+    // fan had meanwhile released or paid.
     let earlier: Vec<HoldRow> = sqlx::query_as(&format!(
         "{HOLD_SELECT}
            JOIN unnest($1::text[], $2::text[]) AS k (user_id, request_id)
@@ -425,13 +436,6 @@ pub async fn hold_batch(
             *answer = Some(replay_hold(existing.clone(), request));
         }
     }
-
-    // Lock every seat of the batch in seat order and read it under the lock.
-    let (seat_dates, seat_numbers): (Vec<&str>, Vec<i32>) = requests
-        .iter()
-        .flat_map(|r| r.seat_numbers.iter().map(|n| (r.schedule_id.as_str(), *n)))
-        .unzip();
-    let locked = lock_seats(&mut tx, &seat_dates, &seat_numbers).await?;
 
     // Seats each fan already holds on each date (live holds only), under the fans' locks,
     // and the clock every decision of this batch is made by. This statement runs after the
@@ -588,6 +592,13 @@ pub async fn hold_batch(
         if asked.schedule_id != first_asked.schedule_id
             || asked.seat_numbers != first_asked.seat_numbers
         {
+            // The key, reused for other seats, made nothing: the first copy was refused,
+            // and a refusal is not kept. Judged alone, this request would have been weighed
+            // on its own seats; it was not, so it is told to retry rather than refused for
+            // seats nobody checked.
+            if matches!(answers[first], Some(Err(_))) {
+                answers[copy] = Some(Err(ConcertError::KeyRefusedMeanwhile));
+            }
             continue;
         }
         answers[copy] = match &answers[first] {
@@ -616,10 +627,13 @@ pub async fn hold_batch(
     for (answer, request) in answers.into_iter().zip(requests) {
         answered.push(match answer {
             Some(answer) => answer,
-            None => match hold_by_request(pool, &request.user_id, &request.request_id).await? {
-                Some(existing) => replay_hold(existing, request),
+            // After the commit: a lookup that fails fails this call alone, never the batch's
+            // winners, whose holds are made.
+            None => match hold_by_request(pool, &request.user_id, &request.request_id).await {
+                Ok(Some(existing)) => replay_hold(existing, request),
                 // Its first copy lost the seats.
-                None => Err(ConcertError::SeatUnavailable(request.seat_numbers.clone())),
+                Ok(None) => Err(ConcertError::SeatUnavailable(request.seat_numbers.clone())),
+                Err(error) => Err(ConcertError::Database(error)),
             },
         });
     }

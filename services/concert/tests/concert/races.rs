@@ -622,3 +622,56 @@ async fn a_key_reused_on_two_dates_at_once_never_refuses_a_seat_for_nobody() {
     assert_eq!(holder.as_deref(), Some("fan"), "{answers:?}");
     assert_eq!(answers[2], "IDEMPOTENCY_KEY_REUSED", "{answers:?}");
 }
+
+/// A key reused in one batch for other seats, after its first request was refused: nothing
+/// was decided for the second request, so it is told to retry (ABORTED, CONCURRENT_UPDATE),
+/// not refused SEAT_UNAVAILABLE for seats nobody checked; and those seats stay free.
+#[tokio::test]
+async fn a_key_refused_in_a_batch_leaves_its_copy_for_other_seats_undecided() {
+    let mesh = mesh(1, |_, _| {}).await;
+    let (concert_id, schedule_id) = mesh.catalog(10).await;
+    let rival = mesh.active_token(&concert_id, "rival").await;
+    mesh.hold(0, &rival, &schedule_id, &[1], "r-1")
+        .await
+        .unwrap();
+    let pool = db::connect(&db::PoolConfig::new(
+        mesh.database.url(db::CONCERT),
+        db::CONCERT.schema,
+        2,
+    ))
+    .await
+    .unwrap();
+    let request = |seat: i32| store::HoldRequest {
+        schedule_id: schedule_id.clone(),
+        concert_id: concert_id.clone(),
+        user_id: "fan".into(),
+        seat_numbers: vec![seat],
+        request_id: "k".into(),
+        start_time: chrono::Utc::now() + chrono::Duration::days(30),
+    };
+    // The same key twice in one batch: seat 1 (the rival's) first, then the free seat 2.
+    let answers = store::hold_batch(&pool, Duration::from_secs(300), &[request(1), request(2)])
+        .await
+        .unwrap();
+    pool.close().await;
+
+    let reasons: Vec<String> = answers
+        .into_iter()
+        .map(|answer| match answer {
+            Ok(hold) => format!("held {:?}", hold.seat_numbers),
+            Err(error) => ApiError::from(error).reason().to_owned(),
+        })
+        .collect();
+    assert_eq!(reasons, ["SEAT_UNAVAILABLE", "CONCURRENT_UPDATE"]);
+    let fan = mesh.active_token(&concert_id, "fan").await;
+    let seat_two = mesh
+        .seats(&fan, &schedule_id)
+        .await
+        .into_iter()
+        .find(|seat| seat.seat_number == 2)
+        .unwrap();
+    assert_eq!(seat_two.status(), pb::SeatStatus::Available);
+    // The retry is judged on its own seats.
+    let retried = mesh.hold(0, &fan, &schedule_id, &[2], "k").await.unwrap();
+    assert_eq!(retried.seat_numbers, vec![2]);
+}

@@ -733,3 +733,52 @@ async fn a_date_that_has_started_is_off_sale_and_changes_nothing() {
     // The date still on sale is untouched.
     mesh.hold(0, &fan, &later, &[2], "later").await.unwrap();
 }
+
+/// A retried HoldSeats answers the hold as it is when the retry is answered. Here the fan
+/// released the hold while the retry waited for the hold's seat (behind another replica's
+/// batch): the retry says RELEASED, not the HELD it would have read before the wait.
+#[tokio::test]
+async fn a_retried_hold_answers_the_hold_as_it_is_after_waiting_for_its_seats() {
+    let mesh = mesh(1, |_, _| {}).await;
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let alice = mesh.active_token(&concert_id, "alice").await;
+    let held = mesh
+        .hold(0, &alice, &schedule_id, &[7], "a-1")
+        .await
+        .unwrap();
+
+    let blocker = mesh.lock_seat(&schedule_id, 7).await;
+    // Alice cancels: ReleaseHold waits for seat 7 first ...
+    let release = tokio::spawn({
+        let mut public = mesh.concerts[0].public.clone();
+        let request = with_bearer(
+            pb::ReleaseHoldRequest {
+                hold_id: held.hold_id.clone(),
+            },
+            &alice,
+        );
+        async move { public.release_hold(request).await }
+    });
+    mesh.until_lock_waiters(1).await;
+    // ... and her HoldSeats from before, retried, waits behind it.
+    let retry = tokio::spawn({
+        let mut public = mesh.concerts[0].public.clone();
+        let request = with_bearer(
+            pb::HoldSeatsRequest {
+                schedule_id: schedule_id.clone(),
+                seat_numbers: vec![7],
+                request_id: "a-1".into(),
+            },
+            &alice,
+        );
+        async move { public.hold_seats(request).await }
+    });
+    mesh.until_lock_waiters(2).await;
+    blocker.commit().await.unwrap();
+
+    let released = release.await.unwrap().unwrap().into_inner().hold.unwrap();
+    assert_eq!(released.status(), pb::HoldStatus::Released);
+    let retried = retry.await.unwrap().unwrap().into_inner().hold.unwrap();
+    assert_eq!(retried.hold_id, held.hold_id);
+    assert_eq!(retried.status(), pb::HoldStatus::Released);
+}
