@@ -163,8 +163,16 @@ impl WaitingCache {
                 place: ticket.place,
                 create_time: ticket.create_time,
                 verified_at: now,
-                // Either the row's last_seen was recent, or the caller notes a heartbeat now.
-                seen_at: now,
+                // The caller notes a heartbeat now when one was due; otherwise the row's own
+                // `last_seen` is the last one written, and the next is due a heartbeat period
+                // after it. (Counting from this read instead let the written heartbeat fall up
+                // to two periods behind a fan's last poll, and the sweeper take a fan who had
+                // polled in time for a ghost.)
+                seen_at: if ticket.heartbeat_due {
+                    now
+                } else {
+                    now.checked_sub(ticket.seen_ago).unwrap_or(now)
+                },
             },
         );
     }
@@ -227,6 +235,7 @@ impl WaitingCache {
             expire_time: None,
             admitted_through: counters.admitted_through,
             heartbeat_due,
+            seen_ago: entry.seen_at.elapsed(),
         })
     }
 }
@@ -248,6 +257,7 @@ mod tests {
             expire_time: None,
             admitted_through: 0,
             heartbeat_due: false,
+            seen_ago: Duration::ZERO,
         }
     }
 
@@ -345,6 +355,28 @@ mod tests {
             "its newer stone is within the window"
         );
         assert_eq!(stones.order.len(), 2);
+    }
+
+    /// The next heartbeat is due a period after the last one written, not after the read
+    /// that found it: counted from the read, a poll answered from memory could go two
+    /// periods without noting the fan, and the sweeper take a fan who polled in time for a
+    /// ghost.
+    #[test]
+    fn a_heartbeat_falls_due_a_period_after_the_rows_last_seen() {
+        let period = Duration::from_millis(200);
+        let cache = WaitingCache::new(Duration::from_secs(60), period);
+        let mut ticket = waiting_ticket(10);
+        // Read from the row: last seen 150 ms ago, not due yet.
+        ticket.seen_ago = Duration::from_millis(150);
+        cache.remember(&ticket);
+        let first = cache.lookup(ticket.token, &board_at(0)).unwrap();
+        assert!(!first.heartbeat_due, "150 ms after the last heartbeat");
+
+        std::thread::sleep(Duration::from_millis(60));
+        let second = cache.lookup(ticket.token, &board_at(0)).unwrap();
+        assert!(second.heartbeat_due, "210 ms after the last heartbeat");
+        let third = cache.lookup(ticket.token, &board_at(0)).unwrap();
+        assert!(!third.heartbeat_due, "noted just now");
     }
 
     #[test]

@@ -52,8 +52,9 @@ pub struct QueueConfig {
     #[arg(long, env = "QUEUE_ACTIVE_TTL", default_value = DEFAULT_ACTIVE_TTL, value_parser = parse_duration)]
     pub active_ttl: Duration,
 
-    /// How long a WAITING fan may go without polling or watching before the token expires
-    /// (the sweeper allows a few heartbeat flushes on top: at most 8 s at the default).
+    /// How long a WAITING fan may go without polling or watching before the token expires.
+    /// A ghost goes at most a quarter of it later (heartbeats are written that coarsely) plus
+    /// a few heartbeat flushes (at most 8 s): 2m38s at the default.
     #[arg(long, env = "QUEUE_IDLE_TTL", default_value = DEFAULT_IDLE_TTL, value_parser = parse_duration)]
     pub idle_ttl: Duration,
 
@@ -128,11 +129,15 @@ impl QueueConfig {
     }
 
     /// How old a WAITING token's `last_seen` must be for the sweeper to expire it as a ghost:
-    /// the idle TTL plus four flush periods. A poll only notes the fan in memory and the
-    /// flusher writes it up to a period later, so a fan who polls just before the TTL is up
-    /// would otherwise be swept in between, losing a place it kept by polling in time.
+    /// the idle TTL, plus a heartbeat period, plus four flush periods.
+    /// - A poll or a watch writes `last_seen` only when the last write is a heartbeat period
+    ///   old, so the last write can be up to that much older than the fan's last sign of life;
+    ///   without this period, a fan silent for less than the TTL could be taken for a ghost.
+    /// - A poll only notes the fan in memory and the flusher writes it up to a flush period
+    ///   later, so a fan who polls just before the TTL is up would otherwise be swept in
+    ///   between, losing a place it kept by polling in time.
     pub fn ghost_after(&self) -> Duration {
-        self.idle_ttl + 4 * self.heartbeat_flush()
+        self.idle_ttl + self.heartbeat_every() + 4 * self.heartbeat_flush()
     }
 
     /// The token bucket's size: two ticks' worth of admissions (at least one fan), so that

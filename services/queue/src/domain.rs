@@ -77,6 +77,9 @@ pub struct Ticket {
     pub admitted_through: i64,
     /// Whether the token's `last_seen` is old enough to be refreshed.
     pub heartbeat_due: bool,
+    /// How long before this read its fan was last written as seen (`last_seen`): what a
+    /// replica's memory counts the next heartbeat from. Zero for a ticket just issued.
+    pub seen_ago: std::time::Duration,
 }
 
 impl Ticket {

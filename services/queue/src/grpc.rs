@@ -232,12 +232,17 @@ async fn watch(
 ) {
     let mut line = state.board.subscribe(&ticket.concert_id);
     let mut sent: Option<(TokenStatus, i64)> = None;
-    // An open stream is a fan still waiting, but it is noted for the heartbeat by the same
-    // coarse rule as a poll: when the row says it is due, then once per `heartbeat_every`
-    // while the stream stays open. Noting every watcher on every wake wrote every waiting
-    // row at every flush (10,000 watchers: 10,000 row writes every 2 s in the demo, each
-    // locking rows that admission then waited for).
-    let mut noted_at = tokio::time::Instant::now();
+    // An open stream is a fan still waiting, but it is noted for the heartbeat coarsely, as
+    // a poll is: when the row says it is due, then at each periodic check of the row (once
+    // per `heartbeat_every`) while the stream stays open, and once more when the fan goes
+    // away, so that the idle TTL counts from the stream's end. Noting every watcher on every
+    // wake wrote every waiting row at every flush (10,000 watchers: 10,000 row writes every
+    // 2 s in the demo, each locking rows that admission then waited for).
+    let last_seen = |ticket: &Ticket| {
+        if ticket.status == TokenStatus::Waiting {
+            state.heartbeats.seen(ticket.token);
+        }
+    };
     // When the stream last checked the ticket against its row (its first message may come
     // from a cache entry verified up to one period earlier).
     let mut verified_at = tokio::time::Instant::now();
@@ -257,18 +262,15 @@ async fn watch(
                 ticket: Some(ticket_to_proto(&ticket, &state.board)),
             };
             if !deliver(&sender, stopped.as_mut(), Ok(message)).await {
-                return;
+                return last_seen(&ticket);
             }
             sent = Some(current);
         }
         if ticket.status.is_final() {
             return; // ends the stream cleanly after the terminal status
         }
-        if ticket.status == TokenStatus::Waiting
-            && (ticket.heartbeat_due || noted_at.elapsed() >= state.policy.heartbeat_every)
-        {
-            state.heartbeats.seen(ticket.token);
-            noted_at = tokio::time::Instant::now();
+        if ticket.heartbeat_due {
+            last_seen(&ticket);
             ticket.heartbeat_due = false;
         }
 
@@ -287,7 +289,7 @@ async fn watch(
         };
         tokio::select! {
             _ = &mut stopped => return say_shutting_down(&sender),
-            _ = sender.closed() => return,
+            _ = sender.closed() => return last_seen(&ticket),
             _ = async {
                 pause.await;
                 let _ = line.changed().await;
@@ -323,7 +325,11 @@ async fn watch(
         verified_at = tokio::time::Instant::now();
         rung = false;
         match state.reader.read(ticket.token).await {
-            Ok(Some(fresh)) => ticket = fresh,
+            Ok(Some(fresh)) => {
+                ticket = fresh;
+                // The stream was open all along: its fan is there (noted at the loop's top).
+                ticket.heartbeat_due = ticket.status == TokenStatus::Waiting;
+            }
             Ok(None) => return,
             // A periodic check that fails is tried again next period: far-back watchers
             // must not all lose their streams to one slow moment of the database. The
@@ -534,6 +540,7 @@ mod tests {
             expire_time: Some(end),
             admitted_through: 1,
             heartbeat_due: false,
+            seen_ago: std::time::Duration::ZERO,
         }
     }
 

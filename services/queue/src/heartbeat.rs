@@ -4,8 +4,8 @@
 //! expired. Writing `last_seen` on every poll would turn 20,000 reads a second into 20,000
 //! writes, so a poll only notes the token in memory when its `last_seen` is older than a
 //! quarter of the TTL, and a flusher writes the noted tokens in one statement per period.
-//! The sweeper allows four periods on top of the TTL for that write to land
-//! (`QueueConfig::ghost_after`).
+//! The sweeper allows a heartbeat period on top of the TTL for that coarseness, and four
+//! flush periods for the write to land (`QueueConfig::ghost_after`).
 
 use std::{collections::HashSet, sync::Mutex, time::Duration};
 

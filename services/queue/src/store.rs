@@ -85,6 +85,7 @@ impl TicketRow {
             admitted_through: self.admitted_through,
             heartbeat_due: status == TokenStatus::Waiting
                 && self.idle_secs > heartbeat_every.as_secs_f64(),
+            seen_ago: std::time::Duration::try_from_secs_f64(self.idle_secs).unwrap_or_default(),
         }
     }
 }
@@ -431,6 +432,7 @@ pub async fn issue_batch(
                     expire_time: None,
                     admitted_through: 0,
                     heartbeat_due: false,
+                    seen_ago: std::time::Duration::ZERO,
                 }),
         );
     }

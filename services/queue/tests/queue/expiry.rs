@@ -179,14 +179,20 @@ async fn a_window_that_ends_while_the_fan_asks_again_gets_a_new_token() {
 
 #[tokio::test]
 async fn a_fan_who_polls_just_before_the_idle_deadline_keeps_the_place() {
-    // A poll only notes the fan in memory; the heartbeat flusher writes `last_seen` up to a
-    // flush period later. The sweeper used to expire at exactly the idle TTL, so a fan who
-    // polled in time could be swept before the write landed. A trigger slows every flush by
-    // 300 ms, which puts the write past the TTL every time.
+    // Two things put a fan's written `last_seen` behind the fan's last poll, and the sweeper
+    // must allow for both:
+    // - a poll notes a heartbeat only when the last one written is a heartbeat period old,
+    //   so a fan's last poll may be up to a period after the last write (the sweeper used to
+    //   count the TTL from the write);
+    // - a poll only notes the fan in memory, and the flusher writes it up to a flush period
+    //   later (the sweeper used to expire at exactly the TTL, before the write landed). A
+    //   trigger slows every flush by 250 ms, which puts the write late every time.
+    // The fan below is never silent for the TTL: polls at 0.45 s, 2.3 s and 3.7 s after
+    // entering (gaps of 0.45 s, 1.85 s and 1.4 s against a TTL of 2 s).
     let database = TestDatabase::create().await;
     let queue = open_line(&database, |settings| {
         settings.max_active = 1;
-        // Heartbeats every 500 ms, flushed every 125 ms; ghosts after 2 s + 4 flushes.
+        // Heartbeats every 500 ms, flushed every 125 ms; ghosts after 2 s + 500 ms + 4 flushes.
         settings.idle_ttl = Duration::from_secs(2);
         settings.tick = Duration::from_millis(10);
     })
@@ -197,7 +203,7 @@ async fn a_fan_who_polls_just_before_the_idle_deadline_keeps_the_place() {
         // protects nothing from the sweeper while it sleeps.
         "CREATE FUNCTION queue.slow_flush() RETURNS trigger LANGUAGE plpgsql AS
            $$ BEGIN
-                IF current_query() LIKE '%SET last_seen%' THEN PERFORM pg_sleep(0.3); END IF;
+                IF current_query() LIKE '%SET last_seen%' THEN PERFORM pg_sleep(0.25); END IF;
                 RETURN NULL;
               END $$",
         "CREATE TRIGGER slow_flush BEFORE UPDATE ON queue.tokens FOR EACH STATEMENT
@@ -212,14 +218,21 @@ async fn a_fan_who_polls_just_before_the_idle_deadline_keeps_the_place() {
     assert_eq!(holder.status(), pb::TokenStatus::Active);
     assert_eq!(fan.status(), pb::TokenStatus::Waiting);
 
-    // Silent for most of the TTL, then one poll, read from the row (the replica's memory
-    // trusts it for a quarter of the TTL only), and silent again for less than the TTL.
-    tokio::time::sleep(Duration::from_millis(1_800)).await;
+    let entered = tokio::time::Instant::now();
+    // Answered from memory (it trusts the ticket for a heartbeat period): the written
+    // heartbeat is the one IssueToken wrote, and a poll so soon after notes no other.
+    tokio::time::sleep_until(entered + Duration::from_millis(450)).await;
     assert_eq!(
         queue.status(&fan.token).await.status(),
         pb::TokenStatus::Waiting
     );
-    tokio::time::sleep(Duration::from_millis(1_400)).await;
+    // Silent for most of the TTL, then a poll read from the row, which notes the fan.
+    tokio::time::sleep_until(entered + Duration::from_millis(2_300)).await;
+    assert_eq!(
+        queue.status(&fan.token).await.status(),
+        pb::TokenStatus::Waiting
+    );
+    tokio::time::sleep_until(entered + Duration::from_millis(3_700)).await;
     assert_eq!(
         queue.status(&fan.token).await.status(),
         pb::TokenStatus::Waiting,
@@ -294,7 +307,8 @@ async fn a_fan_read_as_waiting_is_not_expired_as_a_ghost_later_in_the_same_batch
     let database = TestDatabase::create().await;
     let queue = open_line(&database, |settings| {
         settings.max_active = 2;
-        settings.idle_ttl = Duration::from_secs(2); // ghosts after 2.5 s
+        // Ghosts after 3 s: the TTL, a heartbeat period (500 ms), four flushes (500 ms).
+        settings.idle_ttl = Duration::from_secs(2);
         settings.tick = Duration::from_secs(3_600); // no background sweep
     })
     .await;
@@ -320,12 +334,12 @@ async fn a_fan_read_as_waiting_is_not_expired_as_a_ghost_later_in_the_same_batch
     let admin = database.admin().await;
     for statement in [
         // `stalled`'s window has ended, `fan`'s ends during the stall, and `idle` crosses
-        // the ghost deadline (2.5 s) half a second into it.
+        // the ghost deadline (3 s) half a second into it.
         "UPDATE queue.tokens SET expire_time = CASE user_id
              WHEN 'stalled' THEN now() - interval '1 second'
              ELSE now() + interval '300 milliseconds' END
           WHERE user_id IN ('stalled', 'fan')",
-        "UPDATE queue.tokens SET last_seen = now() - interval '2 seconds' WHERE user_id = 'idle'",
+        "UPDATE queue.tokens SET last_seen = now() - interval '2.5 seconds' WHERE user_id = 'idle'",
     ] {
         sqlx::query(statement).execute(&admin).await.unwrap();
     }

@@ -193,3 +193,38 @@ async fn line_of(queue: &Queue, count: usize) -> Vec<pb::QueueTicket> {
     tickets.sort_by_key(|ticket| ticket.place);
     tickets
 }
+
+/// Watching is being there: a fan who watched for longer than the idle TTL, then closed the
+/// stream, keeps the place for the TTL after closing. (The watch writes its fan's heartbeat
+/// once per heartbeat period and when the stream ends; a watch that noted nothing would let
+/// the sweeper take the fan a TTL after entering.)
+#[tokio::test]
+async fn a_fan_who_stops_watching_keeps_the_place_for_the_idle_ttl() {
+    let database = TestDatabase::create().await;
+    let queue = open_line(&database, |settings| {
+        settings.max_active = 1;
+        settings.idle_ttl = Duration::from_secs(2); // heartbeats every 500 ms
+        settings.tick = Duration::from_millis(10);
+    })
+    .await;
+    let holder = queue.issue("c", "holder").await; // ACTIVE, holds the only slot
+    let fan = queue.issue("c", "fan").await;
+    let entered = tokio::time::Instant::now();
+    let mut stream = watch(&queue, &fan.token).await;
+    assert_eq!(
+        next(&mut stream).await.unwrap().status(),
+        pb::TokenStatus::Waiting
+    );
+    tokio::time::sleep_until(entered + Duration::from_millis(2_450)).await;
+    drop(stream);
+    let closed = tokio::time::Instant::now();
+
+    tokio::time::sleep_until(closed + Duration::from_millis(1_900)).await;
+    assert_eq!(
+        queue.status(&fan.token).await.status(),
+        pb::TokenStatus::Waiting,
+        "a fan silent for less than the TTL since the stream closed was swept as a ghost"
+    );
+    queue.complete(&holder.token).await.unwrap();
+    assert_eq!(queue.validate(&fan.token).await.unwrap().user_id, "fan");
+}
