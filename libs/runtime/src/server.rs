@@ -67,6 +67,27 @@ fn accepted(listener: TcpListener) -> TcpIncoming {
         .with_keepalive(Some(std::time::Duration::from_secs(60)))
 }
 
+/// How often the server pings each connection's peer over HTTP/2, and how long it waits for
+/// the answer before it closes the connection. A fan's phone that vanishes mid-watch (out of
+/// coverage, an app killed without a goodbye, a NAT entry dropped) sends no FIN: without a
+/// ping its watch streams stay open, keeping the fan alive for the waiting room, until TCP's
+/// own keepalive gives up after some twelve minutes on Linux's defaults. With one, the
+/// streams end within 40 s and the idle TTL starts counting. The pings also keep a quiet
+/// stream's NAT entries and proxies from timing it out. Every HTTP/2 peer answers them by
+/// itself, and a client's gRPC library does not limit pings from a server.
+pub const KEEPALIVE: Keepalive = Keepalive {
+    interval: Duration::from_secs(30),
+    timeout: Duration::from_secs(10),
+};
+
+/// HTTP/2 keepalive pings: one every `interval` of silence, and the connection closed when
+/// one is not answered within `timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
 /// How long a stopping server lets calls in flight finish before it closes their
 /// connections: longer than a unary call takes with the default settings (Pay's longest is
 /// its 10 s of patience plus one 5 s call), shorter than the 30 s an orchestrator commonly
@@ -79,6 +100,7 @@ pub struct GrpcServer {
     routes: RoutesBuilder,
     service_names: Vec<&'static str>,
     drain_limit: Duration,
+    keepalive: Keepalive,
     detached: Detached,
 }
 
@@ -88,6 +110,7 @@ impl Default for GrpcServer {
             routes: RoutesBuilder::default(),
             service_names: Vec::new(),
             drain_limit: DRAIN_LIMIT,
+            keepalive: KEEPALIVE,
             detached: Detached::default(),
         }
     }
@@ -109,6 +132,12 @@ impl GrpcServer {
     /// Replaces [`DRAIN_LIMIT`], the time calls in flight get once shutdown begins.
     pub fn drain_limit(mut self, limit: Duration) -> Self {
         self.drain_limit = limit;
+        self
+    }
+
+    /// Replaces [`KEEPALIVE`], how peers that vanished are found.
+    pub fn keepalive(mut self, keepalive: Keepalive) -> Self {
+        self.keepalive = keepalive;
         self
     }
 
@@ -234,6 +263,7 @@ impl GrpcServer {
             mut routes,
             service_names,
             drain_limit,
+            keepalive,
             detached: _,
         } = self;
         let local_addr: Option<SocketAddr> = listener.local_addr().ok();
@@ -324,6 +354,8 @@ impl GrpcServer {
             // fan's watch holds a stream, so a cap like hyper's own 200 would queue the next
             // watch, and every call behind it on that connection, until a watch ended.
             .max_concurrent_streams(None)
+            .http2_keepalive_interval(Some(keepalive.interval))
+            .http2_keepalive_timeout(Some(keepalive.timeout))
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, stopping);
         tokio::pin!(serving);

@@ -1,7 +1,12 @@
 //! The shared gRPC server under a burst: many calls at once over ONE connection, as a
 //! service replica's calls to another (a thousand fans' token checks) or a BFF's arrive.
 
-use stagedoor_runtime::{server::GrpcServer, ShutdownTrigger};
+use std::time::Duration;
+
+use stagedoor_runtime::{
+    server::{GrpcServer, Keepalive},
+    ShutdownTrigger,
+};
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
 };
@@ -354,4 +359,88 @@ async fn tasks_that_end_with_their_service_are_no_failure() {
             .unwrap();
         server.shutdown().await.expect("a clean stop");
     }
+}
+
+/// A peer that vanishes without closing its connection (a phone out of coverage) is found by
+/// the server's HTTP/2 pings: the connection is closed, and the streams on it (a fan's
+/// watch) end, instead of staying open until TCP's keepalive gives up minutes later. Here a
+/// proxy between client and server stops passing bytes while keeping both sockets open: the
+/// server's pings go unanswered.
+#[tokio::test]
+async fn a_peer_that_stops_answering_is_cut_off_by_keepalive_pings() {
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_addr = listener.local_addr().unwrap();
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let keepalive = Keepalive {
+        interval: Duration::from_millis(200),
+        timeout: Duration::from_millis(200),
+    };
+    let server = tokio::spawn(
+        GrpcServer::new()
+            .keepalive(keepalive)
+            .serve(listener, shutdown),
+    );
+
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let (server_closed, closed) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn({
+        let frozen = frozen.clone();
+        async move {
+            let (client, _) = proxy.accept().await.unwrap();
+            let upstream = tokio::net::TcpStream::connect(server_addr).await.unwrap();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = upstream.into_split();
+            let upward = tokio::spawn({
+                let frozen = frozen.clone();
+                async move {
+                    let mut buffer = vec![0; 16 * 1024];
+                    while let Ok(read) = client_read.read(&mut buffer).await {
+                        if read == 0 || frozen.load(Ordering::SeqCst) {
+                            break; // the client's bytes (its ping answers) go nowhere
+                        }
+                        if server_write.write_all(&buffer[..read]).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Both sockets stay open: nothing tells the server the client is gone.
+                    std::future::pending::<()>().await;
+                    drop((client_read, server_write));
+                }
+            });
+            let mut buffer = vec![0; 16 * 1024];
+            loop {
+                match server_read.read(&mut buffer).await {
+                    Ok(0) | Err(_) => break,
+                    // Frozen: the server's bytes (its pings) are read and dropped.
+                    Ok(_) if frozen.load(Ordering::SeqCst) => {}
+                    Ok(read) => {
+                        if client_write.write_all(&buffer[..read]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = server_closed.send(());
+            upward.abort();
+        }
+    });
+
+    // A watch through the proxy, as a fan's phone would hold one.
+    let _watch = watch_serving(&format!("http://{proxy_addr}")).await;
+    frozen.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("the server closed the silent peer's connection within 5 s")
+        .unwrap();
+
+    trigger.fire();
+    server.await.unwrap().unwrap();
 }
