@@ -54,7 +54,9 @@ pub struct QueueConfig {
 
     /// How long a WAITING fan may go without polling or watching before the token expires.
     /// A ghost goes at most a quarter of it later (heartbeats are written that coarsely) plus
-    /// a few heartbeat flushes (at most 8 s): 2m38s at the default.
+    /// five heartbeat flushes (at most 10 s): 2m40s after its last poll at the default. A
+    /// watcher's silence counts from the stream's end (for a phone that vanished, the server
+    /// finds the dead connection within 40 s: `server::KEEPALIVE`).
     #[arg(long, env = "QUEUE_IDLE_TTL", default_value = DEFAULT_IDLE_TTL, value_parser = parse_duration)]
     pub idle_ttl: Duration,
 

@@ -233,14 +233,25 @@ async fn watch(
     let mut line = state.board.subscribe(&ticket.concert_id);
     let mut sent: Option<(TokenStatus, i64)> = None;
     // An open stream is a fan still waiting, but it is noted for the heartbeat coarsely, as
-    // a poll is: when the row says it is due, then at each periodic check of the row (once
-    // per `heartbeat_every`) while the stream stays open, and once more when the fan goes
-    // away, so that the idle TTL counts from the stream's end. Noting every watcher on every
-    // wake wrote every waiting row at every flush (10,000 watchers: 10,000 row writes every
-    // 2 s in the demo, each locking rows that admission then waited for).
-    let last_seen = |ticket: &Ticket| {
-        if ticket.status == TokenStatus::Waiting {
+    // a poll is: whenever the last write is a heartbeat period old, looked at when the stream
+    // opens, at each periodic check of the row and when the fan goes away. So when a stream
+    // ends, its fan's last write is at most a period old, which the sweeper allows for
+    // (`QueueConfig::ghost_after`): the idle TTL counts from the stream's end. Noting every
+    // watcher on every wake wrote every waiting row at every flush (10,000 watchers: 10,000
+    // row writes every 2 s in the demo, each locking rows that admission then waited for),
+    // and noting every stream's end wrote a row per fan whenever a sale ended or a
+    // connection dropped.
+    let heartbeat_every = state.policy.heartbeat_every;
+    // When the fan was last written as seen (or noted, to be written), by this clock.
+    let mut noted_at = tokio::time::Instant::now()
+        .checked_sub(ticket.seen_ago)
+        .unwrap_or_else(tokio::time::Instant::now);
+    let note_if_due = |ticket: &Ticket, noted_at: &mut tokio::time::Instant| {
+        if ticket.status == TokenStatus::Waiting
+            && (ticket.heartbeat_due || noted_at.elapsed() >= heartbeat_every)
+        {
             state.heartbeats.seen(ticket.token);
+            *noted_at = tokio::time::Instant::now();
         }
     };
     // When the stream last checked the ticket against its row (its first message may come
@@ -262,17 +273,15 @@ async fn watch(
                 ticket: Some(ticket_to_proto(&ticket, &state.board)),
             };
             if !deliver(&sender, stopped.as_mut(), Ok(message)).await {
-                return last_seen(&ticket);
+                return note_if_due(&ticket, &mut noted_at);
             }
             sent = Some(current);
         }
         if ticket.status.is_final() {
             return; // ends the stream cleanly after the terminal status
         }
-        if ticket.heartbeat_due {
-            last_seen(&ticket);
-            ticket.heartbeat_due = false;
-        }
+        note_if_due(&ticket, &mut noted_at);
+        ticket.heartbeat_due = false;
 
         // Wait for something that can change the ticket. A WAITING ticket moves with its
         // line; an ACTIVE one ends at its window's end or when its fan pays, which a slow
@@ -289,7 +298,7 @@ async fn watch(
         };
         tokio::select! {
             _ = &mut stopped => return say_shutting_down(&sender),
-            _ = sender.closed() => return last_seen(&ticket),
+            _ = sender.closed() => return note_if_due(&ticket, &mut noted_at),
             _ = async {
                 pause.await;
                 let _ = line.changed().await;
@@ -326,9 +335,12 @@ async fn watch(
         rung = false;
         match state.reader.read(ticket.token).await {
             Ok(Some(fresh)) => {
+                // The row may have been written since (a poll, another replica's watch).
+                if let Some(written) = tokio::time::Instant::now().checked_sub(fresh.seen_ago) {
+                    noted_at = noted_at.max(written);
+                }
                 ticket = fresh;
-                // The stream was open all along: its fan is there (noted at the loop's top).
-                ticket.heartbeat_due = ticket.status == TokenStatus::Waiting;
+                // Noted at the loop's top when due: the stream was open all along.
             }
             Ok(None) => return,
             // A periodic check that fails is tried again next period: far-back watchers
@@ -337,6 +349,8 @@ async fn watch(
             Err(error) if behind => {
                 tracing::warn!(token = %ticket.token, %error, "a watch's periodic check failed; trying again next period");
                 ticket.admitted_through = ticket.admitted_through.max(counters.admitted_through);
+                // The stream is open all the same: its fan is there.
+                note_if_due(&ticket, &mut noted_at);
             }
             Err(error) => {
                 deliver(&sender, stopped.as_mut(), Err(error.into())).await;

@@ -186,14 +186,14 @@ async fn a_fan_who_polls_just_before_the_idle_deadline_keeps_the_place() {
     //   count the TTL from the write);
     // - a poll only notes the fan in memory, and the flusher writes it up to a flush period
     //   later (the sweeper used to expire at exactly the TTL, before the write landed). A
-    //   trigger slows every flush by 250 ms, which puts the write late every time.
-    // The fan below is never silent for the TTL: polls at 0.45 s, 2.3 s and 3.7 s after
-    // entering (gaps of 0.45 s, 1.85 s and 1.4 s against a TTL of 2 s).
+    //   trigger slows every flush by 500 ms, which puts the write late every time.
+    // The fan below is never silent for the TTL: polls at 0.9 s, 4.6 s and 7.4 s after
+    // entering (gaps of 0.9 s, 3.7 s and 2.8 s against a TTL of 4 s).
     let database = TestDatabase::create().await;
     let queue = open_line(&database, |settings| {
         settings.max_active = 1;
-        // Heartbeats every 500 ms, flushed every 125 ms; ghosts after 2 s + 500 ms + 4 flushes.
-        settings.idle_ttl = Duration::from_secs(2);
+        // Heartbeats every 1 s, flushed every 250 ms; ghosts after 4 s + 1 s + 4 flushes.
+        settings.idle_ttl = Duration::from_secs(4);
         settings.tick = Duration::from_millis(10);
     })
     .await;
@@ -203,7 +203,7 @@ async fn a_fan_who_polls_just_before_the_idle_deadline_keeps_the_place() {
         // protects nothing from the sweeper while it sleeps.
         "CREATE FUNCTION queue.slow_flush() RETURNS trigger LANGUAGE plpgsql AS
            $$ BEGIN
-                IF current_query() LIKE '%SET last_seen%' THEN PERFORM pg_sleep(0.25); END IF;
+                IF current_query() LIKE '%SET last_seen%' THEN PERFORM pg_sleep(0.5); END IF;
                 RETURN NULL;
               END $$",
         "CREATE TRIGGER slow_flush BEFORE UPDATE ON queue.tokens FOR EACH STATEMENT
@@ -221,18 +221,18 @@ async fn a_fan_who_polls_just_before_the_idle_deadline_keeps_the_place() {
     let entered = tokio::time::Instant::now();
     // Answered from memory (it trusts the ticket for a heartbeat period): the written
     // heartbeat is the one IssueToken wrote, and a poll so soon after notes no other.
-    tokio::time::sleep_until(entered + Duration::from_millis(450)).await;
+    tokio::time::sleep_until(entered + Duration::from_millis(900)).await;
     assert_eq!(
         queue.status(&fan.token).await.status(),
         pb::TokenStatus::Waiting
     );
     // Silent for most of the TTL, then a poll read from the row, which notes the fan.
-    tokio::time::sleep_until(entered + Duration::from_millis(2_300)).await;
+    tokio::time::sleep_until(entered + Duration::from_millis(4_600)).await;
     assert_eq!(
         queue.status(&fan.token).await.status(),
         pb::TokenStatus::Waiting
     );
-    tokio::time::sleep_until(entered + Duration::from_millis(3_700)).await;
+    tokio::time::sleep_until(entered + Duration::from_millis(7_400)).await;
     assert_eq!(
         queue.status(&fan.token).await.status(),
         pb::TokenStatus::Waiting,

@@ -195,9 +195,10 @@ async fn line_of(queue: &Queue, count: usize) -> Vec<pb::QueueTicket> {
 }
 
 /// Watching is being there: a fan who watched for longer than the idle TTL, then closed the
-/// stream, keeps the place for the TTL after closing. (The watch writes its fan's heartbeat
-/// once per heartbeat period and when the stream ends; a watch that noted nothing would let
-/// the sweeper take the fan a TTL after entering.)
+/// stream, keeps the place for the TTL after closing. (A watch that noted nothing would let
+/// the sweeper take the fan a TTL after entering, and this test catches that. The note at a
+/// stream's end matters only when the last write is over a heartbeat period old, which at
+/// this TTL the periodic notes never leave: it is not what this test checks.)
 #[tokio::test]
 async fn a_fan_who_stops_watching_keeps_the_place_for_the_idle_ttl() {
     let database = TestDatabase::create().await;
