@@ -155,7 +155,8 @@ impl From<sqlx::Error> for ApiError {
     /// Database failures a service did not handle itself. Lost races become ABORTED (safe to
     /// retry), an unreachable or exhausted database UNAVAILABLE, everything else INTERNAL.
     fn from(error: sqlx::Error) -> Self {
-        match sqlstate(&error).as_deref() {
+        let state = sqlstate(&error);
+        match state.as_deref() {
             Some(UNIQUE_VIOLATION) => {
                 return ApiError::new(
                     Code::AlreadyExists,
@@ -182,7 +183,7 @@ impl From<sqlx::Error> for ApiError {
         let unavailable = matches!(
             error,
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
-        ) || sqlstate(&error).is_some_and(|code| server_unavailable(&code));
+        ) || state.as_deref().is_some_and(server_unavailable);
         if unavailable {
             tracing::warn!(%error, "database unavailable");
             return ApiError::new(
