@@ -178,15 +178,14 @@ async fn advance(
     policy: &AdmissionPolicy,
     line: &mut LockedLine,
 ) -> Result<usize, sqlx::Error> {
-    let since_refill = expire_ended(tx, policy, line).await?;
-    Ok(admit(tx, policy, line, since_refill).await?.len())
+    let swept = expire_ended(tx, policy, line).await?;
+    Ok(admit(tx, policy, line, swept.since_refill).await?.len())
 }
 
 /// Expires the line's ACTIVE tokens whose window has passed (their slots are free for the
-/// next admission) and its ghosts (WAITING fans who stopped polling), and returns the seconds
-/// since the rate bucket was last refilled. The clock is read by this statement, *after* the
-/// lock was granted, so the bucket refills by the time that really passed since the previous
-/// holder saved it.
+/// next admission) and its ghosts (WAITING fans who stopped polling). Says when (see
+/// [`Swept`]). The clock is read by this statement, *after* the lock was granted, so the
+/// bucket refills by the time that really passed since the previous holder saved it.
 ///
 /// Every holder of the line lock runs this before admitting, not only the background tick:
 /// the tick takes the lock with SKIP LOCKED, and in a long rush over two replicas the line
@@ -197,8 +196,8 @@ async fn expire_ended(
     tx: &mut Transaction<'_, Postgres>,
     policy: &AdmissionPolicy,
     line: &mut LockedLine,
-) -> Result<f64, sqlx::Error> {
-    let (expired, since_refill): (i64, f64) = sqlx::query_as(
+) -> Result<Swept, sqlx::Error> {
+    let (expired, since_refill, clock): (i64, f64, DateTime<Utc>) = sqlx::query_as(
         "WITH expired AS (
              UPDATE tokens SET status = 'EXPIRED', end_time = statement_timestamp()
               WHERE concert_id = $1 AND status = 'ACTIVE' AND expire_time <= statement_timestamp()
@@ -216,7 +215,8 @@ async fn expire_ended(
                 AND last_seen < now() - make_interval(secs => $2)
              RETURNING 1)
          SELECT (SELECT count(*) FROM expired),
-                greatest(extract(epoch FROM clock_timestamp() - rate_updated_at)::float8, 0)
+                greatest(extract(epoch FROM clock_timestamp() - rate_updated_at)::float8, 0),
+                statement_timestamp()
            FROM lines WHERE concert_id = $1",
     )
     // Prepared: each part matches its partial index exactly (`tokens_active_by_expiry`,
@@ -229,7 +229,19 @@ async fn expire_ended(
     .fetch_one(&mut **tx)
     .await?;
     line.active_count -= expired;
-    Ok(since_refill)
+    Ok(Swept {
+        since_refill,
+        clock,
+    })
+}
+
+/// What [`expire_ended`] did, as its caller needs it.
+struct Swept {
+    /// Seconds since the rate bucket was last refilled.
+    since_refill: f64,
+    /// The clock the pass expired windows by: every ACTIVE window that ended by then is
+    /// EXPIRED now.
+    clock: DateTime<Utc>,
 }
 
 /// A token admitted by [`admit`].
@@ -358,7 +370,7 @@ pub async fn issue_batch(
     // Under the line lock nobody else can insert a token for this concert, so checking for
     // live tokens and then inserting is race-free (the partial unique index backs it anyway).
     // Windows that passed are expired first so their fans get a new token, not a dead one.
-    let mut since_refill = expire_ended(&mut tx, policy, &mut line).await?;
+    let mut since_refill = expire_ended(&mut tx, policy, &mut line).await?.since_refill;
     let mut tickets: Vec<Ticket> = sqlx::query_as::<_, TicketRow>(&format!(
         "{TICKET_SELECT}
           WHERE t.user_id = ANY($2) AND t.concert_id = $1 AND t.status IN ('WAITING', 'ACTIVE')"
@@ -374,14 +386,21 @@ pub async fn issue_batch(
     .collect();
     // Each statement has its own clock, so a window that ended between the expiry above and
     // this read reads EXPIRED here while its row is still ACTIVE. Its fan is owed a new
-    // token, not the dead one: expire it now (this clock is later still) and count the fan
-    // as new, which the unique index allows once the row is EXPIRED.
+    // token, not the dead one: expire it now and count the fan as new, which the unique
+    // index allows once the row is EXPIRED. This pass's clock is later still, so it may also
+    // end windows this read saw ACTIVE: those fans are owed a new token just the same, and
+    // must not be told ACTIVE of a row that is EXPIRED when the answer leaves.
     if tickets
         .iter()
         .any(|ticket| ticket.status == TokenStatus::Expired)
     {
-        since_refill = expire_ended(&mut tx, policy, &mut line).await?;
-        tickets.retain(|ticket| ticket.status != TokenStatus::Expired);
+        let swept = expire_ended(&mut tx, policy, &mut line).await?;
+        since_refill = swept.since_refill;
+        tickets.retain(|ticket| match ticket.status {
+            TokenStatus::Expired => false,
+            TokenStatus::Active => ticket.expire_time.is_some_and(|end| end > swept.clock),
+            _ => true,
+        });
     }
 
     // Everything from here to the commit runs under the line lock, so it stays linear in the
