@@ -26,7 +26,8 @@ const RATE_MIN_SPAN: Duration = Duration::from_secs(1);
 
 struct LineEntry {
     counters: watch::Sender<LineCounters>,
-    /// When the counters were last read from Postgres (`None`: never, only subscribed).
+    /// When the query that last read the counters from Postgres started (`None`: never,
+    /// only subscribed).
     refreshed_at: Option<Instant>,
     /// (when, admitted_total) samples within RATE_WINDOW, oldest first.
     samples: VecDeque<(Instant, i64)>,
@@ -148,14 +149,15 @@ impl LineBoard {
             .collect()
     }
 
-    fn apply(&self, now: Instant, rows: Vec<(String, LineCounters)>) {
+    /// Takes in counters read from Postgres by a query started at `read_at`.
+    fn apply(&self, read_at: Instant, rows: Vec<(String, LineCounters)>) {
         let mut lines = self.lines.lock().expect("board poisoned");
         let mut present = Vec::with_capacity(rows.len());
         for (concert_id, counters) in rows {
             let entry = lines
                 .entry(concert_id.clone())
                 .or_insert_with(|| LineEntry::new(counters));
-            entry.refreshed_at = Some(now);
+            entry.refreshed_at = Some(read_at);
             entry.counters.send_if_modified(|current| {
                 let changed = *current != counters;
                 *current = counters;
@@ -164,11 +166,11 @@ impl LineBoard {
             // After the counters: a woken watcher reads the new pointer.
             entry.wake_reached();
             entry.forget_gone_watchers();
-            entry.samples.push_back((now, counters.admitted_total));
+            entry.samples.push_back((read_at, counters.admitted_total));
             while entry
                 .samples
                 .front()
-                .is_some_and(|(at, _)| now.duration_since(*at) > RATE_WINDOW)
+                .is_some_and(|(at, _)| read_at.duration_since(*at) > RATE_WINDOW)
             {
                 entry.samples.pop_front();
             }
@@ -184,8 +186,12 @@ impl LineBoard {
     pub async fn run_refresher(&self, pool: PgPool, period: Duration, shutdown: Shutdown) {
         shutdown
             .every(period, || async {
+                // Stamped when asked, not when answered: the counters are as old as the
+                // query's snapshot, and a slow refresh must not pass for a fresh one in
+                // `fresh_counters` (nor skew the rate samples by its own duration).
+                let asked = Instant::now();
                 match store::line_counters(&pool, &self.watched()).await {
-                    Ok(rows) => self.apply(Instant::now(), rows),
+                    Ok(rows) => self.apply(asked, rows),
                     Err(error) => tracing::warn!(%error, "line board refresh failed"),
                 }
             })
