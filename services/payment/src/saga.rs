@@ -257,7 +257,9 @@ impl Saga {
                 failure: None,
             }),
             // Refused (short of points, amount out of range): nothing was taken, so there is
-            // nothing to undo, and the hold stays held for the fan to try again.
+            // nothing to undo, and the hold stays held for the fan to try again. Final: the
+            // point service keeps a refusal for want of points as the payment's outcome, so
+            // an earlier attempt of this call that reaches it late cannot spend after this.
             Err(Failure::Refused { reason, message }) => Next::Record(Advance {
                 to: Step::Done,
                 status: Status::Failed,

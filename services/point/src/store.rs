@@ -4,8 +4,9 @@
 //! `ledger` row. The UPDATE takes the wallet's row lock, so a user's changes are serialised
 //! across every replica, and its WHERE clause is the rule itself (`balance >= amount` for a
 //! spend, `balance + amount <= cap` for a charge): no read-then-write race can exist.
-//! Idempotency is enforced by unique indexes on the ledger; a request that loses the race
-//! to insert its entry is undone whole and returns the winner's entry.
+//! Idempotency is enforced by unique indexes (on the ledger, and on `spend_outcomes` for a
+//! spend's refusal); a request that loses the race to insert its entry is undone whole and
+//! returns the winner's entry.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres};
@@ -175,12 +176,15 @@ fn replay_charge(entry: Entry, amount: i64) -> Result<Entry, PointError> {
     }
 }
 
-/// Takes `amount` from the user's wallet for a payment, once per payment.
+/// Takes `amount` from the user's wallet for a payment, once per payment: the first outcome,
+/// spent or refused for want of points, is the payment's for good (`spend_outcomes`).
 ///
 /// `amount` is at least 1 and `balance_cap` today's cap, the most a spend may take. As for
 /// [`charge`], a repeated spend is answered with its entry whatever the cap is now: the
 /// payment saga replays SpendPoints after a crash and takes a refusal as final, so an
 /// AMOUNT_OUT_OF_RANGE there would fail a payment whose points were spent and seats sold.
+/// For the same reason a refusal is recorded and repeated, even once the balance would
+/// cover the amount: a late attempt must not spend for a payment that has failed.
 pub async fn spend(
     pool: &PgPool,
     user_id: &str,
@@ -191,12 +195,16 @@ pub async fn spend(
     if amount <= balance_cap {
         // `balance >= $2` in the UPDATE is the rule: concurrent spends queue on the row lock
         // and each re-checks it against the balance the previous one left, so none goes
-        // below zero.
+        // below zero. The outcome's insert is what undoes the whole statement when the
+        // payment already has one (spent, or refused by an attempt that got there first).
         let sql = format!(
             "WITH wallet AS (
                  UPDATE wallets SET balance = balance - $2, update_time = now()
                   WHERE user_id = $1 AND balance >= $2
-                 RETURNING balance)
+                 RETURNING balance),
+             decided AS (
+                 INSERT INTO spend_outcomes (payment_id, user_id, amount, refused)
+                 SELECT $3, $1, $2, false FROM wallet)
              INSERT INTO ledger (user_id, kind, amount, balance_after, payment_id)
              SELECT $1, 'SPEND', -$2, balance, $3 FROM wallet
              RETURNING {ENTRY_COLUMNS}"
@@ -205,30 +213,51 @@ pub async fn spend(
             .bind(user_id)
             .bind(amount)
             .bind(payment_id);
-        if let Applied::Done(entry) = apply(statement, pool).await? {
-            return Ok(entry);
+        match apply(statement, pool).await? {
+            Applied::Done(entry) => return Ok(entry),
+            // Short of points: the refusal becomes the payment's outcome, unless another
+            // attempt decided first (then nothing is inserted, and its outcome is read).
+            Applied::Refused => {
+                sqlx::query(
+                    "INSERT INTO spend_outcomes (payment_id, user_id, amount, refused)
+                     VALUES ($1, $2, $3, true)
+                     ON CONFLICT (payment_id) DO NOTHING",
+                )
+                .bind(payment_id)
+                .bind(user_id)
+                .bind(amount)
+                .execute(pool)
+                .await?;
+            }
+            Applied::AlreadyDone => {}
         }
     }
-    if let Some(entry) = payment_entry(pool, payment_id, EntryKind::Spend).await? {
-        return replay_spend(entry, user_id, amount);
-    }
-    if amount > balance_cap {
-        return Err(PointError::AmountOutOfRange {
+    let outcome: Option<(String, i64, bool)> =
+        sqlx::query_as("SELECT user_id, amount, refused FROM spend_outcomes WHERE payment_id = $1")
+            .bind(payment_id)
+            .fetch_optional(pool)
+            .await?;
+    match outcome {
+        Some((spender, spent, _)) if spender != user_id || spent != amount => {
+            Err(PointError::IdempotencyKeyReused { key: "payment_id" })
+        }
+        Some((_, _, false)) => Ok(payment_entry(pool, payment_id, EntryKind::Spend)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)?),
+        // Refused now or before. The balance said is today's (advisory: a charge may have
+        // landed since the refusal).
+        Some((_, _, true)) => {
+            let balance = balance(pool, user_id)
+                .await?
+                .map_or(0, |(balance, _)| balance);
+            Err(PointError::InsufficientBalance { balance, amount })
+        }
+        // Over today's cap, and never decided before: nothing is recorded, since the cap is
+        // configuration, not the wallet.
+        None => Err(PointError::AmountOutOfRange {
             amount,
             max: balance_cap,
-        });
-    }
-    let balance = balance(pool, user_id)
-        .await?
-        .map_or(0, |(balance, _)| balance);
-    Err(PointError::InsufficientBalance { balance, amount })
-}
-
-fn replay_spend(entry: Entry, user_id: &str, amount: i64) -> Result<Entry, PointError> {
-    if entry.user_id == user_id && entry.amount == -amount {
-        Ok(entry)
-    } else {
-        Err(PointError::IdempotencyKeyReused { key: "payment_id" })
+        }),
     }
 }
 

@@ -211,6 +211,83 @@ async fn the_same_spend_a_hundred_times_spends_once() {
     assert_eq!(audit(&database).await, 2);
 }
 
+/// Two attempts of each of 200 payments over two replicas, the second wave after the first,
+/// raced with charges that keep the wallet near empty: an attempt refused for want of points
+/// and a later one that finds them (the saga's retry of a call whose first attempt was still
+/// on its way) must agree. Each payment's attempts answer alike, and a payment refused to
+/// anyone spent nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attempts_of_a_payment_raced_with_charges_agree_on_spent_or_refused() {
+    const PAYMENTS: usize = 200;
+    let database = TestDatabase::create().await;
+    let replicas = Arc::new([
+        start(config(&database)).await,
+        start(config(&database)).await,
+    ]);
+    let mut attempts = Vec::new();
+    let mut charges = Vec::new();
+    for wave in 0..2 {
+        for payment in 0..PAYMENTS {
+            let spenders = replicas.clone();
+            attempts.push((
+                payment,
+                tokio::spawn(async move {
+                    spenders[(payment + wave) % 2]
+                        .spend("fan", 1_000, &format!("payment-{payment}"))
+                        .await
+                }),
+            ));
+            if payment % 2 == 0 {
+                let replicas = replicas.clone();
+                charges.push(tokio::spawn(async move {
+                    replicas[payment % 2]
+                        .charge("fan", 1_000, &format!("charge-{wave}-{payment}"))
+                        .await
+                }));
+            }
+        }
+    }
+    let mut answers: Vec<Vec<Result<String, String>>> = vec![Vec::new(); PAYMENTS];
+    for (payment, attempt) in attempts {
+        answers[payment].push(match attempt.await.unwrap() {
+            Ok(entry) => Ok(entry.entry_id),
+            Err(status) => Err(reason(&status)),
+        });
+    }
+    for charge in charges {
+        charge.await.unwrap().expect("every charge succeeds");
+    }
+    let mut spent = 0;
+    for (payment, answers) in answers.iter().enumerate() {
+        assert_eq!(
+            answers[0], answers[1],
+            "payment-{payment}'s attempts disagree"
+        );
+        match &answers[0] {
+            Ok(_) => spent += 1,
+            Err(reason) => assert_eq!(reason, "INSUFFICIENT_BALANCE"),
+        }
+    }
+    let (spends,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM point.ledger WHERE kind = 'SPEND'")
+            .fetch_one(&database.admin().await)
+            .await
+            .unwrap();
+    assert_eq!(
+        spends, spent,
+        "a SPEND for every payment answered spent, and no other"
+    );
+    assert!(
+        0 < spent && spent < PAYMENTS as i64,
+        "{spent} of {PAYMENTS} spent: the race needs both outcomes"
+    );
+    assert_eq!(
+        replicas[0].balance("fan").await,
+        PAYMENTS as i64 * 1_000 - spent * 1_000
+    );
+    assert_eq!(audit(&database).await, PAYMENTS as i64 + spent);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refund_raced_with_itself_refunds_once() {
     let database = TestDatabase::create().await;

@@ -94,6 +94,36 @@ async fn spends_and_refunds_are_keyed_by_payment() {
 }
 
 #[tokio::test]
+async fn a_refused_spend_stays_refused_once_the_balance_would_cover_it() {
+    // The payment saga fails a payment whose spend was refused and never spends for it
+    // again; an earlier attempt of the same call that reaches the wallet late must not spend
+    // for it either (nothing would ever give those points back).
+    let database = TestDatabase::create().await;
+    let point = start(config(&database)).await;
+    point.charge("fan", 1_000, "top-up").await.unwrap();
+    let refused = point.spend("fan", 4_000, "pay-1").await.unwrap_err();
+    assert_eq!(
+        (refused.code(), reason(&refused).as_str()),
+        (Code::FailedPrecondition, "INSUFFICIENT_BALANCE")
+    );
+
+    point.charge("fan", 9_000, "more").await.unwrap();
+    let again = point.spend("fan", 4_000, "pay-1").await.unwrap_err();
+    assert_eq!(reason(&again), "INSUFFICIENT_BALANCE", "{again:?}");
+    assert_eq!(point.balance("fan").await, 10_000);
+    // The same id with another amount or user is still a reused key, and nothing was spent,
+    // so there is nothing to refund.
+    let reused = point.spend("fan", 3_000, "pay-1").await.unwrap_err();
+    assert_eq!(reason(&reused), "IDEMPOTENCY_KEY_REUSED");
+    let refund = point.refund("pay-1").await.unwrap_err();
+    assert_eq!(reason(&refund), "PAYMENT_NOT_FOUND");
+    // Another payment spends as usual.
+    point.spend("fan", 4_000, "pay-2").await.unwrap();
+    assert_eq!(point.balance("fan").await, 6_000);
+    assert_eq!(audit(&database).await, 3);
+}
+
+#[tokio::test]
 async fn history_pages_newest_first() {
     let database = TestDatabase::create().await;
     let point = start(config(&database)).await;
