@@ -122,7 +122,26 @@ async fn point_down_mid_saga_leaves_the_payment_pending_until_it_returns() {
 
     let waiting = mesh.pay(0, &fan, &hold.hold_id, "pay").await.unwrap_err();
     let payment_id = in_progress(&waiting);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Two rounds of recovery failed against the missing peer (each one gives the payment
+    // back with one more attempt counted), and the payment is still just pending.
+    let admin = mesh.database.admin().await;
+    let attempts = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT attempts FROM payment.payments WHERE payment_id = $1::uuid",
+        )
+        .bind(&payment_id)
+        .fetch_one(&admin)
+        .await
+        .unwrap()
+    };
+    let before = attempts().await;
+    eventually(
+        Duration::from_secs(10),
+        "the recovery tried twice while point was down",
+        || async { (attempts().await >= before + 2).then_some(()) },
+    )
+    .await;
+    admin.close().await;
     assert_eq!(
         mesh.payment(&payment_id).await.status(),
         PaymentStatus::Pending
@@ -327,8 +346,15 @@ async fn a_renewal_that_waited_long_is_not_called_on() {
     };
     let (waited, ()) = tokio::join!(mesh.pay(0, &fan, &hold.hold_id, "pay"), lock_in_a_pause);
     let payment_id = in_progress(&waited.unwrap_err());
-    // Recovery goes on trying (one call per round) while the point service hangs.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Recovery goes on trying (one call per round) while the point service hangs: two of its
+    // calls, so that the check below covers recovery as well as Pay.
+    let asked_by_pay = point.calls();
+    eventually(
+        Duration::from_secs(5),
+        "the recovery keeps asking",
+        || async { (point.calls() >= asked_by_pay + 2).then_some(()) },
+    )
+    .await;
     assert_eq!(
         point.most_in_flight(),
         1,
