@@ -503,6 +503,25 @@ impl Mesh {
         .await
         .unwrap();
         assert_eq!(failed_kept, 0, "a FAILED payment kept points");
+        // Points move for payments only through the saga, so every spend or refund names a
+        // payment it made, and a refunded payment never completed.
+        let (unknown_payments, refunded_completed): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM point.ledger l
+                      WHERE l.kind IN ('SPEND', 'REFUND')
+                        AND NOT EXISTS (SELECT 1 FROM payment.payments p
+                                         WHERE p.payment_id::text = l.payment_id)),
+                    (SELECT count(*) FROM point.ledger l
+                       JOIN payment.payments p ON p.payment_id::text = l.payment_id
+                      WHERE l.kind = 'REFUND' AND p.status = 'COMPLETED')",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        assert_eq!(
+            (unknown_payments, refunded_completed),
+            (0, 0),
+            "points moved for unknown payments, or refunded for completed ones"
+        );
         let sold_by_unknown: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM concert.holds h
               WHERE h.status = 'CONFIRMED'
