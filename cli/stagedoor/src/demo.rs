@@ -19,7 +19,7 @@ use std::{
     process::ExitCode,
     str::FromStr,
     sync::{
-        atomic::{AtomicI64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -199,6 +199,8 @@ struct Sale {
     violations: Mutex<Vec<String>>,
     /// Fires when the sale is over (sold out or timed out): waiting fans go home.
     stop: watch::Sender<bool>,
+    /// Set when `--timeout` ended the sale before it was over by itself.
+    timed_out: AtomicBool,
     opened: Instant,
     sold_out_after: Mutex<Option<Duration>>,
     /// For each admitted fan who watched the line: how long after its admission the stream
@@ -275,6 +277,18 @@ impl Sale {
         answer.map(tonic::Response::into_inner)
     }
 
+    /// Files the error that ended a WatchQueueStatus stream, as [`Sale::call`] files a
+    /// unary call's.
+    fn stream_ended_by(&self, status: Status) {
+        let mut rpcs = self.rpcs.lock().expect("rpc stats");
+        let times = rpcs.entry("queue.WatchQueueStatus").or_default();
+        if is_refusal(&status) {
+            times.refused += 1;
+        } else {
+            times.failed += 1;
+        }
+    }
+
     fn violation(&self, what: String) {
         self.violations.lock().expect("violations").push(what);
     }
@@ -347,17 +361,16 @@ async fn sale(
         charged_users: Mutex::new(HashSet::new()),
         violations: Mutex::new(Vec::new()),
         stop,
+        timed_out: AtomicBool::new(false),
         opened: Instant::now(),
         sold_out_after: Mutex::new(None),
         admission_heard: Mutex::new(Vec::new()),
     });
 
     // The ACTIVE cap, watched from the database while the sale runs.
-    let max_active = Arc::new(AtomicI64::new(0));
     let sampler = tokio::spawn(sample_active(
         audit.clone(),
         sale.concert_id.clone(),
-        max_active.clone(),
         sale.stop.subscribe(),
     ));
     let progress = tokio::spawn(show_progress(
@@ -377,6 +390,7 @@ async fn sale(
         let (sale, timeout) = (sale.clone(), args.timeout);
         async move {
             tokio::time::sleep(timeout).await;
+            sale.timed_out.store(true, Ordering::Relaxed);
             sale.stop.send_replace(true);
         }
     });
@@ -389,16 +403,9 @@ async fn sale(
     timeout.abort();
     sale.stop.send_replace(true);
     let _ = progress.await;
-    let _ = sampler.await;
+    let active = sampler.await?;
 
-    let checks = verdict(
-        &sale,
-        &audit,
-        &dates,
-        max_active.load(Ordering::Relaxed),
-        args.cap,
-    )
-    .await?;
+    let checks = verdict(&sale, &audit, &dates, &active, args.cap).await?;
     audit.close().await;
     let sold_out_after = *sale.sold_out_after.lock().expect("sold out time");
     let rpcs = std::mem::take(&mut *sale.rpcs.lock().expect("rpc stats"));
@@ -422,7 +429,7 @@ async fn sale(
         double_clicks: sale.live.double_clicks.load(Ordering::Relaxed),
         went_home: sale.live.went_home.load(Ordering::Relaxed),
         left_queue: sale.live.left_queue.load(Ordering::Relaxed),
-        max_active: max_active.load(Ordering::Relaxed),
+        max_active: active.max,
         rpcs,
         admission_heard,
         checks,
@@ -548,6 +555,11 @@ async fn fan(sale: &Sale, index: usize) {
             return;
         }
     } else if ticket.status() != TokenStatus::Active {
+        // A new fan's first ticket is WAITING or ACTIVE, nothing else.
+        sale.violation(format!(
+            "IssueToken answered {:?} for {user_id}",
+            ticket.status()
+        ));
         return;
     }
     sale.live.admitted.fetch_add(1, Ordering::Relaxed);
@@ -603,7 +615,12 @@ async fn wait_for_admission(
                     Some(ticket) if ticket.status() == TokenStatus::Waiting => {}
                     _ => return false,
                 },
-                _ => return false,
+                Ok(None) => return false,
+                // A stream cut short is a failed call too, though only its opening is timed.
+                Err(status) => {
+                    sale.stream_ended_by(status);
+                    return false;
+                }
             },
             _ = stop.wait_for(|stopped| *stopped) => return false,
         }
@@ -844,13 +861,23 @@ fn connection_for(hold_id: &str, len: usize) -> usize {
     hold_id.bytes().map(usize::from).sum::<usize>() % len
 }
 
-/// Samples the number of ACTIVE tokens of the concert every 20 ms, keeping the highest.
+/// What [`sample_active`] saw of the line's ACTIVE count.
+#[derive(Default)]
+struct ActiveSamples {
+    max: i64,
+    taken: usize,
+    failed: usize,
+}
+
+/// Samples the number of ACTIVE tokens of the concert every 20 ms until the sale is over,
+/// keeping the highest. Failed samples are counted: a check of the cap that measured
+/// nothing must not pass.
 async fn sample_active(
     audit: PgPool,
     concert_id: String,
-    max_active: Arc<AtomicI64>,
     mut stop: watch::Receiver<bool>,
-) {
+) -> ActiveSamples {
+    let mut samples = ActiveSamples::default();
     loop {
         let active: Result<i64, _> = sqlx::query_scalar(
             "SELECT count(*) FROM queue.tokens
@@ -859,11 +886,15 @@ async fn sample_active(
         .bind(&concert_id)
         .fetch_one(&audit)
         .await;
-        if let Ok(active) = active {
-            max_active.fetch_max(active, Ordering::Relaxed);
+        match active {
+            Ok(active) => {
+                samples.max = samples.max.max(active);
+                samples.taken += 1;
+            }
+            Err(_) => samples.failed += 1,
         }
         tokio::select! {
-            _ = stop.wait_for(|stopped| *stopped) => return,
+            _ = stop.wait_for(|stopped| *stopped) => return samples,
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
@@ -936,7 +967,7 @@ async fn verdict(
     sale: &Sale,
     audit: &PgPool,
     dates: &[String],
-    max_active: i64,
+    active: &ActiveSamples,
     cap: u32,
 ) -> Result<Vec<Check>, Box<dyn std::error::Error>> {
     let receipts = std::mem::take(&mut *sale.receipts.lock().expect("receipts"));
@@ -1068,10 +1099,33 @@ async fn verdict(
         ),
     ));
 
+    checks.push(points_against_payments(audit).await?);
+
+    checks.push(check(
+        "the sale ended by itself (sold out, or every fan done) within --timeout",
+        !sale.timed_out.load(Ordering::Relaxed),
+        if sale.timed_out.load(Ordering::Relaxed) {
+            format!(
+                "cut short by --timeout with {} of {} seats sold",
+                sale.live.seats_sold.load(Ordering::Relaxed),
+                sale.total_seats
+            )
+        } else {
+            format!(
+                "{} of {} seats sold",
+                sale.live.seats_sold.load(Ordering::Relaxed),
+                sale.total_seats
+            )
+        },
+    ));
+
     checks.push(check(
         "ACTIVE cap never exceeded",
-        max_active <= i64::from(cap),
-        format!("at most {max_active} ACTIVE (cap {cap}), sampled every 20 ms"),
+        active.max <= i64::from(cap) && active.taken > 0 && active.failed == 0,
+        format!(
+            "at most {} ACTIVE (cap {cap}), sampled every 20 ms: {} samples, {} failed",
+            active.max, active.taken, active.failed
+        ),
     ));
 
     let violations = std::mem::take(&mut *sale.violations.lock().expect("violations"));
@@ -1101,6 +1155,47 @@ async fn verdict(
         format!("{failed_calls} failed calls"),
     ));
     Ok(checks)
+}
+
+/// Points against payments: "points conserved" holds the wallets to their own ledger, this
+/// holds the ledger to the sale, so that a fan who lost points fails the verdict. Every
+/// spend is either a COMPLETED payment's, of its amount, or refunded in full; nothing is
+/// refunded to a COMPLETED payment; and what stays spent is what the completed payments
+/// cost.
+async fn points_against_payments(audit: &PgPool) -> Result<Check, sqlx::Error> {
+    let (spent, refunded, paid, unaccounted, refunded_completed): (i64, i64, i64, i64, i64) =
+        sqlx::query_as(
+            "SELECT (SELECT coalesce(-sum(amount), 0)::bigint
+                       FROM point.ledger WHERE kind = 'SPEND'),
+                    (SELECT coalesce(sum(amount), 0)::bigint
+                       FROM point.ledger WHERE kind = 'REFUND'),
+                    (SELECT coalesce(sum(amount), 0)::bigint
+                       FROM payment.payments WHERE status = 'COMPLETED'),
+                    (SELECT count(*) FROM point.ledger s
+                      WHERE s.kind = 'SPEND'
+                        AND NOT EXISTS (SELECT 1 FROM payment.payments p
+                                         WHERE p.payment_id::text = s.payment_id
+                                           AND p.status = 'COMPLETED'
+                                           AND p.amount = -s.amount)
+                        AND NOT EXISTS (SELECT 1 FROM point.ledger r
+                                         WHERE r.kind = 'REFUND'
+                                           AND r.payment_id = s.payment_id
+                                           AND r.amount = -s.amount)),
+                    (SELECT count(*) FROM point.ledger r
+                       JOIN payment.payments p ON p.payment_id::text = r.payment_id
+                      WHERE r.kind = 'REFUND' AND p.status = 'COMPLETED')",
+        )
+        .fetch_one(audit)
+        .await?;
+    Ok(check(
+        "points taken only for seats sold (spent - refunded == completed payments)",
+        spent - refunded == paid && unaccounted == 0 && refunded_completed == 0,
+        format!(
+            "{spent} - {refunded} = {}; completed payments {paid}; {unaccounted} spends neither \
+             paid for seats nor refunded; {refunded_completed} refunds of completed payments",
+            spent - refunded
+        ),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1341,5 +1436,103 @@ mod tests {
         assert_eq!(rolls(1), rolls(1));
         assert_ne!(rolls(1), rolls(2));
         assert!(rolls(3).iter().all(|roll| *roll < 4));
+    }
+
+    /// A sampler whose every query fails says so, instead of a maximum of 0 ACTIVE that
+    /// would pass the cap check having measured nothing.
+    #[tokio::test]
+    async fn failed_samples_of_the_active_count_are_counted() {
+        let database = stagedoor_testkit::TestDatabase::create().await;
+        let admin = database.admin().await; // no queue schema here: every sample fails
+        let (stop, stopped) = watch::channel(false);
+        // Stopped at once: the sampler still takes its first sample before it looks.
+        stop.send_replace(true);
+        let sampler = tokio::spawn(sample_active(admin.clone(), "c".into(), stopped));
+        let samples = sampler.await.unwrap();
+        assert_eq!((samples.max, samples.taken), (0, 0));
+        assert!(samples.failed > 0);
+        admin.close().await;
+    }
+
+    /// The check passes a ledger whose every spend was paid for or refunded, and fails one
+    /// with points kept by a FAILED payment, which "points conserved" alone cannot see
+    /// (the wallets still equal their ledger).
+    #[tokio::test]
+    async fn points_kept_by_a_failed_payment_fail_the_verdict() {
+        use stagedoor_runtime::db;
+        let database = stagedoor_testkit::TestDatabase::create().await;
+        database
+            .migrate(db::POINT, stagedoor_point::app::migrator())
+            .await;
+        database
+            .migrate(db::PAYMENT, stagedoor_payment::app::migrator())
+            .await;
+        let admin = database.admin().await;
+        let payment = |status: &'static str, amount: i64| {
+            let id = uuid::Uuid::new_v4();
+            let admin = admin.clone();
+            async move {
+                sqlx::query(
+                    "INSERT INTO payment.payments
+                         (payment_id, user_id, request_id, hold_id, concert_id, schedule_id,
+                          seat_numbers, amount, start_time, token, token_sha256, step, status,
+                          complete_time)
+                     VALUES ($1, 'fan', $1::text, gen_random_uuid(), 'c', 'd', '{1}', $2,
+                             now(), NULL, sha256($1::text::bytea), 'DONE', $3, now())",
+                )
+                .bind(id)
+                .bind(amount)
+                .bind(status)
+                .execute(&admin)
+                .await
+                .unwrap();
+                id.to_string()
+            }
+        };
+        let ledger = |kind: &'static str, amount: i64, balance_after: i64, payment_id: String| {
+            let admin = admin.clone();
+            async move {
+                sqlx::query(
+                    "INSERT INTO point.ledger (user_id, kind, amount, balance_after, payment_id)
+                     VALUES ('fan', $1, $2, $3, $4)",
+                )
+                .bind(kind)
+                .bind(amount)
+                .bind(balance_after)
+                .bind(payment_id)
+                .execute(&admin)
+                .await
+                .unwrap();
+            }
+        };
+        sqlx::query("INSERT INTO point.wallets (user_id, balance) VALUES ('fan', 0)")
+            .execute(&admin)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO point.ledger (user_id, kind, amount, balance_after, request_id)
+             VALUES ('fan', 'CHARGE', 10000, 10000, 'top-up')",
+        )
+        .execute(&admin)
+        .await
+        .unwrap();
+        let sold = payment("COMPLETED", 3_000).await;
+        ledger("SPEND", -3_000, 7_000, sold).await;
+        let refunded = payment("FAILED", 2_000).await;
+        ledger("SPEND", -2_000, 5_000, refunded.clone()).await;
+        ledger("REFUND", 2_000, 7_000, refunded).await;
+        let passed = points_against_payments(&admin).await.unwrap();
+        assert!(passed.passed, "{}", passed.detail);
+
+        let kept = payment("FAILED", 1_000).await;
+        ledger("SPEND", -1_000, 6_000, kept).await;
+        let failed = points_against_payments(&admin).await.unwrap();
+        assert!(!failed.passed, "{}", failed.detail);
+        assert!(
+            failed.detail.contains("1 spends neither"),
+            "{}",
+            failed.detail
+        );
+        admin.close().await;
     }
 }

@@ -53,6 +53,26 @@ fn a_small_demo_sells_out_and_passes_its_verdict() {
     assert!(!summary.contains("\"passed\":false"), "{summary}");
 }
 
+/// A verdict of PASS says the sale ran its course. One admission a second into one ACTIVE
+/// place cannot sell 50 seats in 2 s: the timeout ends the sale, and the verdict must say
+/// FAIL (exit 1) though no invariant broke, rather than pass a sale that sold almost nothing.
+#[test]
+fn a_demo_cut_short_by_its_timeout_fails_its_verdict() {
+    let output = stagedoor()
+        .args(["demo", "--fans", "100", "--seats", "50", "--cap", "1"])
+        .args(["--rate", "1", "--seed", "7", "--timeout", "2s"])
+        .env("DATABASE_URL", admin_url())
+        .output()
+        .expect("stagedoor runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("[FAIL] the sale ended by itself"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("VERDICT: FAIL"), "{stdout}");
+}
+
 /// The benchmark harness runs its scenarios to the end: every call answered, none failed.
 /// (Its figures are for BENCHMARKS.md, not for here: this is a debug build on a busy CI.)
 #[test]
