@@ -30,9 +30,14 @@ impl Default for ServerSettings {
 /// orchestrator usually allows before it kills the process.
 pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
 
+/// The longest duration [`parse_duration`] accepts. Every setting it reads is a TTL, an
+/// interval or a deadline: more than a year is a typo, and far more would overflow where it
+/// is added to a clock (`Instant + Duration` panics) or wrap in the unit's arithmetic.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Parses a human duration: a whole number followed by `ms`, `s`, `m` or `h` (`250ms`,
-/// `30s`, `5m`, `1h`). A bare number is seconds. Used for every TTL and interval so that tests
-/// and operators write them the same way.
+/// `30s`, `5m`, `1h`), at most [`MAX_DURATION`]. A bare number is seconds. Used for every TTL
+/// and interval so that tests and operators write them the same way.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -42,18 +47,22 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let value: u64 = number
         .parse()
         .map_err(|_| format!("`{text}` is not a duration such as 250ms, 30s, 5m or 1h"))?;
-    let duration = match unit.trim() {
-        "ms" => Duration::from_millis(value),
-        "" | "s" => Duration::from_secs(value),
-        "m" => Duration::from_secs(value * 60),
-        "h" => Duration::from_secs(value * 3600),
+    let millis_per_unit: u64 = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
         other => {
             return Err(format!(
                 "unknown duration unit `{other}` in `{text}` (use ms, s, m or h)"
             ))
         }
     };
-    Ok(duration)
+    value
+        .checked_mul(millis_per_unit)
+        .map(Duration::from_millis)
+        .filter(|duration| *duration <= MAX_DURATION)
+        .ok_or_else(|| format!("`{text}` is longer than {}", format_duration(MAX_DURATION)))
 }
 
 /// Formats a duration the way [`parse_duration`] reads it back, for defaults and logs.
@@ -83,5 +92,11 @@ mod tests {
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("ms").is_err());
+        // Past a year, and past what the units' arithmetic holds (this one used to wrap
+        // round to 44 s in a release build).
+        assert_eq!(parse_duration("8784h").unwrap(), MAX_DURATION);
+        assert!(parse_duration("8785h").is_err());
+        assert!(parse_duration("307445734561825861m").is_err());
+        assert!(parse_duration("18446744073709551615ms").is_err());
     }
 }
