@@ -19,7 +19,7 @@ use std::{
     process::ExitCode,
     str::FromStr,
     sync::{
-        atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering},
+        atomic::{AtomicI64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -36,7 +36,7 @@ use stagedoor_proto::{
     point::v1::{self as point_pb, point_service_client::PointServiceClient},
     queue::v1::{self as queue_pb, queue_service_client::QueueServiceClient, TokenStatus},
 };
-use stagedoor_runtime::{auth::with_bearer, config::parse_duration};
+use stagedoor_runtime::{auth::with_bearer, config::parse_duration, shutdown::StopSignals};
 use tokio::sync::watch;
 use tonic::{transport::Channel, Code, Status};
 
@@ -74,10 +74,12 @@ pub struct DemoArgs {
     /// How long a hold keeps its seats (short, so that expired holds come back in the demo).
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub hold_ttl: Duration,
-    /// Give up on selling out after this long.
+    /// Give up on selling out after this long (the verdict then fails, as it does when
+    /// Ctrl-C ends the sale early).
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub timeout: Duration,
-    /// Keep the demo's database afterwards (it is dropped by default).
+    /// Keep the demo's database afterwards (it is dropped by default). A throwaway cluster
+    /// is removed on exit all the same, and the database with it.
     #[arg(long)]
     pub keep_database: bool,
 }
@@ -108,28 +110,37 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
         "stagedoor_demo_{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
-    let (postgres, database) = crate::database(args.database_url.as_deref(), &name).await?;
+    // Listened for from the start. Ctrl-C (or SIGTERM) before the sale stops there; during
+    // it, it ends the sale early as --timeout does (the verdict says so), and a second one
+    // stops waiting for the fans. Either way what follows still runs: the mesh stops, the
+    // demo's database is dropped and a throwaway cluster removed. (Without a handler the
+    // process died on the spot and left them all behind, the cluster still running.)
+    let mut signals = StopSignals::new();
+    let (postgres, database) = tokio::select! {
+        found = crate::database(args.database_url.as_deref(), &name) => found?,
+        () = signals.recv() => return Err("stopped before the sale began".into()),
+    };
     let local = "127.0.0.1:0".parse()?;
-    let started = Mesh::start(
-        &database,
-        &MeshOptions {
-            queue_addr: local,
-            concert_addr: local,
-            point_addr: local,
-            payment_addr: local,
-            from_environment: false,
-            max_active: Some(args.cap),
-            admit_rate: Some(args.rate),
-            active_ttl: Some(Duration::from_secs(60)),
-            idle_ttl: Some(Duration::from_secs(120)),
-            hold_ttl: Some(args.hold_ttl),
-        },
-    )
-    .await;
+    let options = MeshOptions {
+        queue_addr: local,
+        concert_addr: local,
+        point_addr: local,
+        payment_addr: local,
+        from_environment: false,
+        max_active: Some(args.cap),
+        admit_rate: Some(args.rate),
+        active_ttl: Some(Duration::from_secs(60)),
+        idle_ttl: Some(Duration::from_secs(120)),
+        hold_ttl: Some(args.hold_ttl),
+    };
+    let started = tokio::select! {
+        started = Mesh::start(&database, &options) => started,
+        () = signals.recv() => Err("stopped before the sale began".into()),
+    };
     let mesh = match started {
         Ok(mesh) => mesh,
         Err(error) => {
-            // Refused before the sale (too few connections free, a port taken): the fresh
+            // Refused before the sale (too few connections free, a port taken, a stop signal): the fresh
             // database is nobody's, and must not be left behind.
             if !args.keep_database {
                 if let Err(drop_error) = database.drop_database().await {
@@ -155,8 +166,11 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
         .database(&name)
         // The audit reads; it must not be able to change what it judges.
         .options([("default_transaction_read_only", "on")]);
-    let outcome = sale(&args, seed, &mesh, audit_options).await;
-    mesh.shutdown().await;
+    let outcome = sale(&args, seed, &mesh, audit_options, &mut signals).await;
+    tokio::select! {
+        _ = mesh.shutdown() => {}
+        () = signals.recv() => eprintln!("stagedoor demo: not waiting for the services to drain"),
+    }
     if !args.keep_database {
         if let Err(error) = database.drop_database().await {
             eprintln!("stagedoor demo: the demo database was not dropped: {error}");
@@ -199,8 +213,8 @@ struct Sale {
     violations: Mutex<Vec<String>>,
     /// Fires when the sale is over (sold out or timed out): waiting fans go home.
     stop: watch::Sender<bool>,
-    /// Set when `--timeout` ended the sale before it was over by itself.
-    timed_out: AtomicBool,
+    /// What ended the sale before it was over by itself (`--timeout`, a stop signal).
+    cut_short_by: std::sync::OnceLock<&'static str>,
     opened: Instant,
     sold_out_after: Mutex<Option<Duration>>,
     /// For each admitted fan who watched the line: how long after its admission the stream
@@ -293,6 +307,13 @@ impl Sale {
         self.violations.lock().expect("violations").push(what);
     }
 
+    /// Ends the sale before it is over by itself: fans in line go home, and the verdict
+    /// names `why` (the first reason, if two come).
+    fn cut_short(&self, why: &'static str) {
+        let _ = self.cut_short_by.set(why);
+        self.stop.send_replace(true);
+    }
+
     fn stopped(&self) -> bool {
         *self.stop.borrow()
     }
@@ -318,6 +339,7 @@ async fn sale(
     seed: u64,
     mesh: &Mesh,
     audit_options: PgConnectOptions,
+    signals: &mut StopSignals,
 ) -> Result<Report, Box<dyn std::error::Error>> {
     // Fans spread over many HTTP/2 connections, as many phones (or a BFF's pool) would
     // arrive: a hundred fans per connection, each holding its watch stream there.
@@ -361,7 +383,7 @@ async fn sale(
         charged_users: Mutex::new(HashSet::new()),
         violations: Mutex::new(Vec::new()),
         stop,
-        timed_out: AtomicBool::new(false),
+        cut_short_by: std::sync::OnceLock::new(),
         opened: Instant::now(),
         sold_out_after: Mutex::new(None),
         admission_heard: Mutex::new(Vec::new()),
@@ -390,13 +412,29 @@ async fn sale(
         let (sale, timeout) = (sale.clone(), args.timeout);
         async move {
             tokio::time::sleep(timeout).await;
-            sale.timed_out.store(true, Ordering::Relaxed);
-            sale.stop.send_replace(true);
+            sale.cut_short("--timeout");
         }
     });
-    for fan in fans {
-        if let Err(error) = fan.await {
-            sale.violation(format!("a fan's task failed: {error}"));
+    let every_fan_done = async {
+        for fan in fans {
+            if let Err(error) = fan.await {
+                sale.violation(format!("a fan's task failed: {error}"));
+            }
+        }
+    };
+    tokio::pin!(every_fan_done);
+    tokio::select! {
+        () = &mut every_fan_done => {}
+        () = signals.recv() => {
+            sale.cut_short("a stop signal");
+            eprintln!("stagedoor demo: stopping the sale (again to stop at once) ...");
+            tokio::select! {
+                () = &mut every_fan_done => {}
+                () = signals.recv() => {
+                    timeout.abort();
+                    return Err("stopped before the fans were done; no verdict".into());
+                }
+            }
         }
     }
     let sale_time = sale.opened.elapsed();
@@ -1101,21 +1139,17 @@ async fn verdict(
 
     checks.push(points_against_payments(audit).await?);
 
+    let sold = format!(
+        "{} of {} seats sold",
+        sale.live.seats_sold.load(Ordering::Relaxed),
+        sale.total_seats
+    );
     checks.push(check(
         "the sale ended by itself (sold out, or every fan done) within --timeout",
-        !sale.timed_out.load(Ordering::Relaxed),
-        if sale.timed_out.load(Ordering::Relaxed) {
-            format!(
-                "cut short by --timeout with {} of {} seats sold",
-                sale.live.seats_sold.load(Ordering::Relaxed),
-                sale.total_seats
-            )
-        } else {
-            format!(
-                "{} of {} seats sold",
-                sale.live.seats_sold.load(Ordering::Relaxed),
-                sale.total_seats
-            )
+        sale.cut_short_by.get().is_none(),
+        match sale.cut_short_by.get() {
+            Some(why) => format!("cut short by {why} with {sold}"),
+            None => sold,
         },
     ));
 

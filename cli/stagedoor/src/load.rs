@@ -235,7 +235,28 @@ impl Scenario {
 /// Runs a scenario and prints its figures.
 pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
     let load = scenario.load().clone();
-    let target = Target::start(&load, scenario.services(), scenario.active_fans()).await?;
+    // Listened for from the start: Ctrl-C (or SIGTERM) ends the run, and whatever way it
+    // ends, an error included, the services it started stop and its throwaway database and
+    // cluster go. (Without a handler the process died on the spot and left them behind.)
+    let mut signals = stagedoor_runtime::shutdown::StopSignals::new();
+    let target = tokio::select! {
+        started = Target::start(&load, scenario.services(), scenario.active_fans()) => started?,
+        () = signals.recv() => return Err("stopped before the run began".into()),
+    };
+    let outcome = tokio::select! {
+        outcome = run_on(scenario, &load, &target) => outcome,
+        () = signals.recv() => Err("stopped by a signal before the run was over".into()),
+    };
+    target.stop().await;
+    outcome
+}
+
+/// The scenario's run against services already up.
+async fn run_on(
+    scenario: Scenario,
+    load: &LoadArgs,
+    target: &Target,
+) -> Result<(), Box<dyn std::error::Error>> {
     // The first service a scenario needs is the one it mostly calls (the queue for every
     // scenario that needs tokens).
     let channels = target
@@ -391,15 +412,9 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", summary.line());
         }
         Scenario::HoldSpread { holds, .. } => {
-            let seats = ConcertRun::prepare(
-                &target,
-                &load,
-                &clients,
-                holds.div_ceil(1_000),
-                1_000,
-                holds,
-            )
-            .await?;
+            let seats =
+                ConcertRun::prepare(target, load, &clients, holds.div_ceil(1_000), 1_000, holds)
+                    .await?;
             let (publics, tokens, dates) =
                 (seats.publics, Arc::new(seats.tokens), Arc::new(seats.dates));
             let summary = drive(
@@ -417,7 +432,7 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", summary.line());
         }
         Scenario::HoldRace { fans, .. } => {
-            let seats = ConcertRun::prepare(&target, &load, &clients, 1, 50, fans).await?;
+            let seats = ConcertRun::prepare(target, load, &clients, 1, 50, fans).await?;
             let (publics, tokens, dates) = (seats.publics, Arc::new(seats.tokens), seats.dates);
             let winners = Arc::new(AtomicUsize::new(0));
             // Everyone at once: as many in flight as there are fans.
@@ -452,7 +467,7 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
             println!("winners: {} of {fans}", winners.load(Ordering::Relaxed));
         }
         Scenario::ListSeats { duration, .. } => {
-            let seats = ConcertRun::prepare(&target, &load, &clients, 1, 50, 1).await?;
+            let seats = ConcertRun::prepare(target, load, &clients, 1, 50, 1).await?;
             let (publics, token, date) = (
                 seats.publics,
                 seats.tokens[0].clone(),
@@ -479,8 +494,8 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
         }
         Scenario::Pay { payments, .. } => {
             let seats = ConcertRun::prepare(
-                &target,
-                &load,
+                target,
+                load,
                 &clients,
                 payments.div_ceil(1_000),
                 1_000,
@@ -593,7 +608,6 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", summary.line());
         }
     }
-    target.stop().await;
     Ok(())
 }
 

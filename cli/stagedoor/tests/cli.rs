@@ -187,6 +187,160 @@ async fn health_exits_zero_for_a_serving_service_and_non_zero_otherwise() {
     assert!(!nobody.status.success());
 }
 
+/// Starts `demo`, sends it SIGINT once its sale is about to open (its `concert` line), and
+/// returns its exit code and everything it printed.
+fn interrupted_demo(command: &mut Command) -> (Option<i32>, String) {
+    interrupted(
+        command.args(["demo", "--fans", "3000", "--seats", "500", "--seed", "3"]),
+        "concert ",
+    )
+}
+
+/// Runs `command`, sends it SIGINT once it prints a line starting with `at` (leading
+/// spaces aside), and returns its exit code and everything it printed.
+fn interrupted(command: &mut Command, at: &str) -> (Option<i32>, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("stagedoor runs");
+    let mut printed = String::new();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.trim_start().starts_with(at) {
+            let interrupted = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(interrupted.success());
+            break;
+        }
+    }
+    for line in lines {
+        printed.push_str(&line.unwrap());
+        printed.push('\n');
+    }
+    let output = child.wait_with_output().unwrap();
+    printed.push_str(&String::from_utf8_lossy(&output.stderr));
+    (output.status.code(), printed)
+}
+
+/// Ctrl-C mid-sale ends the sale as --timeout would, and the demo still cleans up: without
+/// a handler the process died on the spot and left its database behind.
+#[tokio::test]
+async fn a_demo_stopped_by_ctrl_c_drops_its_database() {
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&admin_url())
+        .await
+        .unwrap();
+    let demo_databases = "SELECT count(*) FROM pg_database WHERE datname LIKE 'stagedoor_demo_%'";
+    let before: i64 = sqlx::query_scalar(demo_databases)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    let (code, printed) = tokio::task::spawn_blocking(|| {
+        interrupted_demo(stagedoor().env("DATABASE_URL", admin_url()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(1), "{printed}");
+    assert!(printed.contains("cut short by a stop signal"), "{printed}");
+    assert!(printed.contains("VERDICT: FAIL"), "{printed}");
+    let after: i64 = sqlx::query_scalar(demo_databases)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(after, before, "the demo's database was left behind");
+    admin.close().await;
+}
+
+/// A load run stopped by Ctrl-C stops its services and drops its database too.
+#[tokio::test]
+async fn a_load_run_stopped_by_ctrl_c_drops_its_database() {
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&admin_url())
+        .await
+        .unwrap();
+    let load_databases = "SELECT count(*) FROM pg_database WHERE datname LIKE 'stagedoor_load_%'";
+    let before: i64 = sqlx::query_scalar(load_databases)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    let (code, printed) = tokio::task::spawn_blocking(|| {
+        interrupted(
+            stagedoor()
+                .args([
+                    "load",
+                    "issue-token",
+                    "--fans",
+                    "5000000",
+                    "--connections",
+                    "2",
+                ])
+                .env("DATABASE_URL", admin_url()),
+            "stagedoor load:",
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(1), "{printed}");
+    assert!(printed.contains("stopped by a signal"), "{printed}");
+    let after: i64 = sqlx::query_scalar(load_databases)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(after, before, "the run's database was left behind");
+    admin.close().await;
+}
+
+/// The same on a throwaway cluster, which `pg_ctl` starts in a session of its own: the
+/// terminal's Ctrl-C never reaches it, and only the demo can stop it.
+#[test]
+fn a_demo_stopped_by_ctrl_c_removes_its_throwaway_cluster() {
+    if !has_postgres_binaries() {
+        return; // the test above covers the database; there is no cluster to start here
+    }
+    let workdir = std::env::temp_dir().join(format!("stagedoor-int-{}", std::process::id()));
+    let target = workdir.join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let (code, printed) = interrupted_demo(
+        stagedoor()
+            .current_dir(&workdir)
+            .env_remove("DATABASE_URL")
+            .env("STAGEDOOR_LOCAL_POSTGRES", "127.0.0.1:1"),
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&target).unwrap().flatten().collect();
+    let _ = std::fs::remove_dir_all(&workdir);
+    assert!(printed.contains("throwaway cluster"), "{printed}");
+    assert_eq!(code, Some(1), "{printed}");
+    assert!(
+        leftovers.is_empty(),
+        "left behind: {leftovers:?}\n{printed}"
+    );
+}
+
+/// Whether this machine can start a Postgres of its own: `initdb` and `pg_ctl` on the PATH
+/// or in Debian's versioned directories, where `stagedoor` looks for them. (A machine with
+/// only Debian's client package has `/usr/lib/postgresql/NN/bin` without them.)
+fn has_postgres_binaries() -> bool {
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let versioned: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dirs| dirs.flatten().map(|dir| dir.path().join("bin")).collect())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(versioned)
+        .any(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
+}
+
 #[test]
 fn without_a_postgres_the_demo_runs_on_a_throwaway_cluster_and_removes_it() {
     // A working directory of its own with a `target/`, where the cluster must appear and go.
@@ -207,14 +361,7 @@ fn without_a_postgres_the_demo_runs_on_a_throwaway_cluster_and_removes_it() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     let leftovers: Vec<_> = std::fs::read_dir(&target).unwrap().flatten().collect();
     let _ = std::fs::remove_dir_all(&workdir);
-    let has_binaries = [
-        "/usr/lib/postgresql",
-        "/usr/local/bin/initdb",
-        "/usr/bin/initdb",
-    ]
-    .iter()
-    .any(|path| std::path::Path::new(path).exists());
-    if has_binaries {
+    if has_postgres_binaries() {
         assert!(output.status.success(), "{stdout}\n{stderr}");
         assert!(stdout.contains("throwaway cluster"), "{stdout}");
         assert!(stdout.contains("VERDICT: PASS"), "{stdout}");
