@@ -159,9 +159,11 @@ impl Cluster {
         let password_file_arg = format!("--pwfile={}", password_file.display());
         let data = cluster.dir.join("data").display().to_string();
         let log = cluster.dir.join("postgres.log").display().to_string();
+        // TCP only: no Unix socket, whose path (this directory's, under a checkout's
+        // target/) could pass the 107 bytes a socket's path may have, and which nothing here
+        // uses (every client connects to 127.0.0.1:port).
         let server_options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
-            cluster.dir.display()
+            "-p {port} -k '' -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
         );
         let steps: [(&str, Vec<&str>); 2] = [
             (

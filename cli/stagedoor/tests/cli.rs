@@ -344,7 +344,13 @@ fn has_postgres_binaries() -> bool {
 #[test]
 fn without_a_postgres_the_demo_runs_on_a_throwaway_cluster_and_removes_it() {
     // A working directory of its own with a `target/`, where the cluster must appear and go.
-    let workdir = std::env::temp_dir().join(format!("stagedoor-cli-{}", std::process::id()));
+    // Deep, as a checkout may be: a Unix socket in there would pass the 107 bytes a socket's
+    // path may have, and Postgres would not start.
+    let workdir = std::env::temp_dir().join(format!(
+        "stagedoor-cli-{}-{}",
+        std::process::id(),
+        "deep".repeat(24)
+    ));
     let target = workdir.join("target");
     std::fs::create_dir_all(&target).unwrap();
     let output = stagedoor()
