@@ -504,9 +504,9 @@ fn role_password(admin_url: &str, service: ServiceSchema) -> Option<String> {
 }
 
 /// The URL of `service`'s own role on the cluster and database of `admin_url`: the admin's
-/// host, port and TLS parameters (`sslmode`, `sslrootcert`, ...), the role's name and
-/// [`role_password`]. Other parameters stay behind: `user`, `password` or `dbname` there
-/// would override the role and the database.
+/// host (or Unix socket directory), port and TLS parameters (`sslmode`, `sslrootcert`, ...),
+/// the role's name and [`role_password`]. Other parameters stay behind: `user`, `password` or
+/// `dbname` there would override the role and the database.
 pub fn service_url(
     admin_url: &str,
     database: &str,
@@ -518,25 +518,32 @@ pub fn service_url(
         Some(password) => format!("{}:{password}", service.role),
         None => service.role.to_owned(),
     };
-    let tls = url::Url::parse(admin_url)
-        .map(|admin| {
-            let mut tls = url::form_urlencoded::Serializer::new(String::new());
-            tls.extend_pairs(
-                admin
-                    .query_pairs()
-                    .filter(|(key, _)| key.starts_with("ssl")),
-            );
-            tls.finish()
-        })
-        .unwrap_or_default();
-    let parameters = if tls.is_empty() {
+    let mut kept = url::form_urlencoded::Serializer::new(String::new());
+    if let Ok(admin) = url::Url::parse(admin_url) {
+        kept.extend_pairs(
+            admin
+                .query_pairs()
+                .filter(|(key, _)| key.starts_with("ssl")),
+        );
+    }
+    // An admin on a Unix socket (`?host=/var/run/postgresql`, or the directory as the URL's
+    // host): the roles go the same way, not over TCP. The directory goes in `host=`, which
+    // wins over the URL's host (a path cannot be one).
+    let host = match options.get_socket() {
+        Some(socket) => {
+            kept.append_pair("host", &socket.to_string_lossy());
+            "localhost".to_owned()
+        }
+        None => options.get_host().to_owned(),
+    };
+    let kept = kept.finish();
+    let parameters = if kept.is_empty() {
         String::new()
     } else {
-        format!("?{tls}")
+        format!("?{kept}")
     };
     Ok(format!(
-        "postgres://{credentials}@{}:{}/{database}{parameters}",
-        options.get_host(),
+        "postgres://{credentials}@{host}:{}/{database}{parameters}",
         options.get_port(),
     ))
 }
@@ -641,6 +648,24 @@ mod tests {
                 "postgres://stagedoor_queue:{queue}@db.internal:6432/stagedoor?sslmode=require"
             )
         );
+    }
+
+    #[test]
+    fn roles_reach_a_unix_socket_the_way_the_admin_does() {
+        for admin in [
+            "postgres:///postgres?host=/var/run/postgresql",
+            "postgres://postgres@%2Fvar%2Frun%2Fpostgresql/postgres",
+        ] {
+            let url = service_url(admin, "stagedoor", QUEUE).unwrap();
+            let options = PgConnectOptions::from_str(&url).unwrap();
+            assert_eq!(
+                options.get_socket().map(|socket| socket.as_path()),
+                Some(std::path::Path::new("/var/run/postgresql")),
+                "{admin} -> {url}"
+            );
+            assert_eq!(options.get_username(), "stagedoor_queue");
+            assert_eq!(options.get_database(), Some("stagedoor"));
+        }
     }
 
     #[test]
