@@ -267,7 +267,15 @@ where
                 // This caller found the key idle: its batches run on a task of their own until
                 // nobody is waiting, so that this caller's going away stops nothing.
                 let (inner, driven) = (self.inner.clone(), key.clone());
+                // The key is busy from here on. Should the driver be dropped before it first
+                // runs (the batcher's task aborted with it still in the channel, or the send
+                // below failing), this frees the key; once it runs, `drive` frees it.
+                let unstarted = Unstarted {
+                    inner: self.inner.clone(),
+                    key: Some(key.clone()),
+                };
                 let driver = Box::pin(async move {
+                    unstarted.runs();
                     let run = |key, calls: Vec<Call<I, O>>| {
                         let (inputs, replies): (Vec<I>, Vec<_>) = calls
                             .into_iter()
@@ -282,11 +290,9 @@ where
                     };
                     inner.waiting.drive(driven, first, run).await
                 });
-                if self.inner.drivers.send(driver).is_err() {
-                    // The batcher's task was aborted: the driver, and this caller's reply
-                    // with it, were dropped unrun. Free the key for whoever asks next.
-                    self.inner.waiting.keys().remove(&key);
-                }
+                // Refused once the batcher's task was aborted: the driver, and this caller's
+                // reply with it, are dropped unrun (and `unstarted` frees the key).
+                let _ = self.inner.drivers.send(driver);
             }
             Enqueued::Full => {
                 return Err(ApiError::new(
@@ -300,6 +306,30 @@ where
         answer
             .await
             .map_err(|_| ApiError::shutting_down("the service is shutting down; retry"))?
+    }
+}
+
+/// A key's driver that has not run yet: dropped so, it frees the key, and the callers queued
+/// for it are dropped with their replies (they hear UNAVAILABLE) instead of waiting forever
+/// for a run that will never come.
+struct Unstarted<K: Eq + std::hash::Hash + Clone, I, O> {
+    inner: Arc<KeyedInner<K, I, O>>,
+    /// `None` once the driver runs.
+    key: Option<K>,
+}
+
+impl<K: Eq + std::hash::Hash + Clone, I, O> Unstarted<K, I, O> {
+    /// The driver runs: from here on [`KeyQueues::drive`] frees the key.
+    fn runs(mut self) {
+        self.key = None;
+    }
+}
+
+impl<K: Eq + std::hash::Hash + Clone, I, O> Drop for Unstarted<K, I, O> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.inner.waiting.keys().remove(&key);
+        }
     }
 }
 
@@ -749,6 +779,32 @@ mod tests {
         let after = tokio::time::timeout(std::time::Duration::from_secs(5), batcher.call(1, 8))
             .await
             .expect("a call after the abort hung");
+        assert_eq!(after.unwrap_err().code(), tonic::Code::Unavailable);
+    }
+
+    /// A driver still in the channel when the task is aborted never runs: its key must not
+    /// stay busy, or every later call of the key would queue behind it for good. (On one
+    /// thread, with the call polled by hand, the batcher's task cannot have taken the
+    /// driver before the abort.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn aborting_a_keyed_batcher_before_its_driver_runs_frees_the_key() {
+        let parked = Arc::new(Parked::new());
+        let (batcher, task) = KeyedBatcher::spawn(limits(100, 4), {
+            let parked = parked.clone();
+            move |_key: u8, inputs: Vec<u32>| parked.batch(inputs)
+        });
+        // Polled once, here: the call finds the key idle, sends its driver and waits for
+        // its answer, and this task goes on without yielding to the batcher's.
+        let mut first = Box::pin(batcher.call(1, 7));
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(first.as_mut().poll(&mut context).is_pending());
+        assert!(!batcher.inner.waiting.keys().is_empty(), "the key is busy");
+        task.abort();
+        assert_eq!(first.await.unwrap_err().code(), tonic::Code::Unavailable);
+        assert_eq!(parked.started.load(Ordering::SeqCst), 0, "the driver ran");
+        let after = tokio::time::timeout(std::time::Duration::from_secs(5), batcher.call(1, 8))
+            .await
+            .expect("a call after the abort hung behind a driver that never ran");
         assert_eq!(after.unwrap_err().code(), tonic::Code::Unavailable);
     }
 
