@@ -55,7 +55,9 @@ pub fn locate(database_url: Option<&str>) -> Result<Postgres, String> {
     let local = std::env::var("STAGEDOOR_LOCAL_POSTGRES").unwrap_or_else(|_| LOCAL_ADDR.to_owned());
     let local: SocketAddr = local
         .parse()
-        .map_err(|_| format!("STAGEDOOR_LOCAL_POSTGRES `{local}` is not host:port"))?;
+        .map_err(|_| {
+            format!("STAGEDOOR_LOCAL_POSTGRES `{local}` is not an IP address and port, such as 127.0.0.1:5432")
+        })?;
     if TcpStream::connect_timeout(&local, Duration::from_secs(1)).is_ok() {
         return Ok(Postgres {
             admin_url: format!("postgres://postgres@{local}/postgres"),
