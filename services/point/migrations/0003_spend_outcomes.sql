@@ -5,10 +5,10 @@
 -- must not spend after a retry was refused and the payment failed, points nobody would
 -- ever give back.
 --
--- Both outcomes share this primary key, so whichever commits first decides: a spend
--- statement inserts its row here in the same statement as its ledger entry, and is undone
--- whole when a refusal is already recorded (or is being recorded: the unique index makes it
--- wait for that transaction, then fail); a refusal recorded after a spend inserts nothing.
+-- Both outcomes share this primary key, so whichever commits first decides. A SPEND entry
+-- inserts its outcome through the trigger below, in the same statement, and is undone whole
+-- when a refusal is already recorded (or is being recorded: the unique index makes it wait
+-- for that transaction, then fail). A refusal recorded after a spend inserts nothing.
 CREATE TABLE spend_outcomes (
     payment_id  text PRIMARY KEY,
     user_id     text NOT NULL,
@@ -16,6 +16,25 @@ CREATE TABLE spend_outcomes (
     refused     boolean NOT NULL,
     create_time timestamptz NOT NULL DEFAULT now()
 );
+
+-- A trigger rather than the spend statement itself, so that a replica of the previous
+-- version, still running during a rolling upgrade, records its spends too: without it, a
+-- new replica would find a SPEND without an outcome, and an old one would spend after a
+-- refusal. (The old replica answers a refused late attempt INSUFFICIENT_BALANCE, as the new
+-- one does: it reads the unique violation as "done before", finds no SPEND and no room.)
+-- Its search_path is the migration's (the service's schema), whoever inserts the entry.
+CREATE FUNCTION spend_decided() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+BEGIN
+    INSERT INTO spend_outcomes (payment_id, user_id, amount, refused)
+    VALUES (NEW.payment_id, NEW.user_id, -NEW.amount, false);
+    RETURN NULL;
+END $$;
+-- Created before the backfill, in this migration's transaction: CREATE TRIGGER locks the
+-- ledger against inserts until the commit, so no spend can land between the backfill's
+-- snapshot and the trigger.
+CREATE TRIGGER spend_decided AFTER INSERT ON ledger
+    FOR EACH ROW WHEN (NEW.kind = 'SPEND') EXECUTE FUNCTION spend_decided();
 
 -- Spends made before this table existed are decided too.
 INSERT INTO spend_outcomes (payment_id, user_id, amount, refused, create_time)

@@ -168,6 +168,14 @@ pub async fn charge(
     }
 }
 
+fn replay_spend(entry: Entry, user_id: &str, amount: i64) -> Result<Entry, PointError> {
+    if entry.user_id == user_id && entry.amount == -amount {
+        Ok(entry)
+    } else {
+        Err(PointError::IdempotencyKeyReused { key: "payment_id" })
+    }
+}
+
 fn replay_charge(entry: Entry, amount: i64) -> Result<Entry, PointError> {
     if entry.amount == amount {
         Ok(entry)
@@ -195,16 +203,14 @@ pub async fn spend(
     if amount <= balance_cap {
         // `balance >= $2` in the UPDATE is the rule: concurrent spends queue on the row lock
         // and each re-checks it against the balance the previous one left, so none goes
-        // below zero. The outcome's insert is what undoes the whole statement when the
-        // payment already has one (spent, or refused by an attempt that got there first).
+        // below zero. The SPEND entry's trigger inserts the payment's outcome, which undoes
+        // the whole statement when the payment already has one (spent, or refused by an
+        // attempt that got there first).
         let sql = format!(
             "WITH wallet AS (
                  UPDATE wallets SET balance = balance - $2, update_time = now()
                   WHERE user_id = $1 AND balance >= $2
-                 RETURNING balance),
-             decided AS (
-                 INSERT INTO spend_outcomes (payment_id, user_id, amount, refused)
-                 SELECT $3, $1, $2, false FROM wallet)
+                 RETURNING balance)
              INSERT INTO ledger (user_id, kind, amount, balance_after, payment_id)
              SELECT $1, 'SPEND', -$2, balance, $3 FROM wallet
              RETURNING {ENTRY_COLUMNS}"
@@ -252,12 +258,17 @@ pub async fn spend(
                 .map_or(0, |(balance, _)| balance);
             Err(PointError::InsufficientBalance { balance, amount })
         }
-        // Over today's cap, and never decided before: nothing is recorded, since the cap is
-        // configuration, not the wallet.
-        None => Err(PointError::AmountOutOfRange {
-            amount,
-            max: balance_cap,
-        }),
+        // Never decided (over today's cap: nothing is recorded, since the cap is
+        // configuration, not the wallet). A SPEND always has its outcome (trigger and
+        // backfill of migration 0003); the ledger is asked all the same before saying no,
+        // since a spend answered as refused would be points lost.
+        None => match payment_entry(pool, payment_id, EntryKind::Spend).await? {
+            Some(entry) => replay_spend(entry, user_id, amount),
+            None => Err(PointError::AmountOutOfRange {
+                amount,
+                max: balance_cap,
+            }),
+        },
     }
 }
 

@@ -124,6 +124,47 @@ async fn a_refused_spend_stays_refused_once_the_balance_would_cover_it() {
 }
 
 #[tokio::test]
+async fn spends_by_a_replica_of_the_previous_version_are_decided_too() {
+    // During a rolling upgrade a replica without spend outcomes spends with its own
+    // statement, below. The ledger's trigger records its outcome all the same: a new
+    // replica replays that spend (rather than refuse a payment whose points were taken), and
+    // the old statement cannot spend after a refusal.
+    const OLD_SPEND: &str = "WITH wallet AS (
+             UPDATE point.wallets SET balance = balance - $2, update_time = now()
+              WHERE user_id = $1 AND balance >= $2
+             RETURNING balance)
+         INSERT INTO point.ledger (user_id, kind, amount, balance_after, payment_id)
+         SELECT $1, 'SPEND', -$2, balance, $3 FROM wallet";
+    let database = TestDatabase::create().await;
+    let point = start(config(&database)).await;
+    let admin = database.admin().await;
+    let old_spend = |amount: i64, payment_id: &'static str| {
+        sqlx::query(OLD_SPEND)
+            .bind("fan")
+            .bind(amount)
+            .bind(payment_id)
+            .execute(&admin)
+    };
+    point.charge("fan", 10_000, "top-up").await.unwrap();
+    old_spend(4_000, "pay-old").await.unwrap();
+    let replayed = point.spend("fan", 4_000, "pay-old").await.unwrap();
+    assert_eq!(replayed.balance_after, 6_000);
+
+    let refused = point.spend("fan", 7_000, "pay-late").await.unwrap_err();
+    assert_eq!(reason(&refused), "INSUFFICIENT_BALANCE");
+    point.charge("fan", 5_000, "more").await.unwrap();
+    let late = old_spend(7_000, "pay-late").await.unwrap_err();
+    assert!(
+        late.as_database_error()
+            .is_some_and(|error| error.is_unique_violation()),
+        "{late:?}"
+    );
+    assert_eq!(point.balance("fan").await, 11_000);
+    admin.close().await;
+    assert_eq!(audit(&database).await, 3);
+}
+
+#[tokio::test]
 async fn history_pages_newest_first() {
     let database = TestDatabase::create().await;
     let point = start(config(&database)).await;
