@@ -116,10 +116,9 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     // demo's database is dropped and a throwaway cluster removed. (Without a handler the
     // process died on the spot and left them all behind, the cluster still running.)
     let mut signals = StopSignals::new();
-    let (postgres, database) = tokio::select! {
-        found = crate::database(args.database_url.as_deref(), &name) => found?,
-        () = signals.recv() => return Err("stopped before the sale began".into()),
-    };
+    // Not cut short by a signal: it creates the database, which only this function drops
+    // (a signal that came meanwhile stops the start of the mesh, just below).
+    let (postgres, database) = crate::database(args.database_url.as_deref(), &name).await?;
     let local = "127.0.0.1:0".parse()?;
     let options = MeshOptions {
         queue_addr: local,
@@ -412,7 +411,10 @@ async fn sale(
         let (sale, timeout) = (sale.clone(), args.timeout);
         async move {
             tokio::time::sleep(timeout).await;
-            sale.cut_short("--timeout");
+            // Not once the sale is over (sold out): the last fans may still be paying.
+            if !sale.stopped() {
+                sale.cut_short("--timeout");
+            }
         }
     });
     let every_fan_done = async {

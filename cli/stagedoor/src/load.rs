@@ -239,13 +239,13 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
     // ends, an error included, the services it started stop and its throwaway database and
     // cluster go. (Without a handler the process died on the spot and left them behind.)
     let mut signals = stagedoor_runtime::shutdown::StopSignals::new();
-    let target = tokio::select! {
-        started = Target::start(&load, scenario.services(), scenario.active_fans()) => started?,
-        () = signals.recv() => return Err("stopped before the run began".into()),
-    };
+    // Not cut short by a signal: it creates the database that `stop` drops. A signal that
+    // came meanwhile ends the run before its first call, below.
+    let target = Target::start(&load, scenario.services(), scenario.active_fans()).await?;
     let outcome = tokio::select! {
-        outcome = run_on(scenario, &load, &target) => outcome,
+        biased;
         () = signals.recv() => Err("stopped by a signal before the run was over".into()),
+        outcome = run_on(scenario, &load, &target) => outcome,
     };
     target.stop().await;
     outcome
@@ -1032,10 +1032,9 @@ impl Target {
             .iter()
             .map(|(s, url)| format!("{s:?} at {url}"))
             .collect();
-        let place = if self.database.is_some() {
-            "in-process, throwaway database"
-        } else {
-            "running"
+        let place = match &self.database {
+            Some((database, _)) => format!("in-process, throwaway database `{}`", database.name),
+            None => "running".to_owned(),
         };
         format!("{} ({place})", services.join(", "))
     }

@@ -267,11 +267,6 @@ async fn a_load_run_stopped_by_ctrl_c_drops_its_database() {
         .connect(&admin_url())
         .await
         .unwrap();
-    let load_databases = "SELECT count(*) FROM pg_database WHERE datname LIKE 'stagedoor_load_%'";
-    let before: i64 = sqlx::query_scalar(load_databases)
-        .fetch_one(&admin)
-        .await
-        .unwrap();
     let (code, printed) = tokio::task::spawn_blocking(|| {
         interrupted(
             stagedoor()
@@ -291,11 +286,18 @@ async fn a_load_run_stopped_by_ctrl_c_drops_its_database() {
     .unwrap();
     assert_eq!(code, Some(1), "{printed}");
     assert!(printed.contains("stopped by a signal"), "{printed}");
-    let after: i64 = sqlx::query_scalar(load_databases)
+    // This run's database by name: other tests' runs come and go meanwhile.
+    let database = printed
+        .split("throwaway database `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .unwrap_or_else(|| panic!("no database named: {printed}"));
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(database)
         .fetch_one(&admin)
         .await
         .unwrap();
-    assert_eq!(after, before, "the run's database was left behind");
+    assert_eq!(left, 0, "the run's database {database} was left behind");
     admin.close().await;
 }
 

@@ -529,9 +529,15 @@ pub fn service_url(
     // An admin on a Unix socket (`?host=/var/run/postgresql`, or the directory as the URL's
     // host): the roles go the same way, not over TCP. The directory goes in `host=`, which
     // wins over the URL's host (a path cannot be one).
-    let host = match options.get_socket() {
+    // A URL with no host at all takes sqlx's default, which is the socket directory when
+    // `/var/run/postgresql` exists (or PGHOST): a host that is a path is a socket too.
+    let socket = match options.get_socket() {
+        Some(socket) => Some(socket.to_string_lossy().into_owned()),
+        None => Some(options.get_host().to_owned()).filter(|host| host.starts_with('/')),
+    };
+    let host = match socket {
         Some(socket) => {
-            kept.append_pair("host", &socket.to_string_lossy());
+            kept.append_pair("host", &socket);
             "localhost".to_owned()
         }
         None => options.get_host().to_owned(),
@@ -652,10 +658,17 @@ mod tests {
 
     #[test]
     fn roles_reach_a_unix_socket_the_way_the_admin_does() {
-        for admin in [
+        let mut admins = vec![
             "postgres:///postgres?host=/var/run/postgresql",
             "postgres://postgres@%2Fvar%2Frun%2Fpostgresql/postgres",
-        ] {
+        ];
+        // No host: sqlx's default, the socket directory where it exists (as on Debian).
+        if std::env::var_os("PGHOST").is_none()
+            && std::path::Path::new("/var/run/postgresql").exists()
+        {
+            admins.push("postgres:///postgres");
+        }
+        for admin in admins {
             let url = service_url(admin, "stagedoor", QUEUE).unwrap();
             let options = PgConnectOptions::from_str(&url).unwrap();
             assert_eq!(
