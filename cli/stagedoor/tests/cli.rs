@@ -30,6 +30,23 @@ fn succeeds(command: &mut Command, what: &str) -> String {
     stdout
 }
 
+/// A pool of one connection to the local Postgres as its superuser.
+async fn admin_pool() -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&admin_url())
+        .await
+        .unwrap()
+}
+
+/// How many demo databases the server holds (demo tests run alone, so a change is theirs).
+async fn demo_databases(admin: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname LIKE 'stagedoor_demo_%'")
+        .fetch_one(admin)
+        .await
+        .unwrap()
+}
+
 #[test]
 fn a_small_demo_sells_out_and_passes_its_verdict() {
     let json = std::env::temp_dir().join(format!("stagedoor-demo-{}.json", std::process::id()));
@@ -120,16 +137,8 @@ fn a_demo_that_cannot_run_says_why_and_exits_2() {
 #[tokio::test]
 async fn a_demo_on_a_crowded_postgres_says_why_and_leaves_nothing() {
     use sqlx::Connection;
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&admin_url())
-        .await
-        .unwrap();
-    let demo_databases = "SELECT count(*) FROM pg_database WHERE datname LIKE 'stagedoor_demo_%'";
-    let before: i64 = sqlx::query_scalar(demo_databases)
-        .fetch_one(&admin)
-        .await
-        .unwrap();
+    let admin = admin_pool().await;
+    let before = demo_databases(&admin).await;
     // Take connections (as the superuser, who may also use the reserved ones) until fewer
     // than 12 are left for the services' roles: below the 20 the mesh needs, with room for
     // a few connections of others to close meanwhile.
@@ -157,10 +166,7 @@ async fn a_demo_on_a_crowded_postgres_says_why_and_leaves_nothing() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("max_connections"), "{stderr}");
-    let after: i64 = sqlx::query_scalar(demo_databases)
-        .fetch_one(&admin)
-        .await
-        .unwrap();
+    let after = demo_databases(&admin).await;
     assert_eq!(after, before, "the demo's database was dropped");
     admin.close().await;
 }
@@ -233,16 +239,8 @@ fn interrupted(command: &mut Command, at: &str) -> (Option<i32>, String) {
 /// a handler the process died on the spot and left its database behind.
 #[tokio::test]
 async fn a_demo_stopped_by_ctrl_c_drops_its_database() {
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&admin_url())
-        .await
-        .unwrap();
-    let demo_databases = "SELECT count(*) FROM pg_database WHERE datname LIKE 'stagedoor_demo_%'";
-    let before: i64 = sqlx::query_scalar(demo_databases)
-        .fetch_one(&admin)
-        .await
-        .unwrap();
+    let admin = admin_pool().await;
+    let before = demo_databases(&admin).await;
     let (code, printed) = tokio::task::spawn_blocking(|| {
         interrupted_demo(stagedoor().env("DATABASE_URL", admin_url()))
     })
@@ -251,10 +249,7 @@ async fn a_demo_stopped_by_ctrl_c_drops_its_database() {
     assert_eq!(code, Some(1), "{printed}");
     assert!(printed.contains("cut short by a stop signal"), "{printed}");
     assert!(printed.contains("VERDICT: FAIL"), "{printed}");
-    let after: i64 = sqlx::query_scalar(demo_databases)
-        .fetch_one(&admin)
-        .await
-        .unwrap();
+    let after = demo_databases(&admin).await;
     assert_eq!(after, before, "the demo's database was left behind");
     admin.close().await;
 }
@@ -262,11 +257,7 @@ async fn a_demo_stopped_by_ctrl_c_drops_its_database() {
 /// A load run stopped by Ctrl-C stops its services and drops its database too.
 #[tokio::test]
 async fn a_load_run_stopped_by_ctrl_c_drops_its_database() {
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&admin_url())
-        .await
-        .unwrap();
+    let admin = admin_pool().await;
     let (code, printed) = tokio::task::spawn_blocking(|| {
         interrupted(
             stagedoor()

@@ -31,6 +31,15 @@ fn quick_recovery(mesh_settings: &mut crate::Settings) {
     payment.pay_patience = Duration::from_millis(300);
 }
 
+/// How many rounds of a payment's saga have failed so far (its backoff's count).
+async fn attempts_of(admin: &sqlx::PgPool, payment_id: &str) -> i32 {
+    sqlx::query_scalar("SELECT attempts FROM payment.payments WHERE payment_id = $1::uuid")
+        .bind(payment_id)
+        .fetch_one(admin)
+        .await
+        .unwrap()
+}
+
 /// The payment id a PAYMENT_IN_PROGRESS answer names.
 fn in_progress(status: &tonic::Status) -> String {
     use tonic_types::StatusExt;
@@ -125,15 +134,7 @@ async fn point_down_mid_saga_leaves_the_payment_pending_until_it_returns() {
     // Two rounds of recovery failed against the missing peer (each one gives the payment
     // back with one more attempt counted), and the payment is still just pending.
     let admin = mesh.database.admin().await;
-    let attempts = || async {
-        sqlx::query_scalar::<_, i32>(
-            "SELECT attempts FROM payment.payments WHERE payment_id = $1::uuid",
-        )
-        .bind(&payment_id)
-        .fetch_one(&admin)
-        .await
-        .unwrap()
-    };
+    let attempts = || attempts_of(&admin, &payment_id);
     let before = attempts().await;
     eventually(
         Duration::from_secs(10),
@@ -423,15 +424,7 @@ async fn concert_down_after_the_spend_keeps_the_points_until_the_seats_are_sold(
     let mut healthy = mesh.payment_config.clone();
     healthy.fault = Fault::None;
     let admin = mesh.database.admin().await;
-    let attempts = || async {
-        sqlx::query_scalar::<_, i32>(
-            "SELECT attempts FROM payment.payments WHERE payment_id = $1::uuid",
-        )
-        .bind(&payment_id)
-        .fetch_one(&admin)
-        .await
-        .unwrap()
-    };
+    let attempts = || attempts_of(&admin, &payment_id);
     let before = attempts().await;
     mesh.start_payment(healthy).await;
     // The recovery re-spends (a replay at the point service), cannot confirm, and waits:
