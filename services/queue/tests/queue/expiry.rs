@@ -178,6 +178,107 @@ async fn a_window_that_ends_while_the_fan_asks_again_gets_a_new_token() {
 }
 
 #[tokio::test]
+async fn a_window_that_the_second_expiry_pass_ends_is_not_answered_active() {
+    // When a window ended between IssueToken's first expiry pass and its read, a second pass
+    // runs, by a later clock still: it may end windows the read saw ACTIVE. Those fans used
+    // to be told ACTIVE of a row that was EXPIRED when the answer left. Here the first pass
+    // is stalled 1 s (`fan`'s window ends during it, which calls for the second pass), and
+    // the read 2 s by a row-level policy on `other`'s row (its window ends during that).
+    // `fan` and `other` ask again in one batch, queued behind a parked call.
+    let database = TestDatabase::create().await;
+    let queue = open_line(&database, |settings| {
+        settings.max_active = 5;
+        settings.tick = Duration::from_secs(3_600); // no background sweep
+    })
+    .await;
+    let stalled = queue.issue("c", "stalled").await;
+    let fan = queue.issue("c", "fan").await;
+    let other = queue.issue("c", "other").await;
+    for ticket in [&stalled, &fan, &other] {
+        assert_eq!(ticket.status(), pb::TokenStatus::Active);
+    }
+
+    stall_expiry_of(&database, "stalled").await;
+    let admin = database.admin().await;
+    for statement in [
+        // The read is the statement that computes `idle_secs`; the policy holds the service's
+        // own role to it too (FORCE), and lets every row through.
+        "CREATE FUNCTION queue.slow_read(user_id text) RETURNS boolean LANGUAGE plpgsql AS
+           $$ BEGIN
+                IF user_id = 'other' AND current_query() LIKE '%idle_secs%' THEN
+                    PERFORM pg_sleep(2);
+                END IF;
+                RETURN true;
+              END $$",
+        "CREATE POLICY slow_read ON queue.tokens USING (queue.slow_read(user_id)) WITH CHECK (true)",
+        "ALTER TABLE queue.tokens ENABLE ROW LEVEL SECURITY",
+        "ALTER TABLE queue.tokens FORCE ROW LEVEL SECURITY",
+    ] {
+        sqlx::query(statement).execute(&admin).await.unwrap();
+    }
+    let gate = Gate::on_inserts(&database, "NEW.user_id = 'blocker'").await;
+    let blocker = queue.issue_in_background("c", "blocker");
+    gate.wait_for_parked().await;
+    let (fan_again, other_again) = (
+        queue.issue_in_background("c", "fan"),
+        queue.issue_in_background("c", "other"),
+    );
+    // Time for both calls to reach the replica and queue for the line's next batch.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // `stalled`'s window has ended; `fan`'s ends during the first pass's stall, `other`'s
+    // during the read's.
+    sqlx::query(
+        "UPDATE queue.tokens SET expire_time = CASE user_id
+             WHEN 'stalled' THEN now() - interval '1 second'
+             WHEN 'fan' THEN now() + interval '500 milliseconds'
+             ELSE now() + interval '2 seconds' END
+          WHERE user_id IN ('stalled', 'fan', 'other')",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    gate.open().await;
+
+    blocker.await.unwrap();
+    assert_ne!(
+        fan_again.await.unwrap().token,
+        fan.token,
+        "the second pass ran"
+    );
+    let other_again = other_again.await.unwrap();
+    let status_of = |token: String| {
+        let admin = admin.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT status FROM queue.tokens WHERE token = $1::uuid",
+            )
+            .bind(token)
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(
+        status_of(other.token.clone()).await,
+        "EXPIRED",
+        "the second pass ended `other`'s window"
+    );
+    assert_ne!(
+        other_again.token, other.token,
+        "told ACTIVE of an EXPIRED token"
+    );
+    assert_eq!(
+        status_of(other_again.token.clone()).await,
+        other_again
+            .status()
+            .as_str_name()
+            .trim_start_matches("TOKEN_STATUS_"),
+        "the answer is the row's"
+    );
+    admin.close().await;
+}
+
+#[tokio::test]
 async fn a_fan_who_polls_just_before_the_idle_deadline_keeps_the_place() {
     // Two things put a fan's written `last_seen` behind the fan's last poll, and the sweeper
     // must allow for both:
