@@ -227,3 +227,116 @@ async fn assert_admitted_within(database: &TestDatabase, rate: u32) {
         );
     }
 }
+
+/// A poll answered from memory trusts the line board's counters for 1 s, and the board's
+/// read must count from when it was asked, not answered: a refresh that took long (a busy
+/// Postgres) brings counters as old as its query. Here one refresh is held at its start
+/// while `fan` is admitted, and let go 1.1 s later; the next refresh is held too, so that
+/// the old counters stay on the board. `fan`'s poll must not be told WAITING from them.
+#[tokio::test]
+async fn a_slow_board_refresh_does_not_pass_for_a_fresh_one() {
+    const FIRST_READ: i64 = 5_101;
+    const SECOND_READ: i64 = 5_102;
+    let database = TestDatabase::create().await;
+    let queue = crate::open_line(&database, |settings| settings.max_active = 1).await;
+    let holder = queue.issue("c", "holder").await;
+    let fan = queue.issue("c", "fan").await;
+    assert_eq!(fan.status(), pb::TokenStatus::Waiting);
+    // Polled once: remembered as WAITING (the cache trusts it for a quarter of the idle TTL).
+    assert_eq!(
+        queue.status(&fan.token).await.status(),
+        pb::TokenStatus::Waiting
+    );
+
+    let admin = database.admin().await;
+    let mut locks = admin.acquire().await.unwrap();
+    for key in [FIRST_READ, SECOND_READ] {
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(key)
+            .execute(&mut *locks)
+            .await
+            .unwrap();
+    }
+    // The board's read is the statement with `OR concert_id = ANY`; a row-level policy
+    // (forced on the service's own role) holds its first run on one lock, its second on the
+    // other, and lets everything else through.
+    for statement in [
+        "CREATE SEQUENCE queue.board_reads".to_owned(),
+        format!(
+            // Its creator's rights (the sequence is the test's, not the service role's).
+            "CREATE FUNCTION queue.held_board_read() RETURNS boolean LANGUAGE plpgsql
+               SECURITY DEFINER AS
+               $$ DECLARE n int8;
+                  BEGIN
+                    IF current_query() LIKE '%OR concert_id = ANY%' THEN
+                        n := nextval('queue.board_reads');
+                        IF n = 1 THEN
+                            PERFORM pg_advisory_lock_shared({FIRST_READ});
+                            PERFORM pg_advisory_unlock_shared({FIRST_READ});
+                        ELSIF n = 2 THEN
+                            PERFORM pg_advisory_lock_shared({SECOND_READ});
+                            PERFORM pg_advisory_unlock_shared({SECOND_READ});
+                        END IF;
+                    END IF;
+                    RETURN true;
+                  END $$"
+        ),
+        "CREATE POLICY held_board_read ON queue.lines USING (queue.held_board_read())
+           WITH CHECK (true)"
+            .to_owned(),
+        "ALTER TABLE queue.lines ENABLE ROW LEVEL SECURITY".to_owned(),
+        "ALTER TABLE queue.lines FORCE ROW LEVEL SECURITY".to_owned(),
+    ] {
+        sqlx::query(&statement).execute(&admin).await.unwrap();
+    }
+    let board_read_held = stagedoor_testkit::LockWaiters {
+        wait_event: Some("advisory"),
+        query_contains: Some("OR concert_id = ANY"),
+        ..Default::default()
+    };
+    stagedoor_testkit::until_lock_waiters(&admin, board_read_held, 1, Duration::from_secs(10))
+        .await;
+
+    // Admitted while the held read's snapshot still has the old pointer...
+    assert_eq!(
+        queue.complete(&holder.token).await.unwrap(),
+        pb::TokenStatus::Done
+    );
+    let (row,): (String,) = database
+        .row("SELECT status FROM queue.tokens WHERE user_id = 'fan'")
+        .await;
+    assert_eq!(row, "ACTIVE");
+    // ...which is more than the 1 s the cache trusts by the time the read is let go.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(FIRST_READ)
+        .execute(&mut *locks)
+        .await
+        .unwrap();
+    // The next read has started (the refresher is one loop), so the held one's counters are
+    // on the board, and stay there while the next is held.
+    stagedoor_testkit::eventually(
+        Duration::from_secs(10),
+        "the board's next read is held",
+        || async {
+            let (reads,): (i64,) = database
+                .row("SELECT last_value FROM queue.board_reads")
+                .await;
+            (reads >= 2 && stagedoor_testkit::lock_waiters(&admin, board_read_held).await == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        queue.status(&fan.token).await.status(),
+        pb::TokenStatus::Active,
+        "an admitted fan was told WAITING from a board read older than the cache trusts"
+    );
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(SECOND_READ)
+        .execute(&mut *locks)
+        .await
+        .unwrap();
+    drop(locks);
+    admin.close().await;
+}
