@@ -236,6 +236,79 @@ async fn confirm_is_idempotent_per_payment_and_sells_once() {
     assert_eq!(reason(&release), "HOLD_NOT_HELD");
 }
 
+/// An expired hold is gone wherever seats are counted, before any sweeper runs: its seats
+/// count as free in ListAvailableDates, they no longer count against its fan's four, and a
+/// release of it is final, so a payment on its way can no longer buy it (unreleased, an
+/// expired hold whose seats nobody took is still sold: see the first test).
+#[tokio::test]
+async fn an_expired_hold_counts_for_nothing_and_once_released_cannot_be_paid() {
+    let mesh = mesh(1, |_, concert| {
+        concert.hold_ttl = Duration::from_millis(800)
+    })
+    .await;
+    let (concert_id, schedule_id) = mesh.catalog(8).await;
+    let alice = mesh.active_token(&concert_id, "alice").await;
+    let bob = mesh.active_token(&concert_id, "bob").await;
+    let first = mesh
+        .hold(0, &alice, &schedule_id, &[1, 2, 3, 4], "a-1")
+        .await
+        .unwrap();
+    mesh.hold(0, &bob, &schedule_id, &[5, 6, 7, 8], "b-1")
+        .await
+        .unwrap();
+    assert!(
+        mesh.dates(&bob, &concert_id).await.is_empty(),
+        "every seat held: the date is off the list"
+    );
+
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let dates = mesh.dates(&bob, &concert_id).await;
+    assert_eq!(
+        dates
+            .iter()
+            .map(|date| date.available_seat_count)
+            .collect::<Vec<_>>(),
+        vec![8],
+        "both holds expired: every seat free again"
+    );
+    // Alice's four expired seats no longer count: four more are hers.
+    mesh.hold(0, &alice, &schedule_id, &[5, 6, 7, 8], "a-2")
+        .await
+        .expect("an expired hold counts against nobody's limit");
+
+    let released = mesh.concerts[0]
+        .public
+        .clone()
+        .release_hold(with_bearer(
+            pb::ReleaseHoldRequest {
+                hold_id: first.hold_id.clone(),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(released.status(), pb::HoldStatus::Released);
+    let late = mesh
+        .confirm(0, &first.hold_id, "pay-late")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (late.code(), reason(&late).as_str()),
+        (Code::FailedPrecondition, "HOLD_NOT_HELD")
+    );
+    assert_eq!(
+        stagedoor_testkit::detail(&late, "status").as_deref(),
+        Some("RELEASED")
+    );
+    let seats = mesh.seats(&bob, &schedule_id).await;
+    for seat in 1..=4 {
+        assert_eq!(status_of(&seats, seat), pb::SeatStatus::Available);
+    }
+}
+
 #[tokio::test]
 async fn tokens_decide_who_may_call_and_as_whom() {
     let mesh = mesh(1, |queue, concert| {
