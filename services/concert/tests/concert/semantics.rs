@@ -83,15 +83,18 @@ async fn an_expired_hold_frees_its_seats_at_once() {
 #[tokio::test]
 async fn a_hold_that_expires_during_a_lock_wait_no_longer_counts() {
     let mesh = mesh(1, |_, concert| {
-        concert.hold_ttl = Duration::from_millis(600)
+        concert.hold_ttl = Duration::from_millis(1_500)
     })
     .await;
     let (concert_id, schedule_id) = mesh.catalog(50).await;
     let alice = mesh.active_token(&concert_id, "alice").await;
     let bob = mesh.active_token(&concert_id, "bob").await;
-    mesh.hold(0, &alice, &schedule_id, &[7], "a-1")
+    let alices = mesh
+        .hold(0, &alice, &schedule_id, &[7], "a-1")
         .await
         .unwrap();
+    let alices_end =
+        stagedoor_runtime::time::from_timestamp(alices.expire_time.as_ref().unwrap()).unwrap();
 
     // Another transaction sits on seat 7's lock (as another replica's batch would) until
     // well after alice's hold has run out.
@@ -106,10 +109,13 @@ async fn a_hold_that_expires_during_a_lock_wait_no_longer_counts() {
         &bob,
     );
     let waiting = tokio::spawn(async move { public.hold_seats(request).await });
-    // Bob's batch waits on the seat's lock.
+    // Bob's batch waits on the seat's lock, and began while alice's hold was live (else a
+    // batch judging by its transaction's start would pass too, and this would test nothing).
     mesh.until_lock_waiters(1).await;
-    // Past alice's 600 ms (counted from before her hold was made), then let bob through.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let left = (alices_end - chrono::Utc::now()).to_std();
+    let left = left.expect("bob's batch began before alice's hold ran out");
+    // Past alice's hold's end, then let bob through.
+    tokio::time::sleep(left + Duration::from_millis(100)).await;
     blocker.commit().await.unwrap();
 
     let taken = waiting
@@ -570,6 +576,10 @@ async fn a_sold_out_date_drops_out_of_the_list() {
     assert!(dates().await.is_empty(), "held seats are not free");
     mesh.confirm(0, &hold.hold_id, "pay-1").await.unwrap();
     assert!(dates().await.is_empty(), "sold out");
+    // Sold, not merely still held.
+    let seats = mesh.seats(&fan, &schedule_id).await;
+    assert_eq!(status_of(&seats, 1), pb::SeatStatus::Sold);
+    assert_eq!(status_of(&seats, 2), pb::SeatStatus::Sold);
 }
 
 #[tokio::test]
@@ -605,8 +615,10 @@ async fn a_vouched_token_is_trusted_no_longer_than_the_cache_ttl() {
 #[tokio::test]
 async fn the_sweeper_retires_unpaid_holds_and_nothing_else() {
     let mesh = mesh(1, |_, concert| {
-        concert.hold_ttl = Duration::from_millis(1_000);
-        concert.hold_sweep_after = Duration::from_millis(300);
+        // Alice's holds end at 1.5 s and are retired from 2.1 s; bob's, made at 1.6 s,
+        // lives until 3.1 s: half a second either side of every step below.
+        concert.hold_ttl = Duration::from_millis(1_500);
+        concert.hold_sweep_after = Duration::from_millis(600);
         concert.hold_sweep_every = Duration::from_millis(50);
     })
     .await;
@@ -628,12 +640,6 @@ async fn the_sweeper_retires_unpaid_holds_and_nothing_else() {
         .unwrap();
     mesh.confirm(0, &paid.hold_id, "pay-paid").await.unwrap();
 
-    // Past the expiry, inside the grace: bob takes seat 5.
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    let bobs = mesh.hold(0, &bob, &schedule_id, &[5], "b-1").await.unwrap();
-    // Past expiry + grace + a few sweeps.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-
     let admin = mesh.database.admin().await;
     let row_status = |hold_id: String| {
         let admin = admin.clone();
@@ -647,6 +653,18 @@ async fn the_sweeper_retires_unpaid_holds_and_nothing_else() {
             .unwrap()
         }
     };
+    // Past the expiry, inside the grace: bob takes seat 5 from a hold not yet retired (else
+    // the sweeper would have nothing of bob's to leave alone).
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let bobs = mesh.hold(0, &bob, &schedule_id, &[5], "b-1").await.unwrap();
+    assert_eq!(
+        row_status(retaken.hold_id.clone()).await,
+        "HELD",
+        "swept before bob took its seat"
+    );
+    // Past expiry + grace + a few sweeps.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+
     assert_eq!(row_status(untaken.hold_id.clone()).await, "EXPIRED");
     assert_eq!(row_status(retaken.hold_id.clone()).await, "EXPIRED");
     assert_eq!(row_status(paid.hold_id.clone()).await, "CONFIRMED");
