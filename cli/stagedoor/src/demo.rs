@@ -445,7 +445,12 @@ async fn sale(
     let _ = progress.await;
     let active = sampler.await?;
 
-    let checks = verdict(&sale, &audit, &dates, &active, args.cap).await?;
+    // Its calls wait as long as the services take: a signal stops waiting for them (the
+    // handler installed above would otherwise leave only SIGKILL, and the mess behind).
+    let checks = tokio::select! {
+        checks = verdict(&sale, &audit, &dates, &active, args.cap) => checks?,
+        () = signals.recv() => return Err("stopped during the verdict; no verdict".into()),
+    };
     audit.close().await;
     let sold_out_after = *sale.sold_out_after.lock().expect("sold out time");
     let rpcs = std::mem::take(&mut *sale.rpcs.lock().expect("rpc stats"));
