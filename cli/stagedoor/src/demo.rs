@@ -116,9 +116,20 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     // demo's database is dropped and a throwaway cluster removed. (Without a handler the
     // process died on the spot and left them all behind, the cluster still running.)
     let mut signals = StopSignals::new();
-    // Not cut short by a signal: it creates the database, which only this function drops
-    // (a signal that came meanwhile stops the start of the mesh, just below).
-    let (postgres, database) = crate::database(args.database_url.as_deref(), &name).await?;
+    // Not cut short by a first signal: it creates the database, which only this function
+    // drops.
+    let (found, stop_now) = crate::finish_starting(
+        crate::database(args.database_url.as_deref(), &name),
+        &mut signals,
+    )
+    .await?;
+    let (postgres, database) = found?;
+    if stop_now {
+        if let Err(error) = database.drop_database().await {
+            eprintln!("stagedoor demo: the demo database was not dropped: {error}");
+        }
+        return Err("stopped before the sale began".into());
+    }
     let local = "127.0.0.1:0".parse()?;
     let options = MeshOptions {
         queue_addr: local,

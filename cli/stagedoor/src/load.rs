@@ -239,9 +239,17 @@ pub async fn run(scenario: Scenario) -> Result<(), Box<dyn std::error::Error>> {
     // ends, an error included, the services it started stop and its throwaway database and
     // cluster go. (Without a handler the process died on the spot and left them behind.)
     let mut signals = stagedoor_runtime::shutdown::StopSignals::new();
-    // Not cut short by a signal: it creates the database that `stop` drops. A signal that
-    // came meanwhile ends the run before its first call, below.
-    let target = Target::start(&load, scenario.services(), scenario.active_fans()).await?;
+    // Not cut short by a first signal: it creates the database that `stop` drops.
+    let (started, stop_now) = crate::finish_starting(
+        Target::start(&load, scenario.services(), scenario.active_fans()),
+        &mut signals,
+    )
+    .await?;
+    let target = started?;
+    if stop_now {
+        target.stop().await;
+        return Err("stopped before the run began".into());
+    }
     let outcome = tokio::select! {
         biased;
         () = signals.recv() => Err("stopped by a signal before the run was over".into()),

@@ -134,6 +134,28 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Runs a start-up to its end though a stop signal comes meanwhile: what it creates (a
+/// database) must exist whole to be cleaned up. Says whether a signal came, for the caller to
+/// stop at once and clean up; a second signal gives up on the start-up there and then, for a
+/// start-up that hangs (what it made is then left behind, as the message says).
+pub async fn finish_starting<T>(
+    start: impl std::future::Future<Output = T>,
+    signals: &mut stagedoor_runtime::shutdown::StopSignals,
+) -> Result<(T, bool), Box<dyn std::error::Error>> {
+    tokio::pin!(start);
+    tokio::select! {
+        started = &mut start => return Ok((started, false)),
+        () = signals.recv() => {}
+    }
+    eprintln!("stagedoor: stopping once start-up is done (again to stop at once) ...");
+    tokio::select! {
+        started = &mut start => Ok((started, true)),
+        () = signals.recv() => Err(
+            "stopped during start-up; what it had made (a database, services) may be left".into()
+        ),
+    }
+}
+
 /// Finds a Postgres and provisions `database` in it, with a message that says what to do
 /// when that fails.
 pub async fn database(

@@ -21,7 +21,10 @@ CREATE TABLE spend_outcomes (
 -- version, still running during a rolling upgrade, records its spends too: without it, a
 -- new replica would find a SPEND without an outcome, and an old one would spend after a
 -- refusal. (The old replica answers a refused late attempt INSUFFICIENT_BALANCE, as the new
--- one does: it reads the unique violation as "done before", finds no SPEND and no room.)
+-- one does: it reads the unique violation as "done before", finds no SPEND, and refuses,
+-- with the balance as it is then.) Old replicas record no refusals of their own, and one
+-- that restarts after this migration does not start: sqlx refuses a database with a
+-- migration the binary does not know.
 -- Its search_path is the migration's (the service's schema), whoever inserts the entry.
 CREATE FUNCTION spend_decided() RETURNS trigger LANGUAGE plpgsql
 SET search_path FROM CURRENT AS $$
@@ -32,7 +35,8 @@ BEGIN
 END $$;
 -- Created before the backfill, in this migration's transaction: CREATE TRIGGER locks the
 -- ledger against inserts until the commit, so no spend can land between the backfill's
--- snapshot and the trigger.
+-- snapshot and the trigger. Every change of a wallet waits for the backfill meanwhile: one
+-- pass over the ledger's SPEND entries.
 CREATE TRIGGER spend_decided AFTER INSERT ON ledger
     FOR EACH ROW WHEN (NEW.kind = 'SPEND') EXECUTE FUNCTION spend_decided();
 

@@ -615,8 +615,8 @@ async fn a_vouched_token_is_trusted_no_longer_than_the_cache_ttl() {
 #[tokio::test]
 async fn the_sweeper_retires_unpaid_holds_and_nothing_else() {
     let mesh = mesh(1, |_, concert| {
-        // Alice's holds end at 1.5 s and are retired from 2.1 s; bob's, made at 1.6 s,
-        // lives until 3.1 s: half a second either side of every step below.
+        // Alice's holds end 1.5 s after they are made and are retired 0.6 s later; bob's,
+        // made 0.1 s after hers end, lives 1.5 s: half a second either side of every step.
         concert.hold_ttl = Duration::from_millis(1_500);
         concert.hold_sweep_after = Duration::from_millis(600);
         concert.hold_sweep_every = Duration::from_millis(50);
@@ -655,7 +655,12 @@ async fn the_sweeper_retires_unpaid_holds_and_nothing_else() {
     };
     // Past the expiry, inside the grace: bob takes seat 5 from a hold not yet retired (else
     // the sweeper would have nothing of bob's to leave alone).
-    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let retaken_end =
+        stagedoor_runtime::time::from_timestamp(retaken.expire_time.as_ref().unwrap()).unwrap();
+    let until_ended = (retaken_end - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(until_ended + Duration::from_millis(100)).await;
     let bobs = mesh.hold(0, &bob, &schedule_id, &[5], "b-1").await.unwrap();
     assert_eq!(
         row_status(retaken.hold_id.clone()).await,

@@ -225,13 +225,14 @@ async fn a_window_that_the_second_expiry_pass_ends_is_not_answered_active() {
     );
     // Time for both calls to reach the replica and queue for the line's next batch.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // `stalled`'s window has ended; `fan`'s ends during the first pass's stall, `other`'s
-    // during the read's.
+    // `stalled`'s window has ended; `fan`'s ends during the first pass's stall (which
+    // starts within 1 s of this, however slow the run), `other`'s during the read's (from
+    // about 1 s later to 2 s after that).
     sqlx::query(
         "UPDATE queue.tokens SET expire_time = CASE user_id
              WHEN 'stalled' THEN now() - interval '1 second'
-             WHEN 'fan' THEN now() + interval '500 milliseconds'
-             ELSE now() + interval '2 seconds' END
+             WHEN 'fan' THEN now() + interval '1 second'
+             ELSE now() + interval '2.5 seconds' END
           WHERE user_id IN ('stalled', 'fan', 'other')",
     )
     .execute(&admin)
@@ -240,12 +241,26 @@ async fn a_window_that_the_second_expiry_pass_ends_is_not_answered_active() {
     gate.open().await;
 
     blocker.await.unwrap();
-    assert_ne!(
-        fan_again.await.unwrap().token,
-        fan.token,
-        "the second pass ran"
-    );
+    assert_ne!(fan_again.await.unwrap().token, fan.token);
     let other_again = other_again.await.unwrap();
+    // The case happened: `stalled` went in the first pass, `fan` and `other` together in
+    // the second (one statement, one end time), so one batch read `other` ACTIVE and then
+    // ended its window. (A slow run that missed it fails here, rather than pass.)
+    let ends: Vec<(String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT user_id, end_time FROM queue.tokens
+          WHERE user_id IN ('stalled', 'fan', 'other') AND status = 'EXPIRED'
+          ORDER BY user_id",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    let end_of = |user: &str| ends.iter().find(|(id, _)| id == user).map(|(_, end)| *end);
+    assert!(
+        end_of("stalled").is_some()
+            && end_of("fan") == end_of("other")
+            && end_of("stalled") < end_of("fan"),
+        "not ended by one second pass: {ends:?}"
+    );
     let status_of = |token: String| {
         let admin = admin.clone();
         async move {
