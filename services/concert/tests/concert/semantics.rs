@@ -3,7 +3,7 @@ use std::time::Duration;
 use stagedoor_proto::{concert::v1 as pb, queue::v1 as queue_pb};
 use tonic::{Code, Request};
 
-use crate::{mesh, reason, with_bearer};
+use crate::{mesh, reason, with_bearer, Mesh};
 
 fn status_of(seats: &[pb::Seat], number: i32) -> pb::SeatStatus {
     seats
@@ -13,15 +13,41 @@ fn status_of(seats: &[pb::Seat], number: i32) -> pb::SeatStatus {
         .status()
 }
 
-#[tokio::test]
-async fn an_expired_hold_frees_its_seats_at_once() {
+/// A mesh whose holds last 800 ms, a date of `seats` seats, and two ACTIVE fans.
+struct TwoFans {
+    mesh: Mesh,
+    concert_id: String,
+    schedule_id: String,
+    alice: String,
+    bob: String,
+}
+
+async fn two_fans(seats: i32) -> TwoFans {
     let mesh = mesh(1, |_, concert| {
         concert.hold_ttl = Duration::from_millis(800)
     })
     .await;
-    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let (concert_id, schedule_id) = mesh.catalog(seats).await;
     let alice = mesh.active_token(&concert_id, "alice").await;
     let bob = mesh.active_token(&concert_id, "bob").await;
+    TwoFans {
+        mesh,
+        concert_id,
+        schedule_id,
+        alice,
+        bob,
+    }
+}
+
+#[tokio::test]
+async fn an_expired_hold_frees_its_seats_at_once() {
+    let TwoFans {
+        mesh,
+        concert_id: _,
+        schedule_id,
+        alice,
+        bob,
+    } = two_fans(50).await;
 
     let late = mesh
         .hold(0, &alice, &schedule_id, &[1, 2], "a-1")
@@ -133,13 +159,13 @@ async fn a_hold_that_expires_during_a_lock_wait_no_longer_counts() {
 /// still has: one taken by another fan since stays theirs.
 #[tokio::test]
 async fn release_frees_only_the_seats_a_hold_still_has() {
-    let mesh = mesh(1, |_, concert| {
-        concert.hold_ttl = Duration::from_millis(800)
-    })
-    .await;
-    let (concert_id, schedule_id) = mesh.catalog(50).await;
-    let alice = mesh.active_token(&concert_id, "alice").await;
-    let bob = mesh.active_token(&concert_id, "bob").await;
+    let TwoFans {
+        mesh,
+        concert_id: _,
+        schedule_id,
+        alice,
+        bob,
+    } = two_fans(50).await;
     let release = |token: &str, hold_id: &str| {
         let mut public = mesh.concerts[0].public.clone();
         let request = with_bearer(
@@ -248,13 +274,13 @@ async fn confirm_is_idempotent_per_payment_and_sells_once() {
 /// expired hold whose seats nobody took is still sold: see the first test).
 #[tokio::test]
 async fn an_expired_hold_counts_for_nothing_and_once_released_cannot_be_paid() {
-    let mesh = mesh(1, |_, concert| {
-        concert.hold_ttl = Duration::from_millis(800)
-    })
-    .await;
-    let (concert_id, schedule_id) = mesh.catalog(8).await;
-    let alice = mesh.active_token(&concert_id, "alice").await;
-    let bob = mesh.active_token(&concert_id, "bob").await;
+    let TwoFans {
+        mesh,
+        concert_id,
+        schedule_id,
+        alice,
+        bob,
+    } = two_fans(8).await;
     let first = mesh
         .hold(0, &alice, &schedule_id, &[1, 2, 3, 4], "a-1")
         .await

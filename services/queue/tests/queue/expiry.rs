@@ -261,18 +261,7 @@ async fn a_window_that_the_second_expiry_pass_ends_is_not_answered_active() {
             && end_of("stalled") < end_of("fan"),
         "not ended by one second pass: {ends:?}"
     );
-    let status_of = |token: String| {
-        let admin = admin.clone();
-        async move {
-            sqlx::query_scalar::<_, String>(
-                "SELECT status FROM queue.tokens WHERE token = $1::uuid",
-            )
-            .bind(token)
-            .fetch_one(&admin)
-            .await
-            .unwrap()
-        }
-    };
+    let status_of = |token: String| crate::row_status(admin.clone(), token);
     assert_eq!(
         status_of(other.token.clone()).await,
         "EXPIRED",

@@ -142,6 +142,16 @@ impl Queue {
 
 pub use stagedoor_testkit::reason;
 
+/// A token's status as its row says, read by the admin (asking the service would be a
+/// poll, and a poll is a sign of life).
+pub async fn row_status(admin: sqlx::PgPool, token: String) -> String {
+    sqlx::query_scalar("SELECT status FROM queue.tokens WHERE token = $1::uuid")
+        .bind(token)
+        .fetch_one(&admin)
+        .await
+        .unwrap()
+}
+
 /// Samples the ACTIVE tokens of concert `rush` as Postgres sees them, as often as it can,
 /// until `racing` turns false; answers the highest count seen and how many samples it took.
 pub fn sample_active(

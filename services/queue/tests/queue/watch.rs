@@ -89,18 +89,7 @@ async fn a_watcher_stays_in_line_while_a_ghost_expires() {
     // Over three idle TTLs the ghost goes; the watcher, who never polls, stays. Statuses
     // are read from the rows, not asked for: a poll would itself keep a fan alive.
     let admin = database.admin().await;
-    let status_of = |token: String| {
-        let admin = admin.clone();
-        async move {
-            sqlx::query_scalar::<_, String>(
-                "SELECT status FROM queue.tokens WHERE token = $1::uuid",
-            )
-            .bind(token)
-            .fetch_one(&admin)
-            .await
-            .unwrap()
-        }
-    };
+    let status_of = |token: String| crate::row_status(admin.clone(), token);
     tokio::time::sleep(Duration::from_millis(1_800)).await;
     assert_eq!(status_of(ghost.token.clone()).await, "EXPIRED");
     assert_eq!(status_of(watcher.token.clone()).await, "WAITING");
