@@ -278,6 +278,21 @@ impl Mesh {
             .map(|response| response.into_inner().hold.unwrap())
     }
 
+    /// ReleaseHold of `hold_id`, as the fan of `token` calls it.
+    pub async fn release(&self, token: &str, hold_id: &str) -> Result<pb::Hold, tonic::Status> {
+        self.concerts[0]
+            .public
+            .clone()
+            .release_hold(with_bearer(
+                pb::ReleaseHoldRequest {
+                    hold_id: hold_id.into(),
+                },
+                token,
+            ))
+            .await
+            .map(|response| response.into_inner().hold.unwrap())
+    }
+
     /// A hold as the internal GetHold reads it now.
     pub async fn get_hold(&self, hold_id: &str) -> pb::Hold {
         self.concerts[0]

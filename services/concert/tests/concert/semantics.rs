@@ -308,20 +308,7 @@ async fn an_expired_hold_counts_for_nothing_and_once_released_cannot_be_paid() {
         .await
         .expect("an expired hold counts against nobody's limit");
 
-    let released = mesh.concerts[0]
-        .public
-        .clone()
-        .release_hold(with_bearer(
-            pb::ReleaseHoldRequest {
-                hold_id: first.hold_id.clone(),
-            },
-            &alice,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .hold
-        .unwrap();
+    let released = mesh.release(&alice, &first.hold_id).await.unwrap();
     assert_eq!(released.status(), pb::HoldStatus::Released);
     let late = mesh
         .confirm(0, &first.hold_id, "pay-late")
@@ -733,20 +720,7 @@ async fn the_sweeper_retires_unpaid_holds_and_nothing_else() {
     assert_eq!(status_of(&seats, 1), pb::SeatStatus::Available);
     assert_eq!(status_of(&seats, 5), pb::SeatStatus::Held);
     // Releasing it is the no-op that releasing any expired hold is.
-    let released = mesh.concerts[0]
-        .public
-        .clone()
-        .release_hold(with_bearer(
-            pb::ReleaseHoldRequest {
-                hold_id: untaken.hold_id.clone(),
-            },
-            &alice,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .hold
-        .unwrap();
+    let released = mesh.release(&alice, &untaken.hold_id).await.unwrap();
     assert_eq!(released.status(), pb::HoldStatus::Expired);
     assert_eq!(row_status(untaken.hold_id.clone()).await, "EXPIRED");
     admin.close().await;
