@@ -203,16 +203,26 @@ fn interrupted_demo(command: &mut Command) -> (Option<i32>, String) {
 }
 
 /// Runs `command`, sends it SIGINT once it prints a line starting with `at` (leading
-/// spaces aside), and returns its exit code and everything it printed.
+/// spaces aside) on stdout, and returns its exit code and everything it printed.
 fn interrupted(command: &mut Command, at: &str) -> (Option<i32>, String) {
-    use std::io::{BufRead, BufReader};
+    interrupted_on(command, at, false)
+}
+
+/// [`interrupted`], watching stderr for `at` instead when `on_stderr`.
+fn interrupted_on(command: &mut Command, at: &str, on_stderr: bool) -> (Option<i32>, String) {
+    use std::io::{BufRead, BufReader, Read};
     let mut child = command
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("stagedoor runs");
+    let watched: Box<dyn Read> = if on_stderr {
+        Box::new(child.stderr.take().unwrap())
+    } else {
+        Box::new(child.stdout.take().unwrap())
+    };
     let mut printed = String::new();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut lines = BufReader::new(watched).lines();
     for line in lines.by_ref() {
         let line = line.unwrap();
         printed.push_str(&line);
@@ -231,6 +241,7 @@ fn interrupted(command: &mut Command, at: &str) -> (Option<i32>, String) {
         printed.push('\n');
     }
     let output = child.wait_with_output().unwrap();
+    printed.push_str(&String::from_utf8_lossy(&output.stdout));
     printed.push_str(&String::from_utf8_lossy(&output.stderr));
     (output.status.code(), printed)
 }
@@ -312,6 +323,44 @@ fn a_demo_stopped_by_ctrl_c_removes_its_throwaway_cluster() {
     let _ = std::fs::remove_dir_all(&workdir);
     assert!(printed.contains("throwaway cluster"), "{printed}");
     assert_eq!(code, Some(1), "{printed}");
+    assert!(
+        leftovers.is_empty(),
+        "left behind: {leftovers:?}\n{printed}"
+    );
+}
+
+/// A stop signal while the demo starts (here while its throwaway cluster is made) does not
+/// cut the start-up short, which would leave what it made half done: the demo stops right
+/// after it, before the sale, and still removes everything.
+#[test]
+fn a_demo_stopped_during_start_up_stops_before_the_sale_and_removes_its_cluster() {
+    if !has_postgres_binaries() {
+        return; // the throwaway cluster's start is the start-up this signal must land in
+    }
+    let workdir = std::env::temp_dir().join(format!("stagedoor-early-{}", std::process::id()));
+    let target = workdir.join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let (code, printed) = interrupted_on(
+        stagedoor()
+            .args(["demo", "--fans", "100", "--seats", "50"])
+            .current_dir(&workdir)
+            .env_remove("DATABASE_URL")
+            .env("STAGEDOOR_LOCAL_POSTGRES", "127.0.0.1:1"),
+        "stagedoor: no Postgres",
+        true,
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&target).unwrap().flatten().collect();
+    let _ = std::fs::remove_dir_all(&workdir);
+    assert_eq!(code, Some(2), "{printed}");
+    assert!(
+        printed.contains("stopping once start-up is done"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("stopped before the sale began"),
+        "{printed}"
+    );
+    assert!(!printed.contains("VERDICT"), "{printed}");
     assert!(
         leftovers.is_empty(),
         "left behind: {leftovers:?}\n{printed}"
