@@ -8,7 +8,7 @@
 //! admission at once, the board also wakes each watcher whose place the pointer reaches.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -152,7 +152,7 @@ impl LineBoard {
     /// Takes in counters read from Postgres by a query started at `read_at`.
     fn apply(&self, read_at: Instant, rows: Vec<(String, LineCounters)>) {
         let mut lines = self.lines.lock().expect("board poisoned");
-        let mut present = Vec::with_capacity(rows.len());
+        let mut present = HashSet::with_capacity(rows.len());
         for (concert_id, counters) in rows {
             let entry = lines
                 .entry(concert_id.clone())
@@ -174,7 +174,7 @@ impl LineBoard {
             {
                 entry.samples.pop_front();
             }
-            present.push(concert_id);
+            present.insert(concert_id);
         }
         // Forget quiet lines nobody watches; they come back when they get busy again.
         lines.retain(|concert_id, entry| {

@@ -507,6 +507,9 @@ impl QueueInternalService for QueueApi {
                     .await?
             }
         };
+        // The token's watches on this replica hear of its end now, as after LeaveQueue,
+        // instead of at their next re-read of an ACTIVE token (ACTIVE_RECHECK).
+        self.state.waiting.ended_here(token);
         Ok(Response::new(pb::CompleteTokenResponse {
             status: status.to_proto() as i32,
         }))
