@@ -44,6 +44,9 @@ struct CachedTicket {
     user_id: String,
     place: i64,
     create_time: DateTime<Utc>,
+    /// The line's admission pointer as the row's read saw it: the board's may be older
+    /// (up to `BOARD_MAX_AGE`), and a fan's position must not go back up after an answer.
+    admitted_through: i64,
     verified_at: Instant,
     /// When the fan's presence was last noted for the heartbeat (or read as fresh).
     seen_at: Instant,
@@ -162,6 +165,7 @@ impl WaitingCache {
                 user_id: ticket.user_id.clone(),
                 place: ticket.place,
                 create_time: ticket.create_time,
+                admitted_through: ticket.admitted_through,
                 verified_at: now,
                 // The caller notes a heartbeat now when one was due; otherwise the row's own
                 // `last_seen` is the last one written, and the next is due a heartbeat period
@@ -216,7 +220,8 @@ impl WaitingCache {
             return None;
         }
         let counters = board.fresh_counters(&entry.concert_id, BOARD_MAX_AGE)?;
-        if counters.admitted_through >= entry.place {
+        let admitted_through = counters.admitted_through.max(entry.admitted_through);
+        if admitted_through >= entry.place {
             entries.remove(&token);
             return None;
         }
@@ -233,7 +238,7 @@ impl WaitingCache {
             create_time: entry.create_time,
             admit_time: None,
             expire_time: None,
-            admitted_through: counters.admitted_through,
+            admitted_through,
             heartbeat_due,
             seen_ago: entry.seen_at.elapsed(),
         })
@@ -272,6 +277,24 @@ mod tests {
             },
         );
         board
+    }
+
+    /// The row's read saw the pointer further on than the board, whose read may be up to
+    /// a second older: the answer from memory must not put the fan further back than the
+    /// answer the fan just had (IssueToken's, or the poll that read the row).
+    #[test]
+    fn a_board_behind_the_rows_read_does_not_move_the_fan_back() {
+        let cache = WaitingCache::new(Duration::from_secs(60), Duration::from_secs(60));
+        let mut ticket = waiting_ticket(10);
+        ticket.admitted_through = 6;
+        assert_eq!(ticket.position(), 3);
+        cache.remember(&ticket);
+        let hit = cache
+            .lookup(ticket.token, &board_at(4))
+            .expect("answered from memory");
+        assert_eq!(hit.position(), 3);
+        let later = cache.lookup(ticket.token, &board_at(8)).unwrap();
+        assert_eq!(later.position(), 1, "and moves on with the board");
     }
 
     #[test]
