@@ -205,27 +205,31 @@ impl Mesh {
         token
     }
 
-    pub async fn hold(
+    /// HoldSeats as the fan of `token` calls it on `replica`. The call owns what it needs,
+    /// so it can also be spawned, for a call the test must not wait on yet.
+    pub fn hold(
         &self,
         replica: usize,
         token: &str,
         schedule_id: &str,
         seats: &[i32],
         request_id: &str,
-    ) -> Result<pb::Hold, tonic::Status> {
-        self.concerts[replica]
-            .public
-            .clone()
-            .hold_seats(with_bearer(
-                pb::HoldSeatsRequest {
-                    schedule_id: schedule_id.into(),
-                    seat_numbers: seats.to_vec(),
-                    request_id: request_id.into(),
-                },
-                token,
-            ))
-            .await
-            .map(|response| response.into_inner().hold.unwrap())
+    ) -> impl std::future::Future<Output = Result<pb::Hold, tonic::Status>> + Send + 'static {
+        let mut public = self.concerts[replica].public.clone();
+        let request = with_bearer(
+            pb::HoldSeatsRequest {
+                schedule_id: schedule_id.into(),
+                seat_numbers: seats.to_vec(),
+                request_id: request_id.into(),
+            },
+            token,
+        );
+        async move {
+            public
+                .hold_seats(request)
+                .await
+                .map(|response| response.into_inner().hold.unwrap())
+        }
     }
 
     /// ListAvailableDates of `concert_id`, as the fan of `token` calls it.
@@ -278,19 +282,25 @@ impl Mesh {
             .map(|response| response.into_inner().hold.unwrap())
     }
 
-    /// ReleaseHold of `hold_id`, as the fan of `token` calls it.
-    pub async fn release(&self, token: &str, hold_id: &str) -> Result<pb::Hold, tonic::Status> {
-        self.concerts[0]
-            .public
-            .clone()
-            .release_hold(with_bearer(
-                pb::ReleaseHoldRequest {
-                    hold_id: hold_id.into(),
-                },
-                token,
-            ))
-            .await
-            .map(|response| response.into_inner().hold.unwrap())
+    /// ReleaseHold of `hold_id`, as the fan of `token` calls it (spawnable, as [`Mesh::hold`]).
+    pub fn release(
+        &self,
+        token: &str,
+        hold_id: &str,
+    ) -> impl std::future::Future<Output = Result<pb::Hold, tonic::Status>> + Send + 'static {
+        let mut public = self.concerts[0].public.clone();
+        let request = with_bearer(
+            pb::ReleaseHoldRequest {
+                hold_id: hold_id.into(),
+            },
+            token,
+        );
+        async move {
+            public
+                .release_hold(request)
+                .await
+                .map(|response| response.into_inner().hold.unwrap())
+        }
     }
 
     /// A hold as the internal GetHold reads it now.

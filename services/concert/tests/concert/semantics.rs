@@ -125,16 +125,7 @@ async fn a_hold_that_expires_during_a_lock_wait_no_longer_counts() {
     // Another transaction sits on seat 7's lock (as another replica's batch would) until
     // well after alice's hold has run out.
     let blocker = mesh.lock_seat(&schedule_id, 7).await;
-    let mut public = mesh.concerts[0].public.clone();
-    let request = with_bearer(
-        pb::HoldSeatsRequest {
-            schedule_id: schedule_id.clone(),
-            seat_numbers: vec![7],
-            request_id: "b-1".into(),
-        },
-        &bob,
-    );
-    let waiting = tokio::spawn(async move { public.hold_seats(request).await });
+    let waiting = tokio::spawn(mesh.hold(0, &bob, &schedule_id, &[7], "b-1"));
     // Bob's batch waits on the seat's lock, and began while alice's hold was live (else a
     // batch judging by its transaction's start would pass too, and this would test nothing).
     mesh.until_lock_waiters(1).await;
@@ -147,10 +138,7 @@ async fn a_hold_that_expires_during_a_lock_wait_no_longer_counts() {
     let taken = waiting
         .await
         .unwrap()
-        .expect("alice's hold ran out while bob waited")
-        .into_inner()
-        .hold
-        .unwrap();
+        .expect("alice's hold ran out while bob waited");
     assert_eq!(taken.user_id, "bob");
     assert_eq!(taken.seat_numbers, vec![7]);
 }
@@ -167,22 +155,8 @@ async fn release_frees_only_the_seats_a_hold_still_has() {
         bob,
     } = two_fans(50).await;
     let release = |token: &str, hold_id: &str| {
-        let mut public = mesh.concerts[0].public.clone();
-        let request = with_bearer(
-            pb::ReleaseHoldRequest {
-                hold_id: hold_id.into(),
-            },
-            token,
-        );
-        async move {
-            public
-                .release_hold(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .hold
-                .unwrap()
-        }
+        let released = mesh.release(token, hold_id);
+        async move { released.await.unwrap() }
     };
 
     let old = mesh
@@ -254,17 +228,7 @@ async fn confirm_is_idempotent_per_payment_and_sells_once() {
     assert_eq!(sales, vec!["pay-1".to_owned()]);
 
     // A paid hold cannot be released.
-    let release = mesh.concerts[0]
-        .public
-        .clone()
-        .release_hold(with_bearer(
-            pb::ReleaseHoldRequest {
-                hold_id: hold.hold_id.clone(),
-            },
-            &fan,
-        ))
-        .await
-        .unwrap_err();
+    let release = mesh.release(&fan, &hold.hold_id).await.unwrap_err();
     assert_eq!(reason(&release), "HOLD_NOT_HELD");
 }
 
@@ -420,15 +384,8 @@ async fn tokens_decide_who_may_call_and_as_whom() {
     assert_eq!(hold.user_id, "alice");
     // Alice's token of another concert does not reach this concert's hold, even her own.
     let alice_elsewhere = mesh.active_token(&other_concert, "alice").await;
-    let cross = mesh.concerts[0]
-        .public
-        .clone()
-        .release_hold(with_bearer(
-            pb::ReleaseHoldRequest {
-                hold_id: hold.hold_id.clone(),
-            },
-            &alice_elsewhere,
-        ))
+    let cross = mesh
+        .release(&alice_elsewhere, &hold.hold_id)
         .await
         .unwrap_err();
     assert_eq!(
@@ -490,16 +447,7 @@ async fn bad_holds_are_refused_and_change_nothing() {
     assert_eq!(mesh.hold_rows().await, 0, "nothing written");
 
     // Releasing: unknown, malformed, or someone else's hold.
-    let release = |token: &str, hold_id: &str| {
-        let mut public = mesh.concerts[0].public.clone();
-        let request = with_bearer(
-            pb::ReleaseHoldRequest {
-                hold_id: hold_id.into(),
-            },
-            token,
-        );
-        async move { public.release_hold(request).await }
-    };
+    let release = |token: &str, hold_id: &str| mesh.release(token, hold_id);
     let hold = mesh
         .hold(0, &other, &schedule_id, &[9], "o-1")
         .await
@@ -525,12 +473,7 @@ async fn bad_holds_are_refused_and_change_nothing() {
     );
 
     // Its owner releases it: free at once; twice is fine.
-    let released = release(&other, &hold.hold_id)
-        .await
-        .unwrap()
-        .into_inner()
-        .hold
-        .unwrap();
+    let released = release(&other, &hold.hold_id).await.unwrap();
     assert_eq!(released.status(), pb::HoldStatus::Released);
     release(&other, &hold.hold_id).await.unwrap();
     assert_eq!(
@@ -845,36 +788,16 @@ async fn a_retried_hold_answers_the_hold_as_it_is_after_waiting_for_its_seats() 
 
     let blocker = mesh.lock_seat(&schedule_id, 7).await;
     // Alice cancels: ReleaseHold waits for seat 7 first ...
-    let release = tokio::spawn({
-        let mut public = mesh.concerts[0].public.clone();
-        let request = with_bearer(
-            pb::ReleaseHoldRequest {
-                hold_id: held.hold_id.clone(),
-            },
-            &alice,
-        );
-        async move { public.release_hold(request).await }
-    });
+    let release = tokio::spawn(mesh.release(&alice, &held.hold_id));
     mesh.until_lock_waiters(1).await;
     // ... and her HoldSeats from before, retried, waits behind it.
-    let retry = tokio::spawn({
-        let mut public = mesh.concerts[0].public.clone();
-        let request = with_bearer(
-            pb::HoldSeatsRequest {
-                schedule_id: schedule_id.clone(),
-                seat_numbers: vec![7],
-                request_id: "a-1".into(),
-            },
-            &alice,
-        );
-        async move { public.hold_seats(request).await }
-    });
+    let retry = tokio::spawn(mesh.hold(0, &alice, &schedule_id, &[7], "a-1"));
     mesh.until_lock_waiters(2).await;
     blocker.commit().await.unwrap();
 
-    let released = release.await.unwrap().unwrap().into_inner().hold.unwrap();
+    let released = release.await.unwrap().unwrap();
     assert_eq!(released.status(), pb::HoldStatus::Released);
-    let retried = retry.await.unwrap().unwrap().into_inner().hold.unwrap();
+    let retried = retry.await.unwrap().unwrap();
     assert_eq!(retried.hold_id, held.hold_id);
     assert_eq!(retried.status(), pb::HoldStatus::Released);
 }
