@@ -125,9 +125,7 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     .await?;
     let (postgres, database) = found?;
     if stop_now {
-        if let Err(error) = database.drop_database().await {
-            eprintln!("stagedoor demo: the demo database was not dropped: {error}");
-        }
+        discard(database, args.keep_database).await;
         return Err("stopped before the sale began".into());
     }
     let local = "127.0.0.1:0".parse()?;
@@ -150,13 +148,9 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let mesh = match started {
         Ok(mesh) => mesh,
         Err(error) => {
-            // Refused before the sale (too few connections free, a port taken, a stop signal): the fresh
-            // database is nobody's, and must not be left behind.
-            if !args.keep_database {
-                if let Err(drop_error) = database.drop_database().await {
-                    eprintln!("stagedoor demo: the demo database was not dropped: {drop_error}");
-                }
-            }
+            // Refused before the sale (too few connections free, a port taken, a stop
+            // signal): the fresh database is nobody's, and must not be left behind.
+            discard(database, args.keep_database).await;
             return Err(error);
         }
     };
@@ -181,11 +175,7 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
         _ = mesh.shutdown() => {}
         () = signals.recv() => eprintln!("stagedoor demo: not waiting for the services to drain"),
     }
-    if !args.keep_database {
-        if let Err(error) = database.drop_database().await {
-            eprintln!("stagedoor demo: the demo database was not dropped: {error}");
-        }
-    }
+    discard(database, args.keep_database).await;
     drop(postgres);
     let report = outcome?;
     report.print();
@@ -197,6 +187,17 @@ async fn stage(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
         println!("summary written to {}", path.display());
     }
     Ok(report.passed())
+}
+
+/// Drops the demo's database, unless `--keep-database` asked to keep it; a failure is said,
+/// not fatal (the demo's outcome stands).
+async fn discard(database: crate::mesh::Database, keep: bool) {
+    if keep {
+        return;
+    }
+    if let Err(error) = database.drop_database().await {
+        eprintln!("stagedoor demo: the demo database was not dropped: {error}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
