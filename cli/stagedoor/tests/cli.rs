@@ -310,17 +310,9 @@ fn a_demo_stopped_by_ctrl_c_removes_its_throwaway_cluster() {
     if !has_postgres_binaries() {
         return; // the test above covers the database; there is no cluster to start here
     }
-    let workdir = std::env::temp_dir().join(format!("stagedoor-int-{}", std::process::id()));
-    let target = workdir.join("target");
-    std::fs::create_dir_all(&target).unwrap();
-    let (code, printed) = interrupted_demo(
-        stagedoor()
-            .current_dir(&workdir)
-            .env_remove("DATABASE_URL")
-            .env("STAGEDOOR_LOCAL_POSTGRES", "127.0.0.1:1"),
-    );
-    let leftovers: Vec<_> = std::fs::read_dir(&target).unwrap().flatten().collect();
-    let _ = std::fs::remove_dir_all(&workdir);
+    let machine = NoLocalPostgres::new("stagedoor-int");
+    let (code, printed) = interrupted_demo(&mut machine.stagedoor());
+    let leftovers = machine.leftovers();
     assert!(printed.contains("throwaway cluster"), "{printed}");
     assert_eq!(code, Some(1), "{printed}");
     assert!(
@@ -337,20 +329,15 @@ fn a_demo_stopped_during_start_up_stops_before_the_sale_and_removes_its_cluster(
     if !has_postgres_binaries() {
         return; // the throwaway cluster's start is the start-up this signal must land in
     }
-    let workdir = std::env::temp_dir().join(format!("stagedoor-early-{}", std::process::id()));
-    let target = workdir.join("target");
-    std::fs::create_dir_all(&target).unwrap();
+    let machine = NoLocalPostgres::new("stagedoor-early");
     let (code, printed) = interrupted_on(
-        stagedoor()
-            .args(["demo", "--fans", "100", "--seats", "50"])
-            .current_dir(&workdir)
-            .env_remove("DATABASE_URL")
-            .env("STAGEDOOR_LOCAL_POSTGRES", "127.0.0.1:1"),
+        machine
+            .stagedoor()
+            .args(["demo", "--fans", "100", "--seats", "50"]),
         "stagedoor: no Postgres",
         true,
     );
-    let leftovers: Vec<_> = std::fs::read_dir(&target).unwrap().flatten().collect();
-    let _ = std::fs::remove_dir_all(&workdir);
+    let leftovers = machine.leftovers();
     assert_eq!(code, Some(2), "{printed}");
     assert!(
         printed.contains("stopping once start-up is done"),
@@ -365,6 +352,42 @@ fn a_demo_stopped_during_start_up_stops_before_the_sale_and_removes_its_cluster(
         leftovers.is_empty(),
         "left behind: {leftovers:?}\n{printed}"
     );
+}
+
+/// A working directory of the test's own, with an empty `target/` where a throwaway cluster
+/// must appear and go, for a `stagedoor` that finds no Postgres on this machine.
+struct NoLocalPostgres {
+    workdir: std::path::PathBuf,
+}
+
+impl NoLocalPostgres {
+    /// Under the temporary directory, named `name` and this process's id.
+    fn new(name: &str) -> Self {
+        let workdir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(workdir.join("target")).unwrap();
+        Self { workdir }
+    }
+
+    /// `stagedoor` run there, with no DATABASE_URL and nothing listening where it looks for
+    /// a local Postgres (port 1).
+    fn stagedoor(&self) -> Command {
+        let mut command = stagedoor();
+        command
+            .current_dir(&self.workdir)
+            .env_remove("DATABASE_URL")
+            .env("STAGEDOOR_LOCAL_POSTGRES", "127.0.0.1:1");
+        command
+    }
+
+    /// What was left in `target/`; the directory goes.
+    fn leftovers(self) -> Vec<std::fs::DirEntry> {
+        let left = std::fs::read_dir(self.workdir.join("target"))
+            .unwrap()
+            .flatten()
+            .collect();
+        let _ = std::fs::remove_dir_all(&self.workdir);
+        left
+    }
 }
 
 /// Whether this machine can start a Postgres of its own: `initdb` and `pg_ctl` on the PATH
@@ -385,30 +408,19 @@ fn has_postgres_binaries() -> bool {
 
 #[test]
 fn without_a_postgres_the_demo_runs_on_a_throwaway_cluster_and_removes_it() {
-    // A working directory of its own with a `target/`, where the cluster must appear and go.
     // Deep, as a checkout may be: a Unix socket in there would pass the 107 bytes a socket's
     // path may have, and Postgres would not start.
-    let workdir = std::env::temp_dir().join(format!(
-        "stagedoor-cli-{}-{}",
-        std::process::id(),
-        "deep".repeat(24)
-    ));
-    let target = workdir.join("target");
-    std::fs::create_dir_all(&target).unwrap();
-    let output = stagedoor()
+    let machine = NoLocalPostgres::new(&format!("stagedoor-cli-{}", "deep".repeat(24)));
+    let output = machine
+        .stagedoor()
         .args([
             "demo", "--fans", "60", "--seats", "10", "--cap", "20", "--seed", "5",
         ])
-        .current_dir(&workdir)
-        .env_remove("DATABASE_URL")
-        // Nothing listens on port 1: as if no Postgres ran on this machine.
-        .env("STAGEDOOR_LOCAL_POSTGRES", "127.0.0.1:1")
         .output()
         .expect("stagedoor runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let leftovers: Vec<_> = std::fs::read_dir(&target).unwrap().flatten().collect();
-    let _ = std::fs::remove_dir_all(&workdir);
+    let leftovers = machine.leftovers();
     if has_postgres_binaries() {
         assert!(output.status.success(), "{stdout}\n{stderr}");
         assert!(stdout.contains("throwaway cluster"), "{stdout}");
