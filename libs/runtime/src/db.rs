@@ -5,7 +5,7 @@
 use std::{str::FromStr, time::Duration};
 
 use sqlx::{
-    migrate::Migrator,
+    migrate::{Migrate, Migrator},
     postgres::{PgConnectOptions, PgPoolOptions},
     ConnectOptions, Connection, Executor, PgConnection, PgPool,
 };
@@ -207,6 +207,24 @@ pub async fn migrate(
         .map_err(|error| migrate_error(sqlx::migrate::MigrateError::Execute(error)))?;
     // Our lock already serialises the replicas; sqlx's must not be taken as well.
     migrator.set_locking(false);
+    // A replica of the previous version restarting in the middle of a rolling upgrade (or
+    // after a rollback) finds migrations it does not know, applied by the newer version.
+    // sqlx refuses such a database by default, and the old replicas would then crash-loop
+    // for the whole upgrade. Every migration keeps the previous version working (README,
+    // "Upgrading"), so the replica starts and says what it found. What stays refused: a
+    // migration this replica knows whose file changed since it was applied (a checksum
+    // mismatch), and one that failed half-way (a dirty version).
+    let newer = migrations_unknown_to(&mut conn, &migrator)
+        .await
+        .map_err(migrate_error)?;
+    if !newer.is_empty() {
+        tracing::warn!(
+            schema,
+            ?newer,
+            "the schema has migrations of a newer version of this service; starting on it"
+        );
+    }
+    migrator.set_ignore_missing(true);
     // `run_direct` is `run` on a connection we hold (sqlx's own way around `run(&mut conn)`
     // failing its `Send` proof when a start-up future is spawned).
     migrator
@@ -215,6 +233,26 @@ pub async fn migrate(
         .map_err(migrate_error)?;
     // Closing ends the session, and with it the lock.
     conn.close().await.map_err(connect_error)
+}
+
+/// The versions applied to the schema that `migrator` does not have, in order.
+async fn migrations_unknown_to(
+    conn: &mut PgConnection,
+    migrator: &Migrator,
+) -> Result<Vec<i64>, sqlx::migrate::MigrateError> {
+    // The bookkeeping table as sqlx makes it (IF NOT EXISTS; `run_direct` asks again).
+    conn.ensure_migrations_table().await?;
+    let known: std::collections::HashSet<i64> =
+        migrator.iter().map(|migration| migration.version).collect();
+    let mut unknown: Vec<i64> = conn
+        .list_applied_migrations()
+        .await?
+        .into_iter()
+        .map(|applied| applied.version)
+        .filter(|version| !known.contains(version))
+        .collect();
+    unknown.sort_unstable();
+    Ok(unknown)
 }
 
 /// How often a replica asks again for the lock another replica holds while it migrates.

@@ -275,3 +275,56 @@ async fn indexes_an_interrupted_build_left_invalid_are_repaired_at_start() {
         .await;
     assert_eq!(leftovers, 0, "the interrupted reindex's copy is dropped");
 }
+
+/// A migration that a newer version of the queue applied, as sqlx records it.
+const A_NEWER_VERSIONS_MIGRATION: &str = "INSERT INTO queue._sqlx_migrations
+        (version, description, success, checksum, execution_time)
+     VALUES (99990101000000, 'a later version''s migration', true, '\\x00', 1)";
+
+/// A rolling upgrade: the new version's first replica has migrated, and a replica of the
+/// previous version restarts (or a rollback starts one). sqlx refuses a database holding a
+/// migration it does not know; every old replica would then fail to start until the upgrade
+/// ended. It starts, serves, and leaves the newer migration recorded.
+#[tokio::test]
+async fn a_replica_of_the_previous_version_starts_on_a_newer_schema() {
+    let (database, admin) = migrated_then(&[A_NEWER_VERSIONS_MIGRATION]).await;
+    admin.close().await;
+
+    let queue = start(config(&database)).await;
+    let mut health = HealthClient::new(channel(&queue).await);
+    let status = health
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    let (recorded,): (bool,) = database
+        .row("SELECT EXISTS (SELECT 1 FROM queue._sqlx_migrations WHERE version = 99990101000000)")
+        .await;
+    assert!(recorded, "the newer version's migration stays recorded");
+}
+
+/// What the tolerance above must not let through: a migration this replica knows whose file
+/// changed after it was applied means the schema is not what the code was written for.
+#[tokio::test]
+async fn a_migration_changed_after_it_was_applied_is_still_refused() {
+    let (database, admin) = migrated_then(&[
+        A_NEWER_VERSIONS_MIGRATION,
+        "UPDATE queue._sqlx_migrations SET checksum = '\\x00' WHERE version = 1",
+    ])
+    .await;
+    admin.close().await;
+
+    let refused = migrate_url(database.url(db::QUEUE)).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            db::StartupError::Migrate {
+                source: sqlx::migrate::MigrateError::VersionMismatch(1),
+                ..
+            }
+        ),
+        "got {refused}"
+    );
+}
