@@ -795,13 +795,18 @@ pub async fn retire_expired_holds(
     let mut tx = pool.begin().await?;
     // Holds first, then their seats: the module's lock order. SKIP LOCKED because a hold
     // locked right now is being confirmed or released, and its owner will decide it; the
-    // sweeper takes it on a later pass if it is still unpaid then.
+    // sweeper takes it on a later pass if it is still unpaid then. (SKIP LOCKED never waits,
+    // so the order the holds are taken in cannot deadlock.) Oldest first, in the order of
+    // the partial index `holds_held_by_expiry`: the search reads one chunk of that index and
+    // stops. Ordered by `hold_id`, Postgres either sorted the whole backlog or walked the
+    // primary key through every sold hold of the table (BENCHMARKS.md, "The hold sweeper's
+    // search").
     let retired: Vec<(Uuid, String, Vec<i32>)> = sqlx::query_as(
         "UPDATE holds SET status = 'EXPIRED'
           WHERE hold_id IN (
                 SELECT hold_id FROM holds
                  WHERE status = 'HELD' AND expire_time <= now() - make_interval(secs => $1)
-                 ORDER BY hold_id
+                 ORDER BY expire_time
                  LIMIT $2
                    FOR UPDATE SKIP LOCKED)
          RETURNING hold_id, schedule_id, seat_numbers",
