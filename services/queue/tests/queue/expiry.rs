@@ -5,7 +5,9 @@ use stagedoor_runtime::time::from_timestamp;
 use stagedoor_testkit::TestDatabase;
 use tonic::Code;
 
-use crate::{open_line, reason, stall_expiry_of, Gate};
+use stagedoor_queue::store;
+
+use crate::{on_expiry_of, open_line, open_line_with_policy, queue_pool, reason};
 
 #[tokio::test]
 async fn an_active_window_ends_and_the_next_fan_gets_in() {
@@ -141,8 +143,9 @@ async fn complete_token_frees_the_slot_at_once_and_is_idempotent() {
 async fn a_window_that_ends_while_the_fan_asks_again_gets_a_new_token() {
     // IssueToken expires the line's ended windows, then reads the fan's live token, two
     // statements with two clocks. A window that ends between them read EXPIRED, and the fan
-    // was handed the dead token instead of a new one. A trigger that stalls the expiry of
-    // another fan's window (1 s) makes the gap long enough to land in every time.
+    // was handed the dead token instead of a new one. `fan`'s window is ended from inside
+    // the first pass (by `stalled`'s expiry, after the pass read its clock), so it ends in
+    // that gap every time.
     let database = TestDatabase::create().await;
     let queue = open_line(&database, |settings| {
         settings.max_active = 5;
@@ -154,39 +157,49 @@ async fn a_window_that_ends_while_the_fan_asks_again_gets_a_new_token() {
     let fan = queue.issue("c", "fan").await;
     assert_eq!(fan.status(), pb::TokenStatus::Active);
 
-    stall_expiry_of(&database, "stalled").await;
-    // `stalled`'s window has ended; `fan`'s ends during the stall.
-    let admin = database.admin().await;
-    sqlx::query(
-        "UPDATE queue.tokens SET expire_time = CASE user_id
-             WHEN 'stalled' THEN now() - interval '1 second'
-             ELSE now() + interval '300 milliseconds' END",
+    on_expiry_of(
+        &database,
+        "stalled",
+        "UPDATE queue.tokens SET expire_time = clock_timestamp() WHERE user_id = 'fan';",
     )
-    .execute(&admin)
-    .await
-    .unwrap();
-    admin.close().await;
+    .await;
+    let admin = database.admin().await;
+    sqlx::query("UPDATE queue.tokens SET expire_time = now() WHERE user_id = 'stalled'")
+        .execute(&admin)
+        .await
+        .unwrap();
 
     let again = queue.issue("c", "fan").await;
     assert_ne!(again.status(), pb::TokenStatus::Expired, "{again:?}");
     assert_ne!(again.token, fan.token, "a new token, at the back");
     assert!(again.place > stalled.place.max(fan.place));
-    assert_eq!(
-        queue.status(&fan.token).await.status(),
-        pb::TokenStatus::Expired
+    // The case happened: the first pass ended `stalled`'s window alone, a second one `fan`'s.
+    let ends: Vec<(String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT user_id, end_time FROM queue.tokens WHERE status = 'EXPIRED' ORDER BY end_time",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert!(
+        matches!(ends.as_slice(), [(first, a), (second, b)]
+            if first == "stalled" && second == "fan" && a < b),
+        "not ended by two passes: {ends:?}"
     );
+    admin.close().await;
 }
 
 #[tokio::test]
 async fn a_window_that_the_second_expiry_pass_ends_is_not_answered_active() {
     // When a window ended between IssueToken's first expiry pass and its read, a second pass
     // runs, by a later clock still: it may end windows the read saw ACTIVE. Those fans used
-    // to be told ACTIVE of a row that was EXPIRED when the answer left. Here the first pass
-    // is stalled 1 s (`fan`'s window ends during it, which calls for the second pass), and
-    // the read 2 s by a row-level policy on `other`'s row (its window ends during that).
-    // `fan` and `other` ask again in one batch, queued behind a parked call.
+    // to be told ACTIVE of a row that was EXPIRED when the answer left. From inside the first
+    // pass, `fan`'s window is ended (which calls for the second pass) and `other`'s set to
+    // end 2 s later; a row-level policy holds the read 2 s on `other`'s row, so the read
+    // sees `other` ACTIVE (it starts within a round trip of the first pass) and the second
+    // pass sees it ended. The policy records what the read saw, so a run too slow for that
+    // fails rather than passing untested. `fan` and `other` ask again in one batch.
     let database = TestDatabase::create().await;
-    let queue = open_line(&database, |settings| {
+    let (queue, policy) = open_line_with_policy(&database, |settings| {
         settings.max_active = 5;
         settings.tick = Duration::from_secs(3_600); // no background sweep
     })
@@ -198,54 +211,60 @@ async fn a_window_that_the_second_expiry_pass_ends_is_not_answered_active() {
         assert_eq!(ticket.status(), pb::TokenStatus::Active);
     }
 
-    stall_expiry_of(&database, "stalled").await;
+    on_expiry_of(
+        &database,
+        "stalled",
+        "UPDATE queue.tokens SET expire_time = clock_timestamp() WHERE user_id = 'fan';
+         UPDATE queue.tokens SET expire_time = clock_timestamp() + interval '2 seconds'
+          WHERE user_id = 'other';",
+    )
+    .await;
     let admin = database.admin().await;
     for statement in [
+        "CREATE TABLE queue.reads_of_other (saw_active boolean NOT NULL)",
         // The read is the statement that computes `idle_secs`; the policy holds the service's
-        // own role to it too (FORCE), and lets every row through.
-        "CREATE FUNCTION queue.slow_read(user_id text) RETURNS boolean LANGUAGE plpgsql AS
+        // own role to it too (FORCE), and lets every row through. SECURITY DEFINER: the
+        // record table is the test's. `statement_timestamp()` is the read's own clock, the
+        // one its status is computed by.
+        "CREATE FUNCTION queue.slow_read(fan text, window_end timestamptz) RETURNS boolean
+           LANGUAGE plpgsql SECURITY DEFINER AS
            $$ BEGIN
-                IF user_id = 'other' AND current_query() LIKE '%idle_secs%' THEN
+                IF fan = 'other' AND current_query() LIKE '%idle_secs%' THEN
+                    INSERT INTO queue.reads_of_other
+                    VALUES (window_end > statement_timestamp());
                     PERFORM pg_sleep(2);
                 END IF;
                 RETURN true;
               END $$",
-        "CREATE POLICY slow_read ON queue.tokens USING (queue.slow_read(user_id)) WITH CHECK (true)",
+        "CREATE POLICY slow_read ON queue.tokens
+           USING (queue.slow_read(user_id, expire_time)) WITH CHECK (true)",
         "ALTER TABLE queue.tokens ENABLE ROW LEVEL SECURITY",
         "ALTER TABLE queue.tokens FORCE ROW LEVEL SECURITY",
+        "UPDATE queue.tokens SET expire_time = now() WHERE user_id = 'stalled'",
     ] {
         sqlx::query(statement).execute(&admin).await.unwrap();
     }
-    let gate = Gate::on_inserts(&database, "NEW.user_id = 'blocker'").await;
-    let blocker = queue.issue_in_background("c", "blocker");
-    gate.wait_for_parked().await;
-    let (fan_again, other_again) = (
-        queue.issue_in_background("c", "fan"),
-        queue.issue_in_background("c", "other"),
-    );
-    // Time for both calls to reach the replica and queue for the line's next batch.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // `stalled`'s window has ended; `fan`'s ends during the first pass's stall (which
-    // starts within 1 s of this, however slow the run), `other`'s during the read's (from
-    // about 1 s later to 2 s after that).
-    sqlx::query(
-        "UPDATE queue.tokens SET expire_time = CASE user_id
-             WHEN 'stalled' THEN now() - interval '1 second'
-             WHEN 'fan' THEN now() + interval '1 second'
-             ELSE now() + interval '2.5 seconds' END
-          WHERE user_id IN ('stalled', 'fan', 'other')",
-    )
-    .execute(&admin)
-    .await
-    .unwrap();
-    gate.open().await;
 
-    blocker.await.unwrap();
-    assert_ne!(fan_again.await.unwrap().token, fan.token);
-    let other_again = other_again.await.unwrap();
-    // The case happened: `stalled` went in the first pass, `fan` and `other` together in
-    // the second (one statement, one end time), so one batch read `other` ACTIVE and then
-    // ended its window. (A slow run that missed it fails here, rather than pass.)
+    let pool = queue_pool(&database).await;
+    let tickets = store::issue_batch(&pool, &policy, "c", &["fan".into(), "other".into()])
+        .await
+        .unwrap()
+        .expect("the line is open");
+    pool.close().await;
+    let ticket_of = |user: &str| tickets.iter().find(|t| t.user_id == user).unwrap();
+    assert_ne!(ticket_of("fan").token.to_string(), fan.token);
+    let other_again = ticket_of("other");
+    // The case happened: the read saw `other` ACTIVE, `stalled` went in the first pass,
+    // `fan` and `other` together in the second (one statement, one end time).
+    let (reads, all_active): (i64, Option<bool>) =
+        sqlx::query_as("SELECT count(*), bool_and(saw_active) FROM queue.reads_of_other")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    assert!(
+        reads > 0 && all_active == Some(true),
+        "the read did not see `other` ACTIVE ({reads} reads): too slow a run"
+    );
     let ends: Vec<(String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
         "SELECT user_id, end_time FROM queue.tokens
           WHERE user_id IN ('stalled', 'fan', 'other') AND status = 'EXPIRED'
@@ -261,22 +280,14 @@ async fn a_window_that_the_second_expiry_pass_ends_is_not_answered_active() {
             && end_of("stalled") < end_of("fan"),
         "not ended by one second pass: {ends:?}"
     );
-    let status_of = |token: String| crate::row_status(admin.clone(), token);
-    assert_eq!(
-        status_of(other.token.clone()).await,
-        "EXPIRED",
-        "the second pass ended `other`'s window"
-    );
     assert_ne!(
-        other_again.token, other.token,
+        other_again.token.to_string(),
+        other.token,
         "told ACTIVE of an EXPIRED token"
     );
     assert_eq!(
-        status_of(other_again.token.clone()).await,
-        other_again
-            .status()
-            .as_str_name()
-            .trim_start_matches("TOKEN_STATUS_"),
+        crate::row_status(admin.clone(), other_again.token.to_string()).await,
+        other_again.status.as_db(),
         "the answer is the row's"
     );
     admin.close().await;
@@ -405,15 +416,13 @@ async fn a_fan_read_as_waiting_is_not_expired_as_a_ghost_later_in_the_same_batch
     // IssueToken expires ended windows and ghosts, reads the batch's tickets, and when a
     // window ended in between, expires again. If the second pass measured idleness by its
     // own (later) clock, a fan already read as WAITING could cross the ghost deadline in
-    // between and be expired while the answer says WAITING. Here a trigger stalls the first
-    // pass for 1 s, during which `idle` crosses the deadline, and `fan`'s window ends so
-    // that the second pass runs; `fan` and `idle` are queued behind a parked call, so that
-    // they share one batch.
+    // between and be expired while the answer says WAITING. From inside the first pass,
+    // `fan`'s window is ended (so that the second pass runs) and `idle` is put exactly on
+    // the deadline as the transaction's clock counts it: not a ghost by that clock, a ghost
+    // by any later one. `fan` and `idle` ask in one batch.
     let database = TestDatabase::create().await;
-    let queue = open_line(&database, |settings| {
+    let (queue, policy) = open_line_with_policy(&database, |settings| {
         settings.max_active = 2;
-        // Ghosts after 3 s: the TTL, a heartbeat period (500 ms), four flushes (500 ms).
-        settings.idle_ttl = Duration::from_secs(2);
         settings.tick = Duration::from_secs(3_600); // no background sweep
     })
     .await;
@@ -424,49 +433,63 @@ async fn a_fan_read_as_waiting_is_not_expired_as_a_ghost_later_in_the_same_batch
     assert_eq!(fan.status(), pb::TokenStatus::Active);
     assert_eq!(idle.status(), pb::TokenStatus::Waiting);
 
-    // Fires only once `stalled`'s window has ended, which is set below.
-    stall_expiry_of(&database, "stalled").await;
-    let gate = Gate::on_inserts(&database, "NEW.user_id = 'blocker'").await;
-    let blocker = queue.issue_in_background("c", "blocker");
-    gate.wait_for_parked().await;
-    let (fan_again, idle_again) = (
-        queue.issue_in_background("c", "fan"),
-        queue.issue_in_background("c", "idle"),
-    );
-    // Time for both calls to reach the replica and queue for the line's next batch.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
+    on_expiry_of(
+        &database,
+        "stalled",
+        &format!(
+            "UPDATE queue.tokens SET expire_time = clock_timestamp() WHERE user_id = 'fan';
+             UPDATE queue.tokens SET last_seen = now() - make_interval(secs => {})
+              WHERE user_id = 'idle';",
+            policy.ghost_after.as_secs_f64()
+        ),
+    )
+    .await;
     let admin = database.admin().await;
-    for statement in [
-        // `stalled`'s window has ended, `fan`'s ends during the stall, and `idle` crosses
-        // the ghost deadline (3 s) half a second into it.
-        "UPDATE queue.tokens SET expire_time = CASE user_id
-             WHEN 'stalled' THEN now() - interval '1 second'
-             ELSE now() + interval '300 milliseconds' END
-          WHERE user_id IN ('stalled', 'fan')",
-        "UPDATE queue.tokens SET last_seen = now() - interval '2.5 seconds' WHERE user_id = 'idle'",
-    ] {
-        sqlx::query(statement).execute(&admin).await.unwrap();
-    }
-    gate.open().await;
+    sqlx::query("UPDATE queue.tokens SET expire_time = now() WHERE user_id = 'stalled'")
+        .execute(&admin)
+        .await
+        .unwrap();
 
-    blocker.await.unwrap();
-    let fan_again = fan_again.await.unwrap();
+    let pool = queue_pool(&database).await;
+    let tickets = store::issue_batch(&pool, &policy, "c", &["fan".into(), "idle".into()])
+        .await
+        .unwrap()
+        .expect("the line is open");
+    pool.close().await;
+    let ticket_of = |user: &str| tickets.iter().find(|t| t.user_id == user).unwrap();
     assert_ne!(
-        fan_again.token, fan.token,
+        ticket_of("fan").token.to_string(),
+        fan.token,
         "the fan whose window ended got a new token"
     );
     // `fan`'s ended window freed a slot, and `idle` is next in line: admitted, not expired
     // behind the answer's back (which then said WAITING of a row that was EXPIRED).
-    let idle_again = idle_again.await.unwrap();
-    assert_eq!(idle_again.token, idle.token);
-    let (row,): (String,) = database
-        .row("SELECT status FROM queue.tokens WHERE user_id = 'idle'")
-        .await;
+    let idle_again = ticket_of("idle");
+    assert_eq!(idle_again.token.to_string(), idle.token);
     assert_eq!(
-        (idle_again.status(), row.as_str()),
-        (pb::TokenStatus::Active, "ACTIVE")
+        (
+            idle_again.status.as_db(),
+            crate::row_status(admin.clone(), idle.token.clone())
+                .await
+                .as_str()
+        ),
+        ("ACTIVE", "ACTIVE")
     );
+    // The case happened: the trigger ran in the first pass (only it ended `fan`'s window,
+    // and so put `idle` on the deadline), and a second pass ended `fan`'s window later.
+    let (stalled_end, fan_end): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as(
+            "SELECT (SELECT end_time FROM queue.tokens WHERE user_id = 'stalled'),
+                    (SELECT end_time FROM queue.tokens WHERE user_id = 'fan' AND status = 'EXPIRED')",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert!(
+        stalled_end < fan_end,
+        "no second pass: {stalled_end} {fan_end}"
+    );
+    admin.close().await;
 }
 
 /// Windows that end while their fans pay or leave, over TWO replicas: a slot must be freed

@@ -44,6 +44,20 @@ pub async fn open_line(database: &TestDatabase, tune: impl FnOnce(&mut QueueConf
     queue
 }
 
+/// [`open_line`], and the admission policy the server runs with (for tests that call the
+/// store directly).
+pub async fn open_line_with_policy(
+    database: &TestDatabase,
+    tune: impl FnOnce(&mut QueueConfig),
+) -> (Queue, stagedoor_queue::store::AdmissionPolicy) {
+    let mut settings = config(database);
+    tune(&mut settings);
+    let policy = stagedoor_queue::store::AdmissionPolicy::from(&settings);
+    let queue = start(settings).await;
+    queue.open(&["c"]).await;
+    (queue, policy)
+}
+
 /// Starts a queue server with `config` and connects to it.
 pub async fn start(config: QueueConfig) -> Queue {
     let (handle, channel) =
@@ -218,24 +232,39 @@ async fn issue_with(
         .unwrap()
 }
 
-/// Makes the expiry of `user_id`'s token take a second inside Postgres (a trigger sleeps
-/// when the row turns EXPIRED), to widen the gap between two statements of one transaction.
-/// Create it before closing a [`Gate`]: DDL on the table waits for a parked transaction.
-pub async fn stall_expiry_of(database: &TestDatabase, user_id: &str) {
+/// Runs `body` (PL/pgSQL statements) inside the statement that expires `user_id`'s token,
+/// through a trigger on that row's turn to EXPIRED: the way to change other rows between
+/// two statements of one transaction (an expiry pass and the read after it) at a point the
+/// test chooses, not at a time it guesses. What `body` writes is the transaction's own:
+/// the pass it runs in does not see it (its snapshot is older), every later statement does.
+pub async fn on_expiry_of(database: &TestDatabase, user_id: &str, body: &str) {
     let admin = database.admin().await;
     for statement in [
-        "CREATE FUNCTION queue.stall() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$"
-            .to_owned(),
         format!(
-            "CREATE TRIGGER stall BEFORE UPDATE ON queue.tokens FOR EACH ROW
+            "CREATE FUNCTION queue.on_expiry() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN {body} RETURN NEW; END $$"
+        ),
+        format!(
+            "CREATE TRIGGER on_expiry BEFORE UPDATE ON queue.tokens FOR EACH ROW
                WHEN (OLD.user_id = '{user_id}' AND NEW.status = 'EXPIRED')
-               EXECUTE FUNCTION queue.stall()"
+               EXECUTE FUNCTION queue.on_expiry()"
         ),
     ] {
         sqlx::query(&statement).execute(&admin).await.unwrap();
     }
     admin.close().await;
+}
+
+/// A pool of the queue's own role, for tests that call the store directly (one batch of
+/// IssueToken by construction, which the gRPC path gives only by timing).
+pub async fn queue_pool(database: &TestDatabase) -> sqlx::PgPool {
+    db::connect(&db::PoolConfig::new(
+        database.url(db::QUEUE),
+        db::QUEUE.schema,
+        2,
+    ))
+    .await
+    .unwrap()
 }
 
 /// Holds chosen token inserts inside Postgres until the test opens it: a trigger makes each
