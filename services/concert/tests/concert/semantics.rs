@@ -13,7 +13,8 @@ fn status_of(seats: &[pb::Seat], number: i32) -> pb::SeatStatus {
         .status()
 }
 
-/// A mesh whose holds last 800 ms, a date of `seats` seats, and two ACTIVE fans.
+/// A mesh, a date of `seats` seats, and two ACTIVE fans. Holds last the default five
+/// minutes: the tests end them with [`Mesh::run_out`] where they need them expired.
 struct TwoFans {
     mesh: Mesh,
     concert_id: String,
@@ -23,10 +24,7 @@ struct TwoFans {
 }
 
 async fn two_fans(seats: i32) -> TwoFans {
-    let mesh = mesh(1, |_, concert| {
-        concert.hold_ttl = Duration::from_millis(800)
-    })
-    .await;
+    let mesh = mesh(1, |_, _| {}).await;
     let (concert_id, schedule_id) = mesh.catalog(seats).await;
     let alice = mesh.active_token(&concert_id, "alice").await;
     let bob = mesh.active_token(&concert_id, "bob").await;
@@ -64,7 +62,7 @@ async fn an_expired_hold_frees_its_seats_at_once() {
         pb::SeatStatus::Held
     );
 
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    mesh.run_out(&[&late.hold_id, &untouched.hold_id]).await;
     // No sweeper ran: the seats are free because the time passed.
     let seats = mesh.seats(&bob, &schedule_id).await;
     assert_eq!(status_of(&seats, 1), pb::SeatStatus::Available);
@@ -163,7 +161,7 @@ async fn release_frees_only_the_seats_a_hold_still_has() {
         .hold(0, &alice, &schedule_id, &[1, 2], "a-1")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    mesh.run_out(&[&old.hold_id]).await;
     let bobs = mesh
         .hold(0, &bob, &schedule_id, &[2, 3], "b-1")
         .await
@@ -249,7 +247,8 @@ async fn an_expired_hold_counts_for_nothing_and_once_released_cannot_be_paid() {
         .hold(0, &alice, &schedule_id, &[1, 2, 3, 4], "a-1")
         .await
         .unwrap();
-    mesh.hold(0, &bob, &schedule_id, &[5, 6, 7, 8], "b-1")
+    let bobs_first = mesh
+        .hold(0, &bob, &schedule_id, &[5, 6, 7, 8], "b-1")
         .await
         .unwrap();
     assert!(
@@ -257,7 +256,7 @@ async fn an_expired_hold_counts_for_nothing_and_once_released_cannot_be_paid() {
         "every seat held: the date is off the list"
     );
 
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    mesh.run_out(&[&first.hold_id, &bobs_first.hold_id]).await;
     let dates = mesh.dates(&bob, &concert_id).await;
     assert_eq!(
         dates
@@ -570,11 +569,11 @@ async fn a_vouched_token_is_trusted_no_longer_than_the_cache_ttl() {
 /// hold can no longer be paid, even though nobody took its seats.
 #[tokio::test]
 async fn the_sweeper_retires_unpaid_holds_and_nothing_else() {
+    // Holds live five minutes and are retired a minute after they end, by a sweeper that
+    // looks every 50 ms: the test moves the holds' ends, never races them.
+    let grace = Duration::from_secs(60);
     let mesh = mesh(1, |_, concert| {
-        // Alice's holds end 1.5 s after they are made and are retired 0.6 s later; bob's,
-        // made 0.1 s after hers end, lives 1.5 s: half a second either side of every step.
-        concert.hold_ttl = Duration::from_millis(1_500);
-        concert.hold_sweep_after = Duration::from_millis(600);
+        concert.hold_sweep_after = grace;
         concert.hold_sweep_every = Duration::from_millis(50);
     })
     .await;
@@ -611,23 +610,25 @@ async fn the_sweeper_retires_unpaid_holds_and_nothing_else() {
     };
     // Past the expiry, inside the grace: bob takes seat 5 from a hold not yet retired (else
     // the sweeper would have nothing of bob's to leave alone).
-    let retaken_end =
-        stagedoor_runtime::time::from_timestamp(retaken.expire_time.as_ref().unwrap()).unwrap();
-    let until_ended = (retaken_end - chrono::Utc::now())
-        .to_std()
-        .unwrap_or_default();
-    tokio::time::sleep(until_ended + Duration::from_millis(100)).await;
+    mesh.run_out(&[&untaken.hold_id, &retaken.hold_id]).await;
     let bobs = mesh.hold(0, &bob, &schedule_id, &[5], "b-1").await.unwrap();
     assert_eq!(
         row_status(retaken.hold_id.clone()).await,
         "HELD",
         "swept before bob took its seat"
     );
-    // Past expiry + grace + a few sweeps.
-    tokio::time::sleep(Duration::from_millis(900)).await;
-
-    assert_eq!(row_status(untaken.hold_id.clone()).await, "EXPIRED");
-    assert_eq!(row_status(retaken.hold_id.clone()).await, "EXPIRED");
+    // Past the grace: the next sweeps retire alice's two unpaid holds, and leave her paid
+    // one, whose time has passed as well.
+    mesh.run_out_ago(&[&untaken.hold_id, &retaken.hold_id, &paid.hold_id], grace)
+        .await;
+    stagedoor_testkit::eventually(Duration::from_secs(10), "the sweeper retires", || async {
+        let statuses = [
+            row_status(untaken.hold_id.clone()).await,
+            row_status(retaken.hold_id.clone()).await,
+        ];
+        (statuses == ["EXPIRED", "EXPIRED"]).then_some(())
+    })
+    .await;
     assert_eq!(row_status(paid.hold_id.clone()).await, "CONFIRMED");
     assert_eq!(
         row_status(bobs.hold_id.clone()).await,
