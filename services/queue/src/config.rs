@@ -69,7 +69,9 @@ pub struct QueueConfig {
     /// Pause between two position updates of a WatchQueueStatus stream whose fan is 1,000 or
     /// more places back; a quarter of it under 1,000 places, a twentieth under 100. A
     /// watcher hears of its own admission as soon as its replica sees it (within about a
-    /// tenth of a second), whatever its pause.
+    /// tenth of a second), whatever its pause. Also how often the stream of an ACTIVE fan
+    /// re-reads the token, to hear of a payment or a leave made through another replica
+    /// (through its own replica, at once).
     #[arg(long, env = "QUEUE_WATCH_INTERVAL", default_value = DEFAULT_WATCH_INTERVAL, value_parser = parse_duration)]
     pub watch_interval: Duration,
 }

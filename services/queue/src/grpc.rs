@@ -219,9 +219,6 @@ fn update_interval(position: i64, far: Duration) -> Duration {
     }
 }
 
-/// How often a watcher of an ACTIVE token re-reads it to notice it became DONE.
-const ACTIVE_RECHECK: Duration = Duration::from_secs(2);
-
 /// Drives one WatchQueueStatus stream: sends the ticket whenever its status or position
 /// changes, until the token ends, the client hangs up or the service shuts down.
 async fn watch(
@@ -294,7 +291,9 @@ async fn watch(
             (verified_at + state.policy.heartbeat_every)
                 .saturating_duration_since(tokio::time::Instant::now())
         } else {
-            ACTIVE_RECHECK
+            // An ACTIVE token ends by its window (timed below), through this replica (its
+            // alarm) or through another one, which only a re-read finds: at the far cadence.
+            state.watch_interval
         };
         tokio::select! {
             _ = &mut stopped => return say_shutting_down(&sender),
@@ -508,7 +507,7 @@ impl QueueInternalService for QueueApi {
             }
         };
         // The token's watches on this replica hear of its end now, as after LeaveQueue,
-        // instead of at their next re-read of an ACTIVE token (ACTIVE_RECHECK).
+        // instead of at their next re-read of an ACTIVE token (`QueueConfig::watch_interval`).
         self.state.waiting.ended_here(token);
         Ok(Response::new(pb::CompleteTokenResponse {
             status: status.to_proto() as i32,
