@@ -12,16 +12,20 @@ use crate::{on_expiry_of, open_line, open_line_with_policy, queue_pool, reason};
 #[tokio::test]
 async fn an_active_window_ends_and_the_next_fan_gets_in() {
     let database = TestDatabase::create().await;
-    let queue = open_line(&database, |settings| {
-        settings.max_active = 1;
-        settings.active_ttl = Duration::from_millis(800);
-    })
-    .await;
+    let queue = open_line(&database, |settings| settings.max_active = 1).await;
 
     let first = queue.issue("c", "first").await;
     let second = queue.issue("c", "second").await;
     assert_eq!(first.status(), pb::TokenStatus::Active);
     assert_eq!(second.status(), pb::TokenStatus::Waiting);
+    // The window ends now, by Postgres's clock (what expiry is judged by), rather than after
+    // a short TTL that a slow run could outlast before `second` even entered.
+    let admin = database.admin().await;
+    sqlx::query("UPDATE queue.tokens SET expire_time = clock_timestamp() WHERE user_id = 'first'")
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
 
     // `second` keeps polling (which keeps it alive) until it is admitted.
     let admitted = queue
@@ -55,7 +59,7 @@ async fn a_waiting_fan_who_stops_polling_expires() {
     let database = TestDatabase::create().await;
     let queue = open_line(&database, |settings| {
         settings.max_active = 1;
-        settings.idle_ttl = Duration::from_millis(600);
+        settings.idle_ttl = Duration::from_secs(2);
     })
     .await;
 
@@ -64,14 +68,22 @@ async fn a_waiting_fan_who_stops_polling_expires() {
     let patient = queue.issue("c", "patient").await; // polls
     assert_eq!(holder.status(), pb::TokenStatus::Active);
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while tokio::time::Instant::now() < deadline {
+    // The patient fan polls every 50 ms until the ghost is swept (read from its row: a poll
+    // would be a sign of life), about 2.5 s in; 20 s is a run gone wrong.
+    let admin = database.admin().await;
+    let gave_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    while crate::row_status(admin.clone(), ghost.token.clone()).await != "EXPIRED" {
+        assert!(
+            tokio::time::Instant::now() < gave_up,
+            "the ghost was never swept"
+        );
         assert_eq!(
             queue.status(&patient.token).await.status(),
             pb::TokenStatus::Waiting
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    admin.close().await;
     assert_eq!(
         queue.status(&ghost.token).await.status(),
         pb::TokenStatus::Expired

@@ -106,6 +106,7 @@ async fn a_watcher_stays_in_line_while_a_ghost_expires() {
     let mut settings = config(&database);
     settings.max_active = 1;
     settings.idle_ttl = Duration::from_millis(600);
+    let ghost_after = settings.ghost_after();
     let queue = start(settings).await;
     queue.open(&["c"]).await;
 
@@ -118,12 +119,16 @@ async fn a_watcher_stays_in_line_while_a_ghost_expires() {
         pb::TokenStatus::Waiting
     );
 
-    // Over three idle TTLs the ghost goes; the watcher, who never polls, stays. Statuses
-    // are read from the rows, not asked for: a poll would itself keep a fan alive.
+    // The ghost goes; the watcher, who never polls, stays, for another ghost deadline after
+    // that as well. Statuses are read from the rows, not asked for: a poll would itself
+    // keep a fan alive.
     let admin = database.admin().await;
     let status_of = |token: String| crate::row_status(admin.clone(), token);
-    tokio::time::sleep(Duration::from_millis(1_800)).await;
-    assert_eq!(status_of(ghost.token.clone()).await, "EXPIRED");
+    stagedoor_testkit::eventually(Duration::from_secs(20), "the ghost is swept", || async {
+        (status_of(ghost.token.clone()).await == "EXPIRED").then_some(())
+    })
+    .await;
+    tokio::time::sleep(ghost_after).await;
     assert_eq!(status_of(watcher.token.clone()).await, "WAITING");
     drop(stream);
     admin.close().await;
