@@ -223,8 +223,24 @@ async fn two_replicas_migrating_while_an_index_builds_both_start() {
         let database_url = database.url(db::QUEUE);
         async move { migrate_url(database_url).await }
     });
-    // Long enough for the second replica to be waiting for the migration lock.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // The second replica asks for the migration lock (its session's last statement names
+    // it) before the writer lets the build go on.
+    stagedoor_testkit::eventually(
+        std::time::Duration::from_secs(20),
+        "the second replica asks for the migration lock",
+        || async {
+            let asking: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND usename = 'stagedoor_queue'
+                    AND query LIKE '%stagedoor migrations of%'",
+            )
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+            (asking > 0).then_some(())
+        },
+    )
+    .await;
     writer.commit().await.unwrap();
 
     for (replica, started) in [("first", first), ("second", second)] {
