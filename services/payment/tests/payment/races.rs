@@ -256,7 +256,9 @@ async fn batches_holding_one_fans_payments_in_opposite_orders_do_not_deadlock() 
     // in two batches in opposite orders: batch A writes hold 1 then hold 2, batch B hold 2
     // then hold 1. Without the per-user lock, A waits at hold 2 for B while B waits at hold 1
     // for A, and Postgres kills one statement: every payment of that batch, other fans'
-    // too, fails. A trigger that sleeps before each row makes that interleaving certain.
+    // too, fails. A trigger holds each batch's second click at a gate until both batches
+    // have got as far as they can (both at the gate without the lock; one at the gate and
+    // one waiting for the lock with it), which makes that interleaving certain.
     use stagedoor_payment::store::{self, NewPayment};
     use stagedoor_runtime::db;
     use std::time::Duration;
@@ -266,15 +268,28 @@ async fn batches_holding_one_fans_payments_in_opposite_orders_do_not_deadlock() 
         .migrate(db::PAYMENT, stagedoor_payment::app::migrator())
         .await;
     let admin = database.admin().await;
+    const GATE: i64 = 4242;
     for statement in [
-        "CREATE FUNCTION payment.slow_insert() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_sleep(0.2); RETURN NEW; END $$",
-        "CREATE TRIGGER slow_insert BEFORE INSERT ON payment.payments
-           FOR EACH ROW EXECUTE FUNCTION payment.slow_insert()",
+        format!(
+            "CREATE FUNCTION payment.gate() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN
+                    PERFORM pg_advisory_lock_shared({GATE});
+                    PERFORM pg_advisory_unlock_shared({GATE});
+                    RETURN NEW;
+                  END $$"
+        ),
+        "CREATE TRIGGER gate BEFORE INSERT ON payment.payments FOR EACH ROW
+           WHEN (NEW.request_id IN ('a-2', 'b-1')) EXECUTE FUNCTION payment.gate()"
+            .to_owned(),
     ] {
-        sqlx::query(statement).execute(&admin).await.unwrap();
+        sqlx::query(&statement).execute(&admin).await.unwrap();
     }
-    admin.close().await;
+    let mut gate = admin.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(GATE)
+        .execute(&mut *gate)
+        .await
+        .unwrap();
     let pool = db::connect(&db::PoolConfig::new(
         database.url(db::PAYMENT),
         db::PAYMENT.schema,
@@ -314,10 +329,32 @@ async fn batches_holding_one_fans_payments_in_opposite_orders_do_not_deadlock() 
         bystander("b"),
     ];
     let lease = Duration::from_secs(60);
-    let (a, b) = tokio::join!(
+    let open_the_gate = async {
+        let both_as_far_as_they_go = stagedoor_testkit::LockWaiters {
+            role: Some("stagedoor_payment"),
+            wait_event: Some("advisory"),
+            ..Default::default()
+        };
+        stagedoor_testkit::until_lock_waiters(
+            &admin,
+            both_as_far_as_they_go,
+            2,
+            Duration::from_secs(20),
+        )
+        .await;
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(GATE)
+            .execute(&mut *gate)
+            .await
+            .unwrap();
+    };
+    let (a, b, ()) = tokio::join!(
         store::insert_batch(&pool, &batch_a, lease),
         store::insert_batch(&pool, &batch_b, lease),
+        open_the_gate,
     );
+    drop(gate);
+    admin.close().await;
     let (a, b) = (
         a.expect("batch A is written"),
         b.expect("batch B is written"),
