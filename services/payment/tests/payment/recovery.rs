@@ -372,39 +372,40 @@ async fn a_renewal_that_waited_long_is_not_called_on() {
 /// after `ServiceHandle::abort`: the drills tested a gentler crash than a killed process.
 #[tokio::test]
 async fn a_crashed_replica_stops_driving_its_payments() {
+    // The saga's one call to the point service hangs for an hour, under an hour's lease and
+    // a ten-minute deadline: nothing but the crash can end that call within the test. A
+    // crashed replica's saga is dropped, and with it the call (the client resets its stream
+    // and the point service's handler is dropped); a saga that ran on would keep it open.
     let mut mesh = mesh(50, |settings| {
-        // No recovery claims the payment within the test: only the first drive calls.
         settings.payment.lease = Duration::from_secs(3_600);
-        settings.payment.pay_patience = Duration::from_secs(60);
+        settings.payment.call_deadline = Duration::from_secs(600);
+        settings.payment.pay_patience = Duration::from_secs(3_600);
     })
     .await;
     let fan = mesh.fan("crashed", 100_000).await;
     let hold = mesh.hold(&fan, &[10]).await;
-    let point = mesh.hang_point(Duration::from_millis(100)).await;
+    let point = mesh.hang_point(Duration::from_secs(3_600)).await;
     {
-        // The client hangs up once the saga is retrying: the saga goes on without it.
+        // The client hangs up once the saga is calling: the saga goes on without it.
         let pay = mesh.pay(0, &fan, &hold.hold_id, "pay");
-        let retrying = eventually(
+        let calling = eventually(
             Duration::from_secs(20),
-            "the saga retries the point service",
-            || async { (point.calls() >= 2).then_some(()) },
+            "the saga calls the point service",
+            || async { (point.in_flight() == 1).then_some(()) },
         );
         tokio::select! {
             paid = pay => panic!("Pay answered while the point service hangs: {paid:?}"),
-            () = retrying => {}
+            () = calling => {}
         }
     }
     mesh.crash_payment(0);
-    // A call already handed to the connection's own tasks may still arrive: let it.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let calls_at_crash = point.calls();
-    // Pauses between tries are at most a second: a drive still running would call again.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert_eq!(
-        point.calls(),
-        calls_at_crash,
-        "the saga ran on after the crash"
-    );
+    eventually(
+        Duration::from_secs(20),
+        "the crash ends the saga's call",
+        || async { (point.in_flight() == 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(point.calls(), 1, "one call, by the one drive");
 }
 
 #[tokio::test]
