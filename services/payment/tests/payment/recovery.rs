@@ -552,6 +552,76 @@ async fn a_hang_up_at_any_moment_leaves_no_payment_undriven() {
     mesh.audit().await;
 }
 
+#[tokio::test]
+async fn a_hang_up_while_its_payment_is_written_leaves_it_driven() {
+    // The moment the sweep above hits only by chance, made certain: the payment's INSERT is
+    // held inside Postgres (a trigger waits on an advisory lock the test holds) while the
+    // caller hangs up, and commits after. Its saga must still run: under an hour's lease and
+    // a slow recovery worker, only the call's own task can settle it within this test.
+    let mesh = mesh(1, |settings| {
+        settings.payment.lease = Duration::from_secs(3_600);
+        settings.payment.recovery_interval = Duration::from_secs(60);
+        settings.payment.retry_max = Duration::from_secs(60);
+    })
+    .await;
+    let fan = mesh.fan("hung-up", SEAT_PRICE).await;
+    let hold = mesh.hold(&fan, &[1]).await;
+    let admin = mesh.database.admin().await;
+    const GATE: i64 = 4242;
+    for statement in [
+        format!(
+            "CREATE FUNCTION payment.gate() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN
+                    PERFORM pg_advisory_lock_shared({GATE});
+                    PERFORM pg_advisory_unlock_shared({GATE});
+                    RETURN NEW;
+                  END $$"
+        ),
+        "CREATE TRIGGER gate BEFORE INSERT ON payment.payments
+           FOR EACH ROW EXECUTE FUNCTION payment.gate()"
+            .to_owned(),
+    ] {
+        sqlx::query(&statement).execute(&admin).await.unwrap();
+    }
+    let mut gate = admin.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(GATE)
+        .execute(&mut *gate)
+        .await
+        .unwrap();
+    {
+        let pay = mesh.pay(0, &fan, &hold.hold_id, "pay");
+        let at_the_gate = stagedoor_testkit::LockWaiters {
+            role: Some("stagedoor_payment"),
+            wait_event: Some("advisory"),
+            ..Default::default()
+        };
+        let parked =
+            stagedoor_testkit::until_lock_waiters(&admin, at_the_gate, 1, Duration::from_secs(20));
+        tokio::select! {
+            paid = pay => panic!("Pay answered while its INSERT is held: {paid:?}"),
+            () = parked => {}
+        }
+    }
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(GATE)
+        .execute(&mut *gate)
+        .await
+        .unwrap();
+    drop(gate);
+    admin.close().await;
+
+    let rows = eventually(
+        Duration::from_secs(20),
+        "the payment is recorded",
+        || async { Some(mesh.payment_rows().await).filter(|rows| !rows.is_empty()) },
+    )
+    .await;
+    let payment = mesh.settled(&rows[0].0.to_string()).await;
+    assert_eq!(payment.status(), PaymentStatus::Completed);
+    mesh.audit().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drive_whose_lease_was_taken_over_changes_nothing_even_in_its_own_process() {
     // 200 payments whose first drives stalled past their lease (a long pool wait, a paused
