@@ -356,6 +356,12 @@ async fn a_fan_who_polls_just_before_the_idle_deadline_keeps_the_place() {
     );
     // Silent for most of the TTL, then a poll read from the row, which notes the fan.
     tokio::time::sleep_until(entered + Duration::from_millis(4_600)).await;
+    // The case is built: the poll at 0.9 s came before a heartbeat was due and wrote none
+    // (a run that slow it did would test nothing, and fails here instead).
+    let (unwritten,): (bool,) = database
+        .row("SELECT last_seen = create_time FROM queue.tokens WHERE user_id = 'fan'")
+        .await;
+    assert!(unwritten, "the poll at 0.9 s wrote a heartbeat");
     assert_eq!(
         queue.status(&fan.token).await.status(),
         pb::TokenStatus::Waiting
