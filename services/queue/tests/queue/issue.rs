@@ -96,11 +96,23 @@ async fn the_estimated_wait_follows_the_observed_admission_rate() {
         .estimated_wait
         .expect("an estimate once the rate was observed");
     let seconds = wait.seconds as f64 + f64::from(wait.nanos) / 1e9;
-    // About (position + 1) / 5 admissions per second; the observed rate is noisy.
-    let expected = (ticket.position + 1) as f64 / 5.0;
+    // About (position + 1) / rate, where the rate is the one the line really had: nominally
+    // 5 a second, fewer when a loaded machine runs the ticks late, so it is measured here
+    // from the admissions' own times, as the service measures it from its counters.
+    let (admitted, span): (i64, f64) = database
+        .row(
+            "SELECT count(*), extract(epoch FROM max(admit_time) - min(admit_time))::float8
+               FROM queue.tokens WHERE admit_time IS NOT NULL",
+        )
+        .await;
+    let rate = (admitted - 1) as f64 / span;
+    let expected = (ticket.position + 1) as f64 / rate;
+    // Within a third either way: one admission more or less in the service's window moves
+    // its rate by about a tenth here (measured: within 7 % of this figure).
     assert!(
-        seconds > expected / 2.0 && seconds < expected * 2.0,
-        "estimated {seconds:.1}s for position {}, expected about {expected:.1}s",
+        seconds > expected / 1.5 && seconds < expected * 1.5,
+        "estimated {seconds:.1}s for position {}, expected about {expected:.1}s \
+         ({admitted} admitted over {span:.1}s)",
         ticket.position
     );
 }
