@@ -69,7 +69,7 @@ pub struct DemoArgs {
     pub json: Option<PathBuf>,
     /// A Postgres superuser URL. Unset: the server on 127.0.0.1:5432, or a throwaway
     /// cluster under target/ when none answers there.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// How long a hold keeps its seats (short, so that expired holds come back in the demo).
     #[arg(long, default_value = "3s", value_parser = parse_duration)]

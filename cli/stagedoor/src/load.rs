@@ -70,7 +70,7 @@ pub struct LoadArgs {
     pub payment_url: Option<String>,
     /// A Postgres superuser URL for the throwaway database of an in-process run. Unset: the
     /// server on 127.0.0.1:5432, or a throwaway cluster under target/ (as `up` and `demo`).
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// QUEUE_MAX_ACTIVE of an in-process queue.
     #[arg(long, default_value_t = 1000)]

@@ -25,6 +25,29 @@ impl Default for ServerSettings {
     }
 }
 
+/// Environment variables whose values are secrets: a database URL carries its role's
+/// password. clap prints the value of every `env` argument in `--help` unless the argument
+/// says `hide_env_values = true`, and help output gets pasted into tickets and chats.
+pub const SECRET_ENVS: &[&str] = &["DATABASE_URL"];
+
+/// The arguments of `command` and of its subcommands whose `--help` would print the value of
+/// a [`SECRET_ENVS`] variable, named `command --arg`: empty when every one hides it. Each
+/// binary's tests hold its command to this.
+pub fn secrets_shown_in_help(command: &clap::Command) -> Vec<String> {
+    let mut shown: Vec<String> = command
+        .get_arguments()
+        .filter(|arg| {
+            let env = arg.get_env().and_then(|env| env.to_str());
+            env.is_some_and(|env| SECRET_ENVS.contains(&env)) && !arg.is_hide_env_values_set()
+        })
+        .map(|arg| format!("{} --{}", command.get_name(), arg.get_id()))
+        .collect();
+    for subcommand in command.get_subcommands() {
+        shown.extend(secrets_shown_in_help(subcommand));
+    }
+    shown
+}
+
 /// Default `SHUTDOWN_DELAY`: a balancer's health probe every few seconds sees NOT_SERVING
 /// before the listener closes. With the 20 s drain limit it stays inside the 30 s an
 /// orchestrator usually allows before it kills the process.

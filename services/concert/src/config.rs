@@ -34,7 +34,7 @@ pub struct ConcertConfig {
     pub server: ServerSettings,
 
     /// Postgres URL of the concert service's own role; its tables live in schema `concert`.
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
 
     /// Most Postgres connections this process opens.
@@ -104,5 +104,17 @@ impl ConcertConfig {
             return Err("CONCERT_HOLD_SWEEP_EVERY must be above zero".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod help {
+    use clap::CommandFactory;
+
+    #[test]
+    fn help_never_prints_the_database_password() {
+        let shown =
+            stagedoor_runtime::config::secrets_shown_in_help(&super::ConcertConfig::command());
+        assert!(shown.is_empty(), "--help prints the value of {shown:?}");
     }
 }

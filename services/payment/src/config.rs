@@ -37,7 +37,7 @@ pub struct PaymentConfig {
     pub server: ServerSettings,
 
     /// Postgres URL of the payment service's own role; its tables live in schema `payment`.
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
 
     /// Most Postgres connections this process opens.
@@ -129,5 +129,17 @@ impl PaymentConfig {
             return Err("PAYMENT_RETRY_MAX must be at least PAYMENT_RECOVERY_INTERVAL".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod help {
+    use clap::CommandFactory;
+
+    #[test]
+    fn help_never_prints_the_database_password() {
+        let shown =
+            stagedoor_runtime::config::secrets_shown_in_help(&super::PaymentConfig::command());
+        assert!(shown.is_empty(), "--help prints the value of {shown:?}");
     }
 }

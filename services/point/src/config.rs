@@ -25,7 +25,7 @@ pub struct PointConfig {
     pub server: ServerSettings,
 
     /// Postgres URL of the point service's own role; its tables live in schema `point`.
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
 
     /// Most Postgres connections this process opens.
@@ -61,5 +61,17 @@ impl PointConfig {
             return Err("POINT_MAX_AMOUNT must be at least 1 and at most POINT_BALANCE_CAP".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod help {
+    use clap::CommandFactory;
+
+    #[test]
+    fn help_never_prints_the_database_password() {
+        let shown =
+            stagedoor_runtime::config::secrets_shown_in_help(&super::PointConfig::command());
+        assert!(shown.is_empty(), "--help prints the value of {shown:?}");
     }
 }

@@ -33,7 +33,7 @@ pub struct QueueConfig {
     pub server: ServerSettings,
 
     /// Postgres URL of the queue's own role; its tables live in schema `queue`.
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
 
     /// Most Postgres connections this process opens.
@@ -153,5 +153,17 @@ impl QueueConfig {
     /// the next tick admits what the blocked one could not.
     pub fn admit_burst(&self) -> f64 {
         (f64::from(self.admit_rate) * 2.0 * self.tick.as_secs_f64()).max(1.0)
+    }
+}
+
+#[cfg(test)]
+mod help {
+    use clap::CommandFactory;
+
+    #[test]
+    fn help_never_prints_the_database_password() {
+        let shown =
+            stagedoor_runtime::config::secrets_shown_in_help(&super::QueueConfig::command());
+        assert!(shown.is_empty(), "--help prints the value of {shown:?}");
     }
 }
