@@ -17,5 +17,14 @@ pub fn init_with_default(level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true)
+        .with_ansi(colours_wanted())
         .try_init();
+}
+
+/// Colours only for a person at a terminal: logs written to a file, a pipe, `docker compose
+/// logs` or a collector must not carry escape codes. `NO_COLOR` (no-color.org) turns them
+/// off at a terminal too.
+fn colours_wanted() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|no| no.is_empty())
 }
