@@ -32,7 +32,8 @@ struct Cli {
 enum Command {
     /// Provision the database and run the services until Ctrl-C.
     Up(UpArgs),
-    /// Load the demo catalog into a running concert service (idempotent).
+    /// Load the demo catalog into a running concert service (idempotent within a month: its
+    /// dates are the month after next).
     Seed {
         /// The concert service.
         #[arg(long, env = "CONCERT_URL", default_value = "http://127.0.0.1:50052")]
@@ -56,7 +57,7 @@ enum Command {
 struct UpArgs {
     /// A Postgres superuser URL to provision into. Unset: the server on 127.0.0.1:5432, or
     /// a throwaway cluster under target/ when none answers there.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
     /// The database the services share (each in its own schema, as its own role).
     #[arg(long, default_value = "stagedoor")]
@@ -277,6 +278,10 @@ async fn start_up(args: &UpArgs) -> Result<(pg::Postgres, mesh::Mesh), Box<dyn s
 /// Container health checks call it, so it answers within two seconds either way.
 async fn health(url: &str) -> ExitCode {
     use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        eprintln!("{url}: not a service URL; give one such as http://127.0.0.1:50051");
+        return ExitCode::FAILURE;
+    }
     let check = async {
         let channel = stagedoor_runtime::client::endpoint(url)?
             .connect_timeout(Duration::from_secs(1))
@@ -299,7 +304,7 @@ async fn health(url: &str) -> ExitCode {
             ExitCode::FAILURE
         }
         Ok(Err(error)) => {
-            eprintln!("{url}: {error}");
+            eprintln!("{url}: {}", with_causes(error.as_ref()));
             ExitCode::FAILURE
         }
         Err(_) => {
@@ -309,12 +314,35 @@ async fn health(url: &str) -> ExitCode {
     }
 }
 
+/// `error` and each error it was caused by, outermost first: tonic's transport errors say
+/// only "transport error" at the top, and the cause ("Connection refused", "dns error") is
+/// what tells an operator what to fix.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let said = inner.to_string();
+        // Some layers repeat their cause's text in their own.
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = inner.source();
+    }
+    text
+}
+
 /// Seeds the demo catalog (idempotent) and prints it.
 async fn seed_and_show(concert_url: &str) -> Result<seed::Seeded, Box<dyn std::error::Error>> {
     let channel = stagedoor_runtime::client::endpoint(concert_url)?
         .connect()
         .await
-        .map_err(|error| format!("cannot reach the concert service at {concert_url}: {error}"))?;
+        .map_err(|error| {
+            format!(
+                "cannot reach the concert service at {concert_url}: {}",
+                with_causes(&error)
+            )
+        })?;
     let seeded = seed::seed(channel).await?;
     println!();
     println!("Demo catalog (ListConcerts needs no token; the rest needs an ACTIVE queue token):");
@@ -322,4 +350,15 @@ async fn seed_and_show(concert_url: &str) -> Result<seed::Seeded, Box<dyn std::e
         println!("  {title:<16} {concert_id}   dates: {}", dates.join(" "));
     }
     Ok(seeded)
+}
+
+#[cfg(test)]
+mod help {
+    use clap::CommandFactory;
+
+    #[test]
+    fn no_subcommand_prints_the_database_password() {
+        let shown = stagedoor_runtime::config::secrets_shown_in_help(&super::Cli::command());
+        assert!(shown.is_empty(), "--help prints the value of {shown:?}");
+    }
 }

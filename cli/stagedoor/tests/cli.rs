@@ -79,10 +79,17 @@ fn a_demo_cut_short_by_its_timeout_fails_its_verdict() {
         .args(["demo", "--fans", "100", "--seats", "50", "--cap", "1"])
         .args(["--rate", "1", "--seed", "7", "--timeout", "2s"])
         .env("DATABASE_URL", admin_url())
+        .env("RUST_LOG", "info")
         .output()
         .expect("stagedoor runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
+    // The services' logs, written to a pipe: plain text, no terminal colours.
+    assert!(stdout.contains(" INFO "), "{stdout}");
+    assert!(
+        !stdout.contains('\u{1b}'),
+        "escape codes in piped logs: {stdout}"
+    );
     assert!(
         stdout.contains("[FAIL] the sale ended by itself"),
         "{stdout}"
@@ -171,6 +178,32 @@ async fn a_demo_on_a_crowded_postgres_says_why_and_leaves_nothing() {
     admin.close().await;
 }
 
+/// `--help` shows where each setting comes from, and clap would print the environment's
+/// value of each: the database URL's password included.
+#[test]
+fn help_never_prints_the_database_password() {
+    for command in [&["up"][..], &["demo"], &["load", "issue-token"]] {
+        let output = stagedoor()
+            .args(command)
+            .arg("--help")
+            .env(
+                "DATABASE_URL",
+                "postgres://postgres:s3cret@127.0.0.1:5432/postgres",
+            )
+            .output()
+            .expect("stagedoor runs");
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && help.contains("DATABASE_URL"),
+            "{help}"
+        );
+        assert!(
+            !help.contains("s3cret"),
+            "`{command:?} --help` printed it:\n{help}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn health_exits_zero_for_a_serving_service_and_non_zero_otherwise() {
     let database = stagedoor_testkit::TestDatabase::create().await;
@@ -191,6 +224,19 @@ async fn health_exits_zero_for_a_serving_service_and_non_zero_otherwise() {
             .unwrap()
             .unwrap();
     assert!(!nobody.status.success());
+    // The probe of docker-compose's health checks: an operator reads why it failed.
+    let said = String::from_utf8_lossy(&nobody.stderr);
+    assert!(said.contains("refused"), "the cause is named: {said}");
+    let no_scheme =
+        tokio::task::spawn_blocking(|| stagedoor().args(["health", "127.0.0.1:1"]).output())
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(!no_scheme.status.success());
+    assert!(
+        String::from_utf8_lossy(&no_scheme.stderr).contains("http://"),
+        "{no_scheme:?}"
+    );
 }
 
 /// Starts `demo`, sends it SIGINT once its sale is about to open (its `concert` line), and
