@@ -19,7 +19,9 @@ pub enum ConcertError {
         schedule_id: String,
         start_time: DateTime<Utc>,
     },
-    #[error("no hold {0} of yours")]
+    /// Also the answer to a fan who names another fan's hold (ReleaseHold), which must not
+    /// learn that it exists; the internal calls carry no caller at all.
+    #[error("no hold {0}")]
     HoldNotFound(String),
     #[error("the token admits to concert {token_concert}, not {concert}")]
     WrongConcert {

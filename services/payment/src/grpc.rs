@@ -354,7 +354,7 @@ fn to_proto(payment: &PaymentRow) -> pb::Payment {
 
 fn parse_uuid(field: &'static str, text: &str) -> Result<Uuid, ApiError> {
     Uuid::try_parse(text).map_err(|_| {
-        ApiError::invalid_field(field, format!("{field} must be an id this service issued"))
+        ApiError::invalid_field(field, format!("{field} must be a UUID, as every id stagedoor issues is"))
     })
 }
 

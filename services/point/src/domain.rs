@@ -69,7 +69,7 @@ impl Entry {
 /// Failures of the wallet's domain; [`ApiError`] turns them into statuses.
 #[derive(Debug, thiserror::Error)]
 pub enum PointError {
-    #[error("amount {amount} is outside 1..={max}")]
+    #[error("amount {amount} is outside 1 to {max}")]
     AmountOutOfRange { amount: i64, max: i64 },
     #[error("the balance would pass the cap of {cap}")]
     BalanceCapExceeded { cap: i64 },
