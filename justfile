@@ -1,16 +1,20 @@
 # Everyday recipes; each runs the same command the README gives.
 
+# Arguments reach the commands as given, quotes and all (`"$@"`).
+set positional-arguments
+
+# Flags pass through to each of the first three: `just demo --fans 2000 --seed 7`.
 # Bring the mesh up on a fresh database and stage a sale, with a verdict (README quick start).
-demo:
-    cargo run --release -p stagedoor -- demo
+demo *ARGS:
+    cargo run --release -p stagedoor -- demo "$@"
 
 # Provision the local database and run the services until Ctrl-C.
-up:
-    cargo run --release -p stagedoor -- up
+up *ARGS:
+    cargo run --release -p stagedoor -- up "$@"
 
-# Every test, against the local Postgres.
-test:
-    cargo nextest run --workspace
+# Every test, against the local Postgres (a filter narrows them: `just test -E 'test(/watch/)'`).
+test *ARGS:
+    cargo nextest run --workspace "$@"
 
 # Contracts, compose file and code style, as CI checks them.
 lint:
