@@ -127,6 +127,9 @@ pub enum PaymentError {
         payment_id: String,
         reason: String,
         message: String,
+        /// What the payment cost: INSUFFICIENT_BALANCE says it, for a client to show how
+        /// many points are missing.
+        amount: i64,
     },
     #[error("the concert service cannot be reached; retry")]
     ConcertUnavailable,
@@ -201,17 +204,25 @@ impl From<PaymentError> for ApiError {
                     .with_metadata("payment_id", payment_id)
             }
             PaymentError::Failed {
-                payment_id, reason, ..
+                payment_id,
+                reason,
+                amount,
+                ..
             } => {
                 let known = FAILURE_REASONS
                     .iter()
                     .find(|(known, _)| *known == reason.as_str());
-                match known {
+                let error = match known {
                     Some((reason, code)) => ApiError::new(*code, reason, message),
                     None => ApiError::new(Code::FailedPrecondition, "PAYMENT_FAILED", message)
-                        .with_metadata("cause", reason),
+                        .with_metadata("cause", reason.clone()),
                 }
-                .with_metadata("payment_id", payment_id)
+                .with_metadata("payment_id", payment_id);
+                if reason == "INSUFFICIENT_BALANCE" {
+                    error.with_metadata("amount", amount.to_string())
+                } else {
+                    error
+                }
             }
             PaymentError::ConcertUnavailable => {
                 ApiError::new(Code::Unavailable, "CONCERT_UNAVAILABLE", message)

@@ -323,6 +323,7 @@ fn answer(payment: PaymentRow) -> Result<pb::PayResponse, PaymentError> {
             payment_id: payment.payment_id.to_string(),
             reason: payment.failure_reason,
             message: payment.failure_message,
+            amount: payment.amount,
         }),
         PaymentStatus::Pending => Err(PaymentError::InProgress(payment.payment_id.to_string())),
     }
@@ -354,7 +355,10 @@ fn to_proto(payment: &PaymentRow) -> pb::Payment {
 
 fn parse_uuid(field: &'static str, text: &str) -> Result<Uuid, ApiError> {
     Uuid::try_parse(text).map_err(|_| {
-        ApiError::invalid_field(field, format!("{field} must be a UUID, as every id stagedoor issues is"))
+        ApiError::invalid_field(
+            field,
+            format!("{field} must be a UUID, as every id stagedoor issues is"),
+        )
     })
 }
 

@@ -145,6 +145,11 @@ async fn insufficient_balance_spends_nothing_and_keeps_the_hold() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
     assert_eq!(reason(&refused), "INSUFFICIENT_BALANCE");
+    assert_eq!(
+        stagedoor_testkit::detail(&refused, "amount"),
+        Some(SEAT_PRICE.to_string()),
+        "what the payment needed"
+    );
     assert_eq!(mesh.balance("short").await, SEAT_PRICE - 1);
     assert_eq!(mesh.ledger("short").await.len(), 1, "only the charge");
     assert_eq!(
