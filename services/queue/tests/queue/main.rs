@@ -166,26 +166,44 @@ pub async fn row_status(admin: sqlx::PgPool, token: String) -> String {
         .unwrap()
 }
 
-/// Samples the ACTIVE tokens of concert `rush` as Postgres sees them, as often as it can,
-/// until `racing` turns false; answers the highest count seen and how many samples it took.
-pub fn sample_active(
-    admin: sqlx::PgPool,
-    racing: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::task::JoinHandle<(i64, u64)> {
-    tokio::spawn(async move {
-        let (mut highest, mut samples) = (0, 0);
-        while racing.load(std::sync::atomic::Ordering::Relaxed) {
-            let active: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM queue.tokens WHERE status = 'ACTIVE' AND concert_id = 'rush'",
-            )
-            .fetch_one(&admin)
-            .await
-            .unwrap();
-            highest = highest.max(active);
-            samples += 1;
-        }
-        (highest, samples)
-    })
+/// Counts the ACTIVE tokens of concert `rush` at the commit of every transaction that made
+/// one ACTIVE (a deferred constraint trigger, run just before the commit), keeping the
+/// highest count and how many commits were counted. Exact where a sampler reading the table
+/// from outside could miss a moment over the cap: every admission changes ACTIVE rows under
+/// its line's lock, so no other change to them is in flight at that commit.
+pub async fn count_active_at_commits(database: &TestDatabase) {
+    let admin = database.admin().await;
+    for statement in [
+        "CREATE TABLE queue.active_at_commits (highest bigint NOT NULL, commits bigint NOT NULL)",
+        "INSERT INTO queue.active_at_commits VALUES (0, 0)",
+        // SECURITY DEFINER: the table is the test's, the trigger fires for the queue's role.
+        "CREATE FUNCTION queue.count_active() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+           SET search_path = queue AS
+           $$ BEGIN
+                UPDATE active_at_commits
+                   SET highest = greatest(highest, (SELECT count(*) FROM tokens
+                                                     WHERE concert_id = 'rush'
+                                                       AND status = 'ACTIVE')),
+                       commits = commits + 1;
+                RETURN NULL;
+              END $$",
+        "CREATE CONSTRAINT TRIGGER count_active AFTER INSERT OR UPDATE ON queue.tokens
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+           WHEN (NEW.concert_id = 'rush' AND NEW.status = 'ACTIVE')
+           EXECUTE FUNCTION queue.count_active()",
+    ] {
+        sqlx::query(statement).execute(&admin).await.unwrap();
+    }
+    admin.close().await;
+}
+
+/// What [`count_active_at_commits`] saw: the most ACTIVE tokens any commit left, and how
+/// many times it counted.
+pub async fn active_at_commits(admin: &sqlx::PgPool) -> (i64, i64) {
+    sqlx::query_as("SELECT highest, commits FROM queue.active_at_commits")
+        .fetch_one(admin)
+        .await
+        .unwrap()
 }
 
 /// `fans` fans (`fan-0`, `fan-1`, ...) enter `concert_id`'s line in the same instant, every
