@@ -400,12 +400,6 @@ async fn sale(
         admission_heard: Mutex::new(Vec::new()),
     });
 
-    // The ACTIVE cap, watched from the database while the sale runs.
-    let sampler = tokio::spawn(sample_active(
-        audit.clone(),
-        sale.concert_id.clone(),
-        sale.stop.subscribe(),
-    ));
     let progress = tokio::spawn(show_progress(
         sale.clone(),
         args.fans as u64,
@@ -455,12 +449,16 @@ async fn sale(
     timeout.abort();
     sale.stop.send_replace(true);
     let _ = progress.await;
-    let active = sampler.await?;
 
     // Its calls wait as long as the services take: a signal stops waiting for them (the
     // handler installed above would otherwise leave only SIGKILL, and the mess behind).
-    let checks = tokio::select! {
-        checks = verdict(&sale, &audit, &dates, &active, args.cap) => checks?,
+    let judged = async {
+        let peak = peak_active(&audit, &sale.concert_id).await?;
+        let checks = verdict(&sale, &audit, &dates, peak, args.cap).await?;
+        Ok::<_, Box<dyn std::error::Error>>((checks, peak))
+    };
+    let (checks, peak) = tokio::select! {
+        judged = judged => judged?,
         () = signals.recv() => return Err("stopped during the verdict; no verdict".into()),
     };
     audit.close().await;
@@ -486,7 +484,7 @@ async fn sale(
         double_clicks: sale.live.double_clicks.load(Ordering::Relaxed),
         went_home: sale.live.went_home.load(Ordering::Relaxed),
         left_queue: sale.live.left_queue.load(Ordering::Relaxed),
-        max_active: active.max,
+        max_active: peak,
         rpcs,
         admission_heard,
         checks,
@@ -918,43 +916,27 @@ fn connection_for(hold_id: &str, len: usize) -> usize {
     hold_id.bytes().map(usize::from).sum::<usize>() % len
 }
 
-/// What [`sample_active`] saw of the line's ACTIVE count.
-#[derive(Default)]
-struct ActiveSamples {
-    max: i64,
-    taken: usize,
-    failed: usize,
-}
-
-/// Samples the number of ACTIVE tokens of the concert every 20 ms until the sale is over,
-/// keeping the highest. Failed samples are counted: a check of the cap that measured
-/// nothing must not pass.
-async fn sample_active(
-    audit: PgPool,
-    concert_id: String,
-    mut stop: watch::Receiver<bool>,
-) -> ActiveSamples {
-    let mut samples = ActiveSamples::default();
-    loop {
-        let active: Result<i64, _> = sqlx::query_scalar(
-            "SELECT count(*) FROM queue.tokens
-              WHERE concert_id = $1 AND status = 'ACTIVE' AND expire_time > now()",
-        )
-        .bind(&concert_id)
-        .fetch_one(&audit)
-        .await;
-        match active {
-            Ok(active) => {
-                samples.max = samples.max.max(active);
-                samples.taken += 1;
-            }
-            Err(_) => samples.failed += 1,
-        }
-        tokio::select! {
-            _ = stop.wait_for(|stopped| *stopped) => return samples,
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-        }
-    }
+/// The most tokens of the concert that were ACTIVE at once, read from the tokens themselves:
+/// each admitted token was ACTIVE from its `admit_time` until its `end_time` (or still is).
+/// Both are stamped with `statement_timestamp()` by statements that hold the line's lock
+/// (admission, completion, leave, expiry), so they come in the order those changes were
+/// made, and the count between any two of them is exact: no moment goes unseen, as one
+/// between two samples of a sampler would. At equal times ends count before admissions
+/// (they are never one statement), and fans admitted by one statement count together.
+async fn peak_active(audit: &PgPool, concert_id: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce(max(active), 0)::int8 FROM (
+             SELECT sum(change) OVER (ORDER BY at, change ROWS UNBOUNDED PRECEDING) AS active
+               FROM (SELECT admit_time AS at, 1 AS change FROM queue.tokens
+                      WHERE concert_id = $1 AND admit_time IS NOT NULL
+                     UNION ALL
+                     SELECT end_time, -1 FROM queue.tokens
+                      WHERE concert_id = $1 AND admit_time IS NOT NULL
+                        AND end_time IS NOT NULL) AS changes) AS running",
+    )
+    .bind(concert_id)
+    .fetch_one(audit)
+    .await
 }
 
 /// Live bars on the terminal (hidden when stderr is not one).
@@ -1024,7 +1006,7 @@ async fn verdict(
     sale: &Sale,
     audit: &PgPool,
     dates: &[String],
-    active: &ActiveSamples,
+    peak_active: i64,
     cap: u32,
 ) -> Result<Vec<Check>, Box<dyn std::error::Error>> {
     let receipts = std::mem::take(&mut *sale.receipts.lock().expect("receipts"));
@@ -1174,10 +1156,10 @@ async fn verdict(
 
     checks.push(check(
         "ACTIVE cap never exceeded",
-        active.max <= i64::from(cap) && active.taken > 0 && active.failed == 0,
+        peak_active <= i64::from(cap),
         format!(
-            "at most {} ACTIVE (cap {cap}), sampled every 20 ms: {} samples, {} failed",
-            active.max, active.taken, active.failed
+            "at most {peak_active} ACTIVE at once (cap {cap}), counted from every token's \
+             admission and end"
         ),
     ));
 
@@ -1491,19 +1473,56 @@ mod tests {
         assert!(rolls(3).iter().all(|roll| *roll < 4));
     }
 
-    /// A sampler whose every query fails says so, instead of a maximum of 0 ACTIVE that
-    /// would pass the cap check having measured nothing.
+    /// The peak is exact at the edges: an end and an admission at the same instant do not
+    /// overlap, fans admitted by one statement count together, and tokens never admitted,
+    /// or of another concert, count for nothing.
     #[tokio::test]
-    async fn failed_samples_of_the_active_count_are_counted() {
+    async fn the_peak_of_active_tokens_is_counted_from_admissions_and_ends() {
+        use stagedoor_runtime::db;
         let database = stagedoor_testkit::TestDatabase::create().await;
-        let admin = database.admin().await; // no queue schema here: every sample fails
-        let (stop, stopped) = watch::channel(false);
-        // Stopped at once: the sampler still takes its first sample before it looks.
-        stop.send_replace(true);
-        let sampler = tokio::spawn(sample_active(admin.clone(), "c".into(), stopped));
-        let samples = sampler.await.unwrap();
-        assert_eq!((samples.max, samples.taken), (0, 0));
-        assert!(samples.failed > 0);
+        database
+            .migrate(db::QUEUE, stagedoor_queue::app::migrator())
+            .await;
+        let admin = database.admin().await;
+        sqlx::query("INSERT INTO queue.lines (concert_id) VALUES ('c'), ('other')")
+            .execute(&admin)
+            .await
+            .unwrap();
+        let place = std::sync::atomic::AtomicI64::new(0);
+        // A token of `concert`, admitted and ended that many seconds after a fixed instant.
+        let token = |concert: &'static str, admitted: Option<i32>, ended: Option<i32>| {
+            let admin = admin.clone();
+            let place = place.fetch_add(1, Ordering::Relaxed) + 1;
+            async move {
+                sqlx::query(
+                    "INSERT INTO queue.tokens
+                         (token, concert_id, user_id, place, status, admit_time, end_time)
+                     SELECT gen_random_uuid(), $1, 'fan-' || $2, $2,
+                            CASE WHEN $3::int IS NULL THEN 'WAITING'
+                                 WHEN $4::int IS NULL THEN 'ACTIVE' ELSE 'DONE' END,
+                            t + make_interval(secs => $3), t + make_interval(secs => $4)
+                       FROM (SELECT timestamptz '2026-01-01 10:00Z' AS t) AS base",
+                )
+                .bind(concert)
+                .bind(place)
+                .bind(admitted)
+                .bind(ended)
+                .execute(&admin)
+                .await
+                .unwrap();
+            }
+        };
+        let peak = || peak_active(&admin, "c");
+        token("c", Some(0), Some(2)).await;
+        token("c", Some(1), Some(3)).await;
+        token("c", Some(2), None).await; // admitted as the first one ended
+        token("c", Some(4), None).await;
+        token("c", None, None).await; // never admitted
+        token("other", Some(1), Some(3)).await;
+        assert_eq!(peak().await.unwrap(), 2);
+        // One more admitted in the same statement as the second, for long.
+        token("c", Some(1), Some(9)).await;
+        assert_eq!(peak().await.unwrap(), 3);
         admin.close().await;
     }
 
