@@ -111,6 +111,15 @@ pub enum StartupError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    #[error(
+        "schema `{schema}` was migrated by a newer version of this service that this one cannot \
+         run beside (its migration {version}: {reason}); run that version or a later one"
+    )]
+    SchemaTooNew {
+        schema: String,
+        version: i64,
+        reason: String,
+    },
     #[error("{0}")]
     Config(String),
     #[error("provisioning failed: {0}")]
@@ -210,14 +219,35 @@ pub async fn migrate(
     // A replica of the previous version restarting in the middle of a rolling upgrade (or
     // after a rollback) finds migrations it does not know, applied by the newer version.
     // sqlx refuses such a database by default, and the old replicas would then crash-loop
-    // for the whole upgrade. Every migration keeps the previous version working (README,
-    // "Upgrading"), so the replica starts and says what it found. What stays refused: a
-    // migration this replica knows whose file changed since it was applied (a checksum
-    // mismatch), and one that failed half-way (a dirty version).
+    // for the whole upgrade. Migrations are written to keep the previous version working
+    // (README, "Upgrading"), so the replica starts and says what it found, unless one of
+    // them wrote in the schema's floor that it cannot (see [`SCHEMA_FLOOR`]). A migration
+    // this replica knows whose file changed since it was applied (a checksum mismatch)
+    // stays refused.
+    sqlx::query(SCHEMA_FLOOR)
+        .execute(&mut conn)
+        .await
+        .map_err(|error| migrate_error(sqlx::migrate::MigrateError::Execute(error)))?;
     let newer = migrations_unknown_to(&mut conn, &migrator)
         .await
         .map_err(migrate_error)?;
     if !newer.is_empty() {
+        let newest_known = migrator.iter().map(|migration| migration.version).max();
+        let floor: Option<(i64, String)> = sqlx::query_as(
+            "SELECT version, reason FROM _stagedoor_schema_floor
+              WHERE version > $1 ORDER BY version LIMIT 1",
+        )
+        .bind(newest_known.unwrap_or(0))
+        .fetch_optional(&mut conn)
+        .await
+        .map_err(|error| migrate_error(sqlx::migrate::MigrateError::Execute(error)))?;
+        if let Some((version, reason)) = floor {
+            return Err(StartupError::SchemaTooNew {
+                schema: schema.into(),
+                version,
+                reason,
+            });
+        }
         tracing::warn!(
             schema,
             ?newer,
@@ -234,6 +264,25 @@ pub async fn migrate(
     // Closing ends the session, and with it the lock.
     conn.close().await.map_err(connect_error)
 }
+
+/// The schema's floor: a migration that the previous version of its service cannot run
+/// beside (it drops or renames what the old code uses, adds a column the old code does not
+/// fill, changes what a column means) inserts its own version here with the reason, in the
+/// same transaction:
+///
+/// ```sql
+/// INSERT INTO _stagedoor_schema_floor (version, reason)
+/// VALUES (20270101000000, 'payments.token is gone; the previous version still writes it');
+/// ```
+///
+/// A replica that does not know that migration then refuses to start, as sqlx refuses any
+/// unknown migration, rather than run on a schema it would break. Made by every start, before
+/// the migrations, so that they can write to it.
+const SCHEMA_FLOOR: &str = "CREATE TABLE IF NOT EXISTS _stagedoor_schema_floor (
+    version     bigint PRIMARY KEY,
+    reason      text NOT NULL,
+    create_time timestamptz NOT NULL DEFAULT now()
+)";
 
 /// The versions applied to the schema that `migrator` does not have, in order.
 async fn migrations_unknown_to(

@@ -344,3 +344,35 @@ async fn a_migration_changed_after_it_was_applied_is_still_refused() {
         "got {refused}"
     );
 }
+
+/// A newer migration that the previous version cannot run beside says so in the schema's
+/// floor; a replica that does not know it refuses to start and names it, rather than serve
+/// on a schema it would break. A floor at a migration it knows stops nothing.
+#[tokio::test]
+async fn a_replica_below_the_schemas_floor_refuses_to_start() {
+    let (database, admin) = migrated_then(&[
+        A_NEWER_VERSIONS_MIGRATION,
+        "INSERT INTO queue._stagedoor_schema_floor (version, reason)
+         VALUES (1, 'a floor the replica is above'),
+                (99990101000000, 'tokens.place is gone')",
+    ])
+    .await;
+    let refused = migrate_url(database.url(db::QUEUE)).await.unwrap_err();
+    assert!(
+        matches!(
+            &refused,
+            db::StartupError::SchemaTooNew { version: 99990101000000, reason, .. }
+                if reason == "tokens.place is gone"
+        ),
+        "got {refused}"
+    );
+
+    sqlx::query("DELETE FROM queue._stagedoor_schema_floor WHERE version > 1")
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    migrate_url(database.url(db::QUEUE))
+        .await
+        .expect("a floor below what the replica knows stops nothing");
+}
