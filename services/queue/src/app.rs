@@ -121,6 +121,7 @@ pub async fn start(
         waiting,
         shutdown,
         watch_interval: config.watch_interval,
+        active_recheck: config.active_recheck,
     });
     let service = GrpcServer::new()
         .add_service(QueueServiceServer::new(api.clone()))

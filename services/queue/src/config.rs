@@ -69,12 +69,20 @@ pub struct QueueConfig {
     /// Pause between two position updates of a WatchQueueStatus stream whose fan is 1,000 or
     /// more places back; a quarter of it under 1,000 places, a twentieth under 100. A
     /// watcher hears of its own admission as soon as its replica sees it (within about a
-    /// tenth of a second), whatever its pause. Also how often the stream of an ACTIVE fan
-    /// re-reads the token, to hear of a payment or a leave made through another replica
-    /// (through its own replica, at once).
+    /// tenth of a second), whatever its pause.
     #[arg(long, env = "QUEUE_WATCH_INTERVAL", default_value = DEFAULT_WATCH_INTERVAL, value_parser = parse_duration)]
     pub watch_interval: Duration,
+
+    /// How often the stream of an ACTIVE fan re-reads its token, to hear of a payment or a
+    /// leave made through another replica (through its own replica it hears at once). Not a
+    /// setting: every re-read is a query, and ACTIVE watchers are as many as the cap. Tests
+    /// move it to tell the two paths apart.
+    #[arg(skip = ACTIVE_RECHECK)]
+    pub active_recheck: Duration,
 }
+
+/// Default of [`QueueConfig::active_recheck`].
+pub const ACTIVE_RECHECK: Duration = Duration::from_secs(2);
 
 impl QueueConfig {
     /// The defaults, with `database_url` and an ephemeral loopback port (for tests and
@@ -94,6 +102,7 @@ impl QueueConfig {
             idle_ttl: duration(DEFAULT_IDLE_TTL),
             tick: duration(DEFAULT_TICK),
             watch_interval: duration(DEFAULT_WATCH_INTERVAL),
+            active_recheck: ACTIVE_RECHECK,
         }
     }
 

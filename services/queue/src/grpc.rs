@@ -41,6 +41,8 @@ pub struct QueueState {
     pub shutdown: Shutdown,
     /// A watcher's pause between position updates when far back (see `update_interval`).
     pub watch_interval: Duration,
+    /// `QueueConfig::active_recheck`.
+    pub active_recheck: Duration,
 }
 
 /// Implements both queue services over one shared state.
@@ -292,8 +294,8 @@ async fn watch(
                 .saturating_duration_since(tokio::time::Instant::now())
         } else {
             // An ACTIVE token ends by its window (timed below), through this replica (its
-            // alarm) or through another one, which only a re-read finds: at the far cadence.
-            state.watch_interval
+            // alarm) or through another one, which only a re-read finds.
+            state.active_recheck
         };
         tokio::select! {
             _ = &mut stopped => return say_shutting_down(&sender),
@@ -507,7 +509,7 @@ impl QueueInternalService for QueueApi {
             }
         };
         // The token's watches on this replica hear of its end now, as after LeaveQueue,
-        // instead of at their next re-read of an ACTIVE token (`QueueConfig::watch_interval`).
+        // instead of at their next re-read of an ACTIVE token (`QueueConfig::active_recheck`).
         self.state.waiting.ended_here(token);
         Ok(Response::new(pb::CompleteTokenResponse {
             status: status.to_proto() as i32,

@@ -39,6 +39,7 @@ async fn a_watcher_hears_of_its_admission_without_polling() {
     let mut settings = config(&database);
     settings.max_active = 1;
     settings.watch_interval = Duration::from_secs(3_600);
+    settings.active_recheck = Duration::from_secs(3_600);
     let queue = start(settings).await;
     queue.open(&["c"]).await;
 
@@ -58,7 +59,7 @@ async fn a_watcher_hears_of_its_admission_without_polling() {
 
     // Then the watcher pays: DONE is the last message and the stream ends. It comes at once
     // from the replica that completed the token: the watch's own re-read of an ACTIVE token
-    // is an hour away (`watch_interval`), so only the completion's alarm brings it within
+    // is an hour away (`active_recheck`), so only the completion's alarm brings it within
     // `next`'s five seconds.
     queue.complete(&watcher.token).await.unwrap();
     let done = next(&mut stream).await.expect("DONE after the completion");
@@ -70,13 +71,13 @@ async fn a_watcher_hears_of_its_admission_without_polling() {
 }
 
 /// A fan who pays through another replica than the one its stream is on: only the watch's
-/// re-read of the ACTIVE token can find it DONE, every `watch_interval` (set to 200 ms here;
-/// an hour would leave the stream silent for `next`'s five seconds).
+/// re-read of the ACTIVE token can find it DONE, every `active_recheck` (200 ms here, so DONE
+/// comes within a second; at the default 2 s it would not).
 #[tokio::test]
 async fn a_watcher_hears_of_a_payment_made_through_another_replica() {
     let database = TestDatabase::create().await;
     let mut settings = config(&database);
-    settings.watch_interval = Duration::from_millis(200);
+    settings.active_recheck = Duration::from_millis(200);
     let replicas = [start(settings.clone()).await, start(settings).await];
     replicas[0].open(&["c"]).await;
     let fan = replicas[0].issue("c", "fan").await;
@@ -88,10 +89,10 @@ async fn a_watcher_hears_of_a_payment_made_through_another_replica() {
         pb::TokenStatus::Active
     );
     replicas[0].complete(&fan.token).await.unwrap();
-    assert_eq!(
-        next(&mut stream).await.unwrap().status(),
-        pb::TokenStatus::Done
-    );
+    let done = timeout(Duration::from_secs(1), next(&mut stream))
+        .await
+        .expect("DONE within a second: the re-read every 200 ms found it");
+    assert_eq!(done.unwrap().status(), pb::TokenStatus::Done);
     assert!(
         next(&mut stream).await.is_none(),
         "the stream ends after DONE"
