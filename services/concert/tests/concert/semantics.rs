@@ -106,10 +106,7 @@ async fn an_expired_hold_frees_its_seats_at_once() {
 /// the time that fan's batch decides: expiry is exact however long the lock took.
 #[tokio::test]
 async fn a_hold_that_expires_during_a_lock_wait_no_longer_counts() {
-    let mesh = mesh(1, |_, concert| {
-        concert.hold_ttl = Duration::from_millis(1_500)
-    })
-    .await;
+    let mesh = mesh(1, |_, _| {}).await;
     let (concert_id, schedule_id) = mesh.catalog(50).await;
     let alice = mesh.active_token(&concert_id, "alice").await;
     let bob = mesh.active_token(&concert_id, "bob").await;
@@ -117,20 +114,26 @@ async fn a_hold_that_expires_during_a_lock_wait_no_longer_counts() {
         .hold(0, &alice, &schedule_id, &[7], "a-1")
         .await
         .unwrap();
-    let alices_end =
-        stagedoor_runtime::time::from_timestamp(alices.expire_time.as_ref().unwrap()).unwrap();
 
-    // Another transaction sits on seat 7's lock (as another replica's batch would) until
-    // well after alice's hold has run out.
-    let blocker = mesh.lock_seat(&schedule_id, 7).await;
+    // Another transaction sits on seat 7's lock (as another replica's batch would).
+    let mut blocker = mesh.lock_seat(&schedule_id, 7).await;
     let waiting = tokio::spawn(mesh.hold(0, &bob, &schedule_id, &[7], "b-1"));
-    // Bob's batch waits on the seat's lock, and began while alice's hold was live (else a
-    // batch judging by its transaction's start would pass too, and this would test nothing).
+    // Bob's batch waits on the seat's lock, begun while alice's five-minute hold is live.
     mesh.until_lock_waiters(1).await;
-    let left = (alices_end - chrono::Utc::now()).to_std();
-    let left = left.expect("bob's batch began before alice's hold ran out");
-    // Past alice's hold's end, then let bob through.
-    tokio::time::sleep(left + Duration::from_millis(100)).await;
+    // Alice's hold runs out now, after bob's batch began (a batch judging by its
+    // transaction's start would still see it live); the blocker ends its time, as the clock
+    // would, and lets bob through.
+    sqlx::query(
+        "WITH ended AS (
+             UPDATE concert.holds SET expire_time = clock_timestamp()
+              WHERE hold_id = $1::uuid RETURNING hold_id, expire_time)
+         UPDATE concert.seats SET held_until = ended.expire_time
+           FROM ended WHERE seats.held_by = ended.hold_id",
+    )
+    .bind(&alices.hold_id)
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
     blocker.commit().await.unwrap();
 
     let taken = waiting

@@ -355,25 +355,29 @@ impl Mesh {
             .unwrap()
     }
 
-    pub async fn pay(
+    /// Pay through `replica`; the call owns its client, so a test may spawn it.
+    pub fn pay(
         &self,
         replica: usize,
         fan: &Fan,
         hold_id: &str,
         request_id: &str,
-    ) -> Result<pb::Payment, tonic::Status> {
-        self.payments[replica]
-            .client
-            .clone()
-            .pay(with_bearer(
-                pb::PayRequest {
-                    hold_id: hold_id.into(),
-                    request_id: request_id.into(),
-                },
-                &fan.token,
-            ))
-            .await
-            .map(|response| response.into_inner().payment.unwrap())
+    ) -> impl std::future::Future<Output = Result<pb::Payment, tonic::Status>> + Send + 'static
+    {
+        let mut client = self.payments[replica].client.clone();
+        let request = with_bearer(
+            pb::PayRequest {
+                hold_id: hold_id.into(),
+                request_id: request_id.into(),
+            },
+            &fan.token,
+        );
+        async move {
+            client
+                .pay(request)
+                .await
+                .map(|response| response.into_inner().payment.unwrap())
+        }
     }
 
     pub async fn payment(&self, payment_id: &str) -> pb::Payment {

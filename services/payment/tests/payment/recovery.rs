@@ -373,9 +373,10 @@ async fn a_renewal_that_waited_long_is_not_called_on() {
 #[tokio::test]
 async fn a_crashed_replica_stops_driving_its_payments() {
     // The saga's one call to the point service hangs for an hour, under an hour's lease and
-    // a ten-minute deadline: nothing but the crash can end that call within the test. A
-    // crashed replica's saga is dropped, and with it the call (the client resets its stream
-    // and the point service's handler is dropped); a saga that ran on would keep it open.
+    // a ten-minute deadline, and the fan's Pay stays open through the crash: nothing but the
+    // crash can end that call within the test. A crashed replica's saga is dropped, and with
+    // it the call (the client resets its stream and the point service's handler is dropped);
+    // a saga that ran on would keep it open.
     let mut mesh = mesh(50, |settings| {
         settings.payment.lease = Duration::from_secs(3_600);
         settings.payment.call_deadline = Duration::from_secs(600);
@@ -385,19 +386,13 @@ async fn a_crashed_replica_stops_driving_its_payments() {
     let fan = mesh.fan("crashed", 100_000).await;
     let hold = mesh.hold(&fan, &[10]).await;
     let point = mesh.hang_point(Duration::from_secs(3_600)).await;
-    {
-        // The client hangs up once the saga is calling: the saga goes on without it.
-        let pay = mesh.pay(0, &fan, &hold.hold_id, "pay");
-        let calling = eventually(
-            Duration::from_secs(20),
-            "the saga calls the point service",
-            || async { (point.in_flight() == 1).then_some(()) },
-        );
-        tokio::select! {
-            paid = pay => panic!("Pay answered while the point service hangs: {paid:?}"),
-            () = calling => {}
-        }
-    }
+    let pay = tokio::spawn(mesh.pay(0, &fan, &hold.hold_id, "pay"));
+    eventually(
+        Duration::from_secs(20),
+        "the saga calls the point service",
+        || async { (point.in_flight() == 1).then_some(()) },
+    )
+    .await;
     mesh.crash_payment(0);
     eventually(
         Duration::from_secs(20),
@@ -406,6 +401,12 @@ async fn a_crashed_replica_stops_driving_its_payments() {
     )
     .await;
     assert_eq!(point.calls(), 1, "one call, by the one drive");
+    // The fan's call ends with the replica, as a killed process's would.
+    let ended = tokio::time::timeout(Duration::from_secs(20), pay)
+        .await
+        .expect("Pay ends with the crash")
+        .unwrap();
+    assert!(ended.is_err(), "{ended:?}");
 }
 
 #[tokio::test]

@@ -88,7 +88,7 @@ async fn a_rush_over_two_replicas_keeps_the_line_exact() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     racing.store(false, Ordering::Relaxed);
     let completed = completer.await.unwrap();
-    let (highest, commits) = active_at_commits(&admin).await;
+    let (highest, counts) = active_at_commits(&admin).await;
 
     // Every token distinct; places exactly 1..=FANS, no gap, no duplicate.
     let tokens: HashSet<&str> = tickets.iter().map(|t| t.token.as_str()).collect();
@@ -98,7 +98,7 @@ async fn a_rush_over_two_replicas_keeps_the_line_exact() {
     assert_eq!(places, (1..=FANS as i64).collect::<Vec<_>>());
 
     // Never above the cap, at any commit.
-    assert!(commits > 10, "admissions were counted: {commits}");
+    assert!(counts > 10, "admissions were counted: {counts}");
     assert!(
         highest <= CAP,
         "{highest} tokens were ACTIVE at once with a cap of {CAP}"

@@ -12,12 +12,22 @@ use crate::{on_expiry_of, open_line, open_line_with_policy, queue_pool, reason};
 #[tokio::test]
 async fn an_active_window_ends_and_the_next_fan_gets_in() {
     let database = TestDatabase::create().await;
-    let queue = open_line(&database, |settings| settings.max_active = 1).await;
+    let queue = open_line(&database, |settings| {
+        settings.max_active = 1;
+        settings.active_ttl = Duration::from_secs(600);
+    })
+    .await;
 
     let first = queue.issue("c", "first").await;
     let second = queue.issue("c", "second").await;
     assert_eq!(first.status(), pb::TokenStatus::Active);
     assert_eq!(second.status(), pb::TokenStatus::Waiting);
+    // The window is the configured ACTIVE TTL, from the admission on.
+    let stamp = |at: &Option<prost_types::Timestamp>| from_timestamp(at.as_ref().unwrap()).unwrap();
+    assert_eq!(
+        stamp(&first.expire_time) - stamp(&first.admit_time),
+        chrono::Duration::seconds(600)
+    );
     // The window ends now, by Postgres's clock (what expiry is judged by), rather than after
     // a short TTL that a slow run could outlast before `second` even entered.
     let admin = database.admin().await;
@@ -69,7 +79,8 @@ async fn a_waiting_fan_who_stops_polling_expires() {
     assert_eq!(holder.status(), pb::TokenStatus::Active);
 
     // The patient fan polls every 50 ms until the ghost is swept (read from its row: a poll
-    // would be a sign of life), about 2.5 s in; 20 s is a run gone wrong.
+    // would be a sign of life), about 3 s in (the TTL, a heartbeat period and the flushes'
+    // allowance); 20 s is a run gone wrong.
     let admin = database.admin().await;
     let gave_up = tokio::time::Instant::now() + Duration::from_secs(20);
     while crate::row_status(admin.clone(), ghost.token.clone()).await != "EXPIRED" {
@@ -578,9 +589,9 @@ async fn windows_ending_as_fans_pay_or_leave_over_two_replicas_free_each_slot_on
     tokio::time::sleep(Duration::from_secs(3)).await;
     racing.store(false, Ordering::Relaxed);
     let (paid, calls) = completer.await.unwrap();
-    let (highest, commits) = crate::active_at_commits(&admin).await;
+    let (highest, counts) = crate::active_at_commits(&admin).await;
 
-    assert!(commits > 10, "admissions were counted: {commits}");
+    assert!(counts > 10, "admissions were counted: {counts}");
     assert!(
         highest <= CAP,
         "{highest} tokens were ACTIVE at once with a cap of {CAP}"

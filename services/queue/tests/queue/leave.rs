@@ -280,8 +280,8 @@ async fn fans_leaving_in_a_rush_over_two_replicas_strand_nobody() {
         .expect("every fan who stayed is admitted and pays within a minute")
         .unwrap();
     racing.store(false, Ordering::Relaxed);
-    let (highest, commits) = active_at_commits(&admin).await;
-    assert!(commits > 10, "admissions were counted: {commits}");
+    let (highest, counts) = active_at_commits(&admin).await;
+    assert!(counts > 10, "admissions were counted: {counts}");
     assert!(highest <= CAP, "{highest} ACTIVE at a commit, cap {CAP}");
     assert!(completed >= FANS - leavers.len());
 
