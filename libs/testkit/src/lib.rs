@@ -225,3 +225,76 @@ pub async fn until_lock_waiters(
     })
     .await
 }
+
+/// Holds chosen inserts into a table inside Postgres until the test opens it: a trigger makes
+/// each matching insert wait on an advisory lock the gate holds, so a transaction can be
+/// stopped at a point the test picks (holding its locks, its snapshot taken) rather than at
+/// a time it guesses. One gate per table; create any other trigger on the table first (DDL
+/// on it waits for a parked transaction).
+pub struct InsertGate {
+    admin: PgPool,
+    lock: sqlx::pool::PoolConnection<sqlx::Postgres>,
+}
+
+/// The advisory lock key of [`InsertGate`].
+const GATE_KEY: i64 = 4242;
+
+impl InsertGate {
+    /// Closes a gate on inserts into `table` (`schema.table`) whose row matches `when`, a
+    /// trigger condition on `NEW` (`NEW.concert_id = 'a'`; `true` for every insert).
+    pub async fn close(database: &TestDatabase, table: &str, when: &str) -> InsertGate {
+        let schema = table.split('.').next().unwrap_or(table);
+        let admin = database.admin().await;
+        for statement in [
+            format!(
+                "CREATE FUNCTION {schema}.insert_gate() RETURNS trigger LANGUAGE plpgsql AS
+                   $$ BEGIN
+                        PERFORM pg_advisory_lock_shared({GATE_KEY});
+                        PERFORM pg_advisory_unlock_shared({GATE_KEY});
+                        RETURN NEW;
+                      END $$"
+            ),
+            format!(
+                "CREATE TRIGGER insert_gate BEFORE INSERT ON {table} FOR EACH ROW
+                   WHEN ({when}) EXECUTE FUNCTION {schema}.insert_gate()"
+            ),
+        ] {
+            sqlx::query(&statement)
+                .execute(&admin)
+                .await
+                .unwrap_or_else(|error| panic!("{statement}: {error}"));
+        }
+        let mut lock = admin.acquire().await.expect("a connection for the gate");
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(GATE_KEY)
+            .execute(&mut *lock)
+            .await
+            .expect("the gate's lock");
+        InsertGate { admin, lock }
+    }
+
+    /// Waits (20 s at most) until `count` sessions wait on an advisory lock: at this gate, or
+    /// on another advisory lock a test counts with them.
+    pub async fn until_parked(&self, count: i64) {
+        let parked = LockWaiters {
+            wait_event: Some("advisory"),
+            ..Default::default()
+        };
+        until_lock_waiters(
+            &self.admin,
+            parked,
+            count,
+            std::time::Duration::from_secs(20),
+        )
+        .await
+    }
+
+    /// Lets the parked inserts, and every later one, through.
+    pub async fn open(mut self) {
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(GATE_KEY)
+            .execute(&mut *self.lock)
+            .await
+            .expect("the gate opens");
+    }
+}

@@ -267,29 +267,12 @@ async fn batches_holding_one_fans_payments_in_opposite_orders_do_not_deadlock() 
     database
         .migrate(db::PAYMENT, stagedoor_payment::app::migrator())
         .await;
-    let admin = database.admin().await;
-    const GATE: i64 = 4242;
-    for statement in [
-        format!(
-            "CREATE FUNCTION payment.gate() RETURNS trigger LANGUAGE plpgsql AS
-               $$ BEGIN
-                    PERFORM pg_advisory_lock_shared({GATE});
-                    PERFORM pg_advisory_unlock_shared({GATE});
-                    RETURN NEW;
-                  END $$"
-        ),
-        "CREATE TRIGGER gate BEFORE INSERT ON payment.payments FOR EACH ROW
-           WHEN (NEW.request_id IN ('a-2', 'b-1')) EXECUTE FUNCTION payment.gate()"
-            .to_owned(),
-    ] {
-        sqlx::query(&statement).execute(&admin).await.unwrap();
-    }
-    let mut gate = admin.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(GATE)
-        .execute(&mut *gate)
-        .await
-        .unwrap();
+    let gate = stagedoor_testkit::InsertGate::close(
+        &database,
+        "payment.payments",
+        "NEW.request_id IN ('a-2', 'b-1')",
+    )
+    .await;
     let pool = db::connect(&db::PoolConfig::new(
         database.url(db::PAYMENT),
         db::PAYMENT.schema,
@@ -329,32 +312,17 @@ async fn batches_holding_one_fans_payments_in_opposite_orders_do_not_deadlock() 
         bystander("b"),
     ];
     let lease = Duration::from_secs(60);
+    // Both batches as far as they go: two sessions on advisory locks (the gate, or the
+    // user's lock).
     let open_the_gate = async {
-        let both_as_far_as_they_go = stagedoor_testkit::LockWaiters {
-            role: Some("stagedoor_payment"),
-            wait_event: Some("advisory"),
-            ..Default::default()
-        };
-        stagedoor_testkit::until_lock_waiters(
-            &admin,
-            both_as_far_as_they_go,
-            2,
-            Duration::from_secs(20),
-        )
-        .await;
-        sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(GATE)
-            .execute(&mut *gate)
-            .await
-            .unwrap();
+        gate.until_parked(2).await;
+        gate.open().await;
     };
     let (a, b, ()) = tokio::join!(
         store::insert_batch(&pool, &batch_a, lease),
         store::insert_batch(&pool, &batch_b, lease),
         open_the_gate,
     );
-    drop(gate);
-    admin.close().await;
     let (a, b) = (
         a.expect("batch A is written"),
         b.expect("batch B is written"),

@@ -567,50 +567,16 @@ async fn a_hang_up_while_its_payment_is_written_leaves_it_driven() {
     .await;
     let fan = mesh.fan("hung-up", SEAT_PRICE).await;
     let hold = mesh.hold(&fan, &[1]).await;
-    let admin = mesh.database.admin().await;
-    const GATE: i64 = 4242;
-    for statement in [
-        format!(
-            "CREATE FUNCTION payment.gate() RETURNS trigger LANGUAGE plpgsql AS
-               $$ BEGIN
-                    PERFORM pg_advisory_lock_shared({GATE});
-                    PERFORM pg_advisory_unlock_shared({GATE});
-                    RETURN NEW;
-                  END $$"
-        ),
-        "CREATE TRIGGER gate BEFORE INSERT ON payment.payments
-           FOR EACH ROW EXECUTE FUNCTION payment.gate()"
-            .to_owned(),
-    ] {
-        sqlx::query(&statement).execute(&admin).await.unwrap();
-    }
-    let mut gate = admin.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(GATE)
-        .execute(&mut *gate)
-        .await
-        .unwrap();
+    let gate =
+        stagedoor_testkit::InsertGate::close(&mesh.database, "payment.payments", "true").await;
     {
         let pay = mesh.pay(0, &fan, &hold.hold_id, "pay");
-        let at_the_gate = stagedoor_testkit::LockWaiters {
-            role: Some("stagedoor_payment"),
-            wait_event: Some("advisory"),
-            ..Default::default()
-        };
-        let parked =
-            stagedoor_testkit::until_lock_waiters(&admin, at_the_gate, 1, Duration::from_secs(20));
         tokio::select! {
             paid = pay => panic!("Pay answered while its INSERT is held: {paid:?}"),
-            () = parked => {}
+            () = gate.until_parked(1) => {}
         }
     }
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(GATE)
-        .execute(&mut *gate)
-        .await
-        .unwrap();
-    drop(gate);
-    admin.close().await;
+    gate.open().await;
 
     let rows = eventually(
         Duration::from_secs(20),

@@ -5,9 +5,7 @@ use stagedoor_runtime::time::from_timestamp;
 use stagedoor_testkit::TestDatabase;
 use tonic::Code;
 
-use stagedoor_queue::store;
-
-use crate::{on_expiry_of, open_line, open_line_with_policy, queue_pool, reason};
+use crate::{issue_one_batch, on_expiry_of, open_line, open_line_with_policy, reason};
 
 #[tokio::test]
 async fn an_active_window_ends_and_the_next_fan_gets_in() {
@@ -187,10 +185,6 @@ async fn a_window_that_ends_while_the_fan_asks_again_gets_a_new_token() {
     )
     .await;
     let admin = database.admin().await;
-    sqlx::query("UPDATE queue.tokens SET expire_time = now() WHERE user_id = 'stalled'")
-        .execute(&admin)
-        .await
-        .unwrap();
 
     let again = queue.issue("c", "fan").await;
     assert_ne!(again.status(), pb::TokenStatus::Expired, "{again:?}");
@@ -263,18 +257,12 @@ async fn a_window_that_the_second_expiry_pass_ends_is_not_answered_active() {
            USING (queue.slow_read(user_id, expire_time)) WITH CHECK (true)",
         "ALTER TABLE queue.tokens ENABLE ROW LEVEL SECURITY",
         "ALTER TABLE queue.tokens FORCE ROW LEVEL SECURITY",
-        "UPDATE queue.tokens SET expire_time = now() WHERE user_id = 'stalled'",
     ] {
         sqlx::query(statement).execute(&admin).await.unwrap();
     }
 
-    let pool = queue_pool(&database).await;
-    let tickets = store::issue_batch(&pool, &policy, "c", &["fan".into(), "other".into()])
-        .await
-        .unwrap()
-        .expect("the line is open");
-    pool.close().await;
-    let ticket_of = |user: &str| tickets.iter().find(|t| t.user_id == user).unwrap();
+    let tickets = issue_one_batch(&database, &policy, &["fan", "other"]).await;
+    let ticket_of = |user: &str| &tickets[user];
     assert_ne!(ticket_of("fan").token.to_string(), fan.token);
     let other_again = ticket_of("other");
     // The case happened: the read saw `other` ACTIVE, `stalled` went in the first pass,
@@ -474,18 +462,9 @@ async fn a_fan_read_as_waiting_is_not_expired_as_a_ghost_later_in_the_same_batch
     )
     .await;
     let admin = database.admin().await;
-    sqlx::query("UPDATE queue.tokens SET expire_time = now() WHERE user_id = 'stalled'")
-        .execute(&admin)
-        .await
-        .unwrap();
 
-    let pool = queue_pool(&database).await;
-    let tickets = store::issue_batch(&pool, &policy, "c", &["fan".into(), "idle".into()])
-        .await
-        .unwrap()
-        .expect("the line is open");
-    pool.close().await;
-    let ticket_of = |user: &str| tickets.iter().find(|t| t.user_id == user).unwrap();
+    let tickets = issue_one_batch(&database, &policy, &["fan", "idle"]).await;
+    let ticket_of = |user: &str| &tickets[user];
     assert_ne!(
         ticket_of("fan").token.to_string(),
         fan.token,

@@ -1,9 +1,9 @@
 use std::{collections::HashSet, time::Duration};
 
 use stagedoor_proto::queue::v1 as pb;
-use stagedoor_testkit::TestDatabase;
+use stagedoor_testkit::{InsertGate, TestDatabase};
 
-use crate::{config, start, Gate};
+use crate::{config, start};
 
 #[tokio::test]
 async fn the_same_fan_gets_the_same_token_and_place() {
@@ -177,10 +177,10 @@ async fn a_line_stuck_in_the_database_does_not_hold_up_another_concerts_fans() {
     let database = TestDatabase::create().await;
     let queue = start(config(&database)).await;
     queue.open(&["a", "b"]).await;
-    let gate = Gate::on_inserts(&database, "NEW.concert_id = 'a'").await;
+    let gate = InsertGate::close(&database, "queue.tokens", "NEW.concert_id = 'a'").await;
 
     let parked = queue.issue_in_background("a", "fan-a");
-    gate.wait_for_parked().await;
+    gate.until_parked(1).await;
 
     // A bound only so that a regression fails instead of hanging the run.
     let other = tokio::time::timeout(Duration::from_secs(30), queue.issue("b", "fan-b"))

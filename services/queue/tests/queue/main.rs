@@ -255,6 +255,7 @@ async fn issue_with(
 /// two statements of one transaction (an expiry pass and the read after it) at a point the
 /// test chooses, not at a time it guesses. What `body` writes is the transaction's own:
 /// the pass it runs in does not see it (its snapshot is older), every later statement does.
+/// `user_id`'s window is ended now, so the next expiry pass of the line runs `body`.
 pub async fn on_expiry_of(database: &TestDatabase, user_id: &str, body: &str) {
     let admin = database.admin().await;
     for statement in [
@@ -268,82 +269,35 @@ pub async fn on_expiry_of(database: &TestDatabase, user_id: &str, body: &str) {
                      AND NEW.status = 'EXPIRED')
                EXECUTE FUNCTION queue.on_expiry()"
         ),
+        format!("UPDATE queue.tokens SET expire_time = now() WHERE user_id = '{user_id}'"),
     ] {
         sqlx::query(&statement).execute(&admin).await.unwrap();
     }
     admin.close().await;
 }
 
-/// A pool of the queue's own role, for tests that call the store directly (one batch of
-/// IssueToken by construction, which the gRPC path gives only by timing).
-pub async fn queue_pool(database: &TestDatabase) -> sqlx::PgPool {
-    db::connect(&db::PoolConfig::new(
+/// IssueToken for `users` of concert `c` in one batch, by construction (the gRPC path gives
+/// one batch only by timing), through the store as the queue's own role; the tickets by user.
+pub async fn issue_one_batch(
+    database: &TestDatabase,
+    policy: &stagedoor_queue::store::AdmissionPolicy,
+    users: &[&str],
+) -> std::collections::HashMap<String, stagedoor_queue::domain::Ticket> {
+    let pool = db::connect(&db::PoolConfig::new(
         database.url(db::QUEUE),
         db::QUEUE.schema,
         2,
     ))
     .await
-    .unwrap()
-}
-
-/// Holds chosen token inserts inside Postgres until the test opens it: a trigger makes each
-/// such insert wait on an advisory lock the gate holds. For tests that need a batch stuck in
-/// the middle of its transaction, holding its line's lock. Create any other trigger first:
-/// DDL on the table waits for the parked transaction.
-pub struct Gate {
-    admin: sqlx::PgPool,
-    lock: sqlx::pool::PoolConnection<sqlx::Postgres>,
-}
-
-/// The advisory lock key of [`Gate`].
-const GATE_KEY: i64 = 4242;
-
-impl Gate {
-    /// Closes a gate on inserts into `queue.tokens` whose row matches `when`, a trigger
-    /// condition on `NEW` (`NEW.concert_id = 'a'`).
-    pub async fn on_inserts(database: &TestDatabase, when: &str) -> Gate {
-        let admin = database.admin().await;
-        for statement in [
-            format!(
-                "CREATE FUNCTION queue.park() RETURNS trigger LANGUAGE plpgsql AS
-                   $$ BEGIN
-                        PERFORM pg_advisory_lock_shared({GATE_KEY});
-                        PERFORM pg_advisory_unlock_shared({GATE_KEY});
-                        RETURN NEW;
-                      END $$"
-            ),
-            format!(
-                "CREATE TRIGGER park BEFORE INSERT ON queue.tokens FOR EACH ROW
-                   WHEN ({when}) EXECUTE FUNCTION queue.park()"
-            ),
-        ] {
-            sqlx::query(&statement).execute(&admin).await.unwrap();
-        }
-        let mut lock = admin.acquire().await.unwrap();
-        sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(GATE_KEY)
-            .execute(&mut *lock)
-            .await
-            .unwrap();
-        Gate { admin, lock }
-    }
-
-    /// Waits until one transaction is parked at the gate.
-    pub async fn wait_for_parked(&self) {
-        let at_the_gate = stagedoor_testkit::LockWaiters {
-            wait_event: Some("advisory"),
-            ..Default::default()
-        };
-        stagedoor_testkit::until_lock_waiters(&self.admin, at_the_gate, 1, Duration::from_secs(10))
-            .await
-    }
-
-    /// Lets the parked inserts through.
-    pub async fn open(mut self) {
-        sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(GATE_KEY)
-            .execute(&mut *self.lock)
-            .await
-            .unwrap();
-    }
+    .unwrap();
+    let users: Vec<String> = users.iter().map(|user| (*user).to_owned()).collect();
+    let tickets = stagedoor_queue::store::issue_batch(&pool, policy, "c", &users)
+        .await
+        .unwrap()
+        .expect("the line is open");
+    pool.close().await;
+    tickets
+        .into_iter()
+        .map(|ticket| (ticket.user_id.clone(), ticket))
+        .collect()
 }
