@@ -226,37 +226,50 @@ pub async fn until_lock_waiters(
     .await
 }
 
-/// Holds chosen inserts into a table inside Postgres until the test opens it: a trigger makes
-/// each matching insert wait on an advisory lock the gate holds, so a transaction can be
-/// stopped at a point the test picks (holding its locks, its snapshot taken) rather than at
-/// a time it guesses. One gate per table; create any other trigger on the table first (DDL
-/// on it waits for a parked transaction).
-pub struct InsertGate {
+/// Holds chosen writes to a table inside Postgres until the test opens it: a trigger makes
+/// each matching row's INSERT or UPDATE wait on an advisory lock the gate holds, so a
+/// transaction can be stopped at a point the test picks (holding its locks, its snapshot
+/// taken) rather than at a time it guesses. One gate per table; create any other trigger on
+/// the table first (DDL on it waits for a parked transaction).
+pub struct RowGate {
     admin: PgPool,
     lock: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    key: i64,
 }
 
-/// The advisory lock key of [`InsertGate`].
-const GATE_KEY: i64 = 4242;
+/// Advisory lock keys of [`RowGate`]s: one per gate, so that gates of one test (whose
+/// triggers stay behind when opened) never hold each other's rows.
+static GATE_KEYS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(4242);
 
-impl InsertGate {
+impl RowGate {
     /// Closes a gate on inserts into `table` (`schema.table`) whose row matches `when`, a
     /// trigger condition on `NEW` (`NEW.concert_id = 'a'`; `true` for every insert).
-    pub async fn close(database: &TestDatabase, table: &str, when: &str) -> InsertGate {
+    pub async fn on_insert(database: &TestDatabase, table: &str, when: &str) -> RowGate {
+        Self::close(database, table, "INSERT", when).await
+    }
+
+    /// Closes a gate on updates of `table` whose rows match `when`, a trigger condition on
+    /// `OLD` and `NEW` (`NEW.status = 'EXPIRED'`).
+    pub async fn on_update(database: &TestDatabase, table: &str, when: &str) -> RowGate {
+        Self::close(database, table, "UPDATE", when).await
+    }
+
+    async fn close(database: &TestDatabase, table: &str, event: &str, when: &str) -> RowGate {
         let schema = table.split('.').next().unwrap_or(table);
+        let key = GATE_KEYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let admin = database.admin().await;
         for statement in [
             format!(
-                "CREATE FUNCTION {schema}.insert_gate() RETURNS trigger LANGUAGE plpgsql AS
+                "CREATE FUNCTION {schema}.row_gate_{key}() RETURNS trigger LANGUAGE plpgsql AS
                    $$ BEGIN
-                        PERFORM pg_advisory_lock_shared({GATE_KEY});
-                        PERFORM pg_advisory_unlock_shared({GATE_KEY});
+                        PERFORM pg_advisory_lock_shared({key});
+                        PERFORM pg_advisory_unlock_shared({key});
                         RETURN NEW;
                       END $$"
             ),
             format!(
-                "CREATE TRIGGER insert_gate BEFORE INSERT ON {table} FOR EACH ROW
-                   WHEN ({when}) EXECUTE FUNCTION {schema}.insert_gate()"
+                "CREATE TRIGGER row_gate_{key} BEFORE {event} ON {table} FOR EACH ROW
+                   WHEN ({when}) EXECUTE FUNCTION {schema}.row_gate_{key}()"
             ),
         ] {
             sqlx::query(&statement)
@@ -266,11 +279,11 @@ impl InsertGate {
         }
         let mut lock = admin.acquire().await.expect("a connection for the gate");
         sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(GATE_KEY)
+            .bind(key)
             .execute(&mut *lock)
             .await
             .expect("the gate's lock");
-        InsertGate { admin, lock }
+        RowGate { admin, lock, key }
     }
 
     /// Waits (20 s at most) until `count` sessions wait on an advisory lock: at this gate, or
@@ -289,10 +302,10 @@ impl InsertGate {
         .await
     }
 
-    /// Lets the parked inserts, and every later one, through.
+    /// Lets the parked writes, and every later one, through.
     pub async fn open(mut self) {
         sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(GATE_KEY)
+            .bind(self.key)
             .execute(&mut *self.lock)
             .await
             .expect("the gate opens");

@@ -538,6 +538,116 @@ async fn confirms_racing_the_sweepers_end_each_hold_sold_or_retired() {
     );
 }
 
+/// ConfirmHold and the hold sweeper on one expired, unpaid hold, placed in both orders (the
+/// test above meets them only by chance). Whichever locks the hold first decides it: the
+/// sweeper first retires it, and the confirm, which waited for its lock, answers
+/// HOLD_EXPIRED and sells nothing; the confirm first sells it, and the sweeper (SKIP LOCKED)
+/// passes over it meanwhile and finds it sold after. The test sweeps by hand, at the moment
+/// it picks, with no grace.
+#[tokio::test]
+async fn a_confirm_and_the_sweeper_on_one_expired_hold_end_it_one_way() {
+    use stagedoor_testkit::RowGate;
+    let mesh = mesh(1, |_, concert| {
+        concert.hold_sweep_every = Duration::from_secs(3_600);
+    })
+    .await;
+    let (concert_id, schedule_id) = mesh.catalog(10).await;
+    let fan = mesh.active_token(&concert_id, "fan").await;
+    let first = mesh.hold(0, &fan, &schedule_id, &[1], "r-1").await.unwrap();
+    let second = mesh.hold(0, &fan, &schedule_id, &[2], "r-2").await.unwrap();
+    let pool = db::connect(&db::PoolConfig::new(
+        mesh.database.url(db::CONCERT),
+        db::CONCERT.schema,
+        2,
+    ))
+    .await
+    .unwrap();
+    let sweep = || {
+        let pool = pool.clone();
+        async move {
+            store::retire_expired_holds(&pool, Duration::ZERO, 500)
+                .await
+                .unwrap()
+        }
+    };
+    let admin = mesh.database.admin().await;
+    let state_of = |hold_id: String| {
+        let admin = admin.clone();
+        async move {
+            sqlx::query_as::<_, (String, Option<String>, Option<String>)>(
+                "SELECT h.status, s.held_by::text, s.sold_to_payment
+                   FROM concert.holds h
+                   JOIN concert.seats s ON s.schedule_id = h.schedule_id
+                                       AND s.seat_number = h.seat_numbers[1]
+                  WHERE h.hold_id = $1::uuid",
+            )
+            .bind(hold_id)
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+        }
+    };
+
+    // The sweeper first: parked at its UPDATE of `first`, with the hold's row locked.
+    mesh.run_out(&[&first.hold_id]).await;
+    let gate = RowGate::on_update(
+        &mesh.database,
+        "concert.holds",
+        &format!(
+            "NEW.status = 'EXPIRED' AND OLD.hold_id = '{}'",
+            first.hold_id
+        ),
+    )
+    .await;
+    let swept = tokio::spawn(sweep());
+    gate.until_parked(1).await;
+    let (confirmed, ()) = tokio::join!(mesh.confirm(0, &first.hold_id, "pay-1"), async {
+        // The confirm waits for the hold's lock behind the parked sweeper.
+        mesh.until_lock_waiters(2).await;
+        gate.open().await;
+    });
+    assert_eq!(swept.await.unwrap(), 1);
+    let refused = confirmed.unwrap_err();
+    assert_eq!(
+        (refused.code(), reason(&refused).as_str()),
+        (Code::FailedPrecondition, "HOLD_EXPIRED")
+    );
+    assert_eq!(
+        state_of(first.hold_id.clone()).await,
+        ("EXPIRED".to_owned(), None, None)
+    );
+
+    // The confirm first: parked at its UPDATE of `second`, with the hold's row locked; the
+    // sweeps meanwhile pass over it.
+    mesh.run_out(&[&second.hold_id]).await;
+    let gate = RowGate::on_update(
+        &mesh.database,
+        "concert.holds",
+        &format!(
+            "NEW.status = 'CONFIRMED' AND OLD.hold_id = '{}'",
+            second.hold_id
+        ),
+    )
+    .await;
+    let (confirmed, ()) = tokio::join!(mesh.confirm(0, &second.hold_id, "pay-2"), async {
+        gate.until_parked(1).await;
+        // Bounded: a sweeper that waited for the lock would wait for this gate.
+        let swept = tokio::time::timeout(Duration::from_secs(10), sweep())
+            .await
+            .expect("the sweeper waited for the hold a confirm holds");
+        assert_eq!(swept, 0, "the sweeper skips the locked hold");
+        gate.open().await;
+    });
+    assert_eq!(confirmed.unwrap().status(), pb::HoldStatus::Confirmed);
+    assert_eq!(sweep().await, 0, "a sold hold is not the sweeper's");
+    assert_eq!(
+        state_of(second.hold_id.clone()).await,
+        ("CONFIRMED".to_owned(), None, Some("pay-2".to_owned()))
+    );
+    admin.close().await;
+    pool.close().await;
+}
+
 /// A fan's request ids are theirs across dates (a hold is unique per fan and request_id). Two
 /// batches holding for one fan on two dates under the same key must therefore not both decide
 /// a hold: the later insert would be skipped after its batch had refused other fans the seat

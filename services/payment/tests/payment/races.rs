@@ -267,7 +267,7 @@ async fn batches_holding_one_fans_payments_in_opposite_orders_do_not_deadlock() 
     database
         .migrate(db::PAYMENT, stagedoor_payment::app::migrator())
         .await;
-    let gate = stagedoor_testkit::InsertGate::close(
+    let gate = stagedoor_testkit::RowGate::on_insert(
         &database,
         "payment.payments",
         "NEW.request_id IN ('a-2', 'b-1')",

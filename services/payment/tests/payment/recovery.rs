@@ -568,7 +568,7 @@ async fn a_hang_up_while_its_payment_is_written_leaves_it_driven() {
     let fan = mesh.fan("hung-up", SEAT_PRICE).await;
     let hold = mesh.hold(&fan, &[1]).await;
     let gate =
-        stagedoor_testkit::InsertGate::close(&mesh.database, "payment.payments", "true").await;
+        stagedoor_testkit::RowGate::on_insert(&mesh.database, "payment.payments", "true").await;
     {
         let pay = mesh.pay(0, &fan, &hold.hold_id, "pay");
         tokio::select! {

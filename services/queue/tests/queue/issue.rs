@@ -1,7 +1,7 @@
 use std::{collections::HashSet, time::Duration};
 
 use stagedoor_proto::queue::v1 as pb;
-use stagedoor_testkit::{InsertGate, TestDatabase};
+use stagedoor_testkit::{RowGate, TestDatabase};
 
 use crate::{config, start};
 
@@ -177,7 +177,7 @@ async fn a_line_stuck_in_the_database_does_not_hold_up_another_concerts_fans() {
     let database = TestDatabase::create().await;
     let queue = start(config(&database)).await;
     queue.open(&["a", "b"]).await;
-    let gate = InsertGate::close(&database, "queue.tokens", "NEW.concert_id = 'a'").await;
+    let gate = RowGate::on_insert(&database, "queue.tokens", "NEW.concert_id = 'a'").await;
 
     let parked = queue.issue_in_background("a", "fan-a");
     gate.until_parked(1).await;
