@@ -211,49 +211,21 @@ pub async fn migrate(
     take_migration_lock(&mut conn, schema)
         .await
         .map_err(connect_error)?;
+    // A replica of the previous version restarting in the middle of a rolling upgrade finds
+    // migrations it does not know, applied by the newer version. sqlx refuses such a
+    // database by default, and the old replicas would then crash-loop for the whole
+    // upgrade. Migrations are written to keep the previous version working (README,
+    // "Upgrading"), so the replica starts and says what it found, unless the schema's floor
+    // says it must not (see [`SCHEMA_FLOOR`]): that is checked first, before this replica
+    // touches anything (not even the index repairs below) of a schema it may not know. A
+    // migration this replica knows whose file changed since it was applied (a checksum
+    // mismatch) stays refused.
+    check_schema_floor(&mut conn, schema, &migrator).await?;
     repair_invalid_indexes(&mut conn, schema)
         .await
         .map_err(|error| migrate_error(sqlx::migrate::MigrateError::Execute(error)))?;
     // Our lock already serialises the replicas; sqlx's must not be taken as well.
     migrator.set_locking(false);
-    // A replica of the previous version restarting in the middle of a rolling upgrade (or
-    // after a rollback) finds migrations it does not know, applied by the newer version.
-    // sqlx refuses such a database by default, and the old replicas would then crash-loop
-    // for the whole upgrade. Migrations are written to keep the previous version working
-    // (README, "Upgrading"), so the replica starts and says what it found, unless one of
-    // them wrote in the schema's floor that it cannot (see [`SCHEMA_FLOOR`]). A migration
-    // this replica knows whose file changed since it was applied (a checksum mismatch)
-    // stays refused.
-    sqlx::query(SCHEMA_FLOOR)
-        .execute(&mut conn)
-        .await
-        .map_err(|error| migrate_error(sqlx::migrate::MigrateError::Execute(error)))?;
-    let newer = migrations_unknown_to(&mut conn, &migrator)
-        .await
-        .map_err(migrate_error)?;
-    if !newer.is_empty() {
-        let newest_known = migrator.iter().map(|migration| migration.version).max();
-        let floor: Option<(i64, String)> = sqlx::query_as(
-            "SELECT version, reason FROM _stagedoor_schema_floor
-              WHERE version > $1 ORDER BY version LIMIT 1",
-        )
-        .bind(newest_known.unwrap_or(0))
-        .fetch_optional(&mut conn)
-        .await
-        .map_err(|error| migrate_error(sqlx::migrate::MigrateError::Execute(error)))?;
-        if let Some((version, reason)) = floor {
-            return Err(StartupError::SchemaTooNew {
-                schema: schema.into(),
-                version,
-                reason,
-            });
-        }
-        tracing::warn!(
-            schema,
-            ?newer,
-            "the schema has migrations of a newer version of this service; starting on it"
-        );
-    }
     migrator.set_ignore_missing(true);
     // `run_direct` is `run` on a connection we hold (sqlx's own way around `run(&mut conn)`
     // failing its `Send` proof when a start-up future is spawned).
@@ -265,24 +237,100 @@ pub async fn migrate(
     conn.close().await.map_err(connect_error)
 }
 
-/// The schema's floor: a migration that the previous version of its service cannot run
-/// beside (it drops or renames what the old code uses, adds a column the old code does not
-/// fill, changes what a column means) inserts its own version here with the reason, in the
-/// same transaction:
+/// The schema's floor. A row says: a replica must know migration `version` to run on this
+/// schema. The migration that creates the need inserts it, in its own transaction (so not in
+/// a `-- no-transaction` migration), naming an applied migration:
+///
+/// - one that the previous version cannot run beside (it drops or renames what the old code
+///   uses, adds a column the old code does not fill, changes what a column means) names
+///   itself;
+/// - one that removes what an older release used (the "contract" half of a change made in
+///   two releases) names the first migration of the release that stopped using it, so that
+///   replicas from before that release refuse, and the one just before it does not.
 ///
 /// ```sql
 /// INSERT INTO _stagedoor_schema_floor (version, reason)
-/// VALUES (20270101000000, 'payments.token is gone; the previous version still writes it');
+/// VALUES (4, 'tokens.place is gone; replicas before migration 4 still read it')
+/// ON CONFLICT (version) DO NOTHING;
 /// ```
 ///
 /// A replica that does not know that migration then refuses to start, as sqlx refuses any
-/// unknown migration, rather than run on a schema it would break. Made by every start, before
+/// unknown migration, rather than run on a schema it would break. A release with such a
+/// migration is not a rolling upgrade: replicas already running are not stopped by it, so
+/// the older ones are stopped first (README, "Upgrading"). Made by every start, under the
+/// migration lock (two sessions creating it at once would collide in the catalog), before
 /// the migrations, so that they can write to it.
 const SCHEMA_FLOOR: &str = "CREATE TABLE IF NOT EXISTS _stagedoor_schema_floor (
     version     bigint PRIMARY KEY,
     reason      text NOT NULL,
     create_time timestamptz NOT NULL DEFAULT now()
 )";
+
+/// Refuses a schema whose floor (see [`SCHEMA_FLOOR`]) is above every migration `migrator`
+/// has, or that names a migration the schema never had (a typo there would otherwise lie
+/// dormant until the first rollback, then refuse every replica).
+async fn check_schema_floor(
+    conn: &mut PgConnection,
+    schema: &str,
+    migrator: &Migrator,
+) -> Result<(), StartupError> {
+    let execute_error = |error| StartupError::Migrate {
+        schema: schema.into(),
+        source: sqlx::migrate::MigrateError::Execute(error),
+    };
+    sqlx::query(SCHEMA_FLOOR)
+        .execute(&mut *conn)
+        .await
+        .map_err(execute_error)?;
+    let newer = migrations_unknown_to(conn, migrator)
+        .await
+        .map_err(|source| StartupError::Migrate {
+            schema: schema.into(),
+            source,
+        })?;
+    // A floor row and its migration are written in one transaction, so every row names an
+    // applied migration, unless it was written wrong.
+    let unapplied: Option<i64> = sqlx::query_scalar(
+        "SELECT f.version FROM _stagedoor_schema_floor f
+          WHERE NOT EXISTS (SELECT 1 FROM _sqlx_migrations m
+                             WHERE m.version = f.version AND m.success)
+          ORDER BY f.version LIMIT 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(execute_error)?;
+    if let Some(version) = unapplied {
+        return Err(StartupError::Config(format!(
+            "schema `{schema}`'s _stagedoor_schema_floor names migration {version}, which \
+             this schema never had: a floor row must name an applied migration"
+        )));
+    }
+    if newer.is_empty() {
+        return Ok(());
+    }
+    let newest_known = migrator.iter().map(|migration| migration.version).max();
+    let floor: Option<(i64, String)> = sqlx::query_as(
+        "SELECT version, reason FROM _stagedoor_schema_floor
+          WHERE version > $1 ORDER BY version LIMIT 1",
+    )
+    .bind(newest_known.unwrap_or(0))
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(execute_error)?;
+    if let Some((version, reason)) = floor {
+        return Err(StartupError::SchemaTooNew {
+            schema: schema.into(),
+            version,
+            reason,
+        });
+    }
+    tracing::warn!(
+        schema,
+        ?newer,
+        "the schema has migrations of a newer version of this service; starting on it"
+    );
+    Ok(())
+}
 
 /// The versions applied to the schema that `migrator` does not have, in order.
 async fn migrations_unknown_to(

@@ -229,8 +229,9 @@ pub async fn until_lock_waiters(
 /// Holds chosen writes to a table inside Postgres until the test opens it: a trigger makes
 /// each matching row's INSERT or UPDATE wait on an advisory lock the gate holds, so a
 /// transaction can be stopped at a point the test picks (holding its locks, its snapshot
-/// taken) rather than at a time it guesses. One gate per table; create any other trigger on
-/// the table first (DDL on it waits for a parked transaction).
+/// taken) rather than at a time it guesses. Each gate has a trigger and a key of its own
+/// (left in place when opened); create any other trigger on the table first (DDL on it
+/// waits for a parked transaction).
 pub struct RowGate {
     admin: PgPool,
     lock: sqlx::pool::PoolConnection<sqlx::Postgres>,
@@ -286,19 +287,23 @@ impl RowGate {
         RowGate { admin, lock, key }
     }
 
-    /// Waits (20 s at most) until `count` sessions wait on an advisory lock: at this gate, or
-    /// on another advisory lock a test counts with them.
+    /// Waits (20 s at most) until `count` transactions are parked at this gate (waiting on
+    /// its key: an advisory lock of a key under 2^32 is `classid` 0, `objid` the key).
     pub async fn until_parked(&self, count: i64) {
-        let parked = LockWaiters {
-            wait_event: Some("advisory"),
-            ..Default::default()
-        };
-        until_lock_waiters(
-            &self.admin,
-            parked,
-            count,
-            std::time::Duration::from_secs(20),
-        )
+        let what = format!("{count} transaction(s) parked at the gate");
+        eventually(std::time::Duration::from_secs(20), &what, || async {
+            let parked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+                  WHERE d.datname = current_database() AND l.locktype = 'advisory'
+                    AND NOT l.granted AND l.classid = 0 AND l.objid::int8 = $1
+                    AND l.objsubid = 1",
+            )
+            .bind(self.key)
+            .fetch_one(&self.admin)
+            .await
+            .expect("pg_locks");
+            (parked == count).then_some(())
+        })
         .await
     }
 

@@ -312,10 +312,24 @@ async fn batches_holding_one_fans_payments_in_opposite_orders_do_not_deadlock() 
         bystander("b"),
     ];
     let lease = Duration::from_secs(60);
-    // Both batches as far as they go: two sessions on advisory locks (the gate, or the
-    // user's lock).
+    // Both batches as far as they go: two of the payment service's sessions wait on
+    // advisory locks (both at the gate without the user's lock; one there and one on the
+    // user's lock with it).
     let open_the_gate = async {
-        gate.until_parked(2).await;
+        let admin = database.admin().await;
+        let as_far_as_they_go = stagedoor_testkit::LockWaiters {
+            role: Some("stagedoor_payment"),
+            wait_event: Some("advisory"),
+            ..Default::default()
+        };
+        stagedoor_testkit::until_lock_waiters(
+            &admin,
+            as_far_as_they_go,
+            2,
+            Duration::from_secs(20),
+        )
+        .await;
+        admin.close().await;
         gate.open().await;
     };
     let (a, b, ()) = tokio::join!(

@@ -345,34 +345,83 @@ async fn a_migration_changed_after_it_was_applied_is_still_refused() {
     );
 }
 
-/// A newer migration that the previous version cannot run beside says so in the schema's
-/// floor; a replica that does not know it refuses to start and names it, rather than serve
-/// on a schema it would break. A floor at a migration it knows stops nothing.
+/// A release whose migration cannot run beside the previous version: that migration writes
+/// the schema's floor, in its own transaction, and a replica of the previous version then
+/// refuses to start, naming it, rather than serve on a schema it would break. The newer
+/// version starts again on it as usual.
 #[tokio::test]
-async fn a_replica_below_the_schemas_floor_refuses_to_start() {
-    let (database, admin) = migrated_then(&[
-        A_NEWER_VERSIONS_MIGRATION,
-        "INSERT INTO queue._stagedoor_schema_floor (version, reason)
-         VALUES (1, 'a floor the replica is above'),
-                (99990101000000, 'tokens.place is gone')",
-    ])
-    .await;
-    let refused = migrate_url(database.url(db::QUEUE)).await.unwrap_err();
-    assert!(
-        matches!(
-            &refused,
-            db::StartupError::SchemaTooNew { version: 99990101000000, reason, .. }
-                if reason == "tokens.place is gone"
-        ),
-        "got {refused}"
-    );
+async fn a_migration_that_writes_the_floor_stops_older_replicas() {
+    let dir = std::env::temp_dir().join(format!("stagedoor-migrations-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir(&dir).unwrap();
+    let ours = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    for file in std::fs::read_dir(&ours).unwrap() {
+        let file = file.unwrap();
+        std::fs::copy(file.path(), dir.join(file.file_name())).unwrap();
+    }
+    std::fs::write(
+        dir.join("0004_a_column_the_previous_version_does_not_fill.sql"),
+        "ALTER TABLE tokens ADD COLUMN seen_from text NOT NULL;
+         INSERT INTO _stagedoor_schema_floor (version, reason)
+         VALUES (4, 'tokens.seen_from has no default; the previous version does not fill it')
+         ON CONFLICT (version) DO NOTHING;",
+    )
+    .unwrap();
 
-    sqlx::query("DELETE FROM queue._stagedoor_schema_floor WHERE version > 1")
-        .execute(&admin)
+    let database = TestDatabase::create().await;
+    let migrate_next_release = || async {
+        let next_release = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+        let pool = db::connect(&db::PoolConfig::new(
+            database.url(db::QUEUE),
+            db::QUEUE.schema,
+            2,
+        ))
         .await
         .unwrap();
-    admin.close().await;
+        let migrated = db::migrate(&pool, db::QUEUE.schema, next_release).await;
+        pool.close().await;
+        migrated
+    };
+    migrate_next_release()
+        .await
+        .expect("the next release migrates");
+    let refused = migrate_url(database.url(db::QUEUE)).await.unwrap_err();
+    assert!(
+        matches!(&refused, db::StartupError::SchemaTooNew { version: 4, .. }),
+        "got {refused}"
+    );
+    migrate_next_release()
+        .await
+        .expect("the next release starts again on its own schema");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A floor row must name a migration the schema has (written with it, in its transaction):
+/// one that names another (a typo, a version of the wrong scheme) is refused at every start,
+/// where it would otherwise lie dormant until a rollback refused every replica. A floor at a
+/// migration the replica knows stops nothing.
+#[tokio::test]
+async fn a_floor_must_name_an_applied_migration() {
+    let (database, admin) =
+        migrated_then(
+            &["INSERT INTO queue._stagedoor_schema_floor (version, reason)
+         VALUES (1, 'a floor the replica is above')"],
+        )
+        .await;
     migrate_url(database.url(db::QUEUE))
         .await
-        .expect("a floor below what the replica knows stops nothing");
+        .expect("a floor at a known migration stops nothing");
+
+    sqlx::query(
+        "INSERT INTO queue._stagedoor_schema_floor (version, reason)
+         VALUES (20270101000000, 'meant to be 4')",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    let refused = migrate_url(database.url(db::QUEUE)).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("20270101000000"),
+        "got {refused}"
+    );
 }
