@@ -304,34 +304,35 @@ async fn a_renewal_that_waited_long_is_not_called_on() {
             )
             .await;
             let calls = point.calls();
-            // Past the writes that follow a call (its outcome, the release before the
-            // pause), which could otherwise be what waits for the lock: from the fourth try
-            // on, pauses last 400 ms or more.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if point.calls() != calls || point.in_flight() != 0 {
-                continue;
-            }
             let mut blocker = admin.begin().await.unwrap();
             sqlx::query("SELECT 1 FROM payment.payments WHERE user_id = 'slow-renewal' FOR UPDATE")
                 .execute(&mut *blocker)
                 .await
                 .unwrap();
-            // In a pause, the renewal that ends it now waits for this lock. Otherwise the
-            // lock landed just after a renewal (the driver calls next, with a fresh lease):
-            // that tests nothing, so let go and take the next pause. Recovery's claim skips
-            // locked rows, so a payment session waiting for a lock is the renewal.
+            // In a pause, the renewal that ends it now waits for this lock: told apart from
+            // the driver's other writes by its statement, the only one that starts
+            // `UPDATE payments SET lease_until`. Another write waiting (the outcome of the
+            // call before, the release before the pause), or a call starting (the lock came
+            // just after a renewal): that tests nothing, so let go and take the next pause.
+            // Recovery's claim skips locked rows, so it never waits here.
             let renewal_waits = eventually(
                 Duration::from_secs(10),
-                "the renewal waits for the lock, or a call starts",
+                "a payment write waits for the lock, or a call starts",
                 || async {
                     if point.calls() != calls {
                         return Some(false);
                     }
-                    let payment_service = LockWaiters {
+                    let waiting = |query_contains| LockWaiters {
                         role: Some("stagedoor_payment"),
+                        query_contains,
                         ..Default::default()
                     };
-                    (lock_waiters(&admin, payment_service).await > 0).then_some(true)
+                    if lock_waiters(&admin, waiting(Some("UPDATE payments SET lease_until"))).await
+                        > 0
+                    {
+                        return Some(true);
+                    }
+                    (lock_waiters(&admin, waiting(None)).await > 0).then_some(false)
                 },
             )
             .await;
