@@ -178,9 +178,10 @@ async fn a_driver_whose_peer_hangs_keeps_its_lease_and_drives_alone() {
 
     let waiting = mesh.pay(0, &fan, &hold.hold_id, "pay").await.unwrap_err();
     let payment_id = in_progress(&waiting);
-    // Pay asked about once a second for 6 s; then recovery's own tries, one per round.
+    // Pay asked about once a second for 6 s (five or six calls; three at least however slow
+    // the run, with pauses capped at a second); then recovery's own tries, one per round.
     let asked_by_pay = point.calls();
-    assert!(asked_by_pay >= 5, "Pay kept asking: {asked_by_pay} calls");
+    assert!(asked_by_pay >= 3, "Pay kept asking: {asked_by_pay} calls");
     eventually(
         Duration::from_secs(5),
         "the recovery keeps asking",
