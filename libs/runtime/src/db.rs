@@ -233,6 +233,24 @@ pub async fn migrate(
         .run_direct(&mut conn)
         .await
         .map_err(migrate_error)?;
+    // Every migration this replica knows is applied now, so a floor row naming none that is
+    // was slipped past its trigger (see [`SCHEMA_FLOOR`]) or its migration's record was
+    // deleted: say so rather than leave it for a rollback to trip over.
+    let unrecorded: Option<i64> = sqlx::query_scalar(
+        "SELECT f.version FROM _stagedoor_schema_floor f
+          WHERE NOT EXISTS (SELECT 1 FROM _sqlx_migrations m
+                             WHERE m.version = f.version AND m.success)
+          ORDER BY f.version LIMIT 1",
+    )
+    .fetch_optional(&mut conn)
+    .await
+    .map_err(|error| migrate_error(sqlx::migrate::MigrateError::Execute(error)))?;
+    if let Some(version) = unrecorded {
+        return Err(StartupError::Config(format!(
+            "schema `{schema}`'s _stagedoor_schema_floor names migration {version}, which is \
+             not recorded as applied: a floor row must name an applied migration"
+        )));
+    }
     // Closing ends the session, and with it the lock.
     conn.close().await.map_err(connect_error)
 }
@@ -257,18 +275,49 @@ pub async fn migrate(
 /// A replica that does not know that migration then refuses to start, as sqlx refuses any
 /// unknown migration, rather than run on a schema it would break. A release with such a
 /// migration is not a rolling upgrade: replicas already running are not stopped by it, so
-/// the older ones are stopped first (README, "Upgrading"). Made by every start, under the
-/// migration lock (two sessions creating it at once would collide in the catalog), before
-/// the migrations, so that they can write to it.
-const SCHEMA_FLOOR: &str = "CREATE TABLE IF NOT EXISTS _stagedoor_schema_floor (
-    version     bigint PRIMARY KEY,
-    reason      text NOT NULL,
-    create_time timestamptz NOT NULL DEFAULT now()
-)";
+/// the older ones are stopped first (README, "Upgrading"). A release that only stopped using
+/// something ships a migration all the same (an empty one will do), for the floor to name.
+///
+/// A deferred trigger checks at commit that each row names a migration recorded as applied:
+/// sqlx records a migration in its own transaction, so a floor row naming itself passes,
+/// while a typo (or a floor written by a `-- no-transaction` migration, whose statements
+/// commit one by one before its record) rolls the migration back whole, and its file can
+/// still be fixed. Made by every start, under the migration lock (two sessions creating them
+/// at once would collide in the catalog), before the migrations, so that they can write to
+/// it.
+const SCHEMA_FLOOR: [&str; 3] = [
+    "CREATE TABLE IF NOT EXISTS _stagedoor_schema_floor (
+         version     bigint PRIMARY KEY,
+         reason      text NOT NULL,
+         create_time timestamptz NOT NULL DEFAULT now()
+     )",
+    "CREATE OR REPLACE FUNCTION _stagedoor_floor_names_an_applied_migration()
+     RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+     BEGIN
+         IF NOT EXISTS (SELECT 1 FROM _sqlx_migrations
+                         WHERE version = NEW.version AND success) THEN
+             RAISE EXCEPTION 'the schema floor must name an applied migration; % is none',
+                 NEW.version
+                 USING HINT = 'insert the floor row in the migration it names (or a later '
+                              'one), in a migration that runs in a transaction';
+         END IF;
+         RETURN NULL;
+     END $$",
+    // Constraint triggers have no CREATE OR REPLACE.
+    "DO $$ BEGIN
+         IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                         WHERE tgrelid = '_stagedoor_schema_floor'::regclass
+                           AND tgname = 'floor_names_an_applied_migration') THEN
+             CREATE CONSTRAINT TRIGGER floor_names_an_applied_migration
+                 AFTER INSERT OR UPDATE ON _stagedoor_schema_floor
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+                 EXECUTE FUNCTION _stagedoor_floor_names_an_applied_migration();
+         END IF;
+     END $$",
+];
 
 /// Refuses a schema whose floor (see [`SCHEMA_FLOOR`]) is above every migration `migrator`
-/// has, or that names a migration the schema never had (a typo there would otherwise lie
-/// dormant until the first rollback, then refuse every replica).
+/// has, when the schema has migrations `migrator` does not know.
 async fn check_schema_floor(
     conn: &mut PgConnection,
     schema: &str,
@@ -278,33 +327,18 @@ async fn check_schema_floor(
         schema: schema.into(),
         source: sqlx::migrate::MigrateError::Execute(error),
     };
-    sqlx::query(SCHEMA_FLOOR)
-        .execute(&mut *conn)
-        .await
-        .map_err(execute_error)?;
+    for statement in SCHEMA_FLOOR {
+        sqlx::query(statement)
+            .execute(&mut *conn)
+            .await
+            .map_err(execute_error)?;
+    }
     let newer = migrations_unknown_to(conn, migrator)
         .await
         .map_err(|source| StartupError::Migrate {
             schema: schema.into(),
             source,
         })?;
-    // A floor row and its migration are written in one transaction, so every row names an
-    // applied migration, unless it was written wrong.
-    let unapplied: Option<i64> = sqlx::query_scalar(
-        "SELECT f.version FROM _stagedoor_schema_floor f
-          WHERE NOT EXISTS (SELECT 1 FROM _sqlx_migrations m
-                             WHERE m.version = f.version AND m.success)
-          ORDER BY f.version LIMIT 1",
-    )
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(execute_error)?;
-    if let Some(version) = unapplied {
-        return Err(StartupError::Config(format!(
-            "schema `{schema}`'s _stagedoor_schema_floor names migration {version}, which \
-             this schema never had: a floor row must name an applied migration"
-        )));
-    }
     if newer.is_empty() {
         return Ok(());
     }

@@ -348,7 +348,8 @@ async fn a_migration_changed_after_it_was_applied_is_still_refused() {
 /// A release whose migration cannot run beside the previous version: that migration writes
 /// the schema's floor, in its own transaction, and a replica of the previous version then
 /// refuses to start, naming it, rather than serve on a schema it would break. The newer
-/// version starts again on it as usual.
+/// version starts again on it as usual. Written first with a typo in the floor's version,
+/// the migration rolls back whole at its commit, and the corrected file then runs.
 #[tokio::test]
 async fn a_migration_that_writes_the_floor_stops_older_replicas() {
     let dir = std::env::temp_dir().join(format!("stagedoor-migrations-{}", uuid::Uuid::new_v4()));
@@ -358,14 +359,19 @@ async fn a_migration_that_writes_the_floor_stops_older_replicas() {
         let file = file.unwrap();
         std::fs::copy(file.path(), dir.join(file.file_name())).unwrap();
     }
-    std::fs::write(
-        dir.join("0004_a_column_the_previous_version_does_not_fill.sql"),
-        "ALTER TABLE tokens ADD COLUMN seen_from text NOT NULL;
-         INSERT INTO _stagedoor_schema_floor (version, reason)
-         VALUES (4, 'tokens.seen_from has no default; the previous version does not fill it')
-         ON CONFLICT (version) DO NOTHING;",
-    )
-    .unwrap();
+    let write_migration_4 = |floor: &str| {
+        std::fs::write(
+            dir.join("0004_a_column_the_previous_version_does_not_fill.sql"),
+            format!(
+                "ALTER TABLE tokens ADD COLUMN seen_from text NOT NULL;
+                 INSERT INTO _stagedoor_schema_floor (version, reason)
+                 VALUES ({floor}, 'tokens.seen_from has no default; the previous version \
+                                   does not fill it')
+                 ON CONFLICT (version) DO NOTHING;"
+            ),
+        )
+        .unwrap()
+    };
 
     let database = TestDatabase::create().await;
     let migrate_next_release = || async {
@@ -381,6 +387,22 @@ async fn a_migration_that_writes_the_floor_stops_older_replicas() {
         pool.close().await;
         migrated
     };
+    write_migration_4("40");
+    let typo = migrate_next_release().await.unwrap_err();
+    assert!(
+        typo.to_string().contains("must name an applied migration"),
+        "got {typo}"
+    );
+    let (recorded, column): (bool, bool) = database
+        .row(
+            "SELECT EXISTS (SELECT 1 FROM queue._sqlx_migrations WHERE version = 4),
+                    EXISTS (SELECT 1 FROM information_schema.columns
+                             WHERE table_schema = 'queue' AND column_name = 'seen_from')",
+        )
+        .await;
+    assert_eq!((recorded, column), (false, false), "rolled back whole");
+
+    write_migration_4("4");
     migrate_next_release()
         .await
         .expect("the next release migrates");
@@ -395,10 +417,10 @@ async fn a_migration_that_writes_the_floor_stops_older_replicas() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A floor row must name a migration the schema has (written with it, in its transaction):
-/// one that names another (a typo, a version of the wrong scheme) is refused at every start,
-/// where it would otherwise lie dormant until a rollback refused every replica. A floor at a
-/// migration the replica knows stops nothing.
+/// A floor row must name a migration the schema has recorded: one that names another (a
+/// typo, a version of the wrong scheme) is refused at its commit, so the migration that wrote
+/// it rolls back whole and can be fixed. One slipped past that check (its trigger disabled)
+/// is refused at the next start. A floor at a migration the replica knows stops nothing.
 #[tokio::test]
 async fn a_floor_must_name_an_applied_migration() {
     let (database, admin) =
@@ -411,13 +433,23 @@ async fn a_floor_must_name_an_applied_migration() {
         .await
         .expect("a floor at a known migration stops nothing");
 
-    sqlx::query(
-        "INSERT INTO queue._stagedoor_schema_floor (version, reason)
-         VALUES (20270101000000, 'meant to be 4')",
-    )
-    .execute(&admin)
-    .await
-    .unwrap();
+    let typo = "INSERT INTO queue._stagedoor_schema_floor (version, reason)
+                VALUES (20270101000000, 'meant to be 4')";
+    let refused = sqlx::query(typo).execute(&admin).await.unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("must name an applied migration"),
+        "got {refused}"
+    );
+
+    for statement in [
+        "ALTER TABLE queue._stagedoor_schema_floor DISABLE TRIGGER USER",
+        typo,
+        "ALTER TABLE queue._stagedoor_schema_floor ENABLE TRIGGER USER",
+    ] {
+        sqlx::query(statement).execute(&admin).await.unwrap();
+    }
     admin.close().await;
     let refused = migrate_url(database.url(db::QUEUE)).await.unwrap_err();
     assert!(
