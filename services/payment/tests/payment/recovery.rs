@@ -294,17 +294,51 @@ async fn a_renewal_that_waited_long_is_not_called_on() {
     let point = mesh.hang_point(Duration::from_millis(450)).await;
 
     let admin = mesh.database.admin().await;
+    let lease_until = || async {
+        sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
+            "SELECT lease_until FROM payment.payments WHERE user_id = 'slow-renewal'",
+        )
+        .fetch_optional(&admin)
+        .await
+        .unwrap()
+        .flatten()
+    };
     let lock_in_a_pause = async {
         loop {
-            // Pauses between tries grow to half the lease; from the fourth try on, a moment
-            // with no call in flight is most likely one.
-            eventually(
+            // From the fourth try on (pauses grow to half the lease), a call in flight, and
+            // the lease as its drive left it.
+            let during_the_call = eventually(
                 Duration::from_secs(20),
-                "the driver pauses after its fourth try",
-                || async { (point.calls() >= 4 && point.in_flight() == 0).then_some(()) },
+                "a fourth try in flight",
+                || async {
+                    if point.calls() >= 4 && point.in_flight() == 1 {
+                        lease_until().await
+                    } else {
+                        None
+                    }
+                },
             )
             .await;
             let calls = point.calls();
+            // The call ends, and the drive renews its lease before it pauses: the same
+            // statement as the renewal that ends the pause, so the lock below must come after
+            // this one has committed.
+            let paused = eventually(
+                Duration::from_secs(10),
+                "the renewal before the pause, or another call",
+                || async {
+                    if point.calls() != calls {
+                        return Some(false);
+                    }
+                    let now = lease_until().await;
+                    (point.in_flight() == 0 && now.is_some() && now != Some(during_the_call))
+                        .then_some(true)
+                },
+            )
+            .await;
+            if !paused {
+                continue;
+            }
             let mut blocker = admin.begin().await.unwrap();
             sqlx::query("SELECT 1 FROM payment.payments WHERE user_id = 'slow-renewal' FOR UPDATE")
                 .execute(&mut *blocker)
@@ -312,9 +346,9 @@ async fn a_renewal_that_waited_long_is_not_called_on() {
                 .unwrap();
             // In a pause, the renewal that ends it now waits for this lock: told apart from
             // the driver's other writes by its statement, the only one that starts
-            // `UPDATE payments SET lease_until`. Another write waiting (the outcome of the
-            // call before, the release before the pause), or a call starting (the lock came
-            // just after a renewal): that tests nothing, so let go and take the next pause.
+            // `UPDATE payments SET lease_until`. Another write waiting (a release, once Pay's
+            // patience is spent), or a call starting: that tests nothing, so let go and take
+            // the next pause.
             // Recovery's claim skips locked rows, so it never waits here.
             let renewal_waits = eventually(
                 Duration::from_secs(10),
@@ -346,6 +380,11 @@ async fn a_renewal_that_waited_long_is_not_called_on() {
             blocker.commit().await.unwrap();
             break;
         }
+    };
+    let lock_in_a_pause = async {
+        tokio::time::timeout(Duration::from_secs(30), lock_in_a_pause)
+            .await
+            .expect("a pause locked within 30 s")
     };
     let (waited, ()) = tokio::join!(mesh.pay(0, &fan, &hold.hold_id, "pay"), lock_in_a_pause);
     let payment_id = in_progress(&waited.unwrap_err());
