@@ -38,6 +38,8 @@ pub enum ConcertError {
     HoldExpired,
     #[error("this idempotency key was used for a different request")]
     IdempotencyKeyReused,
+    #[error("payment {payment_id} bought hold {hold_id}; a payment buys one hold")]
+    PaymentBoughtAnotherHold { payment_id: String, hold_id: String },
     #[error(
         "a request with the same request_id for other seats was refused at the same moment; retry"
     )]
@@ -100,6 +102,12 @@ impl From<ConcertError> for ApiError {
             ConcertError::IdempotencyKeyReused => {
                 ApiError::new(Code::InvalidArgument, "IDEMPOTENCY_KEY_REUSED", message)
                     .with_metadata("field", "request_id")
+            }
+            // ConfirmHold is idempotent per payment: its key names one sale.
+            ConcertError::PaymentBoughtAnotherHold { hold_id, .. } => {
+                ApiError::new(Code::InvalidArgument, "IDEMPOTENCY_KEY_REUSED", message)
+                    .with_metadata("field", "payment_id")
+                    .with_metadata("hold_id", hold_id)
             }
             // ABORTED: nothing was decided for this request; a retry is judged on its own.
             ConcertError::KeyRefusedMeanwhile => {

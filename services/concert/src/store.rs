@@ -905,6 +905,20 @@ pub async fn confirm_batch(
     // Status and buyer are updated below as this batch decides.
     let mut locked_holds: HashMap<Uuid, LockedHold> =
         locked.into_iter().map(|h| (h.hold_id, h)).collect();
+    // A payment buys one hold: the holds this batch's payments bought already (index
+    // `holds_by_payment`), and below the ones it sells. The payment service never confirms
+    // two holds with one payment; this keeps a caller that did from being sold the second
+    // hold's seats for the first one's points. (Two batches confirming two holds with one
+    // payment at the very same moment could both pass: that takes a caller racing itself.)
+    let payment_ids: Vec<&str> = requests.iter().map(|r| r.payment_id.as_str()).collect();
+    let mut bought: HashMap<String, Uuid> =
+        sqlx::query_as("SELECT payment_id, hold_id FROM holds WHERE payment_id = ANY($1)")
+            .bind(&payment_ids)
+            .persistent(false)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
 
     // Lock the seats of every hold that may be sold, in seat order, and look at them.
     let (seat_dates, seat_numbers): (Vec<&str>, Vec<i32>) = locked_holds
@@ -936,6 +950,14 @@ pub async fn confirm_batch(
             let Some(hold) = locked_holds.get_mut(&request.hold_id) else {
                 return Err(ConcertError::HoldNotFound(request.hold_id.to_string()));
             };
+            if let Some(other) = bought.get(&request.payment_id) {
+                if *other != request.hold_id {
+                    return Err(ConcertError::PaymentBoughtAnotherHold {
+                        payment_id: request.payment_id.clone(),
+                        hold_id: other.to_string(),
+                    });
+                }
+            }
             match hold.status.as_str() {
                 "CONFIRMED" if hold.payment_id.as_deref() == Some(request.payment_id.as_str()) => {
                     Ok(())
@@ -950,6 +972,7 @@ pub async fn confirm_batch(
                 {
                     hold.status = "CONFIRMED".to_owned();
                     hold.payment_id = Some(request.payment_id.clone());
+                    bought.insert(request.payment_id.clone(), request.hold_id);
                     sold.push((request.hold_id, request.payment_id.clone()));
                     Ok(())
                 }

@@ -231,6 +231,73 @@ async fn confirm_is_idempotent_per_payment_and_sells_once() {
     // A paid hold cannot be released.
     let release = mesh.release(&fan, &hold.hold_id).await.unwrap_err();
     assert_eq!(reason(&release), "HOLD_NOT_HELD");
+
+    // A payment buys one hold: the same payment id on another hold sells nothing.
+    let another = mesh
+        .hold(0, &fan, &schedule_id, &[22], "r-2")
+        .await
+        .unwrap();
+    let reused = mesh
+        .confirm(0, &another.hold_id, "pay-1")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (reused.code(), reason(&reused).as_str()),
+        (Code::InvalidArgument, "IDEMPOTENCY_KEY_REUSED")
+    );
+    assert_eq!(
+        stagedoor_testkit::detail(&reused, "hold_id").as_deref(),
+        Some(hold.hold_id.as_str())
+    );
+    let seats = mesh.seats(&fan, &schedule_id).await;
+    assert_eq!(status_of(&seats, 22), pb::SeatStatus::Held);
+}
+
+/// Within one batch too: two holds confirmed with one payment id in one transaction, the
+/// first sells, the second is refused and nothing of it is sold.
+#[tokio::test]
+async fn one_payment_id_in_one_batch_buys_one_hold() {
+    use stagedoor_runtime::db;
+    let mesh = mesh(1, |_, _| {}).await;
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let fan = mesh.active_token(&concert_id, "fan").await;
+    let first = mesh
+        .hold(0, &fan, &schedule_id, &[30], "r-1")
+        .await
+        .unwrap();
+    let second = mesh
+        .hold(0, &fan, &schedule_id, &[31], "r-2")
+        .await
+        .unwrap();
+    let pool = db::connect(&db::PoolConfig::new(
+        mesh.database.url(db::CONCERT),
+        db::CONCERT.schema,
+        1,
+    ))
+    .await
+    .unwrap();
+    let request = |hold: &pb::Hold| stagedoor_concert::store::ConfirmRequest {
+        hold_id: hold.hold_id.parse().unwrap(),
+        payment_id: "pay-once".into(),
+    };
+    let answers =
+        stagedoor_concert::store::confirm_batch(&pool, &[request(&first), request(&second)])
+            .await
+            .unwrap();
+    pool.close().await;
+    assert!(answers[0].is_ok(), "{:?}", answers[0]);
+    assert!(
+        matches!(
+            &answers[1],
+            Err(stagedoor_concert::domain::ConcertError::PaymentBoughtAnotherHold { hold_id, .. })
+                if *hold_id == first.hold_id
+        ),
+        "{:?}",
+        answers[1]
+    );
+    let seats = mesh.seats(&fan, &schedule_id).await;
+    assert_eq!(status_of(&seats, 30), pb::SeatStatus::Sold);
+    assert_eq!(status_of(&seats, 31), pb::SeatStatus::Held);
 }
 
 /// An expired hold is gone wherever seats are counted, before any sweeper runs: its seats
