@@ -52,13 +52,23 @@ impl TestDatabase {
     /// Runs a service's `migrator` in its schema as its own role, as the service does when
     /// it starts: for tests that shape a schema before (or without) starting the service.
     pub async fn migrate(&self, service: ServiceSchema, migrator: sqlx::migrate::Migrator) {
-        let pool = db::connect(&db::PoolConfig::new(self.url(service), service.schema, 1))
-            .await
-            .expect("the service's role connects");
+        let pool = self.service_pool(service, 1).await;
         db::migrate(&pool, service.schema, migrator)
             .await
             .unwrap_or_else(|error| panic!("migrations of {}: {error}", service.schema));
         pool.close().await;
+    }
+
+    /// A pool of `service`'s own role in its own schema, opened as the service opens its own:
+    /// for tests that call a service's store directly.
+    pub async fn service_pool(&self, service: ServiceSchema, connections: u32) -> PgPool {
+        db::connect(&db::PoolConfig::new(
+            self.url(service),
+            service.schema,
+            connections,
+        ))
+        .await
+        .expect("the service's role connects")
     }
 
     /// A superuser pool on this database, for the test's own reads and audits.

@@ -316,13 +316,7 @@ async fn one_confirm_batch_sells_a_hold_once_and_answers_each_call() {
         .await
         .unwrap();
     let hold_id: uuid::Uuid = hold.hold_id.parse().unwrap();
-    let pool = db::connect(&db::PoolConfig::new(
-        mesh.database.url(db::CONCERT),
-        db::CONCERT.schema,
-        1,
-    ))
-    .await
-    .unwrap();
+    let pool = mesh.database.service_pool(db::CONCERT, 1).await;
     let call = |hold_id, payment_id: &str| store::ConfirmRequest {
         hold_id,
         payment_id: payment_id.into(),
@@ -555,13 +549,7 @@ async fn a_confirm_and_the_sweeper_on_one_expired_hold_end_it_one_way() {
     let fan = mesh.active_token(&concert_id, "fan").await;
     let first = mesh.hold(0, &fan, &schedule_id, &[1], "r-1").await.unwrap();
     let second = mesh.hold(0, &fan, &schedule_id, &[2], "r-2").await.unwrap();
-    let pool = db::connect(&db::PoolConfig::new(
-        mesh.database.url(db::CONCERT),
-        db::CONCERT.schema,
-        2,
-    ))
-    .await
-    .unwrap();
+    let pool = mesh.database.service_pool(db::CONCERT, 2).await;
     let sweep = || {
         let pool = pool.clone();
         async move {
@@ -658,13 +646,7 @@ async fn a_key_reused_on_two_dates_at_once_never_refuses_a_seat_for_nobody() {
     let mesh = mesh(1, |_, _| {}).await;
     let (first_concert, first_date) = mesh.catalog(10).await;
     let (second_concert, second_date) = mesh.catalog(10).await;
-    let pool = db::connect(&db::PoolConfig::new(
-        mesh.database.url(db::CONCERT),
-        db::CONCERT.schema,
-        4,
-    ))
-    .await
-    .unwrap();
+    let pool = mesh.database.service_pool(db::CONCERT, 4).await;
     let request = |user: &str, concert: &str, date: &str, key: &str| store::HoldRequest {
         schedule_id: date.into(),
         concert_id: concert.into(),
@@ -744,13 +726,7 @@ async fn a_key_refused_in_a_batch_leaves_its_copy_for_other_seats_undecided() {
     mesh.hold(0, &rival, &schedule_id, &[1], "r-1")
         .await
         .unwrap();
-    let pool = db::connect(&db::PoolConfig::new(
-        mesh.database.url(db::CONCERT),
-        db::CONCERT.schema,
-        2,
-    ))
-    .await
-    .unwrap();
+    let pool = mesh.database.service_pool(db::CONCERT, 2).await;
     let request = |seat: i32| store::HoldRequest {
         schedule_id: schedule_id.clone(),
         concert_id: concert_id.clone(),

@@ -269,13 +269,7 @@ async fn one_payment_id_in_one_batch_buys_one_hold() {
         .hold(0, &fan, &schedule_id, &[31], "r-2")
         .await
         .unwrap();
-    let pool = db::connect(&db::PoolConfig::new(
-        mesh.database.url(db::CONCERT),
-        db::CONCERT.schema,
-        1,
-    ))
-    .await
-    .unwrap();
+    let pool = mesh.database.service_pool(db::CONCERT, 1).await;
     let request = |hold: &pb::Hold| stagedoor_concert::store::ConfirmRequest {
         hold_id: hold.hold_id.parse().unwrap(),
         payment_id: "pay-once".into(),

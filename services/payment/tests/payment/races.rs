@@ -273,13 +273,7 @@ async fn batches_holding_one_fans_payments_in_opposite_orders_do_not_deadlock() 
         "NEW.request_id IN ('a-2', 'b-1')",
     )
     .await;
-    let pool = db::connect(&db::PoolConfig::new(
-        database.url(db::PAYMENT),
-        db::PAYMENT.schema,
-        4,
-    ))
-    .await
-    .unwrap();
+    let pool = database.service_pool(db::PAYMENT, 4).await;
 
     let (hold_1, hold_2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
     let click = |hold_id, token: &str, request_id: &str| NewPayment {

@@ -640,13 +640,7 @@ async fn a_drive_whose_lease_was_taken_over_changes_nothing_even_in_its_own_proc
     const PAYMENTS: usize = 200;
     let database = TestDatabase::create().await;
     database.migrate(db::PAYMENT, app::migrator()).await;
-    let pool = db::connect(&db::PoolConfig::new(
-        database.url(db::PAYMENT),
-        db::PAYMENT.schema,
-        8,
-    ))
-    .await
-    .unwrap();
+    let pool = database.service_pool(db::PAYMENT, 8).await;
     let lease = Duration::from_secs(60);
     let new: Vec<NewPayment> = (0..PAYMENTS)
         .map(|n| NewPayment {

@@ -376,13 +376,7 @@ async fn a_migration_that_writes_the_floor_stops_older_replicas() {
     let database = TestDatabase::create().await;
     let migrate_next_release = || async {
         let next_release = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
-        let pool = db::connect(&db::PoolConfig::new(
-            database.url(db::QUEUE),
-            db::QUEUE.schema,
-            2,
-        ))
-        .await
-        .unwrap();
+        let pool = database.service_pool(db::QUEUE, 2).await;
         let migrated = db::migrate(&pool, db::QUEUE.schema, next_release).await;
         pool.close().await;
         migrated

@@ -283,13 +283,7 @@ pub async fn issue_one_batch(
     policy: &stagedoor_queue::store::AdmissionPolicy,
     users: &[&str],
 ) -> std::collections::HashMap<String, stagedoor_queue::domain::Ticket> {
-    let pool = db::connect(&db::PoolConfig::new(
-        database.url(db::QUEUE),
-        db::QUEUE.schema,
-        2,
-    ))
-    .await
-    .unwrap();
+    let pool = database.service_pool(db::QUEUE, 2).await;
     let users: Vec<String> = users.iter().map(|user| (*user).to_owned()).collect();
     let tickets = stagedoor_queue::store::issue_batch(&pool, policy, "c", &users)
         .await
