@@ -128,6 +128,21 @@ pub enum StartupError {
     Listen(#[source] std::io::Error),
 }
 
+impl StartupError {
+    /// A failure of `schema`'s migrations.
+    fn migrate(schema: &str, source: sqlx::migrate::MigrateError) -> Self {
+        StartupError::Migrate {
+            schema: schema.into(),
+            source,
+        }
+    }
+
+    /// A failure of a statement run beside `schema`'s migrations, under their lock.
+    fn beside_migrations(schema: &str, error: sqlx::Error) -> Self {
+        Self::migrate(schema, sqlx::migrate::MigrateError::Execute(error))
+    }
+}
+
 /// Opens the service's pool. Every connection's `search_path` is the service's schema alone,
 /// so unqualified table names can only ever mean the service's own tables.
 ///
@@ -185,10 +200,6 @@ pub async fn migrate(
         url: "(pool)".into(),
         source,
     };
-    let migrate_error = |source| StartupError::Migrate {
-        schema: schema.into(),
-        source,
-    };
     let (role, owns): (String, bool) = sqlx::query_as(
         "SELECT current_user::text,
                 coalesce((SELECT nspowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)
@@ -223,7 +234,7 @@ pub async fn migrate(
     check_schema_floor(&mut conn, schema, &migrator).await?;
     repair_invalid_indexes(&mut conn, schema)
         .await
-        .map_err(|error| migrate_error(sqlx::migrate::MigrateError::Execute(error)))?;
+        .map_err(|error| StartupError::beside_migrations(schema, error))?;
     // Our lock already serialises the replicas; sqlx's must not be taken as well.
     migrator.set_locking(false);
     migrator.set_ignore_missing(true);
@@ -232,25 +243,8 @@ pub async fn migrate(
     migrator
         .run_direct(&mut conn)
         .await
-        .map_err(migrate_error)?;
-    // Every migration this replica knows is applied now, so a floor row naming none that is
-    // was slipped past its trigger (see [`SCHEMA_FLOOR`]) or its migration's record was
-    // deleted: say so rather than leave it for a rollback to trip over.
-    let unrecorded: Option<i64> = sqlx::query_scalar(
-        "SELECT f.version FROM _stagedoor_schema_floor f
-          WHERE NOT EXISTS (SELECT 1 FROM _sqlx_migrations m
-                             WHERE m.version = f.version AND m.success)
-          ORDER BY f.version LIMIT 1",
-    )
-    .fetch_optional(&mut conn)
-    .await
-    .map_err(|error| migrate_error(sqlx::migrate::MigrateError::Execute(error)))?;
-    if let Some(version) = unrecorded {
-        return Err(StartupError::Config(format!(
-            "schema `{schema}`'s _stagedoor_schema_floor names migration {version}, which is \
-             not recorded as applied: a floor row must name an applied migration"
-        )));
-    }
+        .map_err(|error| StartupError::migrate(schema, error))?;
+    check_floor_recorded(&mut conn, schema).await?;
     // Closing ends the session, and with it the lock.
     conn.close().await.map_err(connect_error)
 }
@@ -323,22 +317,15 @@ async fn check_schema_floor(
     schema: &str,
     migrator: &Migrator,
 ) -> Result<(), StartupError> {
-    let execute_error = |error| StartupError::Migrate {
-        schema: schema.into(),
-        source: sqlx::migrate::MigrateError::Execute(error),
-    };
     for statement in SCHEMA_FLOOR {
         sqlx::query(statement)
             .execute(&mut *conn)
             .await
-            .map_err(execute_error)?;
+            .map_err(|error| StartupError::beside_migrations(schema, error))?;
     }
     let newer = migrations_unknown_to(conn, migrator)
         .await
-        .map_err(|source| StartupError::Migrate {
-            schema: schema.into(),
-            source,
-        })?;
+        .map_err(|error| StartupError::migrate(schema, error))?;
     if newer.is_empty() {
         return Ok(());
     }
@@ -350,7 +337,7 @@ async fn check_schema_floor(
     .bind(newest_known.unwrap_or(0))
     .fetch_optional(&mut *conn)
     .await
-    .map_err(execute_error)?;
+    .map_err(|error| StartupError::beside_migrations(schema, error))?;
     if let Some((version, reason)) = floor {
         return Err(StartupError::SchemaTooNew {
             schema: schema.into(),
@@ -364,6 +351,28 @@ async fn check_schema_floor(
         "the schema has migrations of a newer version of this service; starting on it"
     );
     Ok(())
+}
+
+/// After the migrations, when every one this replica knows is applied: a floor row naming
+/// none that is was slipped past its trigger (see [`SCHEMA_FLOOR`]) or its migration's
+/// record was deleted. Said now, rather than left for a rollback to trip over.
+async fn check_floor_recorded(conn: &mut PgConnection, schema: &str) -> Result<(), StartupError> {
+    let unrecorded: Option<i64> = sqlx::query_scalar(
+        "SELECT f.version FROM _stagedoor_schema_floor f
+          WHERE NOT EXISTS (SELECT 1 FROM _sqlx_migrations m
+                             WHERE m.version = f.version AND m.success)
+          ORDER BY f.version LIMIT 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|error| StartupError::beside_migrations(schema, error))?;
+    match unrecorded {
+        Some(version) => Err(StartupError::Config(format!(
+            "schema `{schema}`'s _stagedoor_schema_floor names migration {version}, which is \
+             not recorded as applied: a floor row must name an applied migration"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The versions applied to the schema that `migrator` does not have, in order.
