@@ -60,7 +60,10 @@ pub fn locate(database_url: Option<&str>) -> Result<Postgres, String> {
         })?;
     if TcpStream::connect_timeout(&local, Duration::from_secs(1)).is_ok() {
         return Ok(Postgres {
-            admin_url: format!("postgres://postgres@{local}/postgres"),
+            admin_url: format!(
+                "postgres://postgres@{local}/postgres{}",
+                loopback_tls(local)
+            ),
             cluster: None,
         });
     }
@@ -75,12 +78,27 @@ pub fn locate(database_url: Option<&str>) -> Result<Postgres, String> {
     };
     let cluster = Cluster::start(&bin)?;
     Ok(Postgres {
+        // Its own cluster has no certificate: say so rather than ask for TLS every connect.
         admin_url: format!(
-            "postgres://postgres:{}@127.0.0.1:{}/postgres",
+            "postgres://postgres:{}@127.0.0.1:{}/postgres?sslmode=disable",
             cluster.superuser_password, cluster.port
         ),
         cluster: Some(cluster),
     })
+}
+
+/// The TLS parameter of the URL of a server this command found by itself at `addr`. On the
+/// loopback interface, clear text: TLS there protects nothing, yet with sqlx's default
+/// (`sslmode=prefer`, TLS whenever the server offers it, as Debian's does) the services'
+/// queries paid for it in CPU, and a rush is CPU-bound (BENCHMARKS.md, "Postgres over TLS").
+/// The service URLs inherit it (`db::service_url` keeps `ssl*` parameters). Anywhere else,
+/// the default stands.
+fn loopback_tls(addr: SocketAddr) -> &'static str {
+    if addr.ip().is_loopback() {
+        "?sslmode=disable"
+    } else {
+        ""
+    }
 }
 
 /// The directory holding `initdb` and `pg_ctl`: on PATH, or Debian's versioned directory.
@@ -277,4 +295,17 @@ fn is_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_found_on_loopback_is_used_without_tls_and_others_keep_the_default() {
+        for loopback in ["127.0.0.1:5432", "127.0.0.2:6543", "[::1]:5432"] {
+            assert_eq!(loopback_tls(loopback.parse().unwrap()), "?sslmode=disable");
+        }
+        assert_eq!(loopback_tls("10.0.0.5:5432".parse().unwrap()), "");
+    }
 }

@@ -93,3 +93,58 @@ async fn a_busy_connection_that_died_fails_one_statement_and_is_replaced() {
     assert_ne!(first, second);
     pool.close().await;
 }
+
+/// Managed Postgres servers refuse connections without TLS, and their URLs say
+/// `sslmode=require` (or `verify-full`): the services must speak TLS, not refuse the URL. The
+/// test cluster has TLS on (Debian's package enables it with its self-signed certificate).
+#[tokio::test]
+async fn a_url_that_asks_for_tls_gets_it_and_verify_full_checks_the_server() {
+    let database = TestDatabase::create().await;
+    let plain = database.url(QUEUE);
+    let separator = if plain.contains('?') { '&' } else { '?' };
+    let config = PoolConfig::new(
+        format!("{plain}{separator}sslmode=require"),
+        QUEUE.schema,
+        1,
+    );
+    let pool = db::connect(&config)
+        .await
+        .unwrap_or_else(|error| panic!("sslmode=require: {error}"));
+    let encrypted: bool =
+        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(encrypted, "the connection asked for TLS went in clear text");
+    pool.close().await;
+
+    // `verify-full` checks the server's certificate and the name it was asked for. Debian's
+    // certificate is self-signed for `localhost`: given as its own root (`sslrootcert`), it
+    // is refused for 127.0.0.1 and accepted for localhost.
+    let admin = database.admin().await;
+    let certificate: String = sqlx::query_scalar("SHOW ssl_cert_file")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let verified = |url: &str| {
+        PoolConfig::new(
+            format!("{url}{separator}sslmode=verify-full&sslrootcert={certificate}"),
+            QUEUE.schema,
+            1,
+        )
+    };
+    let refused = db::connect(&verified(&plain))
+        .await
+        .expect_err("a certificate for another name was accepted");
+    assert!(
+        refused.to_string().contains("certificate"),
+        "not refused for its certificate: {refused}"
+    );
+    let mut by_name = url::Url::parse(&plain).unwrap();
+    by_name.set_host(Some("localhost")).unwrap();
+    let trusted = db::connect(&verified(by_name.as_str()))
+        .await
+        .unwrap_or_else(|error| panic!("verify-full of localhost: {error}"));
+    trusted.close().await;
+}
