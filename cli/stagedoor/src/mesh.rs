@@ -46,11 +46,11 @@ pub async fn start_on<F, Fut>(
     start: F,
 ) -> Result<ServiceHandle, Box<dyn std::error::Error>>
 where
-    F: FnOnce(tokio::net::TcpListener) -> Fut,
+    F: FnOnce(server::Port) -> Fut,
     Fut: std::future::Future<Output = Result<ServiceHandle, StartupError>>,
 {
-    let listener = server::bind(addr).await?;
-    Ok(start(listener).await?)
+    let port = server::bind(addr).await?;
+    Ok(start(port).await?)
 }
 
 /// How to run the four services.

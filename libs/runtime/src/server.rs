@@ -13,7 +13,7 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
 };
 use tokio_stream::StreamExt;
 use tonic::{
@@ -169,10 +169,15 @@ impl GrpcServer {
     /// ([`ServerError::Background`]).
     pub fn spawn(
         self,
-        listener: TcpListener,
+        port: impl Into<Port>,
         trigger: crate::ShutdownTrigger,
         background: Vec<NamedTask>,
     ) -> Result<ServiceHandle, crate::db::StartupError> {
+        // From here on the service can answer: connections are accepted (see `Port`).
+        let listener = port
+            .into()
+            .listen()
+            .map_err(crate::db::StartupError::Listen)?;
         let local_addr = listener
             .local_addr()
             .map_err(crate::db::StartupError::Listen)?;
@@ -498,9 +503,73 @@ impl Connected for Closable {
     }
 }
 
-/// Binds a listener, with an error that names the address (a busy port is the usual cause).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|error| {
+/// The port a service is started on: listening already, or bound and not yet listening.
+///
+/// A binary binds its port before it connects to Postgres and migrates (a busy port fails
+/// the start at once, before any migration), but listens only once it can answer, when
+/// [`GrpcServer::spawn`] serves it. Until then a connection is refused, not accepted and left
+/// unanswered: a TCP health probe or a connection-level balancer (a cloud network load
+/// balancer checks TCP by default) would otherwise count a replica still migrating, maybe
+/// for minutes behind an index build, as ready, and clients' calls to it would wait out
+/// their deadlines.
+#[derive(Debug)]
+pub enum Port {
+    /// Accepting connections: tests hand over a listener on port 0 whose address they read.
+    Listening(TcpListener),
+    /// Bound by [`bind`], refusing connections until [`Port::listen`].
+    Bound(TcpSocket),
+}
+
+impl From<TcpListener> for Port {
+    fn from(listener: TcpListener) -> Self {
+        Self::Listening(listener)
+    }
+}
+
+impl Port {
+    /// The address bound (the real port when bound to port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Self::Listening(listener) => listener.local_addr(),
+            Self::Bound(socket) => socket.local_addr(),
+        }
+    }
+
+    /// Starts accepting connections (a no-op for a listener).
+    pub fn listen(self) -> std::io::Result<TcpListener> {
+        match self {
+            Self::Listening(listener) => Ok(listener),
+            Self::Bound(socket) => {
+                let addr = socket.local_addr()?;
+                // tokio's own backlog for `TcpListener::bind`; the kernel caps it at
+                // net.core.somaxconn.
+                socket.listen(1024).map_err(|error| {
+                    std::io::Error::new(error.kind(), format!("cannot listen on {addr}: {error}"))
+                })
+            }
+        }
+    }
+}
+
+/// Binds `addr` without listening yet (see [`Port`]), with an error that names the address
+/// (a busy port is the usual cause).
+///
+/// SO_REUSEADDR, as `TcpListener::bind` sets it: a restarted replica may bind its port while
+/// its predecessor's connections linger in TIME_WAIT. Linux still refuses the bind while
+/// another socket *listens* on the port, so a running server is found at once; two replicas
+/// starting together on one port are told apart only when the second listens.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<Port> {
+    let bound = (|| {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        Ok(socket)
+    })();
+    bound.map(Port::Bound).map_err(|error: std::io::Error| {
         std::io::Error::new(error.kind(), format!("cannot listen on {addr}: {error}"))
     })
 }
@@ -663,20 +732,20 @@ pub async fn run_binary<F, Fut>(
     start: F,
 ) -> std::process::ExitCode
 where
-    F: FnOnce(TcpListener) -> Fut,
+    F: FnOnce(Port) -> Fut,
     Fut: std::future::Future<Output = Result<ServiceHandle, crate::db::StartupError>>,
 {
     use std::process::ExitCode;
     let mut signals = crate::shutdown::StopSignals::new();
-    let listener = match bind(listen_addr).await {
-        Ok(listener) => listener,
+    let port = match bind(listen_addr).await {
+        Ok(port) => port,
         Err(error) => {
             eprintln!("{name}: {error}");
             return ExitCode::FAILURE;
         }
     };
     let started = tokio::select! {
-        started = start(listener) => started,
+        started = start(port) => started,
         () = signals.recv() => {
             eprintln!("{name}: stopped during start-up");
             return ExitCode::FAILURE;

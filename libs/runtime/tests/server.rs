@@ -444,3 +444,21 @@ async fn a_peer_that_stops_answering_is_cut_off_by_keepalive_pings() {
     trigger.fire();
     server.await.unwrap().unwrap();
 }
+
+/// Binding without listening must still find a port another server listens on at once,
+/// before the service connects or migrates anything, with the address in the error.
+#[tokio::test]
+async fn binding_a_port_another_server_listens_on_fails_at_once() {
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = taken.local_addr().unwrap();
+    let error = stagedoor_runtime::server::bind(addr)
+        .await
+        .expect_err("a port another server listens on was bound");
+    assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("cannot listen on {addr}")),
+        "{error}"
+    );
+}

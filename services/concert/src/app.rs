@@ -12,10 +12,9 @@ use stagedoor_runtime::{
     auth::TokenValidator,
     batch::{self, BatchFuture, BatchLimits, Batcher, SharedReads},
     db::{self, PoolConfig, StartupError},
-    server::{GrpcServer, ServiceHandle},
+    server::{GrpcServer, Port, ServiceHandle},
     ApiError, Shutdown, ShutdownTrigger,
 };
-use tokio::net::TcpListener;
 use uuid::Uuid;
 
 use crate::{
@@ -107,10 +106,10 @@ pub fn migrator() -> sqlx::migrate::Migrator {
     sqlx::migrate!("./migrations")
 }
 
-/// Connects, migrates and starts serving on `listener`.
+/// Connects, migrates and starts serving on `port`.
 pub async fn start(
     config: ConcertConfig,
-    listener: TcpListener,
+    port: impl Into<Port>,
 ) -> Result<ServiceHandle, StartupError> {
     let tokens = TokenValidator::new(
         &config.queue_url,
@@ -179,7 +178,7 @@ pub async fn start(
         .add_service(ConcertServiceServer::new(api.clone()))
         .add_service(ConcertInternalServiceServer::new(api.clone()))
         .add_service(ConcertAdminServiceServer::new(api))
-        .spawn(listener, trigger, background)?;
+        .spawn(port, trigger, background)?;
     tracing::info!(local_addr = %service.local_addr(), queue = %config.queue_url,
         hold_ttl = ?config.hold_ttl, hold_sweep_after = ?config.hold_sweep_after,
         "concert service started");

@@ -8,10 +8,9 @@ use stagedoor_runtime::{
     auth::TokenValidator,
     background::Detached,
     db::{self, PoolConfig, StartupError},
-    server::{GrpcServer, ServiceHandle},
+    server::{GrpcServer, Port, ServiceHandle},
     ShutdownTrigger,
 };
-use tokio::net::TcpListener;
 
 use crate::{
     config::PaymentConfig,
@@ -28,10 +27,10 @@ pub fn migrator() -> sqlx::migrate::Migrator {
     sqlx::migrate!("./migrations")
 }
 
-/// Connects, migrates, starts the recovery worker and serves on `listener`.
+/// Connects, migrates, starts the recovery worker and serves on `port`.
 pub async fn start(
     config: PaymentConfig,
-    listener: TcpListener,
+    port: impl Into<Port>,
 ) -> Result<ServiceHandle, StartupError> {
     config.validate().map_err(StartupError::Config)?;
     // Pay asks the queue every time: a token completed a moment ago must not pay twice.
@@ -85,7 +84,7 @@ pub async fn start(
     let service = GrpcServer::new()
         .owning(&sagas)
         .add_service(PaymentServiceServer::new(api))
-        .spawn(listener, trigger, background)?;
+        .spawn(port, trigger, background)?;
     tracing::info!(local_addr = %service.local_addr(), queue = %config.queue_url,
         concert = %config.concert_url, point = %config.point_url, fault = ?config.fault,
         "payment service started");

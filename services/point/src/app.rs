@@ -6,10 +6,9 @@ use stagedoor_proto::point::v1::{
 };
 use stagedoor_runtime::{
     db::{self, PoolConfig, StartupError},
-    server::{GrpcServer, ServiceHandle},
+    server::{GrpcServer, Port, ServiceHandle},
     ShutdownTrigger,
 };
-use tokio::net::TcpListener;
 
 use crate::{config::PointConfig, grpc::PointApi};
 
@@ -19,10 +18,10 @@ pub fn migrator() -> sqlx::migrate::Migrator {
     sqlx::migrate!("./migrations")
 }
 
-/// Connects, migrates and starts serving on `listener`.
+/// Connects, migrates and starts serving on `port`.
 pub async fn start(
     config: PointConfig,
-    listener: TcpListener,
+    port: impl Into<Port>,
 ) -> Result<ServiceHandle, StartupError> {
     let pool = db::connect(&PoolConfig::new(
         config.database_url.clone(),
@@ -37,7 +36,7 @@ pub async fn start(
     let service = GrpcServer::new()
         .add_service(PointServiceServer::new(api.clone()))
         .add_service(PointInternalServiceServer::new(api))
-        .spawn(listener, trigger, Vec::new())?;
+        .spawn(port, trigger, Vec::new())?;
     tracing::info!(local_addr = %service.local_addr(), max_amount = config.max_amount,
         balance_cap = config.balance_cap, "point service started");
     Ok(service)

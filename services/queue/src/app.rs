@@ -10,10 +10,9 @@ use stagedoor_proto::queue::v1::{
 use stagedoor_runtime::{
     batch::BatchLimits,
     db::{self, PoolConfig, StartupError},
-    server::{GrpcServer, ServiceHandle},
+    server::{GrpcServer, Port, ServiceHandle},
     Shutdown, ShutdownTrigger,
 };
-use tokio::net::TcpListener;
 
 use crate::{
     batcher::{self, EndBatcher, IssueBatcher, TicketReader},
@@ -34,10 +33,10 @@ pub fn migrator() -> sqlx::migrate::Migrator {
 /// How often each replica refreshes its view of the busy lines.
 const BOARD_REFRESH: Duration = Duration::from_millis(100);
 
-/// Connects, migrates and starts serving on `listener`.
+/// Connects, migrates and starts serving on `port`.
 pub async fn start(
     config: QueueConfig,
-    listener: TcpListener,
+    port: impl Into<Port>,
 ) -> Result<ServiceHandle, StartupError> {
     let pool = db::connect(&PoolConfig::new(
         config.database_url.clone(),
@@ -126,7 +125,7 @@ pub async fn start(
     let service = GrpcServer::new()
         .add_service(QueueServiceServer::new(api.clone()))
         .add_service(QueueInternalServiceServer::new(api))
-        .spawn(listener, trigger, background)?;
+        .spawn(port, trigger, background)?;
     tracing::info!(local_addr = %service.local_addr(), max_active = config.max_active,
         admit_rate = config.admit_rate, "queue service started");
     Ok(service)

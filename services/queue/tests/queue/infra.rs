@@ -451,3 +451,70 @@ async fn a_floor_must_name_an_applied_migration() {
         "got {refused}"
     );
 }
+
+/// A replica waiting for another's migrations (here: for the migration lock this test holds)
+/// has bound its port but does not listen on it yet: a connection is refused, not accepted
+/// and left unanswered, so that a TCP probe or a connection-level balancer does not count it
+/// ready while it may wait minutes behind an index build. Once migrated, it serves.
+#[tokio::test]
+async fn a_replica_still_migrating_refuses_connections() {
+    let database = TestDatabase::create().await;
+    let admin = database.admin().await;
+    let mut lock = admin.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtext('stagedoor migrations of queue'))")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+
+    let port = stagedoor_runtime::server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = port.local_addr().unwrap();
+    let starting = tokio::spawn(stagedoor_queue::start(config(&database), port));
+    stagedoor_testkit::eventually(
+        std::time::Duration::from_secs(20),
+        "the replica asks for the migration lock",
+        || async {
+            let asking: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND usename = 'stagedoor_queue'
+                    AND query LIKE '%stagedoor migrations of%'",
+            )
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+            (asking > 0).then_some(())
+        },
+    )
+    .await;
+    let refused = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect_err("a replica still migrating accepted a connection");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    sqlx::query("SELECT pg_advisory_unlock(hashtext('stagedoor migrations of queue'))")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    drop(lock);
+    let handle = tokio::time::timeout(std::time::Duration::from_secs(30), starting)
+        .await
+        .expect("the replica starts once the lock is free")
+        .unwrap()
+        .unwrap();
+    assert_eq!(handle.local_addr(), addr);
+    let channel = tonic::transport::Channel::from_shared(handle.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let serving = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(serving.status(), ServingStatus::Serving);
+    admin.close().await;
+}
