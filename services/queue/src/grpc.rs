@@ -263,6 +263,9 @@ async fn watch(
     // Registered once per stream and kept across pauses; `None` once it has fired.
     let mut reached = (ticket.status == TokenStatus::Waiting)
         .then(|| state.board.reached(&ticket.concert_id, ticket.place));
+    // While a needed read of the row fails for a moment (the database away or busy): when it
+    // is tried again, the pause before the one after, and since when reads have failed.
+    let mut retry: Option<ReadRetry> = None;
     let stopped = state.shutdown.clone().wait();
     tokio::pin!(stopped);
     loop {
@@ -313,14 +316,17 @@ async fn watch(
             _ = ended_here.rung() => rung = true,
             _ = tokio::time::sleep(window_end(&ticket)) => {}
             _ = tokio::time::sleep(recheck) => {}
+            _ = tokio::time::sleep_until(retry.map_or_else(tokio::time::Instant::now, |retry| retry.due)),
+                if retry.is_some() => {}
         }
 
         let counters = *line.borrow_and_update();
         // Nothing but a periodic check could tell this watch anything new: still WAITING,
-        // still behind the admission pointer, and no leave here.
+        // still behind the admission pointer, no leave here, and no failed read to try again.
         let behind = ticket.status == TokenStatus::Waiting
             && counters.admitted_through < ticket.place
-            && !rung;
+            && !rung
+            && retry.is_none();
         if behind && verified_at.elapsed() < state.policy.heartbeat_every {
             // Still behind the admission pointer: the position follows from the board alone.
             ticket.admitted_through = ticket.admitted_through.max(counters.admitted_through);
@@ -333,9 +339,10 @@ async fn watch(
         // to a place nobody will take. One batched row read per watcher per period (30 s by
         // default) is a small price beside the updates the stream sends.
         verified_at = tokio::time::Instant::now();
-        rung = false;
         match state.reader.read(ticket.token).await {
             Ok(Some(fresh)) => {
+                rung = false;
+                retry = None;
                 // The row may have been written since (a poll, another replica's watch).
                 if let Some(written) = tokio::time::Instant::now().checked_sub(fresh.seen_ago) {
                     noted_at = noted_at.max(written);
@@ -353,6 +360,22 @@ async fn watch(
                 // The stream is open all the same: its fan is there.
                 note_if_due(&ticket, &mut noted_at);
             }
+            // The row is needed now (the fan was admitted, its window may have ended, it may
+            // have paid or left) and the database is away or busy for a moment: try again
+            // shortly. Ending the stream would send every watcher of the sale back to open a
+            // new one at the same moment, against the same database. A database away for a
+            // heartbeat period ends the stream with its error after all.
+            Err(error)
+                if matches!(
+                    error.code(),
+                    tonic::Code::Unavailable | tonic::Code::Aborted
+                ) && retry
+                    .is_none_or(|retry| retry.failing_since.elapsed() < heartbeat_every) =>
+            {
+                tracing::warn!(token = %ticket.token, %error, "a watch's read failed; trying again shortly");
+                retry = Some(ReadRetry::after(retry));
+                note_if_due(&ticket, &mut noted_at);
+            }
             Err(error) => {
                 deliver(&sender, stopped.as_mut(), Err(error.into())).await;
                 return;
@@ -360,6 +383,40 @@ async fn watch(
         }
     }
 }
+
+/// A watch's read of its row to be tried again (see `watch`).
+#[derive(Clone, Copy)]
+struct ReadRetry {
+    due: tokio::time::Instant,
+    pause: Duration,
+    failing_since: tokio::time::Instant,
+}
+
+impl ReadRetry {
+    /// First pause after a failed read; doubled after each failure in a row, up to
+    /// [`READ_RETRY_MAX`].
+    const FIRST: Duration = Duration::from_millis(100);
+
+    /// The retry after one more failure, `previous` the one that just failed, if any.
+    fn after(previous: Option<ReadRetry>) -> Self {
+        let now = tokio::time::Instant::now();
+        let (pause, failing_since) = match previous {
+            Some(previous) => (
+                (previous.pause * 2).min(READ_RETRY_MAX),
+                previous.failing_since,
+            ),
+            None => (Self::FIRST, now),
+        };
+        Self {
+            due: now + pause,
+            pause,
+            failing_since,
+        }
+    }
+}
+
+/// Longest pause between two tries of a watch's failed read.
+const READ_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Sends one item of a watch; false when the stream is over: the client went away, or this
 /// replica began stopping first. A client that stops reading fills the stream's buffer and

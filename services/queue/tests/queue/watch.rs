@@ -256,3 +256,103 @@ async fn a_fan_who_stops_watching_keeps_the_place_for_the_idle_ttl() {
     queue.complete(&holder.token).await.unwrap();
     assert_eq!(queue.validate(&fan.token).await.unwrap().user_id, "fan");
 }
+
+/// Makes the service's reads of tickets by token (the statement of a watch's re-read) fail
+/// as a statement timeout would (SQLSTATE 57014: UNAVAILABLE / DATABASE_BUSY): the first
+/// `failures` of them, or all of them when `None`. A row-level policy, forced on the
+/// service's own role, runs the check; `queue.ticket_reads` counts the reads it saw (while
+/// `failures` is given).
+async fn fail_ticket_reads(database: &TestDatabase, failures: Option<i64>) {
+    let limit = failures.map_or("NULL".to_owned(), |n| n.to_string());
+    let admin = database.admin().await;
+    for statement in [
+        "CREATE SEQUENCE queue.ticket_reads".to_owned(),
+        format!(
+            // Its creator's rights (the sequence is the test's, not the service role's).
+            "CREATE FUNCTION queue.busy_ticket_read() RETURNS boolean LANGUAGE plpgsql
+               SECURITY DEFINER AS
+               $$ BEGIN
+                    IF current_query() LIKE '%t.token = ANY%' THEN
+                        IF {limit}::int8 IS NULL
+                           OR nextval('queue.ticket_reads') <= {limit}::int8 THEN
+                            RAISE EXCEPTION 'a busy moment' USING ERRCODE = 'query_canceled';
+                        END IF;
+                    END IF;
+                    RETURN true;
+                  END $$"
+        ),
+        "CREATE POLICY busy_ticket_read ON queue.tokens USING (queue.busy_ticket_read())
+           WITH CHECK (true)"
+            .to_owned(),
+        "ALTER TABLE queue.tokens ENABLE ROW LEVEL SECURITY".to_owned(),
+        "ALTER TABLE queue.tokens FORCE ROW LEVEL SECURITY".to_owned(),
+    ] {
+        sqlx::query(&statement).execute(&admin).await.unwrap();
+    }
+    admin.close().await;
+}
+
+/// An ACTIVE fan's stream re-reads the token's row (every `active_recheck`) to learn of a
+/// payment made through another replica. Reads that fail for a moment are tried again, and
+/// the stream goes on to DONE: ended with DATABASE_BUSY, every watcher of a sale would come
+/// back at once to open a new stream against the same busy database.
+#[tokio::test]
+async fn a_watch_outlives_a_moment_of_failed_reads() {
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.active_recheck = Duration::from_millis(100);
+    let replicas = [start(settings.clone()).await, start(settings).await];
+    replicas[0].open(&["c"]).await;
+    let fan = replicas[0].issue("c", "fan").await;
+    assert_eq!(fan.status(), pb::TokenStatus::Active);
+    let mut stream = watch(&replicas[1], &fan.token).await;
+    assert_eq!(
+        next(&mut stream).await.unwrap().status(),
+        pb::TokenStatus::Active
+    );
+
+    fail_ticket_reads(&database, Some(3)).await;
+    // Three re-reads failed, and a fourth got through.
+    stagedoor_testkit::eventually(
+        Duration::from_secs(10),
+        "the watch reads again after three failures",
+        || async {
+            let (reads,): (i64,) = database
+                .row("SELECT last_value FROM queue.ticket_reads")
+                .await;
+            (reads >= 4).then_some(())
+        },
+    )
+    .await;
+    replicas[0].complete(&fan.token).await.unwrap();
+    let done = next(&mut stream)
+        .await
+        .expect("DONE after the failed reads");
+    assert_eq!(done.status(), pb::TokenStatus::Done);
+}
+
+/// A database away for longer than a heartbeat period does end the stream, with the error
+/// (UNAVAILABLE: open a new one), rather than keep a fan watching a ticket nobody can read.
+#[tokio::test]
+async fn a_watch_whose_reads_keep_failing_ends_with_the_error() {
+    let database = TestDatabase::create().await;
+    let mut settings = config(&database);
+    settings.active_recheck = Duration::from_millis(100);
+    settings.idle_ttl = Duration::from_secs(2); // a heartbeat period of 500 ms
+    let queue = start(settings).await;
+    queue.open(&["c"]).await;
+    let fan = queue.issue("c", "fan").await;
+    let mut stream = watch(&queue, &fan.token).await;
+    assert_eq!(
+        next(&mut stream).await.unwrap().status(),
+        pb::TokenStatus::Active
+    );
+
+    fail_ticket_reads(&database, None).await;
+    let ended = timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the stream ends within 5 s")
+        .expect_err("the stream ends with an error");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert_eq!(reason(&ended), "DATABASE_BUSY");
+}
