@@ -124,7 +124,8 @@ pub enum StartupError {
     Config(String),
     #[error("provisioning failed: {0}")]
     Provision(#[source] sqlx::Error),
-    #[error("cannot read the listener's address: {0}")]
+    /// The port could not be listened on, or its address read (the error says which).
+    #[error("{0}")]
     Listen(#[source] std::io::Error),
 }
 

@@ -178,9 +178,12 @@ impl GrpcServer {
             .into()
             .listen()
             .map_err(crate::db::StartupError::Listen)?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(crate::db::StartupError::Listen)?;
+        let local_addr = listener.local_addr().map_err(|error| {
+            crate::db::StartupError::Listen(std::io::Error::new(
+                error.kind(),
+                format!("cannot read the listener's address: {error}"),
+            ))
+        })?;
         let detached = self.detached.clone();
         let (server, health) = self.with_health();
         let leaving = crate::ShutdownTrigger::default();

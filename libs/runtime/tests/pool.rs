@@ -95,11 +95,26 @@ async fn a_busy_connection_that_died_fails_one_statement_and_is_replaced() {
 }
 
 /// Managed Postgres servers refuse connections without TLS, and their URLs say
-/// `sslmode=require` (or `verify-full`): the services must speak TLS, not refuse the URL. The
-/// test cluster has TLS on (Debian's package enables it with its self-signed certificate).
+/// `sslmode=require` (or `verify-full`): the services must speak TLS, not refuse the URL.
+/// The test's server must have TLS on, as Debian's package sets it up (with a self-signed
+/// certificate), and be reached over TCP.
 #[tokio::test]
 async fn a_url_that_asks_for_tls_gets_it_and_verify_full_checks_the_server() {
     let database = TestDatabase::create().await;
+    let admin = database.admin().await;
+    let (tls_on, server_addr): (String, Option<String>) =
+        sqlx::query_as("SELECT current_setting('ssl'), host(inet_server_addr())")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    admin.close().await;
+    assert_eq!(
+        tls_on, "on",
+        "this test needs a Postgres with TLS on (`ssl = on` and a certificate)"
+    );
+    let server_addr =
+        server_addr.expect("this test needs the admin URL to reach Postgres over TCP");
+
     let plain = database.url(QUEUE);
     let separator = if plain.contains('?') { '&' } else { '?' };
     let config = PoolConfig::new(
@@ -118,33 +133,25 @@ async fn a_url_that_asks_for_tls_gets_it_and_verify_full_checks_the_server() {
     assert!(encrypted, "the connection asked for TLS went in clear text");
     pool.close().await;
 
-    // `verify-full` checks the server's certificate and the name it was asked for. Debian's
-    // certificate is self-signed for `localhost`: given as its own root (`sslrootcert`), it
-    // is refused for 127.0.0.1 and accepted for localhost.
-    let admin = database.admin().await;
-    let certificate: String = sqlx::query_scalar("SHOW ssl_cert_file")
-        .fetch_one(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
-    let verified = |url: &str| {
-        PoolConfig::new(
-            format!("{url}{separator}sslmode=verify-full&sslrootcert={certificate}"),
-            QUEUE.schema,
-            1,
-        )
+    // `verify-full` checks the server's certificate: one made for a host name (or
+    // self-signed) does not pass for the server's bare IP address.
+    let mut by_address = url::Url::parse(&plain).unwrap();
+    let host = if server_addr.contains(':') {
+        format!("[{server_addr}]")
+    } else {
+        server_addr
     };
-    let refused = db::connect(&verified(&plain))
+    by_address.set_host(Some(&host)).unwrap();
+    let verified = PoolConfig::new(
+        format!("{by_address}{separator}sslmode=verify-full"),
+        QUEUE.schema,
+        1,
+    );
+    let refused = db::connect(&verified)
         .await
-        .expect_err("a certificate for another name was accepted");
+        .expect_err("verify-full accepted a certificate not made for the address");
     assert!(
         refused.to_string().contains("certificate"),
         "not refused for its certificate: {refused}"
     );
-    let mut by_name = url::Url::parse(&plain).unwrap();
-    by_name.set_host(Some("localhost")).unwrap();
-    let trusted = db::connect(&verified(by_name.as_str()))
-        .await
-        .unwrap_or_else(|error| panic!("verify-full of localhost: {error}"));
-    trusted.close().await;
 }

@@ -303,19 +303,22 @@ async fn watch(
         tokio::select! {
             _ = &mut stopped => return say_shutting_down(&sender),
             _ = sender.closed() => return note_if_due(&ticket, &mut noted_at),
+            // While a failed read waits for its retry, only the retry's timer (or a leave
+            // here) reads again: a window already past would otherwise wake the watch every
+            // 20 ms, a line on the move every pause, and each wake would read at once.
             _ = async {
                 pause.await;
                 let _ = line.changed().await;
-            }, if waiting => {}
+            }, if waiting && retry.is_none() => {}
             // The fan's own admission (or skip) ends the pause at once.
             _ = async {
                 if let Some(reached) = reached.as_mut() {
                     let _ = reached.await;
                 }
-            }, if waiting && reached.is_some() => reached = None,
+            }, if waiting && reached.is_some() && retry.is_none() => reached = None,
             _ = ended_here.rung() => rung = true,
-            _ = tokio::time::sleep(window_end(&ticket)) => {}
-            _ = tokio::time::sleep(recheck) => {}
+            _ = tokio::time::sleep(window_end(&ticket)), if retry.is_none() => {}
+            _ = tokio::time::sleep(recheck), if retry.is_none() => {}
             _ = tokio::time::sleep_until(retry.map_or_else(tokio::time::Instant::now, |retry| retry.due)),
                 if retry.is_some() => {}
         }

@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use stagedoor_proto::queue::v1 as pb;
 use stagedoor_testkit::TestDatabase;
 use tokio::time::timeout;
@@ -258,12 +259,13 @@ async fn a_fan_who_stops_watching_keeps_the_place_for_the_idle_ttl() {
 }
 
 /// Makes the service's reads of tickets by token (the statement of a watch's re-read) fail
-/// as a statement timeout would (SQLSTATE 57014: UNAVAILABLE / DATABASE_BUSY): the first
-/// `failures` of them, or all of them when `None`. A row-level policy, forced on the
-/// service's own role, runs the check; `queue.ticket_reads` counts the reads it saw (while
-/// `failures` is given).
-async fn fail_ticket_reads(database: &TestDatabase, failures: Option<i64>) {
-    let limit = failures.map_or("NULL".to_owned(), |n| n.to_string());
+/// as a statement timeout would (SQLSTATE 57014: UNAVAILABLE / DATABASE_BUSY) until `until`
+/// (for ever when `None`). A row-level policy, forced on the service's own role, runs the
+/// check; the sequence `queue.ticket_reads` counts every such read, failed or not.
+async fn fail_ticket_reads(database: &TestDatabase, until: Option<DateTime<Utc>>) {
+    let until = until.map_or("'infinity'".to_owned(), |until| {
+        format!("'{}'", until.to_rfc3339())
+    });
     let admin = database.admin().await;
     for statement in [
         "CREATE SEQUENCE queue.ticket_reads".to_owned(),
@@ -273,8 +275,8 @@ async fn fail_ticket_reads(database: &TestDatabase, failures: Option<i64>) {
                SECURITY DEFINER AS
                $$ BEGIN
                     IF current_query() LIKE '%t.token = ANY%' THEN
-                        IF {limit}::int8 IS NULL
-                           OR nextval('queue.ticket_reads') <= {limit}::int8 THEN
+                        PERFORM nextval('queue.ticket_reads');
+                        IF clock_timestamp() < {until}::timestamptz THEN
                             RAISE EXCEPTION 'a busy moment' USING ERRCODE = 'query_canceled';
                         END IF;
                     END IF;
@@ -292,43 +294,51 @@ async fn fail_ticket_reads(database: &TestDatabase, failures: Option<i64>) {
     admin.close().await;
 }
 
-/// An ACTIVE fan's stream re-reads the token's row (every `active_recheck`) to learn of a
-/// payment made through another replica. Reads that fail for a moment are tried again, and
-/// the stream goes on to DONE: ended with DATABASE_BUSY, every watcher of a sale would come
-/// back at once to open a new stream against the same busy database.
+/// When an ACTIVE fan's window ends, the stream reads the token's row to say how it ended.
+/// Reads that fail for a moment are tried again by the stream's own timer, backing off (100
+/// ms, doubled each time), and the stream goes on to EXPIRED: ended with DATABASE_BUSY,
+/// every watcher of a sale would come back at once to open a new stream against the same
+/// busy database. Here the reads fail for 1.5 s from the window's end, nothing else wakes
+/// the watch (its periodic re-read is an hour away), and the retries must neither stop nor
+/// come faster than their pauses (about five reads in those 1.5 s; a read on every wake of
+/// the past window would be seventeen).
 #[tokio::test]
-async fn a_watch_outlives_a_moment_of_failed_reads() {
+async fn a_watch_tries_a_failed_read_again_at_a_backing_off_pace() {
     let database = TestDatabase::create().await;
     let mut settings = config(&database);
-    settings.active_recheck = Duration::from_millis(100);
-    let replicas = [start(settings.clone()).await, start(settings).await];
-    replicas[0].open(&["c"]).await;
-    let fan = replicas[0].issue("c", "fan").await;
+    settings.active_ttl = Duration::from_secs(3);
+    settings.active_recheck = Duration::from_secs(3_600);
+    let queue = start(settings).await;
+    queue.open(&["c"]).await;
+    let fan = queue.issue("c", "fan").await;
     assert_eq!(fan.status(), pb::TokenStatus::Active);
-    let mut stream = watch(&replicas[1], &fan.token).await;
+    let window = fan.expire_time.expect("an ACTIVE token's window end");
+    let window_end = DateTime::from_timestamp(window.seconds, window.nanos as u32).unwrap();
+    let mut stream = watch(&queue, &fan.token).await;
     assert_eq!(
         next(&mut stream).await.unwrap().status(),
         pb::TokenStatus::Active
     );
 
-    fail_ticket_reads(&database, Some(3)).await;
-    // Three re-reads failed, and a fourth got through.
-    stagedoor_testkit::eventually(
-        Duration::from_secs(10),
-        "the watch reads again after three failures",
-        || async {
-            let (reads,): (i64,) = database
-                .row("SELECT last_value FROM queue.ticket_reads")
-                .await;
-            (reads >= 4).then_some(())
-        },
+    fail_ticket_reads(
+        &database,
+        Some(window_end + chrono::Duration::milliseconds(1_500)),
     )
     .await;
-    replicas[0].complete(&fan.token).await.unwrap();
-    let done = next(&mut stream)
+    let ended = timeout(Duration::from_secs(15), stream.message())
         .await
-        .expect("DONE after the failed reads");
-    assert_eq!(done.status(), pb::TokenStatus::Done);
+        .expect("the stream tells how the window ended")
+        .expect("no stream error: the failed reads were tried again")
+        .and_then(|message| message.ticket)
+        .expect("a message before the stream ends");
+    assert_eq!(ended.status(), pb::TokenStatus::Expired);
+    let (reads,): (i64,) = database
+        .row("SELECT last_value FROM queue.ticket_reads")
+        .await;
+    assert!(
+        (3..=9).contains(&reads),
+        "{reads} reads of the row: tried again too often, or not at all"
+    );
 }
 
 /// A database away for longer than a heartbeat period does end the stream, with the error
