@@ -752,18 +752,40 @@ pub fn int4_array_literal(numbers: &[i32]) -> String {
     format!("{{{}}}", numbers.join(","))
 }
 
-/// A database URL without its password, for messages and logs.
+/// A database URL without its password, for messages and logs: the one after the user name,
+/// and a `password=` parameter, which sqlx reads too.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &url[scheme_end + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
-                None => url.to_owned(),
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        // Not a URL sqlx could read either: say nothing of what it holds after a user name.
+        return match (url.find("://"), url.rfind('@')) {
+            (Some(scheme_end), Some(at)) if at > scheme_end => {
+                format!("{}***{}", &url[..scheme_end + 3], &url[at..])
             }
-        }
-        _ => url.to_owned(),
+            _ => url.to_owned(),
+        };
+    };
+    if parsed.password().is_some() {
+        // Only fails for URLs that cannot have credentials, and this one has some.
+        let _ = parsed.set_password(Some("***"));
     }
+    if parsed
+        .query_pairs()
+        .any(|(key, _)| key.eq_ignore_ascii_case("password"))
+    {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if key.eq_ignore_ascii_case("password") {
+                    "***".to_owned()
+                } else {
+                    value.into_owned()
+                };
+                (key.into_owned(), value)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.into()
 }
 
 #[cfg(test)]
@@ -792,6 +814,15 @@ mod tests {
             "postgres://u:***@h:5432/d"
         );
         assert_eq!(redact("postgres://u@h/d"), "postgres://u@h/d");
+        // sqlx also takes the password as a parameter.
+        assert_eq!(
+            redact("postgres://u@h/d?sslmode=require&password=secret"),
+            "postgres://u@h/d?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact("postgres://u:one@h/d?PASSWORD=two"),
+            "postgres://u:***@h/d?PASSWORD=***"
+        );
     }
 
     #[test]

@@ -362,6 +362,11 @@ impl GrpcServer {
             // fan's watch holds a stream, so a cap like hyper's own 200 would queue the next
             // watch, and every call behind it on that connection, until a watch ended.
             .max_concurrent_streams(None)
+            // hyper's guard against a peer that makes the server reset stream after stream
+            // (RUSTSEC-2024-0003; HTTP/2 "rapid reset" and "MadeYouReset" attacks): 1,024
+            // such resets and the connection gets a GOAWAY. tonic passes `None` by default,
+            // which switches the guard off.
+            .http2_max_local_error_reset_streams(Some(1_024))
             .http2_keepalive_interval(Some(keepalive.interval))
             .http2_keepalive_timeout(Some(keepalive.timeout))
             .add_routes(routes.routes())

@@ -358,7 +358,7 @@ async fn watch(
             // must not all lose their streams to one slow moment of the database. The
             // position still follows the board meanwhile.
             Err(error) if behind => {
-                tracing::warn!(token = %ticket.token, %error, "a watch's periodic check failed; trying again next period");
+                tracing::warn!(token = %logged(ticket.token), %error, "a watch's periodic check failed; trying again next period");
                 ticket.admitted_through = ticket.admitted_through.max(counters.admitted_through);
                 // The stream is open all the same: its fan is there.
                 note_if_due(&ticket, &mut noted_at);
@@ -375,7 +375,7 @@ async fn watch(
                 ) && retry
                     .is_none_or(|retry| retry.failing_since.elapsed() < heartbeat_every) =>
             {
-                tracing::warn!(token = %ticket.token, %error, "a watch's read failed; trying again shortly");
+                tracing::warn!(token = %logged(ticket.token), %error, "a watch's read failed; trying again shortly");
                 retry = Some(ReadRetry::after(retry));
                 note_if_due(&ticket, &mut noted_at);
             }
@@ -385,6 +385,15 @@ async fn watch(
             }
         }
     }
+}
+
+/// How a token appears in logs: its first 8 hex digits, enough to follow one fan through the
+/// log lines and useless as the bearer credential the whole token is (whoever reads the logs
+/// must not be able to pay with a fan's token).
+fn logged(token: Uuid) -> String {
+    let mut hex = token.simple().to_string();
+    hex.truncate(8);
+    format!("{hex}…")
 }
 
 /// A watch's read of its row to be tried again (see `watch`).
@@ -620,6 +629,12 @@ mod tests {
             heartbeat_due: false,
             seen_ago: std::time::Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn logs_name_a_token_by_a_prefix_that_is_no_credential() {
+        let token = Uuid::parse_str("0123abcd-0000-4000-8000-000000000000").unwrap();
+        assert_eq!(logged(token), "0123abcd…");
     }
 
     #[test]
