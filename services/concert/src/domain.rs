@@ -88,9 +88,12 @@ impl From<ConcertError> for ApiError {
                         .join(","),
                 )
             }
-            ConcertError::HoldLimitExceeded { .. } => {
+            // How many the fan holds already: a client that lost track of its holds learns
+            // how many seats it may still ask for (`limit` - `held`).
+            ConcertError::HoldLimitExceeded { held, .. } => {
                 ApiError::new(Code::FailedPrecondition, "HOLD_LIMIT_EXCEEDED", message)
                     .with_metadata("limit", MAX_SEATS_PER_FAN.to_string())
+                    .with_metadata("held", held.to_string())
             }
             ConcertError::HoldNotHeld(status) => {
                 ApiError::new(Code::FailedPrecondition, "HOLD_NOT_HELD", message)

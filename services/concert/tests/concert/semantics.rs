@@ -575,6 +575,13 @@ async fn a_fan_holds_at_most_four_seats_of_a_date_and_retries_replay() {
         (over.code(), reason(&over).as_str()),
         (Code::FailedPrecondition, "HOLD_LIMIT_EXCEEDED")
     );
+    assert_eq!(
+        (
+            stagedoor_testkit::detail(&over, "limit").as_deref(),
+            stagedoor_testkit::detail(&over, "held").as_deref()
+        ),
+        (Some("4"), Some("3"))
+    );
     mesh.hold(0, &fan, &schedule_id, &[14], "r-3")
         .await
         .expect("the fourth seat fits");
