@@ -236,6 +236,53 @@ pub async fn until_lock_waiters(
     .await
 }
 
+/// A row-level policy on a table, forced on its owner: a service's own role owns its tables,
+/// and an owner skips policies unless forced. Every row the service's statements read or
+/// write must pass `using`, an SQL condition on the row. Tests use one to hide rows from the
+/// service, or, through a SECURITY DEFINER function in the condition, to hold, record or fail
+/// the service's reads at a point they choose; [`RowPolicy::remove`] takes it away again.
+pub struct RowPolicy {
+    table: String,
+    name: String,
+}
+
+impl RowPolicy {
+    /// Puts policy `name` on `table` (`schema.table`); rows written must pass too only where
+    /// `using` says (the policy's WITH CHECK is `true`).
+    pub async fn force(admin: &PgPool, table: &str, name: &str, using: &str) -> RowPolicy {
+        for statement in [
+            format!("CREATE POLICY {name} ON {table} USING ({using}) WITH CHECK (true)"),
+            format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"),
+            format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY"),
+        ] {
+            sqlx::query(&statement)
+                .execute(admin)
+                .await
+                .unwrap_or_else(|error| panic!("{statement}: {error}"));
+        }
+        RowPolicy {
+            table: table.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// Takes the policy away, and row-level security off the table (with no policy left,
+    /// row-level security would hide every row).
+    pub async fn remove(self, admin: &PgPool) {
+        let RowPolicy { table, name } = self;
+        for statement in [
+            format!("ALTER TABLE {table} DISABLE ROW LEVEL SECURITY"),
+            format!("ALTER TABLE {table} NO FORCE ROW LEVEL SECURITY"),
+            format!("DROP POLICY {name} ON {table}"),
+        ] {
+            sqlx::query(&statement)
+                .execute(admin)
+                .await
+                .unwrap_or_else(|error| panic!("{statement}: {error}"));
+        }
+    }
+}
+
 /// Holds chosen writes to a table inside Postgres until the test opens it: a trigger makes
 /// each matching row's INSERT or UPDATE wait on an advisory lock the gate holds, so a
 /// transaction can be stopped at a point the test picks (holding its locks, its snapshot

@@ -281,14 +281,16 @@ async fn a_slow_board_refresh_does_not_pass_for_a_fresh_one() {
                     RETURN true;
                   END $$"
         ),
-        "CREATE POLICY held_board_read ON queue.lines USING (queue.held_board_read())
-           WITH CHECK (true)"
-            .to_owned(),
-        "ALTER TABLE queue.lines ENABLE ROW LEVEL SECURITY".to_owned(),
-        "ALTER TABLE queue.lines FORCE ROW LEVEL SECURITY".to_owned(),
     ] {
         sqlx::query(&statement).execute(&admin).await.unwrap();
     }
+    stagedoor_testkit::RowPolicy::force(
+        &admin,
+        "queue.lines",
+        "held_board_read",
+        "queue.held_board_read()",
+    )
+    .await;
     let board_read_held = stagedoor_testkit::LockWaiters {
         wait_event: Some("advisory"),
         query_contains: Some("OR concert_id = ANY"),

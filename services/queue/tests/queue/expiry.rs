@@ -253,13 +253,16 @@ async fn a_window_that_the_second_expiry_pass_ends_is_not_answered_active() {
                 END IF;
                 RETURN true;
               END $$",
-        "CREATE POLICY slow_read ON queue.tokens
-           USING (queue.slow_read(user_id, expire_time)) WITH CHECK (true)",
-        "ALTER TABLE queue.tokens ENABLE ROW LEVEL SECURITY",
-        "ALTER TABLE queue.tokens FORCE ROW LEVEL SECURITY",
     ] {
         sqlx::query(statement).execute(&admin).await.unwrap();
     }
+    stagedoor_testkit::RowPolicy::force(
+        &admin,
+        "queue.tokens",
+        "slow_read",
+        "queue.slow_read(user_id, expire_time)",
+    )
+    .await;
 
     let tickets = issue_one_batch(&database, &policy, &["fan", "other"]).await;
     let ticket_of = |user: &str| &tickets[user];

@@ -223,24 +223,8 @@ async fn two_replicas_migrating_while_an_index_builds_both_start() {
         let database_url = database.url(db::QUEUE);
         async move { migrate_url(database_url).await }
     });
-    // The second replica asks for the migration lock (its session's last statement names
-    // it) before the writer lets the build go on.
-    stagedoor_testkit::eventually(
-        std::time::Duration::from_secs(20),
-        "the second replica asks for the migration lock",
-        || async {
-            let asking: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND usename = 'stagedoor_queue'
-                    AND query LIKE '%stagedoor migrations of%'",
-            )
-            .fetch_one(&admin)
-            .await
-            .unwrap();
-            (asking > 0).then_some(())
-        },
-    )
-    .await;
+    // The second replica asks for the migration lock before the writer lets the build go on.
+    until_the_migration_lock_is_asked_for(&admin).await;
     writer.commit().await.unwrap();
 
     for (replica, started) in [("first", first), ("second", second)] {
@@ -257,6 +241,28 @@ async fn two_replicas_migrating_while_an_index_builds_both_start() {
         admissions_index_is_valid_and_recorded(&database).await,
         (true, true)
     );
+}
+
+/// Waits (20 s at most) until a queue replica asks for its schema's migration lock: its
+/// session's last statement names the lock (it polls, so the statement is there between
+/// tries too).
+async fn until_the_migration_lock_is_asked_for(admin: &sqlx::PgPool) {
+    stagedoor_testkit::eventually(
+        std::time::Duration::from_secs(20),
+        "a replica asks for the migration lock",
+        || async {
+            let asking: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND usename = 'stagedoor_queue'
+                    AND query LIKE '%stagedoor migrations of%'",
+            )
+            .fetch_one(admin)
+            .await
+            .unwrap();
+            (asking > 0).then_some(())
+        },
+    )
+    .await;
 }
 
 /// A replica killed (or failed) while building an index CONCURRENTLY leaves the index INVALID:
@@ -471,22 +477,7 @@ async fn a_replica_still_migrating_refuses_connections() {
         .unwrap();
     let addr = port.local_addr().unwrap();
     let starting = tokio::spawn(stagedoor_queue::start(config(&database), port));
-    stagedoor_testkit::eventually(
-        std::time::Duration::from_secs(20),
-        "the replica asks for the migration lock",
-        || async {
-            let asking: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND usename = 'stagedoor_queue'
-                    AND query LIKE '%stagedoor migrations of%'",
-            )
-            .fetch_one(&admin)
-            .await
-            .unwrap();
-            (asking > 0).then_some(())
-        },
-    )
-    .await;
+    until_the_migration_lock_is_asked_for(&admin).await;
     let refused = tokio::net::TcpStream::connect(addr)
         .await
         .expect_err("a replica still migrating accepted a connection");

@@ -36,14 +36,13 @@ async fn a_fan_who_leaves_while_waiting_is_never_admitted() {
     // read the line (every 100 ms). Proven, not waited for: with the leaver's row hidden
     // from the service (a row-level policy), only a poll answered from memory says WAITING.
     let admin = database.admin().await;
-    for statement in [
-        "CREATE POLICY hide_the_leaver ON queue.tokens USING (user_id <> 'leaver')
-           WITH CHECK (true)",
-        "ALTER TABLE queue.tokens ENABLE ROW LEVEL SECURITY",
-        "ALTER TABLE queue.tokens FORCE ROW LEVEL SECURITY",
-    ] {
-        sqlx::query(statement).execute(&admin).await.unwrap();
-    }
+    let hidden = stagedoor_testkit::RowPolicy::force(
+        &admin,
+        "queue.tokens",
+        "hide_the_leaver",
+        "user_id <> 'leaver'",
+    )
+    .await;
     stagedoor_testkit::eventually(
         Duration::from_secs(10),
         "a poll of the leaver answered from memory",
@@ -60,13 +59,7 @@ async fn a_fan_who_leaves_while_waiting_is_never_admitted() {
         },
     )
     .await;
-    for statement in [
-        "ALTER TABLE queue.tokens DISABLE ROW LEVEL SECURITY",
-        "ALTER TABLE queue.tokens NO FORCE ROW LEVEL SECURITY",
-        "DROP POLICY hide_the_leaver ON queue.tokens",
-    ] {
-        sqlx::query(statement).execute(&admin).await.unwrap();
-    }
+    hidden.remove(&admin).await;
     admin.close().await;
 
     let left = queue.leave(&leaver.token).await.unwrap();

@@ -283,14 +283,16 @@ async fn fail_ticket_reads(database: &TestDatabase, until: Option<DateTime<Utc>>
                     RETURN true;
                   END $$"
         ),
-        "CREATE POLICY busy_ticket_read ON queue.tokens USING (queue.busy_ticket_read())
-           WITH CHECK (true)"
-            .to_owned(),
-        "ALTER TABLE queue.tokens ENABLE ROW LEVEL SECURITY".to_owned(),
-        "ALTER TABLE queue.tokens FORCE ROW LEVEL SECURITY".to_owned(),
     ] {
         sqlx::query(&statement).execute(&admin).await.unwrap();
     }
+    stagedoor_testkit::RowPolicy::force(
+        &admin,
+        "queue.tokens",
+        "busy_ticket_read",
+        "queue.busy_ticket_read()",
+    )
+    .await;
     admin.close().await;
 }
 
