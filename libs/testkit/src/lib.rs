@@ -266,6 +266,23 @@ impl RowPolicy {
         }
     }
 
+    /// [`RowPolicy::force`] with a condition that runs `body`, the body of a plpgsql function
+    /// (`BEGIN ... RETURN true; END`, a `DECLARE` section before it if needed) made for it as
+    /// `schema.name()`. It runs with its creator's rights (SECURITY DEFINER), so it may use
+    /// what the test made (a sequence, a table) that the service's role may not.
+    pub async fn checked_by(admin: &PgPool, table: &str, name: &str, body: &str) -> RowPolicy {
+        let schema = table.split('.').next().unwrap_or(table);
+        let function = format!(
+            "CREATE FUNCTION {schema}.{name}() RETURNS boolean LANGUAGE plpgsql
+               SECURITY DEFINER AS $$ {body} $$"
+        );
+        sqlx::query(&function)
+            .execute(admin)
+            .await
+            .unwrap_or_else(|error| panic!("{function}: {error}"));
+        Self::force(admin, table, name, &format!("{schema}.{name}()")).await
+    }
+
     /// Takes the policy away, and row-level security off the table (with no policy left,
     /// row-level security would hide every row).
     pub async fn remove(self, admin: &PgPool) {

@@ -260,35 +260,30 @@ async fn a_slow_board_refresh_does_not_pass_for_a_fresh_one() {
     // The board's read is the statement with `OR concert_id = ANY`; a row-level policy
     // (forced on the service's own role) holds its first run on one lock, its second on the
     // other, and lets everything else through.
-    for statement in [
-        "CREATE SEQUENCE queue.board_reads".to_owned(),
-        format!(
-            // Its creator's rights (the sequence is the test's, not the service role's).
-            "CREATE FUNCTION queue.held_board_read() RETURNS boolean LANGUAGE plpgsql
-               SECURITY DEFINER AS
-               $$ DECLARE n int8;
-                  BEGIN
-                    IF current_query() LIKE '%OR concert_id = ANY%' THEN
-                        n := nextval('queue.board_reads');
-                        IF n = 1 THEN
-                            PERFORM pg_advisory_lock_shared({FIRST_READ});
-                            PERFORM pg_advisory_unlock_shared({FIRST_READ});
-                        ELSIF n = 2 THEN
-                            PERFORM pg_advisory_lock_shared({SECOND_READ});
-                            PERFORM pg_advisory_unlock_shared({SECOND_READ});
-                        END IF;
-                    END IF;
-                    RETURN true;
-                  END $$"
-        ),
-    ] {
-        sqlx::query(&statement).execute(&admin).await.unwrap();
-    }
-    stagedoor_testkit::RowPolicy::force(
+    sqlx::query("CREATE SEQUENCE queue.board_reads")
+        .execute(&admin)
+        .await
+        .unwrap();
+    stagedoor_testkit::RowPolicy::checked_by(
         &admin,
         "queue.lines",
         "held_board_read",
-        "queue.held_board_read()",
+        &format!(
+            "DECLARE n int8;
+             BEGIN
+               IF current_query() LIKE '%OR concert_id = ANY%' THEN
+                   n := nextval('queue.board_reads');
+                   IF n = 1 THEN
+                       PERFORM pg_advisory_lock_shared({FIRST_READ});
+                       PERFORM pg_advisory_unlock_shared({FIRST_READ});
+                   ELSIF n = 2 THEN
+                       PERFORM pg_advisory_lock_shared({SECOND_READ});
+                       PERFORM pg_advisory_unlock_shared({SECOND_READ});
+                   END IF;
+               END IF;
+               RETURN true;
+             END"
+        ),
     )
     .await;
     let board_read_held = stagedoor_testkit::LockWaiters {

@@ -267,30 +267,25 @@ async fn fail_ticket_reads(database: &TestDatabase, until: Option<DateTime<Utc>>
         format!("'{}'", until.to_rfc3339())
     });
     let admin = database.admin().await;
-    for statement in [
-        "CREATE SEQUENCE queue.ticket_reads".to_owned(),
-        format!(
-            // Its creator's rights (the sequence is the test's, not the service role's).
-            "CREATE FUNCTION queue.busy_ticket_read() RETURNS boolean LANGUAGE plpgsql
-               SECURITY DEFINER AS
-               $$ BEGIN
-                    IF current_query() LIKE '%t.token = ANY%' THEN
-                        PERFORM nextval('queue.ticket_reads');
-                        IF clock_timestamp() < {until}::timestamptz THEN
-                            RAISE EXCEPTION 'a busy moment' USING ERRCODE = 'query_canceled';
-                        END IF;
-                    END IF;
-                    RETURN true;
-                  END $$"
-        ),
-    ] {
-        sqlx::query(&statement).execute(&admin).await.unwrap();
-    }
-    stagedoor_testkit::RowPolicy::force(
+    sqlx::query("CREATE SEQUENCE queue.ticket_reads")
+        .execute(&admin)
+        .await
+        .unwrap();
+    stagedoor_testkit::RowPolicy::checked_by(
         &admin,
         "queue.tokens",
         "busy_ticket_read",
-        "queue.busy_ticket_read()",
+        &format!(
+            "BEGIN
+               IF current_query() LIKE '%t.token = ANY%' THEN
+                   PERFORM nextval('queue.ticket_reads');
+                   IF clock_timestamp() < {until}::timestamptz THEN
+                       RAISE EXCEPTION 'a busy moment' USING ERRCODE = 'query_canceled';
+                   END IF;
+               END IF;
+               RETURN true;
+             END"
+        ),
     )
     .await;
     admin.close().await;
