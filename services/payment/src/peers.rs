@@ -44,7 +44,7 @@ impl Failure {
                 reason: status
                     .get_details_error_info()
                     .map(|info| info.reason)
-                    .unwrap_or_else(|| format!("{:?}", status.code()).to_uppercase()),
+                    .unwrap_or_else(|| canonical_name(status.code())),
                 message: status.message().to_owned(),
             },
             // Timeouts, a peer down or restarting, a lost race (ABORTED, or ALREADY_EXISTS:
@@ -54,6 +54,20 @@ impl Failure {
             _ => Self::Unknown(format!("{:?}: {}", status.code(), status.message())),
         }
     }
+}
+
+/// A status code's canonical gRPC name (`FAILED_PRECONDITION`), the reason recorded for a
+/// refusal that came without an ErrorInfo (from a proxy, say): `failure_reason` is read by
+/// clients as an UPPER_SNAKE name. tonic's `Debug` spells the code in CamelCase.
+fn canonical_name(code: Code) -> String {
+    let mut name = String::new();
+    for (index, letter) in format!("{code:?}").chars().enumerate() {
+        if letter.is_ascii_uppercase() && index > 0 {
+            name.push('_');
+        }
+        name.push(letter.to_ascii_uppercase());
+    }
+    name
 }
 
 /// Clients of the queue, concert and point services. Cheap to clone.
@@ -184,6 +198,11 @@ mod tests {
         assert!(matches!(
             Failure::of(refusal.into()),
             Failure::Refused { reason, .. } if reason == "INSUFFICIENT_BALANCE"
+        ));
+        // A refusal without an ErrorInfo is named by its code, as gRPC spells it.
+        assert!(matches!(
+            Failure::of(tonic::Status::new(Code::FailedPrecondition, "no detail")),
+            Failure::Refused { reason, .. } if reason == "FAILED_PRECONDITION"
         ));
         // A unique violation the peer did not handle: a concurrent call may have done it.
         let raced = stagedoor_runtime::ApiError::new(Code::AlreadyExists, "ALREADY_EXISTS", "x");
