@@ -85,8 +85,8 @@ pub struct Fan {
 /// that needs it arrived, so batching never answers from an older read.
 #[derive(Clone)]
 pub struct TokenValidator {
-    /// The queue's answers: the fan, and how long its token's active window has left.
-    checks: Batcher<String, (Fan, Duration)>,
+    /// The queue's answers (see [`Checked`]).
+    checks: Batcher<String, Checked>,
     recent: std::sync::Arc<RecentTokens>,
 }
 
@@ -98,6 +98,15 @@ pub struct TokenValidator {
 struct RecentTokens {
     ttl: Duration,
     entries: std::sync::Mutex<std::collections::HashMap<String, (Fan, std::time::Instant)>>,
+}
+
+/// What the queue said of one token it issued.
+enum Checked {
+    /// ACTIVE: the fan, and how long the token's active window has left.
+    Active(Fan, Duration),
+    /// WAITING, DONE or EXPIRED: whose token it is, and the refusal a call that needs an
+    /// ACTIVE token answers with.
+    NotActive(Fan, ApiError),
 }
 
 /// Entries kept at most before the cache starts over.
@@ -113,7 +122,7 @@ impl TokenValidator {
         let queue = QueueInternalServiceClient::new(channel);
         let (checks, _worker) = Batcher::spawn(VALIDATE_LIMITS, move |tokens: Vec<String>| {
             let queue = queue.clone();
-            Box::pin(ask_queue(queue, tokens, deadline)) as BatchFuture<(Fan, Duration)>
+            Box::pin(ask_queue(queue, tokens, deadline)) as BatchFuture<Checked>
         });
         Ok(Self {
             checks,
@@ -131,9 +140,32 @@ impl TokenValidator {
         if let Some(fan) = self.recent.get(&token) {
             return Ok(fan);
         }
-        let (fan, window_left) = self.checks.call(token).await?;
-        self.recent.put(&fan, window_left);
-        Ok(fan)
+        match self.checks.call(token).await? {
+            Checked::Active(fan, window_left) => {
+                self.recent.put(&fan, window_left);
+                Ok(fan)
+            }
+            Checked::NotActive(_, refused) => Err(refused),
+        }
+    }
+
+    /// Whose token a call bears, whatever its status (WAITING, ACTIVE, DONE, EXPIRED): for
+    /// calls that only act on what the fan already has, such as giving held seats back,
+    /// which a fan whose payment completed the token must still be able to do. A token the
+    /// queue never issued, or not a token, is refused as by [`TokenValidator::fan`]; so is
+    /// an ended one when the queue does not say whose it is (a queue of an older version).
+    pub async fn owner(&self, metadata: &MetadataMap) -> Result<Fan, ApiError> {
+        let token = bearer_token(metadata)?;
+        if let Some(fan) = self.recent.get(&token) {
+            return Ok(fan);
+        }
+        match self.checks.call(token).await? {
+            Checked::Active(fan, window_left) => {
+                self.recent.put(&fan, window_left);
+                Ok(fan)
+            }
+            Checked::NotActive(fan, _) => Ok(fan),
+        }
     }
 }
 
@@ -150,7 +182,7 @@ async fn ask_queue(
     mut queue: QueueInternalServiceClient<Channel>,
     tokens: Vec<String>,
     deadline: Duration,
-) -> Vec<Result<(Fan, Duration), ApiError>> {
+) -> Vec<Result<Checked, ApiError>> {
     let mut request = tonic::Request::new(ValidateTokensRequest {
         tokens: tokens.clone(),
     });
@@ -180,13 +212,35 @@ async fn ask_queue(
         .into_iter()
         .zip(validations)
         .map(|(token, validation)| match validation.result {
-            Some(token_validation::Result::Valid(valid)) => Ok(vouched(token, valid)),
-            Some(token_validation::Result::Refused(refused)) => Err(queue_refusal(
-                Code::from_i32(refused.code),
-                Some(refused.reason.as_str()),
-                &refused.message,
-                refused.metadata.get("status"),
-            )),
+            Some(token_validation::Result::Valid(valid)) => {
+                let (fan, window_left) = vouched(token, valid);
+                Ok(Checked::Active(fan, window_left))
+            }
+            Some(token_validation::Result::Refused(refused)) => {
+                let error = queue_refusal(
+                    Code::from_i32(refused.code),
+                    Some(refused.reason.as_str()),
+                    &refused.message,
+                    refused.metadata.get("status"),
+                );
+                // A token issued but not ACTIVE: the queue says whose it is (internal
+                // metadata, never passed on to this service's callers).
+                match (
+                    refused.reason.as_str(),
+                    refused.metadata.get("user_id"),
+                    refused.metadata.get("concert_id"),
+                ) {
+                    ("TOKEN_NOT_ACTIVE", Some(user_id), Some(concert_id)) => {
+                        let fan = Fan {
+                            user_id: user_id.clone(),
+                            concert_id: concert_id.clone(),
+                            token,
+                        };
+                        Ok(Checked::NotActive(fan, error))
+                    }
+                    _ => Err(error),
+                }
+            }
             None => Err(ApiError::internal(
                 "ValidateTokens answered a token with nothing",
             )),

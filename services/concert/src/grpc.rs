@@ -330,7 +330,11 @@ impl ConcertService for ConcertApi {
         &self,
         request: Request<pb::ReleaseHoldRequest>,
     ) -> Result<Response<pb::ReleaseHoldResponse>, Status> {
-        let fan = self.fan_of(&request).await?;
+        // Any token the queue issued to the fan, not only an ACTIVE one: giving seats back
+        // takes nothing from anyone, and a fan whose payment completed the token (DONE) must
+        // still be able to free the other holds it has, rather than keep their seats from
+        // everyone until they expire.
+        let fan = self.state.tokens.owner(request.metadata()).await?;
         let hold_id = parse_hold_id(&request.get_ref().hold_id)?;
         let hold = store::release(&self.state.pool, hold_id, &fan.user_id, &fan.concert_id).await?;
         Ok(Response::new(pb::ReleaseHoldResponse {

@@ -526,10 +526,19 @@ impl QueueInternalService for QueueApi {
         let validations = parsed
             .into_iter()
             .map(|id| {
-                let checked = id.and_then(|_| {
-                    validation(tickets.next().expect("one ticket read per parsed token"))
-                });
-                let result = match checked {
+                let ticket = id.map(|_| tickets.next().expect("one ticket read per parsed token"));
+                // Whose token it is, when it was issued but is not ACTIVE: the other services
+                // let such a token act on what its fan already has (ReleaseHold).
+                let owner = match &ticket {
+                    Ok(Some(ticket)) if ticket.status != TokenStatus::Active => {
+                        vec![
+                            ("user_id".to_owned(), ticket.user_id.clone()),
+                            ("concert_id".to_owned(), ticket.concert_id.clone()),
+                        ]
+                    }
+                    _ => Vec::new(),
+                };
+                let result = match ticket.and_then(validation) {
                     Ok(valid) => pb::token_validation::Result::Valid(valid),
                     Err(refused) => {
                         let refused = ApiError::from(refused);
@@ -541,6 +550,7 @@ impl QueueInternalService for QueueApi {
                                 .metadata()
                                 .iter()
                                 .map(|(key, value)| (key.to_string(), value.clone()))
+                                .chain(owner)
                                 .collect(),
                         })
                     }

@@ -873,3 +873,53 @@ async fn a_retried_hold_answers_the_hold_as_it_is_after_waiting_for_its_seats() 
     assert_eq!(retried.hold_id, held.hold_id);
     assert_eq!(retried.status(), pb::HoldStatus::Released);
 }
+
+/// A fan who paid for one hold (the payment completes the token: DONE) still frees the
+/// other holds it has: ReleaseHold takes any token the queue issued to the fan, since giving
+/// seats back takes nothing from anyone. Everything else still wants an ACTIVE token, and an
+/// ended token still releases its own fan's holds only.
+#[tokio::test]
+async fn a_fan_whose_token_is_done_can_still_give_holds_back() {
+    // No cache of vouched tokens: every call asks the queue.
+    let mesh = mesh(1, |_, concert| concert.token_cache_ttl = Duration::ZERO).await;
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let fan = mesh.active_token(&concert_id, "fan").await;
+    let other = mesh.active_token(&concert_id, "other").await;
+    let bought = mesh.hold(0, &fan, &schedule_id, &[1], "r-1").await.unwrap();
+    let kept = mesh
+        .hold(0, &fan, &schedule_id, &[2, 3], "r-2")
+        .await
+        .unwrap();
+    let others = mesh
+        .hold(0, &other, &schedule_id, &[4], "o-1")
+        .await
+        .unwrap();
+    mesh.confirm(0, &bought.hold_id, "pay-1").await.unwrap();
+    mesh.queue_internal
+        .clone()
+        .complete_token(queue_pb::CompleteTokenRequest { token: fan.clone() })
+        .await
+        .unwrap();
+
+    let released = mesh
+        .release(&fan, &kept.hold_id)
+        .await
+        .expect("a DONE token releases its fan's hold");
+    assert_eq!(released.status(), pb::HoldStatus::Released);
+    let seats = mesh.seats(&other, &schedule_id).await;
+    assert_eq!(status_of(&seats, 2), pb::SeatStatus::Available);
+    assert_eq!(status_of(&seats, 3), pb::SeatStatus::Available);
+
+    let not_theirs = mesh.release(&fan, &others.hold_id).await.unwrap_err();
+    assert_eq!(reason(&not_theirs), "HOLD_NOT_FOUND");
+    let no_more = mesh
+        .hold(0, &fan, &schedule_id, &[5], "r-3")
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&no_more), "TOKEN_NOT_ACTIVE");
+    let unknown = mesh
+        .release(&uuid::Uuid::new_v4().to_string(), &kept.hold_id)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&unknown), "TOKEN_NOT_FOUND");
+}
