@@ -104,9 +104,15 @@ struct RecentTokens {
 enum Checked {
     /// ACTIVE: the fan, and how long the token's active window has left.
     Active(Fan, Duration),
-    /// WAITING, DONE or EXPIRED: whose token it is, and the refusal a call that needs an
+    /// WAITING, DONE or EXPIRED: whose token it is, whether it still waits, when its active
+    /// window ended or ends (`None`: it never had one), and the refusal a call that needs an
     /// ACTIVE token answers with.
-    NotActive(Fan, ApiError),
+    NotActive {
+        fan: Fan,
+        waiting: bool,
+        window_end: Option<chrono::DateTime<chrono::Utc>>,
+        refused: ApiError,
+    },
 }
 
 /// Entries kept at most before the cache starts over.
@@ -145,16 +151,23 @@ impl TokenValidator {
                 self.recent.put(&fan, window_left);
                 Ok(fan)
             }
-            Checked::NotActive(_, refused) => Err(refused),
+            Checked::NotActive { refused, .. } => Err(refused),
         }
     }
 
-    /// Whose token a call bears, whatever its status (WAITING, ACTIVE, DONE, EXPIRED): for
-    /// calls that only act on what the fan already has, such as giving held seats back,
-    /// which a fan whose payment completed the token must still be able to do. A token the
-    /// queue never issued, or not a token, is refused as by [`TokenValidator::fan`]; so is
-    /// an ended one when the queue does not say whose it is (a queue of an older version).
-    pub async fn owner(&self, metadata: &MetadataMap) -> Result<Fan, ApiError> {
+    /// Whose token a call bears, whether ACTIVE or not: for calls that only act on what the
+    /// fan already has, such as giving held seats back, which a fan whose payment completed
+    /// the token must still be able to do. A WAITING token is taken; an ended one (DONE,
+    /// EXPIRED) only until `ended_within` after its active window's end, the longest anything
+    /// made with it can last (a hold's TTL): an old token, found in a backup or an old log,
+    /// must not become a credential again. Otherwise it is refused as by
+    /// [`TokenValidator::fan`]; so is any token the queue never issued, and an ended one when
+    /// the queue does not say whose it is (a queue of an older version).
+    pub async fn owner(
+        &self,
+        metadata: &MetadataMap,
+        ended_within: Duration,
+    ) -> Result<Fan, ApiError> {
         let token = bearer_token(metadata)?;
         if let Some(fan) = self.recent.get(&token) {
             return Ok(fan);
@@ -164,7 +177,22 @@ impl TokenValidator {
                 self.recent.put(&fan, window_left);
                 Ok(fan)
             }
-            Checked::NotActive(fan, _) => Ok(fan),
+            Checked::NotActive {
+                fan,
+                waiting,
+                window_end,
+                refused,
+            } => {
+                let recent = window_end.is_some_and(|end| {
+                    chrono::Utc::now() - end
+                        < chrono::Duration::from_std(ended_within).unwrap_or(chrono::Duration::MAX)
+                });
+                if waiting || recent {
+                    Ok(fan)
+                } else {
+                    Err(refused)
+                }
+            }
         }
     }
 }
@@ -236,7 +264,18 @@ async fn ask_queue(
                             concert_id: concert_id.clone(),
                             token,
                         };
-                        Ok(Checked::NotActive(fan, error))
+                        let window_end = refused
+                            .metadata
+                            .get("expire_time")
+                            .and_then(|end| chrono::DateTime::parse_from_rfc3339(end).ok())
+                            .map(|end| end.with_timezone(&chrono::Utc));
+                        Ok(Checked::NotActive {
+                            fan,
+                            waiting: refused.metadata.get("status").map(String::as_str)
+                                == Some("WAITING"),
+                            window_end,
+                            refused: error,
+                        })
                     }
                     _ => Err(error),
                 }

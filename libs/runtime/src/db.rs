@@ -755,14 +755,26 @@ pub fn int4_array_literal(numbers: &[i32]) -> String {
 /// A database URL without its password, for messages and logs: the one after the user name,
 /// and a `password=` parameter, which sqlx reads too.
 pub fn redact(url: &str) -> String {
-    let Ok(mut parsed) = url::Url::parse(url) else {
-        // Not a URL sqlx could read either: say nothing of what it holds after a user name.
-        return match (url.find("://"), url.rfind('@')) {
-            (Some(scheme_end), Some(at)) if at > scheme_end => {
-                format!("{}***{}", &url[..scheme_end + 3], &url[at..])
+    // Everything between the scheme and the last `@`: what is left when the URL cannot be
+    // read as one with credentials.
+    let masked = || match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            Some(format!("{}***{}", &url[..scheme_end + 3], &url[at..]))
+        }
+        _ => None,
+    };
+    let parsed = url::Url::parse(url);
+    let mut parsed = match parsed {
+        // A password holding `/`, `?` or `#` unencoded ends the authority early: such a URL
+        // parses with no credentials at all, the password in its path.
+        Ok(parsed) if parsed.username().is_empty() && parsed.password().is_none() => {
+            match masked() {
+                Some(masked) => return masked,
+                None => parsed,
             }
-            _ => url.to_owned(),
-        };
+        }
+        Ok(parsed) => parsed,
+        Err(_) => return masked().unwrap_or_else(|| url.to_owned()),
     };
     if parsed.password().is_some() {
         // Only fails for URLs that cannot have credentials, and this one has some.
@@ -822,6 +834,11 @@ mod tests {
         assert_eq!(
             redact("postgres://u:one@h/d?PASSWORD=two"),
             "postgres://u:***@h/d?PASSWORD=***"
+        );
+        // Unencoded, a `/` in the password ends the URL's authority: no credentials parse.
+        assert_eq!(
+            redact("postgres://u:/s3cret@db/app"),
+            "postgres://***@db/app"
         );
     }
 

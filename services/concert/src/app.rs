@@ -169,6 +169,7 @@ pub async fn start(
         pool,
         dates: Default::default(),
         tokens,
+        hold_ttl: config.hold_ttl,
         holds,
         confirms,
         reads,

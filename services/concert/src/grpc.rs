@@ -30,6 +30,9 @@ pub struct ConcertState {
     /// Dates never change once added: each replica keeps those it has read.
     pub dates: std::sync::Mutex<std::collections::HashMap<String, ScheduleRow>>,
     pub tokens: TokenValidator,
+    /// How long a hold keeps its seats: also how long after its window's end a fan's token
+    /// may still release holds (see ReleaseHold).
+    pub hold_ttl: std::time::Duration,
     /// HoldSeats' batching worker (see `app::spawn_hold_writes`).
     pub holds: Batcher<store::HoldRequest, HoldRow>,
     /// ConfirmHold's batching worker (the same).
@@ -334,7 +337,11 @@ impl ConcertService for ConcertApi {
         // takes nothing from anyone, and a fan whose payment completed the token (DONE) must
         // still be able to free the other holds it has, rather than keep their seats from
         // everyone until they expire.
-        let fan = self.state.tokens.owner(request.metadata()).await?;
+        let fan = self
+            .state
+            .tokens
+            .owner(request.metadata(), self.state.hold_ttl)
+            .await?;
         let hold_id = parse_hold_id(&request.get_ref().hold_id)?;
         let hold = store::release(&self.state.pool, hold_id, &fan.user_id, &fan.concert_id).await?;
         Ok(Response::new(pb::ReleaseHoldResponse {

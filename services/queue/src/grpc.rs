@@ -529,12 +529,18 @@ impl QueueInternalService for QueueApi {
                 let ticket = id.map(|_| tickets.next().expect("one ticket read per parsed token"));
                 // Whose token it is, when it was issued but is not ACTIVE: the other services
                 // let such a token act on what its fan already has (ReleaseHold).
+                // With the end of its active window, if it had one: how long ago it could
+                // last have made a hold.
                 let owner = match &ticket {
                     Ok(Some(ticket)) if ticket.status != TokenStatus::Active => {
-                        vec![
+                        let mut owner = vec![
                             ("user_id".to_owned(), ticket.user_id.clone()),
                             ("concert_id".to_owned(), ticket.concert_id.clone()),
-                        ]
+                        ];
+                        if let Some(end) = ticket.expire_time {
+                            owner.push(("expire_time".to_owned(), end.to_rfc3339()));
+                        }
+                        owner
                     }
                     _ => Vec::new(),
                 };

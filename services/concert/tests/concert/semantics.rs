@@ -875,9 +875,10 @@ async fn a_retried_hold_answers_the_hold_as_it_is_after_waiting_for_its_seats() 
 }
 
 /// A fan who paid for one hold (the payment completes the token: DONE) still frees the
-/// other holds it has: ReleaseHold takes any token the queue issued to the fan, since giving
-/// seats back takes nothing from anyone. Everything else still wants an ACTIVE token, and an
-/// ended token still releases its own fan's holds only.
+/// other holds it has: ReleaseHold takes the fan's token while it waits, while it is ACTIVE,
+/// and for a hold's TTL after its window, since giving seats back takes nothing from anyone.
+/// Everything else still wants an ACTIVE token; an ended token still releases its own fan's
+/// holds only, and one whose window ended longer ago than that is no credential at all.
 #[tokio::test]
 async fn a_fan_whose_token_is_done_can_still_give_holds_back() {
     // No cache of vouched tokens: every call asks the queue.
@@ -894,12 +895,32 @@ async fn a_fan_whose_token_is_done_can_still_give_holds_back() {
         .hold(0, &other, &schedule_id, &[4], "o-1")
         .await
         .unwrap();
-    mesh.confirm(0, &bought.hold_id, "pay-1").await.unwrap();
-    mesh.queue_internal
-        .clone()
-        .complete_token(queue_pb::CompleteTokenRequest { token: fan.clone() })
+    let stale = mesh.active_token(&concert_id, "stale").await;
+    let stales = mesh
+        .hold(0, &stale, &schedule_id, &[6], "s-1")
         .await
         .unwrap();
+    mesh.confirm(0, &bought.hold_id, "pay-1").await.unwrap();
+    for token in [&fan, &stale] {
+        mesh.queue_internal
+            .clone()
+            .complete_token(queue_pb::CompleteTokenRequest {
+                token: token.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    // `stale`'s window ended an hour ago, far more than the 5 minutes a hold lasts.
+    let admin = mesh.database.admin().await;
+    sqlx::query(
+        "UPDATE queue.tokens SET expire_time = now() - interval '1 hour' WHERE user_id = 'stale'",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    let too_old = mesh.release(&stale, &stales.hold_id).await.unwrap_err();
+    assert_eq!(reason(&too_old), "TOKEN_NOT_ACTIVE");
 
     let released = mesh
         .release(&fan, &kept.hold_id)

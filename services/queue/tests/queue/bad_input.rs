@@ -279,6 +279,9 @@ async fn validate_tokens_answers_each_token_as_validate_token_would() {
                 // concert service's ReleaseHold), and nothing else beyond ValidateToken.
                 let mut metadata = together.metadata.clone();
                 let owner = (metadata.remove("user_id"), metadata.remove("concert_id"));
+                // Carol was admitted (her window's end is known), Bob never was.
+                let window_end = metadata.remove("expire_time");
+                assert_eq!(window_end.is_some(), *token == carol.token, "{token}");
                 assert_eq!(metadata, info.metadata, "{token}");
                 if together.reason == "TOKEN_NOT_ACTIVE" {
                     let user = if *token == bob.token { "bob" } else { "carol" };
