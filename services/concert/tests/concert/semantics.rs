@@ -944,3 +944,37 @@ async fn a_fan_whose_token_is_done_can_still_give_holds_back() {
         .unwrap_err();
     assert_eq!(reason(&unknown), "TOKEN_NOT_FOUND");
 }
+
+/// A fan who left the line with seats still held, and queued again, releases them with the
+/// new token while it waits: a WAITING token names the fan as well as an ACTIVE one.
+#[tokio::test]
+async fn a_waiting_token_gives_back_the_holds_of_an_earlier_admission() {
+    let mesh = mesh(1, |queue, concert| {
+        queue.max_active = 1;
+        concert.token_cache_ttl = Duration::ZERO;
+    })
+    .await;
+    let (concert_id, schedule_id) = mesh.catalog(50).await;
+    let first = mesh.active_token(&concert_id, "fan").await;
+    let held = mesh
+        .hold(0, &first, &schedule_id, &[7], "r-1")
+        .await
+        .unwrap();
+    mesh.queue
+        .clone()
+        .leave_queue(queue_pb::LeaveQueueRequest {
+            token: first.clone(),
+        })
+        .await
+        .unwrap();
+    // Someone else takes the only slot; the fan queues again behind them.
+    mesh.active_token(&concert_id, "next").await;
+    let (again, status) = mesh.token(&concert_id, "fan").await;
+    assert_eq!(status, queue_pb::TokenStatus::Waiting);
+
+    let released = mesh
+        .release(&again, &held.hold_id)
+        .await
+        .expect("a WAITING token releases its fan's hold");
+    assert_eq!(released.status(), pb::HoldStatus::Released);
+}
