@@ -108,6 +108,7 @@ pub async fn start(
     // A cached WAITING ticket is re-read from Postgres after a quarter of the idle TTL, the
     // same period as its heartbeat.
     let waiting = WaitingCache::new(policy.heartbeat_every, policy.heartbeat_every);
+    let open_lines = crate::open_lines::OpenLines::new(pool.clone());
     let api = QueueApi::new(QueueState {
         pool,
         policy,
@@ -118,6 +119,7 @@ pub async fn start(
         board,
         heartbeats,
         waiting,
+        open_lines,
         shutdown,
         watch_interval: config.watch_interval,
         active_recheck: config.active_recheck,

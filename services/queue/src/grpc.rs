@@ -38,6 +38,8 @@ pub struct QueueState {
     pub board: Arc<LineBoard>,
     pub heartbeats: Arc<Heartbeats>,
     pub waiting: WaitingCache,
+    /// Which concerts have a line: IssueToken for one that has none never reaches a batch.
+    pub open_lines: crate::open_lines::OpenLines,
     pub shutdown: Shutdown,
     /// A watcher's pause between position updates when far back (see `update_interval`).
     pub watch_interval: Duration,
@@ -126,6 +128,11 @@ impl QueueService for QueueApi {
         let request = request.into_inner();
         let concert_id = validate::id("concert_id", &request.concert_id)?;
         let user_id = validate::id("user_id", &request.user_id)?;
+        // A concert with no line is refused before the line batches (see `open_lines`); the
+        // batch checks again under the line lock.
+        if !self.state.open_lines.is_open(concert_id).await? {
+            return Err(QueueError::ConcertNotFound(concert_id.to_owned()).into());
+        }
 
         // New fans and refreshes alike go through the batch: it finds a live token under
         // the line lock, so a refresh costs one slot in a shared transaction, not a query

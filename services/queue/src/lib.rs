@@ -11,6 +11,7 @@
 //! - [`board`]: each replica's view of busy lines (admission rate, stream notifications).
 //! - [`heartbeat`]: keeping polled tokens alive without a write per poll.
 //! - [`cache`]: answering polls of WAITING fans from memory.
+//! - [`open_lines`]: refusing IssueToken for a concert with no line before any transaction.
 //! - [`grpc`]: the two gRPC services. [`app`]: wiring.
 
 pub mod app;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod domain;
 pub mod grpc;
 pub mod heartbeat;
+pub mod open_lines;
 pub mod store;
 
 pub use app::start;

@@ -171,6 +171,14 @@ pub async fn open_lines(
     Ok(opened.rows_affected())
 }
 
+/// The id of every open line (every concert's: there is one per concert, and none closes).
+pub async fn line_ids(pool: &PgPool) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let ids: Vec<String> = sqlx::query_scalar("SELECT concert_id FROM lines")
+        .fetch_all(pool)
+        .await?;
+    Ok(ids.into_iter().collect())
+}
+
 /// Admission, with the line locked: expire passed windows and ghosts, then admit (see
 /// [`admit`]). Returns how many fans were admitted.
 async fn advance(

@@ -193,3 +193,70 @@ async fn a_line_stuck_in_the_database_does_not_hold_up_another_concerts_fans() {
     let ticket = parked.await.unwrap();
     assert_eq!(ticket.status(), pb::TokenStatus::Active);
 }
+
+/// A client inventing concert ids must not queue a transaction per id in front of real fans'
+/// line batches: IssueToken for a concert with no line is refused before them. Here every
+/// line batch waits (the test holds `lines` in EXCLUSIVE mode, which a batch's `SELECT ...
+/// FOR UPDATE` waits for and a plain read does not): two hundred IssueTokens for invented
+/// concerts are all answered CONCERT_NOT_FOUND meanwhile, while a real concert's waits.
+#[tokio::test]
+async fn invented_concerts_are_refused_without_waiting_for_the_line_batches() {
+    let database = TestDatabase::create().await;
+    let queue = start(config(&database)).await;
+    queue.open(&["real"]).await;
+    let admin = database.admin().await;
+    let mut lines_held = admin.begin().await.unwrap();
+    sqlx::query("LOCK TABLE queue.lines IN EXCLUSIVE MODE")
+        .execute(&mut *lines_held)
+        .await
+        .unwrap();
+
+    let real = tokio::spawn({
+        let mut public = queue.public.clone();
+        async move {
+            public
+                .issue_token(pb::IssueTokenRequest {
+                    concert_id: "real".into(),
+                    user_id: "fan".into(),
+                })
+                .await
+        }
+    });
+    let invented: Vec<_> = (0..200)
+        .map(|n| {
+            let mut public = queue.public.clone();
+            tokio::spawn(async move {
+                public
+                    .issue_token(pb::IssueTokenRequest {
+                        concert_id: format!("invented-{n}"),
+                        user_id: "fan".into(),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for call in invented {
+        let refused = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("an invented concert is refused while the line batches wait")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(crate::reason(&refused), "CONCERT_NOT_FOUND");
+    }
+    assert!(
+        !real.is_finished(),
+        "the real concert's batch waits for the lock"
+    );
+
+    lines_held.commit().await.unwrap();
+    let ticket = tokio::time::timeout(Duration::from_secs(10), real)
+        .await
+        .expect("the real concert's fan gets a token once the lock is gone")
+        .unwrap()
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap();
+    assert_eq!(ticket.concert_id, "real");
+    admin.close().await;
+}
