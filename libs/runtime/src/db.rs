@@ -754,50 +754,39 @@ pub fn int4_array_literal(numbers: &[i32]) -> String {
 
 /// A database URL without its password, for messages and logs: the one after the user name,
 /// and a `password=` parameter, which sqlx reads too.
+///
+/// Read as text, not parsed: a password with an unencoded `/` ends a URL parser's
+/// authority early (the URL then has no credentials at all, the password sits in its path),
+/// yet sqlx connects with such a URL and its errors print it. So the credentials are what
+/// lies between `://` and the last `@` before the query. (A password with an unencoded `?`
+/// or `#` makes a URL sqlx refuses before connecting, so it is never printed from here.)
 pub fn redact(url: &str) -> String {
-    // Everything between the scheme and the last `@`: what is left when the URL cannot be
-    // read as one with credentials.
-    let masked = || match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            Some(format!("{}***{}", &url[..scheme_end + 3], &url[at..]))
-        }
-        _ => None,
+    let (head, query) = match url.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (url, None),
     };
-    let parsed = url::Url::parse(url);
-    let mut parsed = match parsed {
-        // A password holding `/`, `?` or `#` unencoded ends the authority early: such a URL
-        // parses with no credentials at all, the password in its path.
-        Ok(parsed) if parsed.username().is_empty() && parsed.password().is_none() => {
-            match masked() {
-                Some(masked) => return masked,
-                None => parsed,
+    let head = match (head.find("://"), head.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            match head[scheme_end + 3..at].split_once(':') {
+                Some((user, _)) => {
+                    format!("{}{user}:***{}", &head[..scheme_end + 3], &head[at..])
+                }
+                None => head.to_owned(),
             }
         }
-        Ok(parsed) => parsed,
-        Err(_) => return masked().unwrap_or_else(|| url.to_owned()),
+        _ => head.to_owned(),
     };
-    if parsed.password().is_some() {
-        // Only fails for URLs that cannot have credentials, and this one has some.
-        let _ = parsed.set_password(Some("***"));
-    }
-    if parsed
-        .query_pairs()
-        .any(|(key, _)| key.eq_ignore_ascii_case("password"))
-    {
-        let pairs: Vec<(String, String)> = parsed
-            .query_pairs()
-            .map(|(key, value)| {
-                let value = if key.eq_ignore_ascii_case("password") {
-                    "***".to_owned()
-                } else {
-                    value.into_owned()
-                };
-                (key.into_owned(), value)
-            })
-            .collect();
-        parsed.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    parsed.into()
+    let Some(query) = query else {
+        return head;
+    };
+    let parameters: Vec<String> = query
+        .split('&')
+        .map(|parameter| match parameter.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => parameter.to_owned(),
+        })
+        .collect();
+    format!("{head}?{}", parameters.join("&"))
 }
 
 #[cfg(test)]
@@ -835,10 +824,16 @@ mod tests {
             redact("postgres://u:one@h/d?PASSWORD=two"),
             "postgres://u:***@h/d?PASSWORD=***"
         );
-        // Unencoded, a `/` in the password ends the URL's authority: no credentials parse.
+        // Unencoded, a `/` in the password ends a URL parser's authority.
         assert_eq!(
             redact("postgres://u:/s3cret@db/app"),
-            "postgres://***@db/app"
+            "postgres://u:***@db/app"
+        );
+        // An `@` in the query is no user's: the password parameter is still masked, and the
+        // other parameters are left as written.
+        assert_eq!(
+            redact("postgres://db/app?user=admin@srv&password=secret&host=/run/pg"),
+            "postgres://db/app?user=admin@srv&password=***&host=/run/pg"
         );
     }
 
