@@ -260,3 +260,22 @@ async fn invented_concerts_are_refused_without_waiting_for_the_line_batches() {
     assert_eq!(ticket.concert_id, "real");
     admin.close().await;
 }
+
+/// A line another replica opens after this one has read the open lines is found: a concert
+/// id this replica does not know is looked up again, never refused from memory.
+#[tokio::test]
+async fn a_line_opened_through_another_replica_takes_fans_at_once() {
+    let database = TestDatabase::create().await;
+    let replicas = [
+        start(config(&database)).await,
+        start(config(&database)).await,
+    ];
+    replicas[0].open(&["first"]).await;
+    assert_eq!(replicas[1].issue("first", "fan").await.concert_id, "first");
+    replicas[0].open(&["second"]).await;
+    assert_eq!(
+        replicas[1].issue("second", "fan").await.concert_id,
+        "second",
+        "refused from an old read of the open lines"
+    );
+}
