@@ -104,15 +104,18 @@ struct RecentTokens {
 enum Checked {
     /// ACTIVE: the fan, and how long the token's active window has left.
     Active(Fan, Duration),
-    /// WAITING, DONE or EXPIRED: whose token it is, whether it still waits, when its active
-    /// window ended or ends (`None`: it never had one), and the refusal a call that needs an
-    /// ACTIVE token answers with.
-    NotActive {
-        fan: Fan,
-        waiting: bool,
-        window_end: Option<chrono::DateTime<chrono::Utc>>,
-        refused: ApiError,
-    },
+    /// WAITING, DONE or EXPIRED.
+    NotActive(NotActive),
+}
+
+/// A token the queue issued that is not ACTIVE: whose it is, whether it still waits, when its
+/// active window ended or ends (`None`: it never had one), and the refusal a call that needs
+/// an ACTIVE token answers with.
+struct NotActive {
+    fan: Fan,
+    waiting: bool,
+    window_end: Option<chrono::DateTime<chrono::Utc>>,
+    refused: ApiError,
 }
 
 /// Entries kept at most before the cache starts over.
@@ -142,17 +145,9 @@ impl TokenValidator {
     /// The fan of a call: its bearer token must be ACTIVE. The queue's own refusals pass
     /// through with their code and reason (TOKEN_NOT_FOUND, TOKEN_NOT_ACTIVE, ...).
     pub async fn fan(&self, metadata: &MetadataMap) -> Result<Fan, ApiError> {
-        let token = bearer_token(metadata)?;
-        if let Some(fan) = self.recent.get(&token) {
-            return Ok(fan);
-        }
-        match self.checks.call(token).await? {
-            Checked::Active(fan, window_left) => {
-                self.recent.put(&fan, window_left);
-                Ok(fan)
-            }
-            Checked::NotActive { refused, .. } => Err(refused),
-        }
+        self.check(metadata)
+            .await?
+            .map_err(|not_active| not_active.refused)
     }
 
     /// Whose token a call bears, whether ACTIVE or not: for calls that only act on what the
@@ -168,21 +163,14 @@ impl TokenValidator {
         metadata: &MetadataMap,
         ended_within: Duration,
     ) -> Result<Fan, ApiError> {
-        let token = bearer_token(metadata)?;
-        if let Some(fan) = self.recent.get(&token) {
-            return Ok(fan);
-        }
-        match self.checks.call(token).await? {
-            Checked::Active(fan, window_left) => {
-                self.recent.put(&fan, window_left);
-                Ok(fan)
-            }
-            Checked::NotActive {
+        match self.check(metadata).await? {
+            Ok(fan) => Ok(fan),
+            Err(NotActive {
                 fan,
                 waiting,
                 window_end,
                 refused,
-            } => {
+            }) => {
                 let recent = window_end.is_some_and(|end| {
                     chrono::Utc::now() - end
                         < chrono::Duration::from_std(ended_within).unwrap_or(chrono::Duration::MAX)
@@ -194,6 +182,22 @@ impl TokenValidator {
                 }
             }
         }
+    }
+
+    /// The fan of a call's ACTIVE token (from the recent tokens, or from the queue and then
+    /// kept), or what the queue said of a token it issued that is not ACTIVE.
+    async fn check(&self, metadata: &MetadataMap) -> Result<Result<Fan, NotActive>, ApiError> {
+        let token = bearer_token(metadata)?;
+        if let Some(fan) = self.recent.get(&token) {
+            return Ok(Ok(fan));
+        }
+        Ok(match self.checks.call(token).await? {
+            Checked::Active(fan, window_left) => {
+                self.recent.put(&fan, window_left);
+                Ok(fan)
+            }
+            Checked::NotActive(not_active) => Err(not_active),
+        })
     }
 }
 
@@ -269,13 +273,13 @@ async fn ask_queue(
                             .get("expire_time")
                             .and_then(|end| chrono::DateTime::parse_from_rfc3339(end).ok())
                             .map(|end| end.with_timezone(&chrono::Utc));
-                        Ok(Checked::NotActive {
+                        Ok(Checked::NotActive(NotActive {
                             fan,
                             waiting: refused.metadata.get("status").map(String::as_str)
                                 == Some("WAITING"),
                             window_end,
                             refused: error,
-                        })
+                        }))
                     }
                     _ => Err(error),
                 }

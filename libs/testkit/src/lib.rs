@@ -250,16 +250,15 @@ impl RowPolicy {
     /// Puts policy `name` on `table` (`schema.table`); rows written must pass too only where
     /// `using` says (the policy's WITH CHECK is `true`).
     pub async fn force(admin: &PgPool, table: &str, name: &str, using: &str) -> RowPolicy {
-        for statement in [
-            format!("CREATE POLICY {name} ON {table} USING ({using}) WITH CHECK (true)"),
-            format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"),
-            format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY"),
-        ] {
-            sqlx::query(&statement)
-                .execute(admin)
-                .await
-                .unwrap_or_else(|error| panic!("{statement}: {error}"));
-        }
+        execute_each(
+            admin,
+            [
+                format!("CREATE POLICY {name} ON {table} USING ({using}) WITH CHECK (true)"),
+                format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"),
+                format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY"),
+            ],
+        )
+        .await;
         RowPolicy {
             table: table.to_owned(),
             name: name.to_owned(),
@@ -276,10 +275,7 @@ impl RowPolicy {
             "CREATE FUNCTION {schema}.{name}() RETURNS boolean LANGUAGE plpgsql
                SECURITY DEFINER AS $$ {body} $$"
         );
-        sqlx::query(&function)
-            .execute(admin)
-            .await
-            .unwrap_or_else(|error| panic!("{function}: {error}"));
+        execute_each(admin, [function]).await;
         Self::force(admin, table, name, &format!("{schema}.{name}()")).await
     }
 
@@ -287,16 +283,26 @@ impl RowPolicy {
     /// row-level security would hide every row).
     pub async fn remove(self, admin: &PgPool) {
         let RowPolicy { table, name } = self;
-        for statement in [
-            format!("ALTER TABLE {table} DISABLE ROW LEVEL SECURITY"),
-            format!("ALTER TABLE {table} NO FORCE ROW LEVEL SECURITY"),
-            format!("DROP POLICY {name} ON {table}"),
-        ] {
-            sqlx::query(&statement)
-                .execute(admin)
-                .await
-                .unwrap_or_else(|error| panic!("{statement}: {error}"));
-        }
+        execute_each(
+            admin,
+            [
+                format!("ALTER TABLE {table} DISABLE ROW LEVEL SECURITY"),
+                format!("ALTER TABLE {table} NO FORCE ROW LEVEL SECURITY"),
+                format!("DROP POLICY {name} ON {table}"),
+            ],
+        )
+        .await;
+    }
+}
+
+/// Runs each of a test's set-up `statements` in order on `admin`, failing the test with the
+/// statement that failed.
+async fn execute_each(admin: &PgPool, statements: impl IntoIterator<Item = String>) {
+    for statement in statements {
+        sqlx::query(&statement)
+            .execute(admin)
+            .await
+            .unwrap_or_else(|error| panic!("{statement}: {error}"));
     }
 }
 
@@ -333,25 +339,24 @@ impl RowGate {
         let schema = table.split('.').next().unwrap_or(table);
         let key = GATE_KEYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let admin = database.admin().await;
-        for statement in [
-            format!(
-                "CREATE FUNCTION {schema}.row_gate_{key}() RETURNS trigger LANGUAGE plpgsql AS
-                   $$ BEGIN
-                        PERFORM pg_advisory_lock_shared({key});
-                        PERFORM pg_advisory_unlock_shared({key});
-                        RETURN NEW;
-                      END $$"
-            ),
-            format!(
-                "CREATE TRIGGER row_gate_{key} BEFORE {event} ON {table} FOR EACH ROW
-                   WHEN ({when}) EXECUTE FUNCTION {schema}.row_gate_{key}()"
-            ),
-        ] {
-            sqlx::query(&statement)
-                .execute(&admin)
-                .await
-                .unwrap_or_else(|error| panic!("{statement}: {error}"));
-        }
+        execute_each(
+            &admin,
+            [
+                format!(
+                    "CREATE FUNCTION {schema}.row_gate_{key}() RETURNS trigger LANGUAGE plpgsql AS
+                       $$ BEGIN
+                            PERFORM pg_advisory_lock_shared({key});
+                            PERFORM pg_advisory_unlock_shared({key});
+                            RETURN NEW;
+                          END $$"
+                ),
+                format!(
+                    "CREATE TRIGGER row_gate_{key} BEFORE {event} ON {table} FOR EACH ROW
+                       WHEN ({when}) EXECUTE FUNCTION {schema}.row_gate_{key}()"
+                ),
+            ],
+        )
+        .await;
         let mut lock = admin.acquire().await.expect("a connection for the gate");
         sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(key)
